@@ -1,0 +1,352 @@
+"""The public ``CrossAttention`` class: the seed's API, batched, ragged and backend-selectable."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks
+from .backends import get_backend
+from .weights import WEIGHT_NAMES, check_weight, check_weight_set, load_weights, random_weights, save_weights
+
+
+class _Parameter:
+    """One of the four weight arrays: read-only when read, validated and copied when assigned.
+
+    Assignment clears the prepared (cast and concatenated) weights, so it takes effect on the next
+    call. The arrays handed out are read-only, so no in-place edit can leave a stale copy behind.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj._weights[self.name]
+
+    def __set__(self, obj, value):
+        obj._weights[self.name] = check_weight(self.name, value, obj._weights[self.name].shape)
+        obj._prepared.clear()
+
+
+class CrossAttention:
+    """Bidirectional cross-attention fusion of sequence and structure embeddings.
+
+    Every head has a full D x D projection (the per-head width is D, not D/H), the four parameters
+    serve both directions, and scores are scaled by 1/sqrt(D). See SPEC section 1 for the exact
+    function; every backend computes it.
+
+    Args:
+        embedding_dim: D, the width of every input row. Must be >= 1.
+        attention_heads: H, the number of heads. Must be >= 1.
+        backend: ``"auto"`` (the fastest available; the choice is in ``.backend`` and the report) or a
+            backend name such as ``"numpy"``. An unavailable backend raises; it never falls back.
+        seed: seeds the initial weights (standard normal times 0.1). ``None`` draws from NumPy's global
+            generator like the seed implementation, so ``np.random.seed(s)`` before construction
+            reproduces ``seed=s``.
+        dtype: ``None`` computes in the inputs' dtype (float64 in, float64 out; float32 in, float32 out;
+            float16 is stored as float16 and accumulated in float32). A dtype name (``"float32"``,
+            ``"float64"``, ``"float16"``) casts every input to it and returns it.
+
+    Attributes:
+        query_weights, key_weights, value_weights: (H, D, D) float64, read-only; assign a new array to
+            change them.
+        output_weights: (H*D, D) float64, read-only; applied to the heads' outputs concatenated
+            head 0 first.
+        backend: the name of the backend that runs.
+
+    Raises:
+        TypeError / ValueError: on a bad argument, with a message naming it.
+        ImportError / RuntimeError: when the named backend cannot run here.
+    """
+
+    query_weights = _Parameter()
+    key_weights = _Parameter()
+    value_weights = _Parameter()
+    output_weights = _Parameter()
+
+    def __init__(self, embedding_dim: int = 64, attention_heads: int = 1, *, backend: str = "auto", seed=None, dtype=None):
+        width = _positive_int(embedding_dim, "embedding_dim")
+        heads = _positive_int(attention_heads, "attention_heads")
+        self._setup(backend, dtype, random_weights(width, heads, seed))
+
+    @classmethod
+    def from_weights(cls, query_weights, key_weights, value_weights, output_weights, **kwargs) -> "CrossAttention":
+        """Build from given parameters: Wq, Wk, Wv (H, D, D) and Wo (H*D, D), any float dtype.
+
+        ``kwargs`` are ``backend`` and ``dtype`` as for the constructor. Raises ValueError when the
+        shapes do not fit together and TypeError for non-float arrays.
+        """
+        arrays = dict(zip(WEIGHT_NAMES, (query_weights, key_weights, value_weights, output_weights)))
+        obj = cls.__new__(cls)
+        obj._setup(kwargs.pop("backend", "auto"), kwargs.pop("dtype", None), arrays)
+        if kwargs:
+            raise TypeError(f"from_weights() got unexpected keyword arguments: {', '.join(kwargs)}")
+        return obj
+
+    def _setup(self, backend, dtype, arrays):
+        self.embedding_dim, self.attention_heads, self._weights = check_weight_set(arrays)
+        self._backend = get_backend(backend)
+        self.dtype = _checks.normalize_dtype(dtype)
+        if self.dtype is not None and self.dtype not in self._backend.dtypes:
+            raise ValueError(
+                f"backend {self._backend.name!r} supports dtypes {', '.join(self._backend.dtypes)}; got {self.dtype!r}"
+            )
+        self._prepared: dict = {}  # compute dtype -> the backend's prepared weights
+        self.is_initialized = True
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend that runs this object's computations."""
+        return self._backend.name
+
+    def __repr__(self):
+        return (
+            f"CrossAttention(embedding_dim={self.embedding_dim}, attention_heads={self.attention_heads}, "
+            f"backend={self.backend!r}, dtype={self.dtype!r})"
+        )
+
+    # --- files ---------------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write the four parameters to ``path``: safetensors, or npz when the name ends in ``.npz``."""
+        from . import __version__
+
+        metadata = {
+            "format": "crossattn_gpu",
+            "version": __version__,
+            "embedding_dim": str(self.embedding_dim),
+            "attention_heads": str(self.attention_heads),
+        }
+        save_weights(path, self._weights, metadata)
+
+    @classmethod
+    def load(cls, path, **kwargs) -> "CrossAttention":
+        """Read parameters written by :meth:`save` (or any safetensors/npz file with the four arrays).
+
+        Never unpickles. Raises FileNotFoundError for a missing file, ValueError for a corrupt file,
+        missing or extra arrays, or shapes that do not fit together, TypeError for non-float arrays.
+        ``kwargs`` (``backend``, ``dtype``) go to :meth:`from_weights`.
+        """
+        arrays, metadata = load_weights(path)
+        width, heads, checked = check_weight_set(arrays, source=str(path))
+        for key, actual in (("embedding_dim", width), ("attention_heads", heads)):
+            if key in metadata and metadata[key] != str(actual):
+                raise ValueError(f"{path}: metadata says {key}={metadata[key]} but the arrays have {actual}")
+        return cls.from_weights(**checked, **kwargs)
+
+    # --- the seed's methods ---------------------------------------------------------------------------
+
+    def scaled_dot_product_attention(
+        self, queries, keys, values, mask=None, *, query_lengths=None, key_lengths=None, need_weights=None
+    ):
+        """Softmax(queries keys^T / sqrt(D)) values, for already projected inputs.
+
+        Args:
+            queries: (Lq, D) or (B, Lq, D). keys: (Lk, D) or (B, Lk, D). values: (Lk, Dv) or (B, Lk, Dv).
+            mask: broadcastable to (Lq, Lk) or (B, Lq, Lk); where it is 0 the score becomes -1e9, so a
+                fully masked row has uniform weights (the seed's semantics).
+            query_lengths, key_lengths: int (B,) valid lengths of a padded batch: keys past the length
+                get exactly zero weight; query rows past it come out as zeros.
+            need_weights: return the probabilities; default True for (L, D) inputs (as the seed),
+                False for batched inputs.
+
+        Returns:
+            (output (…, Lq, Dv), weights (…, Lq, Lk) or None).
+        """
+        names = ("queries", "keys", "values")
+        batch = self._batch(dict(zip(names, (queries, keys, values))), free_width=("values",))
+        q, k, v = batch.arrays
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"keys and values must have the same length; got {k.shape[1]} and {v.shape[1]}")
+        masked, q_len, k_len = self._ragged(batch, mask, q.shape[1], k.shape[1], query_lengths, key_lengths)
+        out, probs = self._backend.scaled_dot_product_attention(
+            q, k, v, scale=1.0 / np.sqrt(self.embedding_dim), masked=masked, q_lengths=q_len, k_lengths=k_len,
+            need_weights=_default_need_weights(need_weights, batch),
+        )
+        return batch.unbatch(self._out(out, batch)), batch.unbatch(self._out(probs, batch))
+
+    def multi_head_attention(
+        self, query_seq, key_seq, value_seq, mask=None, *, query_lengths=None, key_lengths=None, need_weights=None
+    ):
+        """Multi-head attention: per head, project, attend; concatenate heads; output projection.
+
+        Args:
+            query_seq: (Lq, D) or (B, Lq, D). key_seq, value_seq: (Lk, D) or (B, Lk, D).
+            mask, query_lengths, key_lengths, need_weights: as in :meth:`scaled_dot_product_attention`.
+
+        Returns:
+            (output (…, Lq, D), list of H weight arrays (…, Lq, Lk) or None).
+        """
+        names = ("query_seq", "key_seq", "value_seq")
+        batch = self._batch(dict(zip(names, (query_seq, key_seq, value_seq))))
+        xq, xk, xv = batch.arrays
+        if xk.shape[1] != xv.shape[1]:
+            raise ValueError(f"key_seq and value_seq must have the same length; got {xk.shape[1]} and {xv.shape[1]}")
+        masked, q_len, k_len = self._ragged(batch, mask, xq.shape[1], xk.shape[1], query_lengths, key_lengths)
+        out, probs = self._backend.multi_head_attention(
+            xq, xk, xv, self._projection(xq.dtype), masked=masked, q_lengths=q_len, k_lengths=k_len,
+            need_weights=_default_need_weights(need_weights, batch),
+        )
+        return batch.unbatch(self._out(out, batch)), self._head_list(probs, batch)
+
+    def fuse_representations(
+        self,
+        sequential_repr,
+        structural_repr,
+        *,
+        mask=None,
+        sequential_lengths=None,
+        structural_lengths=None,
+        bidirectional: bool = True,
+        need_weights=None,
+        need_similarity: bool = True,
+    ) -> dict:
+        """Fuse the two modalities by cross-attention in both directions.
+
+        Args:
+            sequential_repr: (Ls, D) or (B, Ls, D). structural_repr: (Lt, D) or (B, Lt, D).
+            mask: broadcastable to (…, Ls, Lt), the seed's 0-means-masked mask for the sequential ->
+                structural direction; its transpose serves the other direction.
+            sequential_lengths, structural_lengths: int (B,) valid lengths of a padded batch.
+            bidirectional: also return ``bidirectional_fusion``, the sum of the two fusions; needs
+                Ls == Lt (and equal lengths per example). ``bidirectional=False`` returns the two
+                directional fusions alone.
+            need_weights: return the attention probabilities; default True for (L, D) inputs.
+            need_similarity: return the cosine-similarity matrices (… , Ls, Ls) and (…, Lt, Lt).
+
+        Returns:
+            dict with ``fused_sequential``, ``fused_structural``, ``bidirectional_fusion``,
+            ``attention_weights_seq_to_struct`` (list of H (…, Ls, Lt)), ``attention_weights_struct_to_seq``
+            (list of H (…, Lt, Ls)), ``seq_similarity``, ``struct_similarity`` and ``fusion_complete``
+            (True). Entries that were not asked for are None.
+        """
+        batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr})
+        xs, xt = batch.arrays
+        masked, s_len, t_len = self._ragged(
+            batch, mask, xs.shape[1], xt.shape[1], sequential_lengths, structural_lengths,
+            names=("sequential_lengths", "structural_lengths"),
+        )
+        if bidirectional:
+            _check_bidirectional(xs.shape[0], xs.shape[1], xt.shape[1], s_len, t_len)
+        parts = self._backend.fuse(
+            xs, xt, self._projection(xs.dtype), masked=masked, s_lengths=s_len, t_lengths=t_len,
+            need_weights=_default_need_weights(need_weights, batch), need_similarity=need_similarity,
+        )
+        fused_s = self._out(parts["fused_sequential"], batch)
+        fused_t = self._out(parts["fused_structural"], batch)
+        return {
+            "fused_sequential": batch.unbatch(fused_s),
+            "fused_structural": batch.unbatch(fused_t),
+            "bidirectional_fusion": batch.unbatch(fused_s + fused_t) if bidirectional else None,
+            "attention_weights_seq_to_struct": self._head_list(parts["attention_weights_seq_to_struct"], batch),
+            "attention_weights_struct_to_seq": self._head_list(parts["attention_weights_struct_to_seq"], batch),
+            "seq_similarity": batch.unbatch(self._out(parts.get("seq_similarity"), batch)),
+            "struct_similarity": batch.unbatch(self._out(parts.get("struct_similarity"), batch)),
+            "fusion_complete": True,
+        }
+
+    def get_attention_weights(self) -> dict[str, np.ndarray]:
+        """The parameters (not attention probabilities): query, key, value and output weights."""
+        return dict(self._weights)
+
+    def generate_report(self) -> dict:
+        """A summary of the configuration and the parameters.
+
+        Returns a dict with ``embedding_dim``, ``attention_heads``, ``is_initialized``, ``backend``,
+        ``dtype``, ``parameter_count``, ``weight_norms``, ``summary`` (readable multi-line text) and
+        ``report_complete`` (True).
+        """
+        norms = {name: float(np.linalg.norm(w)) for name, w in self._weights.items()}
+        count = sum(w.size for w in self._weights.values())
+        lines = [
+            "Cross-Attention Report",
+            "======================",
+            f"Embedding dimension: {self.embedding_dim}",
+            f"Attention heads: {self.attention_heads} (each a full {self.embedding_dim}x{self.embedding_dim} projection)",
+            f"Parameters: {count:,}",
+            f"Backend: {self.backend}",
+            f"Compute dtype: {self.dtype or 'same as the inputs'}",
+            "Weight norms (Frobenius): " + ", ".join(f"{n.split('_')[0]} {v:.3f}" for n, v in norms.items()),
+            f"Initialized: {self.is_initialized}",
+        ]
+        return {
+            "embedding_dim": self.embedding_dim,
+            "attention_heads": self.attention_heads,
+            "is_initialized": self.is_initialized,
+            "backend": self.backend,
+            "dtype": self.dtype,
+            "parameter_count": count,
+            "weight_norms": norms,
+            "summary": "\n".join(lines),
+            "report_complete": True,
+        }
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _batch(self, named_inputs: dict, free_width: tuple = ()) -> _checks.Batch:
+        """Validate the inputs and return them batched, cast to the compute dtype.
+
+        Every input must be D wide except those named in ``free_width``.
+        """
+        arrays = {n: _checks.as_float_array(x, n, self.backend) for n, x in named_inputs.items()}
+        batched = _checks.check_same_rank(arrays)
+        for name, arr in arrays.items():
+            if name not in free_width:
+                _checks.check_width(arr, name, self.embedding_dim)
+        out_dtype = np.dtype(self.dtype) if self.dtype else np.result_type(*arrays.values())
+        compute = self._backend.compute_dtype(out_dtype.name)
+        cast = tuple(a.astype(compute, copy=False) if batched else a[None].astype(compute, copy=False) for a in arrays.values())
+        return _checks.Batch(cast, batched, out_dtype)
+
+    def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths")):
+        size = batch.arrays[0].shape[0]
+        masked = _checks.check_mask(mask, size, len_q, len_k, batch.batched, self.backend)
+        q_len = _checks.check_lengths(q_lengths, names[0], size, len_q, batch.batched, self.backend)
+        k_len = _checks.check_lengths(k_lengths, names[1], size, len_k, batch.batched, self.backend)
+        return masked, q_len, k_len
+
+    def _projection(self, dtype):
+        """The backend's prepared form of the weights in ``dtype``, built once per assignment."""
+        if dtype not in self._prepared:
+            self._prepared[dtype] = self._backend.prepare_weights(*(self._weights[n] for n in WEIGHT_NAMES), dtype=dtype)
+        return self._prepared[dtype]
+
+    @staticmethod
+    def _out(x, batch: _checks.Batch):
+        return None if x is None else x.astype(batch.out_dtype, copy=False)
+
+    def _head_list(self, probs, batch: _checks.Batch):
+        """(B, H, Lq, Lk) -> the seed's list of H arrays ((B,) Lq, Lk), or None."""
+        if probs is None:
+            return None
+        probs = self._out(probs, batch)
+        return [batch.unbatch(probs[:, h]) for h in range(probs.shape[1])]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return int(value)
+
+
+def _default_need_weights(need_weights, batch: _checks.Batch) -> bool:
+    return (not batch.batched) if need_weights is None else bool(need_weights)
+
+
+def _check_bidirectional(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:
+    hint = "pass bidirectional=False to get fused_sequential and fused_structural alone"
+    if len_s != len_t:
+        raise ValueError(
+            f"bidirectional_fusion adds fused_sequential (Ls={len_s}) and fused_structural (Lt={len_t}), "
+            f"so it needs Ls == Lt; {hint}"
+        )
+    s_len = np.full(batch_size, len_s) if s_len is None else s_len
+    t_len = np.full(batch_size, len_t) if t_len is None else t_len
+    differs = np.flatnonzero(s_len != t_len)
+    if differs.size:
+        b = int(differs[0])
+        raise ValueError(
+            "bidirectional_fusion needs equal sequential and structural lengths per example; "
+            f"example {b} has {s_len[b]} and {t_len[b]}; {hint}"
+        )

@@ -1,0 +1,50 @@
+"""Backend registry: which backends exist, which are available here, and which ``auto`` picks."""
+
+from __future__ import annotations
+
+import logging
+
+from .numpy_backend import NumpyBackend
+
+logger = logging.getLogger("crossattn_gpu")
+
+#: Every backend name the library knows, fastest first: ``auto`` takes the first available one.
+#: GPU backends join this list as they land (see the project's issues).
+KNOWN_BACKENDS = ("numpy",)
+
+_FACTORIES = {"numpy": NumpyBackend}
+
+
+def backend_status() -> dict[str, str | None]:
+    """For each known backend, None when it is available here, else the reason it is not."""
+    status = {}
+    for name in KNOWN_BACKENDS:
+        try:
+            _FACTORIES[name]()
+            status[name] = None
+        except (ImportError, RuntimeError) as exc:
+            status[name] = str(exc)
+    return status
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, fastest first."""
+    return [name for name, reason in backend_status().items() if reason is None]
+
+
+def get_backend(name: str):
+    """The backend called ``name``, or the fastest available one for ``"auto"``.
+
+    Raises:
+        ValueError: ``name`` is not a known backend.
+        ImportError / RuntimeError: the backend is known but cannot run here (missing extra, no GPU);
+            there is never a silent fallback to another backend.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string; got {type(name).__name__}")
+    if name == "auto":
+        name = available_backends()[0]  # numpy is always available
+        logger.info("backend='auto' picked %r", name)
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
+    return _FACTORIES[name]()

@@ -1,0 +1,162 @@
+"""The four fusion parameters: random initialisation, validation, and pickle-free files.
+
+Files are safetensors (written and read here, no extra dependency) or ``.npz`` (read with
+``allow_pickle=False``). Every load checks names, shapes and dtypes before any array is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+
+import numpy as np
+
+WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def random_weights(embedding_dim: int, attention_heads: int, seed=None) -> dict[str, np.ndarray]:
+    """The seed's initialisation: standard normal times 0.1, drawn for Wq, Wk, Wv, then Wo.
+
+    With ``seed=None`` the draws come from NumPy's global generator, as in the seed, so
+    ``np.random.seed(s); CrossAttention(...)`` and ``CrossAttention(..., seed=s)`` agree.
+    """
+    rng = np.random if seed is None else np.random.RandomState(seed)
+    heads, width = attention_heads, embedding_dim
+    shapes = [(heads, width, width)] * 3 + [(heads * width, width)]
+    return {name: rng.randn(*shape) * 0.1 for name, shape in zip(WEIGHT_NAMES, shapes)}
+
+
+def check_weight(name: str, value, expected_shape: tuple | None, source: str = "") -> np.ndarray:
+    """``value`` as a read-only float64 copy, after checking dtype, shape and finiteness."""
+    where = f" in {source}" if source else ""
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name}{where} must be a real floating-point array; got dtype {arr.dtype}")
+    if expected_shape is not None and arr.shape != tuple(expected_shape):
+        raise ValueError(f"{name}{where} must have shape {tuple(expected_shape)}; got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}{where} contains NaN or Inf")
+    arr = np.array(arr, dtype=np.float64)  # a private copy; float64 holds every float dtype exactly
+    arr.flags.writeable = False
+    return arr
+
+
+def check_weight_set(arrays: dict, source: str = "") -> tuple[int, int, dict[str, np.ndarray]]:
+    """Check a complete set of the four parameters; return (embedding_dim, attention_heads, arrays)."""
+    where = f" in {source}" if source else ""
+    missing = [n for n in WEIGHT_NAMES if n not in arrays]
+    extra = sorted(set(arrays) - set(WEIGHT_NAMES))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra)}")
+        raise ValueError(f"weights{where}: {'; '.join(parts)} (expected exactly {', '.join(WEIGHT_NAMES)})")
+    query = np.asarray(arrays["query_weights"])
+    if query.ndim != 3 or query.shape[1] != query.shape[2] or 0 in query.shape:
+        raise ValueError(f"query_weights{where} must have shape (H, D, D) with H, D >= 1; got {query.shape}")
+    heads, width = query.shape[0], query.shape[1]
+    expected = {
+        "query_weights": (heads, width, width),
+        "key_weights": (heads, width, width),
+        "value_weights": (heads, width, width),
+        "output_weights": (heads * width, width),
+    }
+    checked = {n: check_weight(n, arrays[n], expected[n], source) for n in WEIGHT_NAMES}
+    return width, heads, checked
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def save_weights(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write the parameters to ``path``: npz when it ends in ``.npz``, else safetensors."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        np.savez(path, **arrays)
+        return
+    header, offset = {"__metadata__": dict(metadata)}, 0
+    blobs = []
+    for name in WEIGHT_NAMES:
+        data = np.ascontiguousarray(arrays[name]).astype("<f8", copy=False)
+        blobs.append(data.tobytes())
+        header[name] = {"dtype": "F64", "shape": list(data.shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)
+
+
+def load_weights(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read (arrays, metadata) from a safetensors or npz file, never unpickling anything.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is neither a valid safetensors nor a valid npz file.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        return _load_npz(path), {}
+    return _load_safetensors(path)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable npz weights file: {exc}") from exc
+
+
+def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    def corrupt(reason):
+        return ValueError(f"{path} is not a valid safetensors or npz weights file: {reason}")
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise corrupt("shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > min(_MAX_HEADER_BYTES, len(blob) - 8):
+        raise corrupt(f"header length {header_len} exceeds the file")
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise corrupt("__metadata__ is not a JSON object")
+    data = memoryview(blob)[8 + header_len :]
+    arrays = {}
+    for name, info in header.items():
+        try:
+            code, shape, (begin, end) = info["dtype"], [int(n) for n in info["shape"]], map(int, info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"entry {name!r} lacks dtype, shape or data_offsets") from None
+        if code not in _SAFETENSORS_DTYPES:
+            raise corrupt(f"{name} has dtype {code}; weights must be F64, F32, F16 or BF16")
+        itemsize = 2 if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES[code]).itemsize
+        count = int(np.prod(shape)) if shape else 1
+        if min(shape, default=0) < 0 or not (0 <= begin <= end <= len(data)) or end - begin != count * itemsize:
+            raise corrupt(f"{name} has inconsistent shape {shape} and data_offsets {[begin, end]}")
+        raw = data[begin:end]
+        if code == "BF16":  # bfloat16 is the top half of a float32
+            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=np.dtype(_SAFETENSORS_DTYPES[code]).newbyteorder("<"))
+        arrays[name] = arr.reshape(shape)
+    return arrays, {str(k): str(v) for k, v in metadata.items()}

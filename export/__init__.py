@@ -1,0 +1,1 @@
+"""ONNX export and the onnxruntime runner; installed as ``crossattn_gpu.export``."""

@@ -1,0 +1,224 @@
+"""CrossAttention against the independent per-head, per-example float64 reference."""
+
+import numpy as np
+import pytest
+
+import reference
+from crossattn_gpu import CrossAttention
+
+RTOL64 = 1e-10
+
+
+def assert_close(actual, expected, rtol=RTOL64):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    scale = max(np.abs(expected).max(), 1e-300)
+    assert np.abs(actual - expected).max() <= rtol * scale
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("length_s,length_t,width,heads", [(10, 10, 64, 2), (1, 1, 1, 1), (3, 17, 8, 3), (113, 5, 24, 1), (17, 17, 100, 4)])
+def test_fuse_2d_matches_seed_reference(length_s, length_t, width, heads):
+    rng = np.random.default_rng(0)
+    model = CrossAttention(width, heads, seed=1)
+    seq, struct = rand(rng, length_s, width), rand(rng, length_t, width)
+    got = model.fuse_representations(seq, struct, bidirectional=length_s == length_t)
+    want = reference.fuse(*reference.params(model), seq, struct)
+    for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+        assert got[key].dtype == np.float64
+        assert_close(got[key], want[key])
+    if length_s == length_t:
+        assert_close(got["bidirectional_fusion"], want["bidirectional_fusion"])
+    for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+        assert len(got[key]) == heads
+        for g, w in zip(got[key], want[key]):
+            assert_close(g, w)
+    assert got["fusion_complete"] is True
+
+
+def test_seed_example_runs():
+    np.random.seed(42)
+    seq, struct = np.random.randn(10, 64), np.random.randn(10, 64)
+    model = CrossAttention(embedding_dim=64, attention_heads=2)
+    result = model.fuse_representations(seq, struct)
+    assert result["fused_sequential"].shape == (10, 64)
+    assert result["bidirectional_fusion"].shape == (10, 64)
+    assert result["seq_similarity"].shape == (10, 10)
+    assert model.get_attention_weights()["query_weights"].shape == (2, 64, 64)
+    report = model.generate_report()
+    assert report["report_complete"] and report["is_initialized"]
+    assert report["embedding_dim"] == 64 and report["attention_heads"] == 2
+    assert "numpy" in report["summary"] and report["backend"] == "numpy"
+
+
+def test_seed_none_draws_from_the_global_generator_like_the_seed():
+    np.random.seed(7)
+    implicit = CrossAttention(16, 2)
+    explicit = CrossAttention(16, 2, seed=7)
+    for name in ("query_weights", "key_weights", "value_weights", "output_weights"):
+        assert np.array_equal(getattr(implicit, name), getattr(explicit, name))
+
+
+def test_weights_have_seed_shapes_and_scale():
+    model = CrossAttention(32, 3, seed=0)
+    assert model.query_weights.shape == (3, 32, 32)
+    assert model.output_weights.shape == (96, 32)
+    assert 0.08 < model.key_weights.std() < 0.12
+
+
+def test_sdpa_and_mha_2d_match_reference_with_mask():
+    rng = np.random.default_rng(1)
+    width = 16
+    model = CrossAttention(width, 3, seed=2)
+    q, k, v = rand(rng, 7, width), rand(rng, 9, width), rand(rng, 9, 5)
+    mask = rng.random((7, 9)) > 0.3
+    mask[2] = False  # a fully masked row: uniform weights, as in the seed
+    out, w = model.scaled_dot_product_attention(q, k, v, mask)
+    want_out, want_w = reference.sdpa(q, k, v, width, mask)
+    assert_close(out, want_out)
+    assert_close(w, want_w)
+    assert np.allclose(w[2], 1 / 9)
+    out, ws = model.multi_head_attention(q, k, k, mask)
+    want_out, want_ws = reference.mha(*reference.params(model), q, k, k, mask)
+    assert_close(out, want_out)
+    for g, e in zip(ws, want_ws):
+        assert_close(g, e)
+
+
+def test_batched_equals_per_example_loop():
+    rng = np.random.default_rng(2)
+    model = CrossAttention(12, 2, seed=3)
+    seq, struct = rand(rng, 5, 6, 12), rand(rng, 5, 6, 12)
+    got = model.fuse_representations(seq, struct, need_weights=True)
+    assert got["fused_sequential"].shape == (5, 6, 12)
+    for b in range(5):
+        want = reference.fuse(*reference.params(model), seq[b], struct[b])
+        for key in ("fused_sequential", "fused_structural", "bidirectional_fusion", "seq_similarity", "struct_similarity"):
+            assert_close(got[key][b], want[key])
+        for h in range(2):
+            assert_close(got["attention_weights_seq_to_struct"][h][b], want["attention_weights_seq_to_struct"][h])
+
+
+def test_batched_call_builds_no_probabilities_by_default():
+    rng = np.random.default_rng(3)
+    model = CrossAttention(8, 2, seed=0)
+    result = model.fuse_representations(rand(rng, 2, 4, 8), rand(rng, 2, 4, 8))
+    assert result["attention_weights_seq_to_struct"] is None
+    out, weights = model.multi_head_attention(rand(rng, 2, 4, 8), rand(rng, 2, 3, 8), rand(rng, 2, 3, 8))
+    assert weights is None and out.shape == (2, 4, 8)
+
+
+@pytest.mark.parametrize("mask_shape", [(6, 9), (1, 6, 9), (4, 6, 9), (4, 1, 9), (9,)])
+def test_ragged_batch_equals_unpadded_examples(mask_shape):
+    rng = np.random.default_rng(4)
+    width, heads = 10, 3
+    model = CrossAttention(width, heads, seed=5)
+    s_len, t_len = np.array([6, 1, 3, 5]), np.array([9, 2, 9, 1])
+    seq, struct = rand(rng, 4, 6, width), rand(rng, 4, 9, width)
+    mask = rng.random(mask_shape) > 0.4
+    got = model.fuse_representations(
+        seq, struct, mask=mask, sequential_lengths=s_len, structural_lengths=t_len,
+        bidirectional=False, need_weights=True,
+    )
+    full_mask = np.broadcast_to(mask, (4, 6, 9))
+    for b in range(4):
+        ls, lt = s_len[b], t_len[b]
+        want = reference.fuse(*reference.params(model), seq[b, :ls], struct[b, :lt], full_mask[b, :ls, :lt])
+        assert_close(got["fused_sequential"][b, :ls], want["fused_sequential"])
+        assert_close(got["fused_structural"][b, :lt], want["fused_structural"])
+        assert not got["fused_sequential"][b, ls:].any() and not got["fused_structural"][b, lt:].any()
+        assert_close(got["seq_similarity"][b, :ls, :ls], want["seq_similarity"])
+        assert not got["seq_similarity"][b, ls:].any() and not got["seq_similarity"][b, :, ls:].any()
+        for h in range(heads):
+            probs = got["attention_weights_seq_to_struct"][h][b]
+            assert_close(probs[:ls, :lt], want["attention_weights_seq_to_struct"][h])
+            assert (probs[:, lt:] == 0).all()  # padded keys get exactly zero weight
+            assert (probs[ls:] == 0).all()  # padded query rows are zeros
+
+
+def test_fully_masked_row_is_uniform_over_valid_keys_only():
+    rng = np.random.default_rng(5)
+    model = CrossAttention(4, 1, seed=0)
+    q, k = rand(rng, 2, 3, 4), rand(rng, 2, 5, 4)
+    mask = np.ones((3, 5))
+    mask[1] = 0
+    _, w = model.scaled_dot_product_attention(q, k, k, mask, key_lengths=[5, 2], need_weights=True)
+    assert np.allclose(w[0, 1], 1 / 5)
+    assert np.allclose(w[1, 1], [0.5, 0.5, 0, 0, 0])
+
+
+def test_mask_is_distinct_from_lengths():
+    # Masking every key gives uniform weights over the valid keys; padded keys stay at exactly zero.
+    rng = np.random.default_rng(6)
+    model = CrossAttention(4, 1, seed=0)
+    q, k = rand(rng, 1, 2, 4), rand(rng, 1, 4, 4)
+    _, w = model.scaled_dot_product_attention(q, k, k, np.zeros((2, 4)), key_lengths=[3], need_weights=True)
+    assert np.allclose(w[0, :, :3], 1 / 3) and (w[0, :, 3] == 0).all()
+
+
+def test_zero_rows_give_zero_similarity_not_nan():
+    model = CrossAttention(4, 1, seed=0)
+    seq = np.zeros((3, 4))
+    seq[0] = 1.0
+    result = model.fuse_representations(seq, np.ones((3, 4)))
+    assert np.isfinite(result["seq_similarity"]).all()
+    assert (result["seq_similarity"][1:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_low_precision_inputs_keep_their_dtype(dtype):
+    rng = np.random.default_rng(7)
+    model = CrossAttention(32, 2, seed=0)
+    seq, struct = rand(rng, 3, 20, 32), rand(rng, 3, 20, 32)
+    got = model.fuse_representations(seq.astype(dtype), struct.astype(dtype))
+    assert got["fused_sequential"].dtype == dtype
+    exact = model.fuse_representations(seq.astype(dtype).astype(np.float64), struct.astype(dtype).astype(np.float64))
+    rtol = 1e-5 if dtype == np.float32 else 2e-3
+    assert_close(got["fused_sequential"], exact["fused_sequential"], rtol=rtol)
+
+
+def test_dtype_argument_casts_inputs_and_outputs():
+    rng = np.random.default_rng(8)
+    model = CrossAttention(8, 1, seed=0, dtype="float32")
+    out, _ = model.multi_head_attention(rand(rng, 4, 8), rand(rng, 4, 8), rand(rng, 4, 8))
+    assert out.dtype == np.float32 and model.dtype == "float32"
+
+
+def test_large_batch_is_chunked_without_changing_results(monkeypatch):
+    from crossattn_gpu.backends import numpy_backend
+
+    rng = np.random.default_rng(9)
+    model = CrossAttention(8, 2, seed=0)
+    seq, struct = rand(rng, 7, 5, 8), rand(rng, 7, 6, 8)
+    whole = model.fuse_representations(seq, struct, bidirectional=False, need_weights=True)
+    monkeypatch.setattr(numpy_backend, "SCORE_CHUNK_ELEMENTS", 2 * 5 * 6 * 2)  # two examples per chunk
+    chunked = model.fuse_representations(seq, struct, bidirectional=False, need_weights=True)
+    for key in ("fused_sequential", "fused_structural"):
+        assert np.array_equal(whole[key], chunked[key])
+    assert np.array_equal(whole["attention_weights_struct_to_seq"][1], chunked["attention_weights_struct_to_seq"][1])
+
+
+def test_assigning_weights_takes_effect_on_next_call():
+    rng = np.random.default_rng(10)
+    model = CrossAttention(8, 2, seed=0)
+    seq, struct = rand(rng, 5, 8).astype(np.float32), rand(rng, 5, 8).astype(np.float32)
+    before = model.fuse_representations(seq, struct)["fused_sequential"]  # fills the float32 cache
+    new_value = model.value_weights * 2
+    model.value_weights = new_value
+    after = model.fuse_representations(seq, struct)["fused_sequential"]
+    assert np.allclose(after, 2 * before, rtol=1e-5)
+    with pytest.raises(ValueError, match="read-only"):
+        model.query_weights[0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match=r"value_weights must have shape \(2, 8, 8\)"):
+        model.value_weights = np.zeros((2, 8, 7))
+
+
+def test_from_weights_round_trips_parameters():
+    base = CrossAttention(6, 2, seed=3)
+    clone = CrossAttention.from_weights(**base.get_attention_weights(), backend="numpy")
+    for name, value in base.get_attention_weights().items():
+        assert np.array_equal(getattr(clone, name), value)
+    assert clone.embedding_dim == 6 and clone.attention_heads == 2 and clone.backend == "numpy"

@@ -1,0 +1,113 @@
+"""The crossattn-gpu command: demo, fuse and info, on temporary files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reference
+from crossattn_gpu import CrossAttention
+from crossattn_gpu.cli import main
+
+
+def write_collection(path, lengths, width, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {f"ab{i:03d}": rng.standard_normal((n, width)).astype(np.float32) for i, n in enumerate(lengths)}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_demo_runs_the_seed_example(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "Backend: numpy" in out
+    assert "Fused sequential shape: (10, 64)" in out
+    assert "Average sequential similarity:" in out
+    assert "Cross-Attention Report" in out and "ms" in out
+
+
+def test_module_entry_point_and_help():
+    for args in (["--help"], ["demo", "--help"], ["fuse", "--help"], ["info", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "crossattn_gpu", *args], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: crossattn-gpu" in done.stdout
+
+
+def test_info_lists_backends_and_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy    available" in out and "numpy" in out and "GPU:" in out
+
+
+def test_fuse_matches_single_example_results(tmp_path, capsys):
+    lengths = [5, 17, 3, 17, 1, 9, 12]
+    seq = write_collection(tmp_path / "seq.npz", lengths, 8, seed=0)
+    struct = write_collection(tmp_path / "struct.npz", lengths, 8, seed=1)
+    model = CrossAttention(8, 2, seed=3)
+    model.save(tmp_path / "w.safetensors")
+    code = main([
+        "fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+        "--out", str(tmp_path / "out.npz"), "--weights", str(tmp_path / "w.safetensors"), "--batch-size", "3",
+    ])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "fused 7 antibodies on backend numpy" in captured.out
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        assert len(out.files) == 3 * len(lengths)
+        for key in seq:
+            want = reference.fuse(*reference.params(model), seq[key].astype(np.float64), struct[key].astype(np.float64))
+            for name in ("fused_sequential", "fused_structural", "bidirectional_fusion"):
+                got = out[f"{key}/{name}"]
+                assert got.dtype == np.float32 and got.shape == want[name].shape
+                np.testing.assert_allclose(got, want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_reports_mismatched_ids(tmp_path, capsys):
+    write_collection(tmp_path / "seq.npz", [3, 4], 8, seed=0)
+    np.savez(tmp_path / "struct.npz", ab000=np.ones((3, 8), np.float32), other=np.ones((4, 8), np.float32))
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--out", str(tmp_path / "o.npz")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "same antibody ids" in err and "'ab001'" in err and "'other'" in err
+
+
+def test_fuse_unequal_lengths_need_no_bidirectional(tmp_path, capsys):
+    np.savez(tmp_path / "seq.npz", a=np.ones((3, 4)), b=np.ones((2, 4)))
+    np.savez(tmp_path / "struct.npz", a=np.ones((5, 4)), b=np.ones((2, 4)))
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--out", str(tmp_path / "o.npz"), "--quiet"]
+    assert main(args) == 2
+    assert "id 'a': sequence length 3 != structure length 5" in capsys.readouterr().err
+    assert main(args + ["--no-bidirectional"]) == 0
+    with np.load(tmp_path / "o.npz") as out:
+        assert sorted(out.files) == ["a/fused_sequential", "a/fused_structural", "b/fused_sequential", "b/fused_structural"]
+        assert out["a/fused_structural"].shape == (5, 4)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"not a zip", "not a readable npz file"),
+        (None, "has shape (4,); each id needs an (L, D) array"),
+    ],
+)
+def test_fuse_bad_input_files(tmp_path, capsys, content, message):
+    if content is None:
+        np.savez(tmp_path / "seq.npz", a=np.ones(4))
+    else:
+        (tmp_path / "seq.npz").write_bytes(content)
+    np.savez(tmp_path / "struct.npz", a=np.ones((4, 4)))
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--out", str(tmp_path / "o.npz")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fuse_width_must_match_weights(tmp_path, capsys):
+    write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
+    write_collection(tmp_path / "struct.npz", [3], 8, seed=1)
+    CrossAttention(6, 1, seed=0).save(tmp_path / "w.npz")
+    code = main([
+        "fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+        "--out", str(tmp_path / "o.npz"), "--weights", str(tmp_path / "w.npz"),
+    ])
+    assert code == 2
+    assert "has width 8, but the model has D=6" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Saving and loading weights: safetensors and npz, never pickle, every array checked."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from crossattn_gpu import CrossAttention
+
+
+@pytest.fixture
+def model():
+    return CrossAttention(6, 3, seed=4)
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.npz"])
+def test_round_trip(tmp_path, model, name):
+    path = tmp_path / name
+    model.save(path)
+    loaded = CrossAttention.load(path, backend="numpy", dtype="float32")
+    assert (loaded.embedding_dim, loaded.attention_heads, loaded.dtype) == (6, 3, "float32")
+    for key, value in model.get_attention_weights().items():
+        assert np.array_equal(getattr(loaded, key), value)
+
+
+def test_safetensors_files_interoperate_with_the_safetensors_package(tmp_path, model):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    ours = tmp_path / "ours.safetensors"
+    model.save(ours)
+    read_back = safetensors_numpy.load_file(str(ours))
+    assert np.array_equal(read_back["output_weights"], model.output_weights)
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors_numpy.save_file({k: v.astype(np.float32) for k, v in model.get_attention_weights().items()}, str(theirs))
+    loaded = CrossAttention.load(theirs)
+    assert np.array_equal(loaded.key_weights, model.key_weights.astype(np.float32))
+
+
+def write_safetensors(path, header: dict, data: bytes):
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def test_bfloat16_safetensors_are_read(tmp_path, model):
+    arrays = {k: v.astype(np.float32) for k, v in model.get_attention_weights().items()}
+    header, blob = {}, b""
+    for k, v in arrays.items():
+        bits = (v.view(np.uint32) >> 16).astype("<u2").tobytes()  # truncate to bfloat16
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [len(blob), len(blob) + len(bits)]}
+        blob += bits
+    path = tmp_path / "bf16.safetensors"
+    write_safetensors(path, header, blob)
+    loaded = CrossAttention.load(path)
+    assert np.allclose(loaded.query_weights, model.query_weights, rtol=1e-2, atol=1e-3)
+
+
+def test_missing_extra_and_misshapen_arrays_are_named(tmp_path, model):
+    weights = model.get_attention_weights()
+    np.savez(tmp_path / "missing.npz", **{k: v for k, v in weights.items() if k != "key_weights"})
+    with pytest.raises(ValueError, match="missing key_weights"):
+        CrossAttention.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "extra.npz", **weights, bias=np.zeros(6))
+    with pytest.raises(ValueError, match="unexpected bias"):
+        CrossAttention.load(tmp_path / "extra.npz")
+    np.savez(tmp_path / "shape.npz", **{**weights, "value_weights": np.zeros((3, 6, 5))})
+    with pytest.raises(ValueError, match=r"value_weights in .*shape.npz must have shape \(3, 6, 6\)"):
+        CrossAttention.load(tmp_path / "shape.npz")
+    np.savez(tmp_path / "dtype.npz", **{**weights, "output_weights": np.zeros((18, 6), dtype=np.int32)})
+    with pytest.raises(TypeError, match="output_weights .* real floating-point"):
+        CrossAttention.load(tmp_path / "dtype.npz")
+
+
+def test_pickled_npz_is_refused(tmp_path, model):
+    weights = model.get_attention_weights()
+    np.savez(tmp_path / "pickled.npz", **{**weights, "query_weights": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError, match="not a readable npz weights file"):
+        CrossAttention.load(tmp_path / "pickled.npz")
+
+
+def test_metadata_must_agree_with_arrays(tmp_path, model):
+    path = tmp_path / "w.safetensors"
+    model.save(path)
+    blob = path.read_bytes()
+    patched = blob.replace(b'"attention_heads":"3"', b'"attention_heads":"4"')
+    path.write_bytes(patched)
+    with pytest.raises(ValueError, match="metadata says attention_heads=4 but the arrays have 3"):
+        CrossAttention.load(path)
+
+
+@pytest.mark.parametrize(
+    "mangle,message",
+    [
+        (lambda b: b[:5], "shorter than the 8-byte header length"),
+        (lambda b: b[:-10], "inconsistent shape"),
+        (lambda b: struct.pack("<Q", 10**12) + b[8:], "header length"),
+        (lambda b: b[:8] + b"\xff" * 20 + b[28:], "header is not JSON"),
+        (lambda b: b"PK\x03\x04" + b[4:], "not a readable npz"),
+        (lambda b: b"", "shorter than"),
+    ],
+)
+def test_corrupt_files_give_clear_errors(tmp_path, model, mangle, message):
+    path = tmp_path / "w.safetensors"
+    model.save(path)
+    path.write_bytes(mangle(path.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        CrossAttention.load(path)
+
+
+def test_header_with_wrong_dtype_or_offsets(tmp_path):
+    write_safetensors(tmp_path / "a.safetensors", {"query_weights": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(ValueError, match="dtype I32"):
+        CrossAttention.load(tmp_path / "a.safetensors")
+    write_safetensors(tmp_path / "b.safetensors", {"query_weights": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 8)
+    with pytest.raises(ValueError, match="inconsistent"):
+        CrossAttention.load(tmp_path / "b.safetensors")
+    write_safetensors(tmp_path / "c.safetensors", {"query_weights": [1, 2]}, b"")
+    with pytest.raises(ValueError, match="lacks dtype"):
+        CrossAttention.load(tmp_path / "c.safetensors")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        CrossAttention.load(tmp_path / "nope.safetensors")
