@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test bench clean
 
-# The dev set-up pins torch==2.13.0 (a CPU wheel); users choose their own torch.
+# The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
+# interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
+# numpy 2.4 (triton-lang/triton#9171), hence numpy<2.4 here.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet torch==2.13.0 triton==3.6.0 'numpy<2.4'
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -162,7 +162,7 @@ class CrossAttention:
             q, k, v, scale=1.0 / np.sqrt(self.embedding_dim), masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
-        return batch.unbatch(self._out(out, batch)), batch.unbatch(self._out(probs, batch))
+        return self._out(out, batch), self._out(probs, batch)
 
     def multi_head_attention(
         self, query_seq, key_seq, value_seq, mask=None, *, query_lengths=None, key_lengths=None, need_weights=None
@@ -186,7 +186,7 @@ class CrossAttention:
             xq, xk, xv, self._projection(xq.dtype), masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
-        return batch.unbatch(self._out(out, batch)), self._head_list(probs, batch)
+        return self._out(out, batch), self._head_list(probs, batch)
 
     def fuse_representations(
         self,
@@ -231,16 +231,15 @@ class CrossAttention:
             xs, xt, self._projection(xs.dtype), masked=masked, s_lengths=s_len, t_lengths=t_len,
             need_weights=_default_need_weights(need_weights, batch), need_similarity=need_similarity,
         )
-        fused_s = self._out(parts["fused_sequential"], batch)
-        fused_t = self._out(parts["fused_structural"], batch)
+        fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
         return {
-            "fused_sequential": batch.unbatch(fused_s),
-            "fused_structural": batch.unbatch(fused_t),
-            "bidirectional_fusion": batch.unbatch(fused_s + fused_t) if bidirectional else None,
+            "fused_sequential": self._out(fused_s, batch),
+            "fused_structural": self._out(fused_t, batch),
+            "bidirectional_fusion": self._out(fused_s + fused_t, batch) if bidirectional else None,
             "attention_weights_seq_to_struct": self._head_list(parts["attention_weights_seq_to_struct"], batch),
             "attention_weights_struct_to_seq": self._head_list(parts["attention_weights_struct_to_seq"], batch),
-            "seq_similarity": batch.unbatch(self._out(parts.get("seq_similarity"), batch)),
-            "struct_similarity": batch.unbatch(self._out(parts.get("struct_similarity"), batch)),
+            "seq_similarity": self._out(parts.get("seq_similarity"), batch),
+            "struct_similarity": self._out(parts.get("struct_similarity"), batch),
             "fusion_complete": True,
         }
 
@@ -283,25 +282,31 @@ class CrossAttention:
     # --- helpers -------------------------------------------------------------------------------------
 
     def _batch(self, named_inputs: dict, free_width: tuple = ()) -> _checks.Batch:
-        """Validate the inputs and return them batched, cast to the compute dtype.
+        """Validate the inputs and return them batched, as backend arrays in the compute dtype.
 
-        Every input must be D wide except those named in ``free_width``.
+        Every input must be D wide except those named in ``free_width``. Results go back in the kind of
+        the first input (NumPy, torch on its device, CuPy), as far as the backend hands out that kind.
         """
-        arrays = {n: _checks.as_float_array(x, n, self.backend) for n, x in named_inputs.items()}
+        backend = self._backend
+        arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
+        for name, arr in arrays.items():
+            _checks.check_input(arr, name, backend)
         batched = _checks.check_same_rank(arrays)
         for name, arr in arrays.items():
             if name not in free_width:
                 _checks.check_width(arr, name, self.embedding_dim)
-        out_dtype = np.dtype(self.dtype) if self.dtype else np.result_type(*arrays.values())
-        compute = self._backend.compute_dtype(out_dtype.name)
-        cast = tuple(a.astype(compute, copy=False) if batched else a[None].astype(compute, copy=False) for a in arrays.values())
-        return _checks.Batch(cast, batched, out_dtype)
+        out_dtype = self.dtype or _checks.result_dtype(backend.dtype_name(a) for a in arrays.values())
+        if out_dtype not in backend.dtypes:
+            raise TypeError(f"backend {backend.name!r} supports dtypes {', '.join(backend.dtypes)}; got {out_dtype}")
+        compute = backend.compute_dtype(out_dtype)
+        cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
+        return _checks.Batch(cast, batched, out_dtype, backend.caller_kind(next(iter(named_inputs.values()))))
 
     def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths")):
-        size = batch.arrays[0].shape[0]
-        masked = _checks.check_mask(mask, size, len_q, len_k, batch.batched, self.backend)
-        q_len = _checks.check_lengths(q_lengths, names[0], size, len_q, batch.batched, self.backend)
-        k_len = _checks.check_lengths(k_lengths, names[1], size, len_k, batch.batched, self.backend)
+        size, backend = batch.arrays[0].shape[0], self._backend
+        masked = _checks.check_mask(mask, size, len_q, len_k, batch.batched, backend)
+        q_len = _checks.check_lengths(q_lengths, names[0], size, len_q, batch.batched, backend)
+        k_len = _checks.check_lengths(k_lengths, names[1], size, len_k, batch.batched, backend)
         return masked, q_len, k_len
 
     def _projection(self, dtype):
@@ -310,16 +315,15 @@ class CrossAttention:
             self._prepared[dtype] = self._backend.prepare_weights(*(self._weights[n] for n in WEIGHT_NAMES), dtype=dtype)
         return self._prepared[dtype]
 
-    @staticmethod
-    def _out(x, batch: _checks.Batch):
-        return None if x is None else x.astype(batch.out_dtype, copy=False)
+    def _out(self, x, batch: _checks.Batch):
+        """A backend result in the caller's kind and dtype, without the batch axis the front end added."""
+        return None if x is None else batch.unbatch(self._backend.to_caller(x, batch.caller_kind, batch.out_dtype))
 
     def _head_list(self, probs, batch: _checks.Batch):
         """(B, H, Lq, Lk) -> the seed's list of H arrays ((B,) Lq, Lk), or None."""
         if probs is None:
             return None
-        probs = self._out(probs, batch)
-        return [batch.unbatch(probs[:, h]) for h in range(probs.shape[1])]
+        return [self._out(probs[:, h], batch) for h in range(probs.shape[1])]
 
 
 def _positive_int(value, name: str) -> int:

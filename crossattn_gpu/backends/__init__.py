@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 from .numpy_backend import NumpyBackend
+from .triton_backend import TritonBackend
 
 logger = logging.getLogger("crossattn_gpu")
 
-#: Every backend name the library knows, fastest first: ``auto`` takes the first available one.
-#: GPU backends join this list as they land (see the project's issues).
-KNOWN_BACKENDS = ("numpy",)
-
-_FACTORIES = {"numpy": NumpyBackend}
+#: Every backend the library knows, fastest first: ``auto`` takes the first one usable here.
+_FACTORIES = {"triton": TritonBackend, "numpy": NumpyBackend}
+KNOWN_BACKENDS = tuple(_FACTORIES)
 
 
 def backend_status() -> dict[str, str | None]:
@@ -43,7 +42,8 @@ def get_backend(name: str):
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name == "auto":
-        name = available_backends()[0]  # numpy is always available
+        # numpy is always usable; Triton only on a real GPU (not under the interpreter).
+        name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto())
         logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")

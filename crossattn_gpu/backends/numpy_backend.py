@@ -1,20 +1,16 @@
 """NumPy backend: the library's reference and CPU fallback.
 
-Everything is vectorised over batch and heads, and the fusion uses the identity of SPEC section 4:
-
-    scores_h = (X_q Wq[h]) (X_k Wk[h])^T / sqrt(D) = (X_q A_h) X_k^T,   A_h = Wq[h] Wk[h]^T / sqrt(D)
-    output   = sum_h P_h (X_k Wv[h]) Wo_h          = sum_h P_h (X_k U_h),   U_h = Wv[h] Wo_h
-
-so one GEMM per input against [A_0 .. A_H-1 | U_0 .. U_H-1] gives every head's queries and values,
-the keys are the raw inputs shared by all heads, and the output projection becomes a sum over heads:
-half the projection FLOPs of the direct formulation. The folded weights are built in float64;
-tests check the result against a literal per-head float64 implementation of the seed.
+Everything is vectorised over batch and heads, and the fusion uses the folded weights of SPEC
+section 4 (``crossattn_gpu.folding``): one GEMM per input gives every head's queries and values, the
+keys are the raw inputs shared by all heads, and the output is a sum over heads.
 
 Scores are built transposed, (Lk, Lq) per head, so the softmax's max and sum run down columns,
-which NumPy vectorises (the max 2.3x faster than along rows). Together the two changes took the
-float32 fusion of B=64, L=256, D=128, H=4 from 270 ms to 162 ms on this project's 2-core CPU.
-Chunks of the batch then run on one thread per core, each with a single-threaded BLAS (the
-attention GEMMs are too small for BLAS's own threads): attention 76 ms -> 48 ms there.
+which NumPy vectorises (the max 2.3x faster than along rows). Together the folding and the
+transposed scores took the float32 fusion of B=64, L=256, D=128, H=4 from 270 ms to 162 ms on this
+project's 2-core CPU. Chunks of the batch then run on one thread per core, each with a
+single-threaded BLAS (the attention GEMMs are too small for BLAS's own threads): attention 76 ms ->
+48 ms there.
+
 The score tensor is the only quadratic buffer; it is built for a chunk of the batch at a time so
 that memory stays bounded (``SCORE_CHUNK_ELEMENTS``) whatever B is.
 
@@ -29,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._checks import is_device_array
 from .._threads import cpu_count, run_in_parallel
+from ..folding import fold_weights
 
 #: The seed's fill value for masked scores (finite, so a fully masked row is uniform).
 MASK_FILL = -1e9
@@ -41,24 +39,16 @@ SCORE_CHUNK_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class FoldedWeights:
-    """The parameters folded per SPEC section 4, in the compute dtype.
-
-    ``query_value`` is (D, 2*H*D): columns [h*D, (h+1)*D) hold A_h = Wq[h] Wk[h]^T / sqrt(D), and
-    columns [(H+h)*D, (H+h+1)*D) hold U_h = Wv[h] Wo_h, so one GEMM projects an input into every
-    head's queries and values.
-    """
+    """The folded weights (``crossattn_gpu.folding``) in the compute dtype."""
 
     heads: int
     width: int
-    query_value: np.ndarray
+    query_value: np.ndarray  # (D, 2*H*D): [A_0 .. A_H-1 | U_0 .. U_H-1]
 
     @classmethod
     def build(cls, query, key, value, output, dtype) -> "FoldedWeights":
         heads, width, _ = query.shape
-        fold_q = np.matmul(query, key.transpose(0, 2, 1)) / np.sqrt(width)  # (H, D, D), float64
-        fold_v = np.matmul(value, output.reshape(heads, width, width))  # Wo_h is rows h*D..(h+1)*D
-        side_by_side = [f.transpose(1, 0, 2).reshape(width, heads * width) for f in (fold_q, fold_v)]
-        return cls(heads, width, np.concatenate(side_by_side, axis=1).astype(dtype))
+        return cls(heads, width, fold_weights(query, key, value, output).astype(dtype))
 
     def columns(self, part: str) -> np.ndarray:
         """The (D, H*D) block for part 'q' (the A_h) or 'v' (the U_h), or (D, 2*H*D) for 'qv'."""
@@ -188,16 +178,62 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class NumpyBackend:
-    """Runs on the CPU with NumPy; takes and returns NumPy arrays."""
+    """Runs on the CPU with NumPy; takes host arrays (NumPy, array-likes, torch CPU tensors) and
+    returns NumPy arrays."""
 
     name = "numpy"
     dtypes = ("float64", "float32", "float16")
     prepare_weights = FoldedWeights.build
 
     @staticmethod
+    def usable_by_auto() -> bool:
+        return True
+
+    # --- arrays -----------------------------------------------------------------------------------
+
+    def native(self, x, name: str) -> np.ndarray:
+        """``x`` as a NumPy array; TypeError for device arrays (never copied silently) or non-arrays."""
+        if is_device_array(x):
+            raise TypeError(
+                f"{name} is a {type(x).__module__}.{type(x).__name__} on a GPU, but backend 'numpy' runs "
+                "on the CPU; move it to the host or use a GPU backend ('triton' or 'cupy')"
+            )
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # e.g. a torch tensor that requires grad, or a bfloat16 tensor
+            raise TypeError(f"{name} could not be read as a NumPy array: {exc}") from exc
+        if arr.dtype == object:
+            raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
+        return arr
+
+    host = native
+
+    @staticmethod
+    def dtype_name(arr) -> str:
+        return arr.dtype.name
+
+    @staticmethod
+    def all_finite(arr) -> bool:
+        return bool(np.isfinite(arr).all())
+
+    @staticmethod
+    def caller_kind(x):
+        return None  # results are always NumPy arrays
+
+    @staticmethod
+    def to_caller(x, kind, dtype_name: str):
+        return x.astype(dtype_name, copy=False)
+
+    @staticmethod
     def compute_dtype(dtype_name: str) -> np.dtype:
         # float16 is stored, not computed: it accumulates in float32 like the GPU backends.
         return np.dtype(np.float64 if dtype_name == "float64" else np.float32)
+
+    @staticmethod
+    def cast(x, dtype):
+        return x.astype(dtype, copy=False)
+
+    # --- the seed's operations ---------------------------------------------------------------------
 
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
         out, _, probs = attention(

@@ -1,0 +1,168 @@
+"""backend='triton' against backend='numpy' (the reference), on the GPU or under Triton's interpreter."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from crossattn_gpu import CrossAttention  # noqa: E402
+from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and not interpreter_mode()
+if not ON_GPU and not interpreter_mode():
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+def models(width, heads, seed=0):
+    ref = CrossAttention(width, heads, seed=seed, backend="numpy")
+    tri = CrossAttention.from_weights(**ref.get_attention_weights(), backend="triton")
+    return ref, tri
+
+
+def close(got, want, rtol):
+    got = got.detach().cpu().double().numpy() if isinstance(got, torch.Tensor) else np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert np.abs(got - want).max() <= rtol * max(np.abs(want).max(), 1e-30)
+
+
+def test_backend_name_and_auto_choice():
+    _, tri = models(8, 1)
+    assert tri.backend == "triton" and tri.generate_report()["backend"] == "triton"
+    assert CrossAttention(8, 1).backend == ("triton" if ON_GPU else "numpy")  # auto never picks the interpreter
+
+
+@pytest.mark.parametrize("length_s,length_t,width,heads", [(10, 10, 64, 2), (1, 1, 1, 1), (3, 17, 8, 3), (113, 5, 24, 1), (17, 17, 100, 2)])
+def test_fuse_2d_numpy_in_numpy_out(length_s, length_t, width, heads):
+    rng = np.random.default_rng(0)
+    ref, tri = models(width, heads)
+    seq, struct = rng.standard_normal((length_s, width)), rng.standard_normal((length_t, width))
+    want = ref.fuse_representations(seq, struct, bidirectional=length_s == length_t)
+    got = tri.fuse_representations(seq, struct, bidirectional=length_s == length_t)
+    assert isinstance(got["fused_sequential"], np.ndarray) and got["fused_sequential"].dtype == np.float64
+    for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+        close(got[key], want[key], 1e-5)  # float64 inputs are computed in float32 on this backend
+    for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+        for g, w in zip(got[key], want[key]):
+            close(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("width,heads", [(24, 3), (1280, 2)])
+def test_ragged_masked_batch_torch_in_torch_out(width, heads):
+    rng = np.random.default_rng(1)
+    ref, tri = models(width, heads)
+    s_len, t_len = np.array([17, 1, 9]), np.array([3, 13, 13])
+    seq = rng.standard_normal((3, 17, width)).astype(np.float32)
+    struct = rng.standard_normal((3, 13, width)).astype(np.float32)
+    mask = rng.random((3, 17, 13)) > 0.3
+    mask[:, 0] = False  # fully masked rows
+    kwargs = dict(mask=mask, sequential_lengths=s_len, structural_lengths=t_len, bidirectional=False, need_weights=True)
+    want = ref.fuse_representations(seq, struct, **kwargs)
+    got = tri.fuse_representations(
+        torch.tensor(seq, device=DEVICE), torch.tensor(struct, device=DEVICE), **{**kwargs, "mask": torch.tensor(mask, device=DEVICE)}
+    )
+    assert isinstance(got["fused_sequential"], torch.Tensor) and got["fused_sequential"].device.type == DEVICE
+    for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+        close(got[key], want[key], 1e-5)
+    for h in range(heads):
+        close(got["attention_weights_seq_to_struct"][h], want["attention_weights_seq_to_struct"][h], 1e-5)
+        close(got["attention_weights_struct_to_seq"][h], want["attention_weights_struct_to_seq"][h], 1e-5)
+
+
+@pytest.mark.parametrize("length_q,length_k,width,heads", [(3, 130, 8, 1), (130, 17, 64, 2)])
+def test_sdpa_and_mha(length_q, length_k, width, heads):
+    rng = np.random.default_rng(2)
+    ref, tri = models(width, heads)
+    q, k = rng.standard_normal((2, length_q, width)), rng.standard_normal((2, length_k, width))
+    v = rng.standard_normal((2, length_k, width))
+    lengths = np.array([length_k, max(1, length_k // 3)])
+    for method in ("scaled_dot_product_attention", "multi_head_attention"):
+        want_out, want_w = getattr(ref, method)(q, k, v, key_lengths=lengths, need_weights=True)
+        got_out, got_w = getattr(tri, method)(q, k, v, key_lengths=lengths, need_weights=True)
+        close(got_out, want_out, 1e-5)
+        for g, w in zip(got_w if isinstance(got_w, list) else [got_w], want_w if isinstance(want_w, list) else [want_w]):
+            close(g, w, 1e-5)
+
+
+def test_float16_within_twice_plain_error():
+    rng = np.random.default_rng(3)
+    ref, tri = models(64, 2)
+    seq, struct = rng.standard_normal((4, 40, 64)), rng.standard_normal((4, 40, 64))
+    exact = ref.fuse_representations(seq, struct)["bidirectional_fusion"]
+    got = tri.fuse_representations(torch.tensor(seq, dtype=torch.float16, device=DEVICE), torch.tensor(struct, dtype=torch.float16, device=DEVICE))
+    assert got["bidirectional_fusion"].dtype == torch.float16
+    plain = ref.fuse_representations(seq.astype(np.float16), struct.astype(np.float16))["bidirectional_fusion"]
+    # the yardstick: NumPy with float16 storage, computed in float32
+    err = np.abs(got["bidirectional_fusion"].double().cpu().numpy() - exact).max()
+    yard = np.abs(plain.astype(np.float64) - exact).max()
+    assert err <= 2 * yard, (err, yard)
+
+
+def test_bad_inputs_get_the_same_errors_as_numpy():
+    _, tri = models(8, 1)
+    with pytest.raises(ValueError, match="sequential_repr contains NaN"):
+        tri.fuse_representations(np.full((3, 8), np.nan), np.ones((3, 8)))
+    with pytest.raises(TypeError, match="must be floating point"):
+        tri.fuse_representations(torch.ones(3, 8, dtype=torch.int64), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="has last dimension 7"):
+        tri.fuse_representations(torch.ones(3, 7), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="structural_lengths must lie in 1..3"):
+        tri.fuse_representations(torch.ones(2, 3, 8), torch.ones(2, 3, 8), structural_lengths=torch.tensor([3, 4]))
+    assert tri.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))["fusion_complete"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's limits")
+def test_bfloat16_is_refused_under_the_interpreter():
+    with pytest.raises(ValueError, match="backend 'triton' supports dtypes"):
+        CrossAttention(8, 1, backend="triton", dtype="bfloat16")
+
+
+def test_without_gpu_or_interpreter_triton_is_a_clear_error():
+    if ON_GPU:
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from crossattn_gpu import CrossAttention\nCrossAttention(8, 1, backend='triton')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode != 0
+    assert "backend 'triton' needs a CUDA GPU" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
+
+
+@gpu_only
+def test_bfloat16_on_gpu():
+    rng = np.random.default_rng(4)
+    ref, tri = models(128, 4)
+    seq, struct = rng.standard_normal((8, 100, 128)), rng.standard_normal((8, 100, 128))
+    exact = ref.fuse_representations(seq, struct)["bidirectional_fusion"]
+    got = tri.fuse_representations(torch.tensor(seq, dtype=torch.bfloat16, device="cuda"), torch.tensor(struct, dtype=torch.bfloat16, device="cuda"))
+    err = np.abs(got["bidirectional_fusion"].double().cpu().numpy() - exact).max()
+    # yardstick: the direct formulation in plain torch bfloat16
+    w = {k: torch.tensor(v, dtype=torch.bfloat16, device="cuda") for k, v in ref.get_attention_weights().items()}
+
+    def mha(xq, xk):
+        outs = []
+        for h in range(4):
+            q, k, v = xq @ w["query_weights"][h], xk @ w["key_weights"][h], xk @ w["value_weights"][h]
+            outs.append(torch.softmax((q @ k.transpose(-1, -2)) / 128**0.5, dim=-1) @ v)
+        return torch.cat(outs, -1) @ w["output_weights"]
+
+    ts, tt = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in (seq, struct))
+    plain = (mha(ts, tt) + mha(tt, ts)).double().cpu().numpy()
+    assert err <= 2 * np.abs(plain - exact).max()
+
+
+@gpu_only
+def test_cupy_in_cupy_out():
+    cupy = pytest.importorskip("cupy")
+    ref, tri = models(16, 2)
+    rng = np.random.default_rng(5)
+    seq, struct = rng.standard_normal((2, 9, 16)).astype(np.float32), rng.standard_normal((2, 9, 16)).astype(np.float32)
+    got = tri.fuse_representations(cupy.asarray(seq), cupy.asarray(struct))
+    assert isinstance(got["fused_sequential"], cupy.ndarray)
+    close(cupy.asnumpy(got["fused_sequential"]), ref.fuse_representations(seq, struct)["fused_sequential"], 1e-5)
