@@ -62,6 +62,19 @@ def _fuse(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export.onnx_export import to_onnx
+
+    model = CrossAttention.load(args.weights, backend="numpy")
+    path = to_onnx(
+        model, args.out, opset=args.opset, dtype=args.dtype, lengths=not args.no_lengths, mask=args.mask,
+        similarity=args.similarity, attention_weights=args.attention_weights,
+    )
+    flavour = "Attention operator" if args.opset >= 23 else "MatMul/Softmax decomposition"
+    print(f"wrote {path} (D={model.embedding_dim}, H={model.attention_heads}, {args.dtype}, opset {args.opset}: {flavour})")
+    return 0
+
+
 def _info(args) -> int:
     print(f"crossattn_gpu {__version__} on Python {platform.python_version()} ({platform.machine()})")
     print("backends:")
@@ -122,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--no-bidirectional", action="store_true", help="skip bidirectional_fusion")
     fuse.add_argument("--quiet", action="store_true", help="no progress bar")
     fuse.set_defaults(run=_fuse)
+
+    export = commands.add_parser("export", help="export the fusion to ONNX for onnxruntime")
+    export.add_argument("--weights", required=True, help="weights file (safetensors or npz)")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=17, help="below 23: MatMul/Softmax; 23+: Attention op (default 17)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="model dtype (default float32)")
+    export.add_argument("--no-lengths", action="store_true", help="no sequential_lengths/structural_lengths inputs")
+    export.add_argument("--mask", action="store_true", help="add a bool mask input (B, Ls, Lt), False = masked")
+    export.add_argument("--similarity", action="store_true", help="add the similarity outputs")
+    export.add_argument("--attention-weights", action="store_true", help="add the attention probability outputs")
+    export.set_defaults(run=_export)
 
     info = commands.add_parser("info", help="backends, package versions and GPU of this machine")
     info.set_defaults(run=_info)

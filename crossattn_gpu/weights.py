@@ -160,3 +160,15 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
             arr = np.frombuffer(raw, dtype=np.dtype(_SAFETENSORS_DTYPES[code]).newbyteorder("<"))
         arrays[name] = arr.reshape(shape)
     return arrays, {str(k): str(v) for k, v in metadata.items()}
+
+
+def weights_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the four parameters (names, shapes and float64 values), to tie an export to its weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in WEIGHT_NAMES:
+        data = np.ascontiguousarray(arrays[name], dtype="<f8")
+        digest.update(f"{name}{data.shape}".encode())
+        digest.update(data.tobytes())
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ def test_demo_runs_the_seed_example(capsys):
 
 
 def test_module_entry_point_and_help():
-    for args in (["--help"], ["demo", "--help"], ["fuse", "--help"], ["info", "--help"]):
+    for args in (["--help"], ["demo", "--help"], ["fuse", "--help"], ["export", "--help"], ["info", "--help"]):
         done = subprocess.run([sys.executable, "-m", "crossattn_gpu", *args], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: crossattn-gpu" in done.stdout
 
@@ -111,3 +111,25 @@ def test_fuse_width_must_match_weights(tmp_path, capsys):
     ])
     assert code == 2
     assert "has width 8, but the model has D=6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--opset", "23", "--dtype", "float16", "--mask", "--similarity"]])
+def test_export_writes_a_model_onnxruntime_serves(tmp_path, capsys, extra):
+    pytest.importorskip("onnxruntime")
+    from crossattn_gpu.export import OnnxFusion
+
+    model = CrossAttention(8, 2, seed=0)
+    model.save(tmp_path / "w.safetensors")
+    code = main(["export", "--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "m.onnx"), *extra])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    fusion = OnnxFusion(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    got = fusion(x, x)["fused_sequential"]
+    want = model.fuse_representations(x, x)["fused_sequential"]
+    np.testing.assert_allclose(got, want, rtol=1e-2 if extra else 1e-5, atol=1e-2 if extra else 1e-6)
+    assert ("seq_similarity" in fusion.output_names) == bool(extra)
+
+
+def test_export_needs_weights(tmp_path, capsys):
+    assert main(["export", "--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err

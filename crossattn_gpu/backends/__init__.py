@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 from .numpy_backend import NumpyBackend
+from .onnx_backend import OnnxBackend
 from .triton_backend import TritonBackend
 
 logger = logging.getLogger("crossattn_gpu")
 
 #: Every backend the library knows, fastest first: ``auto`` takes the first one usable here.
-_FACTORIES = {"triton": TritonBackend, "numpy": NumpyBackend}
+_FACTORIES = {"triton": TritonBackend, "numpy": NumpyBackend, "onnx": OnnxBackend}
 KNOWN_BACKENDS = tuple(_FACTORIES)
 
 

@@ -1,0 +1,112 @@
+"""ONNX backend: every operation runs as an exported ONNX graph in onnxruntime.
+
+It lets the conformance tests treat the deployed model as one more backend. Host arrays in, NumPy
+arrays out (like the NumPy backend). The graphs come from ``crossattn_gpu.export`` (opset 17, the
+portable decomposition) and are built once per weights, dtype and variant (mask or not, probabilities
+or not, similarities or not); assigning new weights rebuilds them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._optional import require
+from .numpy_backend import NumpyBackend
+
+OPSET = 17
+
+
+class OnnxPrepared:
+    """The weights of one CrossAttention in one dtype, and the sessions built from them."""
+
+    def __init__(self, arrays: dict, dtype: str):
+        self.arrays, self.dtype, self.sessions = arrays, dtype, {}
+
+    def session(self, key: tuple, build):
+        if key not in self.sessions:
+            from ..export.runner import OnnxSession
+
+            self.sessions[key] = OnnxSession(build())
+        return self.sessions[key]
+
+
+class OnnxBackend(NumpyBackend):
+    """Runs the seed's operations as ONNX graphs in onnxruntime (CUDA provider when offered, else CPU)."""
+
+    name = "onnx"
+    dtypes = ("float64", "float32", "float16")
+
+    def __init__(self):
+        require("onnx", "backend 'onnx'")
+        require("onnxruntime", "backend 'onnx'")
+        self._sdpa = {}  # dtype name -> OnnxPrepared without weights, for its sessions
+
+    @staticmethod
+    def usable_by_auto() -> bool:
+        return False  # a deployment path, never faster than the native backends
+
+    @staticmethod
+    def compute_dtype(dtype_name: str) -> np.dtype:
+        # The exported graphs run in float32 or float16; float64 inputs are computed in float32.
+        return np.dtype(np.float16 if dtype_name == "float16" else np.float32)
+
+    def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
+        arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}
+        return OnnxPrepared(arrays, np.dtype(dtype).name)
+
+    def _attention(self, weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa: bool):
+        from ..export.onnx_export import build_attention_model
+
+        width = xq.shape[-1]
+        arrays = None if sdpa else weights.arrays
+        key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width)
+        session = weights.session(key, lambda: build_attention_model(
+            arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights))
+        feeds = _feeds(
+            {"query_seq": xq, "key_seq": xk, "value_seq": xv},
+            {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
+            masked,
+        )
+        result = session.run(feeds)
+        return result["output"], result.get("attention_weights")
+
+    def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
+        prepared = self._sdpa.setdefault(q.dtype.name, OnnxPrepared({}, q.dtype.name))
+        out, probs = self._attention(prepared, q, k, v, masked, q_lengths, k_lengths, need_weights, sdpa=True)
+        return out, None if probs is None else probs[:, 0]
+
+    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+        return self._attention(weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa=False)
+
+    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        from ..export.onnx_export import build_fusion_model
+
+        key = ("fuse", masked is not None, need_weights, need_similarity)
+        session = weights.session(key, lambda: build_fusion_model(
+            weights.arrays, opset=OPSET, dtype=weights.dtype, mask=masked is not None,
+            similarity=need_similarity, attention_weights=need_weights, bidirectional=False))
+        feeds = _feeds(
+            {"sequential_repr": xs, "structural_repr": xt},
+            {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},
+            masked,
+        )
+        result = session.run(feeds)
+        return {
+            "fused_sequential": result["fused_sequential"],
+            "fused_structural": result["fused_structural"],
+            "attention_weights_seq_to_struct": result.get("attention_weights_seq_to_struct"),
+            "attention_weights_struct_to_seq": result.get("attention_weights_struct_to_seq"),
+            "seq_similarity": result.get("seq_similarity"),
+            "struct_similarity": result.get("struct_similarity"),
+        }
+
+
+def _feeds(inputs: dict, lengths: dict, masked) -> dict:
+    """The inputs, each length (the full length when not given) and the mask (True = kept) by name."""
+    feeds = dict(inputs)
+    for name, (x, given) in lengths.items():
+        feeds[name] = np.full(x.shape[0], x.shape[1], dtype=np.int64) if given is None else given
+    if masked is not None:
+        len_q, len_k = (x.shape[1] for x, _ in lengths.values())
+        feeds["mask"] = np.broadcast_to(~masked, (masked.shape[0], len_q, len_k))
+    return feeds

@@ -1,0 +1,199 @@
+"""ONNX graphs of the seed's operations, built node by node with ``onnx.helper``.
+
+Why build the graph directly rather than trace it through torch's exporter: the semantics that make
+this library's function (the seed's -1e9 mask fill that leaves a fully masked row uniform, padded keys
+with exactly zero weight, padded query rows set to zero, dynamic B and L) are a handful of explicit
+``Where`` nodes here, in any opset from 14 on, with no torch in the export path and nothing a tracer
+could specialise to the example shapes. The same builder also emits the ``Attention`` operator of
+opset 23.
+
+Two flavours of the attention core:
+* opset < 23: MatMul / Softmax decomposition. Scores are cast to float32 before the mask fill and the
+  softmax, so a float16 model applies the seed's -1e9 (which float16 cannot hold) without Inf or NaN.
+* opset >= 23: the ``Attention`` operator with an additive float mask (-1e9, or -3e4 in float16, for
+  masked scores; -inf for padded keys). An additive fill is the seed's replacement only when a row
+  keeps a key; rows whose every valid key is masked are uniform in the seed, so they are set to the
+  mean of the values over the valid keys.
+The projections are the seed's direct ones: every head's Wq, Wk, Wv side by side in one MatMul each,
+the heads' outputs concatenated head 0 first, then Wo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MASK_FILL = -1e9
+_FLOAT16_MASK_FILL = -3e4  # finite in float16 and far below any real score
+_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+MIN_OPSET = 14
+ATTENTION_OPSET = 23
+
+
+class GraphBuilder:
+    """Accumulates nodes, initializers, inputs and outputs, with unique names."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.elem = _ELEM[dtype]
+        self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: list, hint: str | None = None, **attrs) -> str:
+        out = self._name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def const(self, value, dtype=None, hint: str = "const") -> str:
+        """An initializer holding ``value`` (default: the model's float dtype)."""
+        arr = np.asarray(value, dtype=dtype or np.dtype(self.dtype))
+        name = self._name(hint)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=self.dtype), name))
+        return name
+
+    def add_input(self, name: str, elem, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def add_output(self, name: str, source: str, elem, shape) -> None:
+        self.nodes.append(helper.make_node("Identity", [source], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def model(self, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "crossattn_gpu", self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="crossattn_gpu")
+        model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of 2024 on
+        helper.set_model_props(model, metadata)
+        return model
+
+    # --- small composites ----------------------------------------------------------------------------
+
+    def dim(self, x: str, axis: int) -> str:
+        """Dimension ``axis`` of x as a 1-element int64 tensor."""
+        return self.op("Gather", [self.op("Shape", [x]), self.const([axis], np.int64)], axis=0)
+
+    def valid_positions(self, x: str, lengths: str) -> str:
+        """(B, L) bool: position < lengths[b], for x of shape (B, L, ...)."""
+        length = self.op("Squeeze", [self.dim(x, 1), self.const([0], np.int64)])
+        positions = self.op("Range", [self.const(0, np.int64), length, self.const(1, np.int64)])
+        return self.op(
+            "Less",
+            [self.op("Unsqueeze", [positions, self.const([0], np.int64)]), self.op("Unsqueeze", [lengths, self.const([1], np.int64)])],
+        )
+
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        return self.op("Unsqueeze", [x, self.const(axes, np.int64)])
+
+    def zero_rows(self, x: str, valid: str | None) -> str:
+        """x (B, L, ...) with rows at invalid positions set to zero."""
+        if valid is None:
+            return x
+        return self.op("Where", [self.unsqueeze(valid, [2]), x, self.const(0.0)])
+
+    def split_heads(self, x: str, heads: int, width: int) -> str:
+        """(B, L, H*W) -> (B, H, L, W)."""
+        shaped = self.op("Reshape", [x, self.const([0, 0, heads, width], np.int64)])
+        return self.op("Transpose", [shaped], perm=[0, 2, 1, 3])
+
+    def merge_heads(self, x: str, heads: int, width: int) -> str:
+        """(B, H, L, W) -> (B, L, H*W), head 0 first."""
+        moved = self.op("Transpose", [x], perm=[0, 2, 1, 3])
+        return self.op("Reshape", [moved, self.const([0, 0, heads * width], np.int64)])
+
+    def to_float32(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def to_model_dtype(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.op("Cast", [x], to=self.elem)
+
+
+def attention_core(g: GraphBuilder, q, k, v, *, scale: float, keep, k_valid, opset: int, need_probs: bool):
+    """softmax(scale q k^T, masked) v for q (B, H, Lq, W), k and v (B, H, Lk, W').
+
+    ``keep``: bool (Bm, 1, Lq, Lk) or None, False where the seed's mask is 0. ``k_valid``: bool (B, Lk)
+    or None. Returns (output (B, H, Lq, W'), probabilities (B, H, Lq, Lk) float32 or None).
+    """
+    key_ok = None if k_valid is None else g.unsqueeze(k_valid, [1, 2])  # (B, 1, 1, Lk)
+
+    def probabilities():
+        scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+        scores = g.op("Mul", [g.to_float32(scores), g.const(scale, np.float32)])
+        if keep is not None:
+            scores = g.op("Where", [keep, scores, g.const(MASK_FILL, np.float32)])
+        if key_ok is not None:
+            scores = g.op("Where", [key_ok, scores, g.const(-np.inf, np.float32)])
+        return g.op("Softmax", [scores], axis=-1)
+
+    probs = probabilities() if (need_probs or opset < ATTENTION_OPSET) else None
+    if opset < ATTENTION_OPSET:
+        return g.op("MatMul", [g.to_model_dtype(probs), v]), probs
+
+    fill = MASK_FILL if g.dtype == "float32" else _FLOAT16_MASK_FILL
+    inputs = [q, k, v]
+    if keep is not None or key_ok is not None:
+        additive = g.const(0.0)
+        if keep is not None:
+            additive = g.op("Where", [keep, additive, g.const(fill)])
+        if key_ok is not None:
+            additive = g.op("Where", [key_ok, additive, g.const(-np.inf)])
+        # onnxruntime wants the mask's query axis in full: (B or 1, 1, Lq, Lk).
+        one = g.const([1], np.int64)
+        inputs.append(g.op("Expand", [additive, g.op("Concat", [one, one, g.dim(q, 2), one], axis=0)]))
+    out = g.op("Attention", inputs, scale=float(scale))
+    if keep is None:
+        return out, probs
+    # Rows whose every valid key is masked: the seed's -1e9 makes them uniform over the valid keys.
+    kept = keep if key_ok is None else g.op("And", [keep, key_ok])
+    any_kept = g.op("ReduceMax", [g.op("Cast", [kept], to=TensorProto.FLOAT), g.const([-1], np.int64)], keepdims=1)
+    if key_ok is None:
+        mean_v = g.op("ReduceMean", [v, g.const([2], np.int64)], keepdims=1)
+    else:
+        weights = g.op("Cast", [g.op("Transpose", [key_ok], perm=[0, 1, 3, 2])], to=g.elem)  # (B, 1, Lk, 1)
+        total = g.op("ReduceSum", [g.op("Mul", [v, weights]), g.const([2], np.int64)], keepdims=1)
+        mean_v = g.op("Div", [total, g.op("ReduceSum", [weights, g.const([2], np.int64)], keepdims=1)])
+    return g.op("Where", [g.op("Greater", [any_kept, g.const(0.0, np.float32)]), out, mean_v]), probs
+
+
+def multi_head(g: GraphBuilder, xq, xk, xv, names: dict, *, heads: int, width: int, keep, q_valid, k_valid,
+               opset: int, need_probs: bool):
+    """The seed's multi-head attention on (B, L, D) inputs; returns ((B, Lq, D), probs or None)."""
+    q = g.split_heads(g.op("MatMul", [xq, names["query"]]), heads, width)
+    k = g.split_heads(g.op("MatMul", [xk, names["key"]]), heads, width)
+    v = g.split_heads(g.op("MatMul", [xv, names["value"]]), heads, width)
+    out, probs = attention_core(
+        g, q, k, v, scale=1.0 / np.sqrt(width), keep=keep, k_valid=k_valid, opset=opset, need_probs=need_probs
+    )
+    out = g.op("MatMul", [g.merge_heads(out, heads, width), names["output"]])
+    return g.zero_rows(out, q_valid), _zero_prob_rows(g, probs, q_valid)
+
+
+def _zero_prob_rows(g: GraphBuilder, probs, q_valid):
+    if probs is None or q_valid is None:
+        return probs
+    return g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])
+
+
+def cosine_similarity(g: GraphBuilder, a: str, b: str) -> str:
+    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) float32; a zero row gives 0 (its norm is floored)."""
+
+    def unit_rows(x):
+        x = g.to_float32(x)
+        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [x, x]), g.const([-1], np.int64)], keepdims=1)])
+        return g.op("Div", [x, g.op("Max", [norm, g.const(1e-30, np.float32)])])
+
+    return g.op("MatMul", [unit_rows(a), g.op("Transpose", [unit_rows(b)], perm=[0, 2, 1])])
+
+
+def side_by_side(weights: np.ndarray) -> np.ndarray:
+    """(H, D, D) -> (D, H*D): every head's projection in one matrix, head 0 first."""
+    heads, width, _ = weights.shape
+    return weights.transpose(1, 0, 2).reshape(width, heads * width)

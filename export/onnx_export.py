@@ -1,0 +1,195 @@
+"""Export the fusion to ONNX: ``to_onnx(model, path, ...)`` and the graphs the ``onnx`` backend runs.
+
+The graph is built directly with ``onnx.helper`` (see ``graph.py`` for why and how). Inputs have
+dynamic B and L; the weights are initializers; the metadata records D, H, the dtype, the library
+version and a SHA-256 of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .._optional import require
+from ..weights import WEIGHT_NAMES, weights_digest
+
+require("onnx", "the ONNX export")
+import onnx  # noqa: E402
+from onnx import TensorProto  # noqa: E402
+
+from .graph import ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, multi_head, side_by_side  # noqa: E402
+
+_INT64 = TensorProto.INT64
+_BOOL = TensorProto.BOOL
+
+
+def _check_options(opset: int, dtype: str) -> None:
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest}; got {opset!r}")
+
+
+def _weights(g: GraphBuilder, arrays: dict) -> dict[str, str]:
+    names = {}
+    for part in ("query", "key", "value"):
+        names[part] = g.weight(f"{part}_weights", side_by_side(arrays[f"{part}_weights"]))
+    names["output"] = g.weight("output_weights", arrays["output_weights"])
+    return names
+
+
+def _metadata(arrays: dict, dtype: str, opset: int, **options) -> dict[str, str]:
+    from .. import __version__
+
+    heads, width, _ = arrays["query_weights"].shape
+    meta = {
+        "embedding_dim": str(width),
+        "attention_heads": str(heads),
+        "dtype": dtype,
+        "flavour": "Attention operator" if opset >= ATTENTION_OPSET else "MatMul/Softmax decomposition",
+        "crossattn_gpu_version": __version__,
+        "weights_sha256": weights_digest(arrays),
+    }
+    meta.update({key: str(value).lower() for key, value in options.items()})
+    return meta
+
+
+def _lengths_and_mask(g: GraphBuilder, names: tuple[str, str], lengths: bool, mask: bool):
+    if lengths:
+        for name in names:
+            g.add_input(name, _INT64, ["batch"])
+    keep = g.add_input("mask", _BOOL, ["mask_batch", "len_q", "len_k"]) if mask else None
+    return keep
+
+
+def build_fusion_model(
+    arrays: dict,
+    *,
+    opset: int = 17,
+    dtype: str = "float32",
+    lengths: bool = True,
+    mask: bool = False,
+    similarity: bool = False,
+    attention_weights: bool = False,
+    bidirectional: bool = True,
+) -> onnx.ModelProto:
+    """The whole fusion as an ONNX model (see :func:`to_onnx` for the inputs and outputs)."""
+    _check_options(opset, dtype)
+    heads, width, _ = arrays["query_weights"].shape
+    g = GraphBuilder(dtype)
+    xs = g.add_input("sequential_repr", g.elem, ["batch", "len_s", width])
+    xt = g.add_input("structural_repr", g.elem, ["batch", "len_t", width])
+    keep = _lengths_and_mask(g, ("sequential_lengths", "structural_lengths"), lengths, mask)
+    s_valid = g.valid_positions(xs, "sequential_lengths") if lengths else None
+    t_valid = g.valid_positions(xt, "structural_lengths") if lengths else None
+    weights = _weights(g, arrays)
+    common = dict(heads=heads, width=width, opset=opset, need_probs=attention_weights)
+    keep_st = None if keep is None else g.unsqueeze(keep, [1])
+    keep_ts = None if keep is None else g.unsqueeze(g.op("Transpose", [keep], perm=[0, 2, 1]), [1])
+    fused_s, probs_st = multi_head(g, xs, xt, xt, weights, keep=keep_st, q_valid=s_valid, k_valid=t_valid, **common)
+    fused_t, probs_ts = multi_head(g, xt, xs, xs, weights, keep=keep_ts, q_valid=t_valid, k_valid=s_valid, **common)
+
+    g.add_output("fused_sequential", fused_s, g.elem, ["batch", "len_s", width])
+    g.add_output("fused_structural", fused_t, g.elem, ["batch", "len_t", width])
+    if bidirectional:
+        # Reshape fails at run time unless Ls == Lt, where Add alone would broadcast Ls = 1 silently.
+        aligned = g.op("Reshape", [fused_t, g.op("Shape", [fused_s])])
+        g.add_output("bidirectional_fusion", g.op("Add", [fused_s, aligned]), g.elem, ["batch", "len_s", width])
+    if similarity:
+        for name, x, fused, valid, length in (
+            ("seq_similarity", xs, fused_s, s_valid, "len_s"),
+            ("struct_similarity", xt, fused_t, t_valid, "len_t"),
+        ):
+            sims = cosine_similarity(g, g.zero_rows(x, valid), fused)
+            g.add_output(name, g.to_model_dtype(sims), g.elem, ["batch", length, length])
+    if attention_weights:
+        g.add_output("attention_weights_seq_to_struct", g.to_model_dtype(probs_st), g.elem, ["batch", heads, "len_s", "len_t"])
+        g.add_output("attention_weights_struct_to_seq", g.to_model_dtype(probs_ts), g.elem, ["batch", heads, "len_t", "len_s"])
+    meta = _metadata(arrays, dtype, opset, graph="fusion", lengths=lengths, mask=mask, similarity=similarity,
+                     attention_weights=attention_weights, bidirectional=bidirectional)
+    return g.model(opset, meta)
+
+
+def build_attention_model(
+    arrays: dict | None, width: int, *, opset: int, dtype: str, mask: bool, attention_weights: bool
+) -> onnx.ModelProto:
+    """``multi_head_attention`` (with ``arrays``) or ``scaled_dot_product_attention`` (``arrays=None``).
+
+    Inputs: query_seq (B, Lq, D), key_seq (B, Lk, D), value_seq (B, Lk, Dv), query_lengths and
+    key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False where masked.
+    Outputs: ``output`` (B, Lq, D or Dv) and, with ``attention_weights``, (B, H, Lq, Lk).
+    """
+    _check_options(opset, dtype)
+    g = GraphBuilder(dtype)
+    xq = g.add_input("query_seq", g.elem, ["batch", "len_q", width])
+    xk = g.add_input("key_seq", g.elem, ["batch", "len_k", width])
+    xv = g.add_input("value_seq", g.elem, ["batch", "len_k", "width_v" if arrays is None else width])
+    keep = _lengths_and_mask(g, ("query_lengths", "key_lengths"), True, mask)
+    keep = None if keep is None else g.unsqueeze(keep, [1])
+    q_valid, k_valid = g.valid_positions(xq, "query_lengths"), g.valid_positions(xk, "key_lengths")
+    if arrays is None:
+        heads = 1
+        q, k, v = (g.unsqueeze(x, [1]) for x in (xq, xk, xv))
+        out, probs = attention_core(g, q, k, v, scale=1.0 / np.sqrt(width), keep=keep, k_valid=k_valid,
+                                    opset=opset, need_probs=attention_weights)
+        out = g.zero_rows(g.op("Squeeze", [out, g.const([1], np.int64)]), q_valid)
+        probs = None if probs is None else g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])
+        meta_arrays = None
+    else:
+        heads = arrays["query_weights"].shape[0]
+        out, probs = multi_head(g, xq, xk, xv, _weights(g, arrays), heads=heads, width=width, keep=keep,
+                                q_valid=q_valid, k_valid=k_valid, opset=opset, need_probs=attention_weights)
+        meta_arrays = arrays
+    g.add_output("output", out, g.elem, ["batch", "len_q", "width_v" if arrays is None else width])
+    if attention_weights:
+        g.add_output("attention_weights", g.to_model_dtype(probs), g.elem, ["batch", heads, "len_q", "len_k"])
+    meta = {"graph": "sdpa" if arrays is None else "multi_head_attention", "embedding_dim": str(width)}
+    if meta_arrays is not None:
+        meta = _metadata(meta_arrays, dtype, opset, graph="multi_head_attention")
+    return g.model(opset, meta)
+
+
+def to_onnx(
+    model,
+    path,
+    *,
+    opset: int = 17,
+    dtype: str = "float32",
+    lengths: bool = True,
+    mask: bool = False,
+    similarity: bool = False,
+    attention_weights: bool = False,
+) -> Path:
+    """Write the fusion of ``model`` (a CrossAttention) as an ONNX file, checked by onnx's full checker.
+
+    Args:
+        model: the CrossAttention whose weights become initializers.
+        path: the .onnx file to write.
+        opset: below 23, a portable MatMul/Softmax decomposition; 23 or more, the Attention operator.
+        dtype: "float32" or "float16" for inputs, weights and outputs (softmax always in float32 in the
+            decomposition; mask constants never overflow float16).
+        lengths: add the inputs ``sequential_lengths`` and ``structural_lengths`` (B,) int64.
+        mask: add the input ``mask`` (Bm, Ls, Lt) bool, Bm in {1, B}: False where the seed's mask is 0
+            (score -> -1e9 in the sequential -> structural direction; transposed for the other one).
+        similarity: add the outputs ``seq_similarity`` (B, Ls, Ls) and ``struct_similarity`` (B, Lt, Lt).
+        attention_weights: add ``attention_weights_seq_to_struct`` (B, H, Ls, Lt) and
+            ``attention_weights_struct_to_seq`` (B, H, Lt, Ls).
+
+    Inputs ``sequential_repr`` (B, Ls, D) and ``structural_repr`` (B, Lt, D) with B, Ls, Lt dynamic;
+    outputs ``fused_sequential``, ``fused_structural`` and ``bidirectional_fusion`` (which needs
+    Ls == Lt; the model fails at run time otherwise).
+
+    Returns the path written. Raises ValueError for an unsupported opset or dtype.
+    """
+    arrays = model.get_attention_weights()
+    onnx_model = build_fusion_model(
+        arrays, opset=opset, dtype=dtype, lengths=lengths, mask=mask, similarity=similarity,
+        attention_weights=attention_weights,
+    )
+    onnx.checker.check_model(onnx_model, full_check=True)
+    path = Path(os.fspath(path))
+    onnx.save_model(onnx_model, path)
+    return path

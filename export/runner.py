@@ -1,0 +1,208 @@
+"""Serve an exported fusion with onnxruntime: ``OnnxFusion(path)``.
+
+Before onnxruntime sees a file, it is parsed by ``onnx`` without its external data, and refused when
+an external-data location is absolute, leaves the model's folder, or is a symlink: a model file must
+not make the server read arbitrary files. A corrupt or truncated file gives a ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .._optional import require
+
+require("onnx", "the ONNX runner")
+ort = require("onnxruntime", "the ONNX runner")
+import onnx  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+from onnx import TensorProto  # noqa: E402
+
+_FLOAT_ELEMS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+def _all_tensors(graph):
+    """Every TensorProto in a graph and its subgraphs (initializers and attribute tensors)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+    """ValueError when an external-data location is absolute, escapes ``model_dir`` or is a symlink."""
+    root = model_dir.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        candidate = model_dir / location
+        if not location or os.path.isabs(location):
+            raise ValueError(f"tensor {tensor.name!r}: external data location {location!r} must be a relative path")
+        if root not in candidate.resolve().parents:
+            raise ValueError(f"tensor {tensor.name!r}: external data location {location!r} leaves the model's folder")
+        for part in [candidate, *candidate.parents]:
+            if part == model_dir:
+                break
+            if part.is_symlink():
+                raise ValueError(f"tensor {tensor.name!r}: external data location {location!r} goes through a symlink")
+
+
+def load_checked(path) -> onnx.ModelProto:
+    """Parse an ONNX file (without its external data) and check its external-data locations."""
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a valid ONNX model (corrupt or truncated?): {exc}") from exc
+    if not model.graph.node:
+        raise ValueError(f"{path} is not a valid ONNX model: its graph is empty")
+    check_external_data(model, path.parent)
+    return model
+
+
+def choose_providers(providers=None) -> list[str]:
+    """The CUDA provider when onnxruntime offers it, else the CPU one; or the caller's list, checked."""
+    available = ort.get_available_providers()
+    if providers is None:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"onnxruntime here offers {', '.join(available)}; not {', '.join(missing)}")
+    return list(providers)
+
+
+class OnnxSession:
+    """An onnxruntime session with checked inputs: names, ranks, widths and dtypes."""
+
+    def __init__(self, model_or_path, providers=None):
+        self.providers = choose_providers(providers)
+        try:
+            if isinstance(model_or_path, onnx.ModelProto):
+                self.session = ort.InferenceSession(model_or_path.SerializeToString(), providers=self.providers)
+            else:
+                self.session = ort.InferenceSession(os.fspath(model_or_path), providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ValueError(f"onnxruntime cannot load the model: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        self.dtype = "float16" if any(i.type == "tensor(float16)" for i in self.inputs.values()) else "float32"
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        unknown = sorted(set(feeds) - set(self.inputs))
+        if unknown:
+            raise TypeError(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(self.inputs)}")
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise TypeError(f"missing input(s) {', '.join(missing)}")
+        prepared = {name: self._prepare(name, value) for name, value in feeds.items()}
+        try:
+            values = self.session.run(self.output_names, prepared)
+        except Exception as exc:
+            raise ValueError(f"onnxruntime failed: {exc}") from exc
+        return dict(zip(self.output_names, values))
+
+    def _prepare(self, name: str, value) -> np.ndarray:
+        spec = self.inputs[name]
+        arr = np.asarray(value)
+        if len(spec.shape) != arr.ndim:
+            raise ValueError(f"{name} must have rank {len(spec.shape)} (shape {spec.shape}); got shape {arr.shape}")
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+            if isinstance(want, int) and want != got:
+                raise ValueError(f"{name} must have size {want} on axis {axis} (shape {spec.shape}); got shape {arr.shape}")
+        if spec.type == "tensor(int64)":
+            if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+                raise TypeError(f"{name} must be integers; got dtype {arr.dtype}")
+            return arr.astype(np.int64)
+        if spec.type == "tensor(bool)":
+            return arr.astype(bool) if arr.dtype == bool else arr != 0
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise TypeError(f"{name} must be floating point; got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.float16 if spec.type == "tensor(float16)" else np.float32)
+
+
+class OnnxFusion:
+    """Run an exported fusion (see ``to_onnx``) with onnxruntime.
+
+    Args:
+        path: the .onnx file. Refused with ValueError if corrupt or truncated, or if any external-data
+            location is absolute, leaves the model's folder or is a symlink.
+        providers: onnxruntime execution providers; default the CUDA provider when onnxruntime-gpu
+            offers it, else the CPU one. ``provider`` says which runs.
+
+    Call it with NumPy arrays: ``fusion(sequential_repr, structural_repr, sequential_lengths=None,
+    structural_lengths=None, mask=None)`` returns a dict of the model's outputs. Inputs are cast to
+    the model's float dtype; lengths default to the full lengths and the mask (the seed's: 0 = masked)
+    to none masked, when the model takes them.
+    """
+
+    def __init__(self, path, providers=None):
+        load_checked(path)
+        self._session = OnnxSession(path, providers)
+        meta = self._session.metadata
+        if "embedding_dim" not in meta:
+            raise ValueError(f"{path} was not exported by crossattn_gpu (no embedding_dim in its metadata)")
+        self.embedding_dim = int(meta["embedding_dim"])
+        self.attention_heads = int(meta["attention_heads"])
+        self.metadata = meta
+        self.provider = self._session.provider
+        self.dtype = self._session.dtype
+        self.input_names = list(self._session.inputs)
+        self.output_names = self._session.output_names
+
+    def __call__(self, sequential_repr, structural_repr, *, sequential_lengths=None, structural_lengths=None, mask=None):
+        xs, xt = np.asarray(sequential_repr), np.asarray(structural_repr)
+        for name, x in (("sequential_repr", xs), ("structural_repr", xt)):
+            if x.ndim != 3:
+                raise ValueError(f"{name} must have shape (B, L, D); got {x.shape}")
+            if x.shape[-1] != self.embedding_dim:
+                raise ValueError(f"{name} has width {x.shape[-1]}, but the model has D={self.embedding_dim}")
+        if xs.shape[0] != xt.shape[0]:
+            raise ValueError(f"batch sizes differ: sequential_repr has B={xs.shape[0]}, structural_repr B={xt.shape[0]}")
+        if "bidirectional_fusion" in self.output_names and xs.shape[1] != xt.shape[1]:
+            raise ValueError(
+                f"this model outputs bidirectional_fusion, which needs Ls == Lt; got {xs.shape[1]} and {xt.shape[1]}"
+            )
+        feeds = {"sequential_repr": xs, "structural_repr": xt}
+        if "sequential_lengths" in self.input_names:
+            feeds["sequential_lengths"] = _lengths(sequential_lengths, "sequential_lengths", xs.shape)
+            feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape)
+        elif sequential_lengths is not None or structural_lengths is not None:
+            raise TypeError("this model was exported without length inputs (lengths=False)")
+        if mask is not None:
+            mask = np.asarray(mask)
+            feeds["mask"] = mask[None] if mask.ndim == 2 else mask  # the seed's mask: 0 = masked
+        elif "mask" in self.input_names:
+            feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
+        return self._session.run(feeds)
+
+
+def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:
+    """Valid lengths (B,) in 1..L; the full length when None."""
+    batch, length = shape[0], shape[1]
+    if lengths is None:
+        return np.full(batch, length, dtype=np.int64)
+    arr = np.asarray(lengths)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array of shape (B,); got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},); got {arr.shape}")
+    if arr.min() < 1 or arr.max() > length:
+        raise ValueError(f"{name} must lie in 1..{length}; got values from {arr.min()} to {arr.max()}")
+    return arr.astype(np.int64)

@@ -1,0 +1,117 @@
+"""ONNX export: both flavours, dynamic shapes, lengths, masks, float16, metadata, checker."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import reference  # noqa: E402
+from crossattn_gpu import CrossAttention  # noqa: E402
+from crossattn_gpu.export import OnnxFusion, to_onnx  # noqa: E402
+from crossattn_gpu.weights import weights_digest  # noqa: E402
+
+FLAVOURS = [17, 23]
+
+
+def rel_err(got, want):
+    want = np.asarray(want, dtype=np.float64)
+    return np.abs(np.asarray(got, dtype=np.float64) - want).max() / np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CrossAttention(24, 3, seed=0, backend="numpy")
+
+
+@pytest.mark.parametrize("opset", FLAVOURS)
+def test_one_file_serves_many_shapes_with_lengths_and_masks(tmp_path, model, opset):
+    path = to_onnx(model, tmp_path / "m.onnx", opset=opset, mask=True, similarity=True, attention_weights=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    fusion = OnnxFusion(path)
+    assert fusion.provider == "CPUExecutionProvider"
+    rng = np.random.default_rng(opset)
+    for batch, length in [(1, 1), (2, 17), (5, 3), (3, 113)]:
+        xs, xt = rng.standard_normal((batch, length, 24)), rng.standard_normal((batch, length, 24))
+        lengths = rng.integers(1, length + 1, size=batch)
+        mask = rng.random((batch, length, length)) > 0.3
+        mask[:, 0] = False  # fully masked rows stay uniform
+        got = fusion(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask)
+        want = model.fuse_representations(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask,
+                                          need_weights=True)
+        for key in ("fused_sequential", "fused_structural", "bidirectional_fusion", "seq_similarity", "struct_similarity"):
+            assert got[key].dtype == np.float32 and got[key].shape == want[key].shape
+            assert rel_err(got[key], want[key]) <= 1e-5, key
+        for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+            assert rel_err(got[key], np.stack(want[key], axis=1)) <= 1e-5, key
+
+
+@pytest.mark.parametrize("opset", FLAVOURS)
+def test_unequal_lengths_without_bidirectional_output(tmp_path, model, opset):
+    from crossattn_gpu.export.onnx_export import build_fusion_model
+    from crossattn_gpu.export.runner import OnnxSession
+
+    session = OnnxSession(build_fusion_model(model.get_attention_weights(), opset=opset, bidirectional=False))
+    rng = np.random.default_rng(1)
+    xs, xt = rng.standard_normal((2, 7, 24)), rng.standard_normal((2, 4, 24))
+    got = session.run({"sequential_repr": xs, "structural_repr": xt,
+                       "sequential_lengths": np.array([7, 2]), "structural_lengths": np.array([1, 4])})
+    want = model.fuse_representations(xs, xt, sequential_lengths=[7, 2], structural_lengths=[1, 4], bidirectional=False)
+    assert rel_err(got["fused_structural"], want["fused_structural"]) <= 1e-5
+
+
+@pytest.mark.parametrize("opset", FLAVOURS)
+def test_float16_model_has_no_nan_or_inf_and_plain_accuracy(tmp_path, model, opset):
+    path = to_onnx(model, tmp_path / "m16.onnx", opset=opset, dtype="float16", mask=True, similarity=True)
+    fusion = OnnxFusion(path)
+    rng = np.random.default_rng(2)
+    xs, xt = rng.standard_normal((3, 20, 24)), rng.standard_normal((3, 20, 24))
+    lengths = np.array([20, 1, 9])
+    mask = np.ones((3, 20, 20), dtype=bool)
+    mask[:, :5] = False  # fully masked rows: the seed's -1e9 does not fit in float16
+    mask[:, 5:, ::2] = False
+    got = fusion(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask)
+    want = model.fuse_representations(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask)
+    # the yardstick: the seed written plainly in float16 NumPy
+    w16 = [w.astype(np.float16) for w in reference.params(model)]
+    for key in ("fused_sequential", "seq_similarity"):
+        assert got[key].dtype == np.float16 and np.isfinite(got[key]).all()
+    for b in range(3):
+        n = lengths[b]
+        plain = reference.fuse(*w16, xs[b, :n].astype(np.float16), xt[b, :n].astype(np.float16), mask[b, :n, :n])
+        yard = rel_err(plain["fused_sequential"], want["fused_sequential"][b, :n])
+        assert np.isfinite(plain["fused_sequential"]).all()
+        assert rel_err(got["fused_sequential"][b, :n], want["fused_sequential"][b, :n]) <= 2 * yard
+        assert not got["fused_sequential"][b, n:].any()
+
+
+def test_metadata_records_the_model(tmp_path, model):
+    import crossattn_gpu
+
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx"))
+    meta = fusion.metadata
+    assert meta["embedding_dim"] == "24" and meta["attention_heads"] == "3"
+    assert meta["crossattn_gpu_version"] == crossattn_gpu.__version__
+    assert meta["weights_sha256"] == weights_digest(model.get_attention_weights())
+    assert fusion.input_names == ["sequential_repr", "structural_repr", "sequential_lengths", "structural_lengths"]
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert {i.name for i in loaded.graph.initializer} >= {"query_weights", "key_weights", "value_weights", "output_weights"}
+
+
+def test_bidirectional_output_refuses_unequal_lengths(tmp_path, model):
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="needs Ls == Lt"):
+        fusion(np.ones((1, 3, 24)), np.ones((1, 1, 24)))
+    from crossattn_gpu.export.runner import OnnxSession
+
+    raw = OnnxSession(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="onnxruntime failed"):  # the graph itself refuses Ls = 1 broadcasting
+        raw.run({"sequential_repr": np.ones((1, 3, 24)), "structural_repr": np.ones((1, 1, 24)),
+                 "sequential_lengths": np.array([3]), "structural_lengths": np.array([1])})
+
+
+def test_bad_options(tmp_path, model):
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float16'"):
+        to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
+    with pytest.raises(ValueError, match="opset must be an integer from 14"):
+        to_onnx(model, tmp_path / "m.onnx", opset=12)

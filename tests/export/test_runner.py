@@ -1,0 +1,106 @@
+"""OnnxFusion: input checks, providers, and the refusal of unsafe or corrupt files."""
+
+import os
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto  # noqa: E402
+
+from crossattn_gpu import CrossAttention  # noqa: E402
+from crossattn_gpu.export import OnnxFusion, to_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "fusion.onnx"
+    return to_onnx(CrossAttention(8, 2, seed=0), path)
+
+
+@pytest.fixture(scope="module")
+def fusion(exported):
+    return OnnxFusion(exported)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,message",
+    [
+        ((np.ones((3, 8)), np.ones((3, 8))), {}, ValueError, r"sequential_repr must have shape \(B, L, D\)"),
+        ((np.ones((1, 3, 7)), np.ones((1, 3, 8))), {}, ValueError, "sequential_repr has width 7, but the model has D=8"),
+        ((np.ones((2, 3, 8)), np.ones((1, 3, 8))), {}, ValueError, "batch sizes differ"),
+        ((np.ones((1, 3, 8), dtype=int), np.ones((1, 3, 8))), {}, TypeError, "sequential_repr must be floating point"),
+        ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [4]}, ValueError, "must lie in 1..3"),
+        ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [1.5]}, TypeError, "integer array"),
+        ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"mask": np.ones((3, 3))}, TypeError, "unknown input"),
+    ],
+)
+def test_bad_inputs(fusion, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fusion(*args, **kwargs)
+
+
+def test_float64_inputs_are_cast(fusion):
+    out = fusion(np.ones((1, 3, 8)), np.ones((1, 3, 8)))
+    assert out["fused_sequential"].dtype == np.float32
+
+
+def test_unknown_provider_is_an_error(exported):
+    with pytest.raises(ValueError, match="onnxruntime here offers"):
+        OnnxFusion(exported, providers=["NoSuchExecutionProvider"])
+
+
+@pytest.mark.parametrize("mangle", [lambda b: b[: len(b) // 2], lambda b: b"\x00garbage" * 50, lambda b: b""])
+def test_corrupt_or_truncated_files(tmp_path, exported, mangle):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(mangle(exported.read_bytes()))
+    with pytest.raises(ValueError, match="not a valid ONNX model|cannot load"):
+        OnnxFusion(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        OnnxFusion(tmp_path / "none.onnx")
+
+
+def with_external_weight(tmp_path, location: str):
+    """A copy of the model whose output_weights claim to live in external data at ``location``."""
+    model = onnx.load(str(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "base.onnx")))
+    tensor = next(t for t in model.graph.initializer if t.name == "output_weights")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    path = tmp_path / "external.onnx"
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("location,message", [("../outside.bin", "leaves the model's folder"), ("/etc/passwd", "must be a relative path"),
+                                              ("sub/../../x.bin", "leaves the model's folder")])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location, message):
+    with pytest.raises(ValueError, match=message):
+        OnnxFusion(with_external_weight(tmp_path, location))
+
+
+def test_external_data_through_a_symlink_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"\0" * 1024)
+    (tmp_path / "inside").mkdir()
+    os.symlink(target, tmp_path / "inside" / "w.bin")
+    with pytest.raises(ValueError, match="symlink"):
+        OnnxFusion(with_external_weight(tmp_path, "inside/w.bin"))
+
+
+def test_foreign_models_are_refused(tmp_path):
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "foreign.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ValueError, match="not exported by crossattn_gpu"):
+        OnnxFusion(path)
