@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/foundation_speed.py
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

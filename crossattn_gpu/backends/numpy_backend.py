@@ -127,7 +127,8 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     parallel attention 47 ms alone, 71 ms right after a GEMM on BLAS's threads).
     """
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    step = max(1, -(-a.shape[0] // (4 * cpu_count())))
+    # At least 512 rows a block: below that, handing blocks to threads costs more than it saves.
+    step = max(512, -(-a.shape[0] // (4 * cpu_count())))
 
     def block(rows: slice) -> None:
         np.matmul(a[rows], b, out=out[rows])

@@ -1,0 +1,1 @@
+"""The benchmark harness: ``python -m bench`` (see ``python -m bench --help``)."""

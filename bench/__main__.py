@@ -1,0 +1,172 @@
+"""python -m bench: every backend and its peers on fixed workloads, checked, with ceilings.
+
+    python -m bench                         # the CPU set (W1, W2c, W3c), or the GPU set on a GPU
+    python -m bench --workloads W2c --peers numpy,sdpa --dtypes float32 --repeats 20
+
+Every timed output is checked against the float64 NumPy reference first: a wrong result is marked
+WRONG and the run exits 1, so a fast wrong answer never wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from crossattn_gpu import CrossAttention, __version__
+from crossattn_gpu._optional import version_of
+
+from . import report as reporting
+from .peers import all_peers, gpu_available
+from .timing import ceilings, peak_memory, time_calls
+from .workloads import DEFAULT_CPU, DEFAULT_GPU, WORKLOADS
+
+#: Largest accepted error against float64, relative to the largest reference value, by dtype.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+ROTATION_BYTES = 256 << 20  # rotate through at least this many input bytes (beyond any cache)
+
+
+def machine(device: str) -> dict:
+    cores = os.cpu_count()
+    if device == "gpu":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        return {"device_name": name, "description": f"{name}, host with {cores} cores"}
+    cpu = platform.processor() or platform.machine()
+    return {"device_name": f"CPU ({cores} cores)", "description": f"{cpu}, {cores} cores, Python {platform.python_version()}"}
+
+
+def valid_rows_error(got, want, lengths) -> float:
+    """Relative max error over the rows that are not padding."""
+    err = 0.0
+    for g, w, n in zip(got, want, lengths):
+        err = max(err, float(np.abs(g[:n] - w[:n]).max()))
+    scale = max(float(np.abs(w).max()) for w in want)
+    return err / scale if math.isfinite(err) else math.inf
+
+
+ROUNDS = 5  # timed calls are spread over this many round-robin rounds
+
+
+def run_workload(workload, peers, dtypes, device, repeats, budget_s, ceil, log) -> list[dict]:
+    """Time every (peer, dtype) on one workload, round-robin, so that drift in the machine's speed
+    (a shared VM's neighbours, clocks) hits every peer alike rather than whichever ran last."""
+    model = CrossAttention(workload.width, workload.heads, seed=0, backend="numpy")
+    pair_bytes = 2 * workload.batch * (workload.len_s + workload.len_t) * workload.width * 8
+    pairs = workload.inputs(copies=max(1, min(32, math.ceil(ROTATION_BYTES / pair_bytes))))
+    lengths = workload.lengths()
+    ref_kwargs = {} if lengths is None else {"sequential_lengths": lengths[0], "structural_lengths": lengths[1]}
+    want = model.fuse_representations(*pairs[0], need_similarity=False, bidirectional=False, **ref_kwargs)
+    want = (want["fused_sequential"], want["fused_structural"])
+    row_lengths = lengths or (np.full(workload.batch, workload.len_s), np.full(workload.batch, workload.len_t))
+
+    rows, entries = [], []
+    for peer in peers:
+        if peer.device != device:
+            continue
+        reason = peer.unavailable()
+        for dtype in [d for d in dtypes if d in peer.dtypes]:
+            base = {"workload": workload.name, "peer": peer.name, "device": device, "dtype": dtype}
+            if reason:
+                rows.append({**base, "skipped": True, "reason": reason})
+                continue
+            prepared = peer.prepare(model, workload, pairs, dtype)
+            with prepared.context():
+                start = time.perf_counter()
+                got = prepared.fused(prepared.run(prepared.inputs[0]))  # warm-up, compile, and the result to check
+                one = time.perf_counter() - start
+                peak = peak_memory(prepared.run, prepared.inputs[0], device,
+                                   host_traced=peer.name.startswith(("seed", "crossattn_gpu numpy")))
+            error = max(valid_rows_error(g, w, n) for g, w, n in zip(got, want, row_lengths))
+            calls = max(ROUNDS, min(repeats, int(budget_s / max(one, 1e-6))))
+            entries.append({"row": {**base, "peak_bytes": peak, "rel_error": error, "ok": error <= TOLERANCE[dtype]},
+                            "prepared": prepared, "per_round": math.ceil(calls / ROUNDS), "times": []})
+
+    for _ in range(ROUNDS):
+        for entry in entries:
+            prepared = entry["prepared"]
+            with prepared.context():
+                entry["times"] += time_calls(prepared.run, prepared.inputs, device, entry["per_round"], warmup=1)
+
+    flops = workload.flops()
+    for entry in entries:
+        row, times = entry["row"], entry["times"]
+        median = statistics.median(times)
+        itemsize = {"float64": 8, "float32": 4, "tf32": 4}.get(row["dtype"], 2)
+        gemm = ceil["gemm_flops"].get(row["dtype"]) or ceil["gemm_flops"].get("float32")
+        bound = max(flops / gemm, workload.io_bytes(itemsize) / ceil["copy_bytes_per_s"])
+        row.update(median_s=median, min_s=min(times), repeats=len(times), tflops=flops / median / 1e12,
+                   roofline_fraction=bound / median)
+        rows.append(row)
+        log(f"{workload.name:4s} {row['peer']:40s} {row['dtype']:8s} {median * 1e3:10.3f} ms  err {row['rel_error']:.1e}"
+            f"{'' if row['ok'] else '  WRONG'}")
+    for row in rows:
+        if row.get("skipped"):
+            continue
+        torch_row = next((r for r in rows if not r.get("skipped") and r["peer"].startswith("torch batched")
+                          and r["dtype"] == row["dtype"]), None)
+        row["speedup_vs_sdpa"] = None if torch_row is None else torch_row["median_s"] / row["median_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    parser.add_argument("--peers", help="comma-separated substrings of peer names (e.g. numpy,sdpa,seed)")
+    parser.add_argument("--dtypes", help="comma-separated (default: float64,float32 on CPU; float32,tf32,bfloat16 on GPU)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per peer at most (default 20)")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed calls per peer at most")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+
+    device = ("gpu" if gpu_available() else "cpu") if args.device == "auto" else args.device
+    if device == "gpu" and not gpu_available():
+        parser.error("--device gpu: no CUDA GPU visible to torch")
+    names = args.workloads.split(",") if args.workloads else list(DEFAULT_GPU if device == "gpu" else DEFAULT_CPU)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    dtypes = args.dtypes.split(",") if args.dtypes else (["float32", "tf32", "bfloat16"] if device == "gpu" else ["float64", "float32"])
+    peers = all_peers()
+    if args.peers:
+        wanted = args.peers.split(",")
+        peers = [p for p in peers if any(w in p.name for w in wanted)]
+
+    ceil = ceilings(device, [d for d in dtypes if d != "float16"])
+    rows = []
+    for name in names:
+        rows += run_workload(WORKLOADS[name], peers, dtypes, device, args.repeats, args.budget, ceil,
+                             lambda line: print(line, flush=True))
+    info = machine(device)
+    result = {
+        "date": date.today().isoformat(),
+        "machine": info,
+        "versions": {"crossattn_gpu": __version__, "python": platform.python_version(),
+                     **{m: version_of(m) for m in ("numpy", "torch", "triton", "cupy", "onnxruntime")}},
+        "ceilings": ceil,
+        "workloads": {n: vars(WORKLOADS[n]) | {"flops": WORKLOADS[n].flops()} for n in names},
+        "rows": rows,
+    }
+    slug = info["device_name"].lower().replace("(", "").replace(")", "").replace(" ", "-")
+    written = reporting.write(result, Path(args.out_dir), f"{result['date']}-{slug}")
+    print(reporting.markdown(result))
+    print("wrote " + ", ".join(map(str, written)))
+    wrong = [f"{r['workload']} {r['peer']} {r['dtype']}" for r in rows if not r.get("skipped") and not r["ok"]]
+    if wrong:
+        print("WRONG results (failing the run): " + "; ".join(wrong), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

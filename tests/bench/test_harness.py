@@ -1,0 +1,38 @@
+"""python -m bench end to end on the smallest workload, and a wrong peer failing the run."""
+
+import json
+
+import numpy as np
+
+import bench.__main__ as harness
+from bench import peers
+
+
+def test_small_run_writes_json_markdown_and_plot(tmp_path, capsys):
+    code = harness.main(["--device", "cpu", "--workloads", "W1", "--peers", "seed,numpy,SDPA", "--repeats", "5",
+                         "--budget", "0.2", "--out-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    ran = [r for r in report["rows"] if not r.get("skipped")]
+    assert {"seed (loops, NumPy)", "crossattn_gpu numpy"} <= {r["peer"] for r in ran}
+    assert all(r["ok"] and r["median_s"] > 0 and r["repeats"] >= 5 for r in ran)
+    assert report["ceilings"]["gemm_flops"]["float32"] > 0 and report["versions"]["numpy"] == np.__version__
+    assert "| W1 | crossattn_gpu numpy | float32 |" in next(tmp_path.glob("*.md")).read_text()
+    if any(r["peer"].startswith("torch batched") for r in ran):  # the plot compares with torch SDPA
+        assert list(tmp_path.glob("*.png"))
+
+
+def test_a_fast_wrong_result_fails_the_run(tmp_path, monkeypatch, capsys):
+    class Wrong(peers.SeedPeer):
+        name = "seed but wrong"
+
+        def prepare(self, model, workload, pairs, dtype):
+            prepared = super().prepare(model, workload, pairs, dtype)
+            prepared.fused = lambda result: (result[0] * 1.01, result[1])
+            return prepared
+
+    monkeypatch.setattr(harness, "all_peers", lambda: [Wrong()])
+    code = harness.main(["--device", "cpu", "--workloads", "W1", "--repeats", "3", "--budget", "0.1", "--out-dir", str(tmp_path)])
+    assert code == 1
+    assert "WRONG" in capsys.readouterr().err
+    assert "WRONG" in next(tmp_path.glob("*.md")).read_text()
