@@ -50,6 +50,7 @@ def plot(report: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     rows = [r for r in report["rows"] if not r.get("skipped") and r["speedup_vs_sdpa"] is not None]
@@ -57,7 +58,7 @@ def plot(report: dict, path: Path) -> bool:
         return False
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     series = list(dict.fromkeys(f"{r['peer']} ({r['dtype']})" for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(workloads)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.8 * len(workloads)), 5.5))
     width = 0.8 / max(1, len(series))
     for i, label in enumerate(series):
         values = [next((r["speedup_vs_sdpa"] for r in rows if r["workload"] == w and f"{r['peer']} ({r['dtype']})" == label), 0)
@@ -65,10 +66,13 @@ def plot(report: dict, path: Path) -> bool:
         ax.bar([x + i * width for x in range(len(workloads))], values, width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
     ax.set_ylabel("speed-up over torch SDPA (same dtype)")
     ax.set_title(f"{report['machine']['device_name']}, {report['date']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
