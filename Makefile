@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 # The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
 # interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The conformance suite's property tests with 2000 drawn cases per backend instead of 200.
+test-slow: $(STAMP)
+	CROSSATTN_HYPOTHESIS_EXAMPLES=2000 $(PY) -m pytest tests/conformance
 
 bench: $(STAMP)
 	$(PY) -m bench

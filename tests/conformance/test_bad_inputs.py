@@ -1,0 +1,93 @@
+"""One catalogue of bad inputs, given to every backend: the same exception type and a message that
+names the problem, and no poisoned state afterwards (the next good call is still right)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crossattn_gpu import CrossAttention
+from runnable import BACKENDS, model_for
+
+D = 8
+rng = np.random.default_rng(0)
+S, T = rng.standard_normal((2, 5, D)), rng.standard_normal((2, 5, D))
+
+
+def nan_at(x):
+    x = x.copy()
+    x[0, 0, 0] = np.nan
+    return x
+
+
+def inf_at(x):
+    x = x.copy()
+    x[1, 2, 3] = -np.inf
+    return x
+
+
+class DeviceArray:  # anything that says it lives on a GPU
+    __cuda_array_interface__ = {"shape": (5, D), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+# (id, method, args, kwargs, exception, message)
+CATALOGUE = [
+    ("rank-1", "fuse_representations", (S[0, 0], T[0]), {}, ValueError, "rank 1"),
+    ("rank-4", "fuse_representations", (S[None], T[None]), {}, ValueError, "rank 4"),
+    ("wrong-D", "fuse_representations", (S[..., :7], T), {}, ValueError, "last dimension 7"),
+    ("int-dtype", "fuse_representations", (S.astype(np.int32), T), {}, TypeError, "floating point"),
+    ("bool-dtype", "fuse_representations", (S > 0, T), {}, TypeError, "floating point"),
+    ("complex", "fuse_representations", (S + 1j, T), {}, TypeError, "complex"),
+    ("strings", "fuse_representations", (np.full((5, D), "a"), T[0]), {}, TypeError, "floating point|numeric"),
+    ("ragged-list", "fuse_representations", ([[1.0, 2.0], [3.0]], T[0]), {}, (TypeError, ValueError), "array|inhomogeneous|numeric"),
+    ("empty-L", "fuse_representations", (S[:, :0], T), {}, ValueError, "empty axis L"),
+    ("empty-B", "fuse_representations", (S[:0], T[:0]), {}, ValueError, "empty axis B"),
+    ("nan", "fuse_representations", (nan_at(S), T), {}, ValueError, "contains NaN"),
+    ("inf", "fuse_representations", (S, inf_at(T)), {}, ValueError, "contains Inf"),
+    ("mixed-rank", "fuse_representations", (S, T[0]), {}, ValueError, "all be"),
+    ("batch-mismatch", "fuse_representations", (S, np.concatenate([T, T])), {}, ValueError, "batch sizes differ"),
+    ("unequal-L-bidirectional", "fuse_representations", (S, T[:, :4]), {}, ValueError, "Ls == Lt"),
+    ("mask-shape", "fuse_representations", (S, T), {"mask": np.ones((4, 5))}, ValueError, "does not broadcast"),
+    ("mask-rank", "fuse_representations", (S, T), {"mask": np.ones((1, 2, 5, 5))}, ValueError, "mask has rank 4"),
+    ("mask-nan", "fuse_representations", (S, T), {"mask": np.full((5, 5), np.nan)}, ValueError, "mask contains NaN"),
+    ("lengths-too-long", "fuse_representations", (S, T), {"sequential_lengths": [5, 6]}, ValueError, "must lie in 1..5"),
+    ("lengths-zero", "fuse_representations", (S, T), {"sequential_lengths": [0, 5]}, ValueError, "must lie in 1..5"),
+    ("lengths-negative", "fuse_representations", (S, T), {"structural_lengths": [-2, 5]}, ValueError, "must lie in 1..5"),
+    ("lengths-float", "fuse_representations", (S, T), {"sequential_lengths": [5.0, 4.0]}, TypeError, "integer array"),
+    ("lengths-shape", "fuse_representations", (S, T), {"sequential_lengths": [5]}, ValueError, r"shape \(2,\)"),
+    ("lengths-unbatched", "fuse_representations", (S[0], T[0]), {"sequential_lengths": [5]}, ValueError, "applies to batched"),
+    ("lengths-differ-bidirectional", "fuse_representations", (S, T), {"sequential_lengths": [5, 4]}, ValueError, "example 1 has 4 and 5"),
+    ("device-array", "fuse_representations", (DeviceArray(), T[0]), {}, TypeError, "on a GPU|CuPy|numeric"),
+    ("keys-values-length", "multi_head_attention", (S, T, T[:, :4]), {}, ValueError, "same length"),
+    ("sdpa-keys-width", "scaled_dot_product_attention", (S, T[..., :3], T), {}, ValueError, "keys has last dimension 3"),
+]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("name,method,args,kwargs,error,message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input(backend, dtype, name, method, args, kwargs, error, message):
+    if dtype == "bfloat16":
+        pytest.skip("the catalogue uses NumPy inputs")
+    ref = CrossAttention(D, 2, seed=0, backend="numpy")
+    model, fresh = model_for(backend, ref), model_for(backend, ref)
+    with pytest.raises(error, match=message):
+        getattr(model, method)(*args, **kwargs)
+    # no poisoned state: the next good call gives exactly what a fresh object gives
+    good = (S.astype(dtype), T.astype(dtype))
+    after = model.fuse_representations(*good)["fused_sequential"]
+    np.testing.assert_array_equal(after, fresh.fuse_representations(*good)["fused_sequential"])
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CATALOGUE) >= 20
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_bad_weights_files(tmp_path, backend, dtype):
+    np.savez(tmp_path / "short.npz", query_weights=np.zeros((2, D, D)))
+    with pytest.raises(ValueError, match="missing key_weights"):
+        CrossAttention.load(tmp_path / "short.npz", backend=backend)
+    w = CrossAttention(D, 2, seed=0).get_attention_weights()
+    np.savez(tmp_path / "shape.npz", **{**w, "output_weights": np.zeros((D, D))})
+    with pytest.raises(ValueError, match=r"output_weights .* must have shape \(16, 8\)"):
+        CrossAttention.load(tmp_path / "shape.npz", backend=backend)

@@ -1,0 +1,81 @@
+"""Property-based shapes: every backend against the float64 reference on drawn awkward cases.
+
+200 examples per backend by default; set CROSSATTN_HYPOTHESIS_EXAMPLES (``make test-slow`` sets 2000)
+for more. A failure shrinks to a minimal case, which hypothesis prints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import reference  # noqa: E402
+from crossattn_gpu import CrossAttention  # noqa: E402
+from plain_yardstick import fuse_yardstick  # noqa: E402
+from runnable import BACKENDS, model_for, to_backend, to_numpy  # noqa: E402
+from tolerances import check  # noqa: E402
+
+EXAMPLES = int(os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200"))
+LENGTHS = st.one_of(st.sampled_from([1, 2, 3, 5, 7, 13, 17, 31]), st.integers(1, 40))
+WIDTHS = st.one_of(st.sampled_from([1, 2, 3, 8, 24, 64]), st.sampled_from([100, 257, 300]), st.integers(1, 48))
+
+
+@st.composite
+def fusion_cases(draw):
+    batched = draw(st.booleans())
+    batch = draw(st.integers(1, 4)) if batched else 1
+    len_s, len_t, width = draw(LENGTHS), draw(LENGTHS), draw(WIDTHS)
+    heads = draw(st.integers(1, 4 if width <= 64 else 2))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([0.1, 1.0, 2.0]))  # row norms up to ~35 at D = 300
+    xs, xt = scale * rng.standard_normal((batch, len_s, width)), scale * rng.standard_normal((batch, len_t, width))
+    mask = None
+    if draw(st.booleans()):
+        mask = rng.random((batch if draw(st.booleans()) else 1, len_s, len_t)) > draw(st.sampled_from([0.0, 0.3, 0.9]))
+        if draw(st.booleans()):
+            mask[..., 0, :] = False  # a fully masked row
+    s_len = t_len = None
+    if batched and draw(st.booleans()):
+        s_len = rng.integers(1, len_s + 1, size=batch)
+        t_len = rng.integers(1, len_t + 1, size=batch)
+        if batch > 1 and draw(st.booleans()):
+            s_len[0] = t_len[0] = 1  # one example of length 1 among longer ones
+    if not batched:
+        xs, xt, mask = xs[0], xt[0], None if mask is None else mask[0]
+    return {"width": width, "heads": heads, "seed": seed, "xs": xs, "xt": xt, "mask": mask, "s_len": s_len, "t_len": t_len}
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_drawn_fusions_match_the_reference(backend, dtype):
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(fusion_cases())
+    def property_holds(case):
+        ref = CrossAttention(case["width"], case["heads"], seed=case["seed"], backend="numpy")
+        kwargs = dict(mask=case["mask"], sequential_lengths=case["s_len"], structural_lengths=case["t_len"],
+                      bidirectional=False, need_weights=True)
+        want = ref.fuse_representations(case["xs"], case["xt"], **kwargs)
+        got = model_for(backend, ref).fuse_representations(to_backend(case["xs"], dtype), to_backend(case["xt"], dtype), **kwargs)
+        def yardstick():
+            xs, xt = (x if x.ndim == 3 else x[None] for x in (case["xs"], case["xt"]))
+            s_len = case["s_len"] if case["s_len"] is not None else [xs.shape[1]] * len(xs)
+            t_len = case["t_len"] if case["t_len"] is not None else [xt.shape[1]] * len(xt)
+            mask = case["mask"] if case["mask"] is None or case["mask"].ndim == 3 else case["mask"][None]
+            keys = ("fused_sequential", "fused_structural")
+            return fuse_yardstick(want, keys, reference.params(ref), xs, xt, mask, s_len, t_len,
+                                  "float32" if dtype == "float32" else dtype)
+
+        yard = {"float64": None, "float32": yardstick}.get(dtype) or yardstick()
+        for key in ("fused_sequential", "fused_structural"):
+            check(to_numpy(got[key]), want[key], dtype, yard, what=key)
+        for g, w in zip(to_numpy(got["attention_weights_seq_to_struct"]), want["attention_weights_seq_to_struct"]):
+            check(g, w, dtype, yard, what="attention_weights_seq_to_struct")
+
+    property_holds()

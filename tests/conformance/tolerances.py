@@ -1,0 +1,64 @@
+"""The accuracy rules of the conformance suite, in one place.
+
+Errors are relative: the largest absolute difference over the largest absolute reference value,
+against the float64 NumPy reference (itself checked against a literal float64 seed).
+
+* float64: at most 1e-10.
+* float32: at most 1e-5 (float64 inputs on a float32-only backend count as float32), or, for an
+  ill-conditioned case where the plain float32 computation itself misses 1e-5 (large inputs, peaked
+  softmax: the score's rounding error is amplified by the score's size), twice the plain error.
+* float16 and bfloat16: at most twice the error of the same computation written plainly, the seed's
+  per-head loops in NumPy (float16) or torch (bfloat16) in that dtype, plus 4 units in the last
+  place of the dtype: where the plain computation happens to be exact (L = 1), rounding the result
+  once must still pass.
+* NaN or Inf never passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIXED = {"float64": 1e-10, "float32": 1e-5}
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    scale = np.abs(want).max()
+    return float(np.abs(got - want).max() / scale) if scale > 0 else float(np.abs(got).max())
+
+
+def allowed(dtype: str, plain_error: float | None = None) -> float:
+    if dtype in FIXED:
+        return FIXED[dtype] if plain_error is None else max(FIXED[dtype], 2 * plain_error)
+    return 2 * plain_error + 4 * EPS[dtype]
+
+
+def check(got, want, dtype: str, plain_error=None, what: str = "") -> float:
+    """Assert the rule for ``dtype``; return the error (for summaries).
+
+    ``plain_error`` is the yardstick's error, or a callable computing it: for float32 it is called only
+    when the fixed 1e-5 is missed.
+    """
+    values = np.asarray(got, dtype=np.float64)
+    assert np.isfinite(values).all(), f"{what}: NaN or Inf in the result"
+    err = relative_error(values, want)
+    if callable(plain_error):
+        plain_error = plain_error() if dtype not in FIXED or err > FIXED[dtype] else None
+    limit = allowed(dtype, plain_error)
+    assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.3e} ({dtype})"
+    return err
+
+
+#: Two computations by one backend that are equal in exact arithmetic (keys permuted, a ragged batch
+#: against its examples one by one) may differ by rounding only: the fixed rules above, or 8 units in
+#: the last place for float16 and bfloat16.
+SELF_CONSISTENCY = {"float64": 1e-10, "float32": 1e-5, "float16": 8 * EPS["float16"], "bfloat16": 8 * EPS["bfloat16"]}
+
+
+def check_same(a, b, dtype: str, what: str = "") -> None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: NaN or Inf"
+    err = relative_error(a, b)
+    assert err <= SELF_CONSISTENCY[dtype], f"{what}: {err:.3e} > {SELF_CONSISTENCY[dtype]:.3e} ({dtype})"
