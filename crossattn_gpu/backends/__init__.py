@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from .cupy_backend import CupyBackend
 from .numpy_backend import NumpyBackend
 from .onnx_backend import OnnxBackend
 from .triton_backend import TritonBackend
@@ -11,7 +12,7 @@ from .triton_backend import TritonBackend
 logger = logging.getLogger("crossattn_gpu")
 
 #: Every backend the library knows, fastest first: ``auto`` takes the first one usable here.
-_FACTORIES = {"triton": TritonBackend, "numpy": NumpyBackend, "onnx": OnnxBackend}
+_FACTORIES = {"triton": TritonBackend, "cupy": CupyBackend, "numpy": NumpyBackend, "onnx": OnnxBackend}
 KNOWN_BACKENDS = tuple(_FACTORIES)
 
 
@@ -43,7 +44,7 @@ def get_backend(name: str):
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name == "auto":
-        # numpy is always usable; Triton only on a real GPU (not under the interpreter).
+        # numpy is always usable; Triton and CuPy only on a real GPU (not under the interpreter).
         name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto())
         logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:

@@ -1,9 +1,5 @@
-"""Triton backend: projections as torch GEMMs, attention in the fused kernel of ``kernels/attention.py``.
-
-The fusion uses the folded weights (``crossattn_gpu.folding``): one GEMM per input gives every head's
-queries and values, the raw inputs are the keys of every head (a head stride of 0 in the kernel), and
-the output is the sum of the heads' outputs, taken in float32. Both directions, the similarities and,
-when asked, the attention probabilities (rebuilt from the kernel's log-sum-exp) stay on the device.
+"""Triton backend: projections as torch GEMMs, attention in the fused kernel of ``kernels/attention.py``;
+the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -14,12 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
 from .._optional import require
 from ..folding import fold_weights
+from .device_common import DeviceFoldedWeights, DeviceFusion
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float32"}
 
@@ -29,24 +25,14 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@dataclass(frozen=True)
-class TorchFoldedWeights:
-    heads: int
-    width: int
-    query_value: object  # torch (D, 2*H*D): [A_0 .. A_H-1 | U_0 .. U_H-1]
-
-    def columns(self, part: str):
-        hd = self.heads * self.width
-        return {"q": self.query_value[:, :hd], "v": self.query_value[:, hd:], "qv": self.query_value}[part]
-
-
-class TritonBackend:
+class TritonBackend(DeviceFusion):
     """Runs the fusion on a CUDA GPU with Triton kernels (or under Triton's interpreter on the CPU)."""
 
     name = "triton"
 
     def __init__(self):
-        self.torch = require("torch", "backend 'triton'")
+        self.torch = self.xp = require("torch", "backend 'triton'")
+        self.float32 = self.torch.float32
         require("triton", "backend 'triton'")
         if interpreter_mode():
             self.device = self.torch.device("cpu")
@@ -141,104 +127,15 @@ class TritonBackend:
     def cast(x, dtype):
         return x.to(dtype)
 
-    def prepare_weights(self, query, key, value, output, dtype) -> TorchFoldedWeights:
+    def prepare_weights(self, query, key, value, output, dtype) -> DeviceFoldedWeights:
         heads, width, _ = query.shape
         folded = self.torch.tensor(fold_weights(query, key, value, output), dtype=dtype, device=self.device)
-        return TorchFoldedWeights(heads, width, folded)
+        return DeviceFoldedWeights(heads, width, folded)
 
-    # --- the seed's operations ---------------------------------------------------------------------
+    # --- primitives of DeviceFusion -----------------------------------------------------------------
+
+    def _positions(self, length: int):
+        return self.torch.arange(length, device=self.device)
 
     def _device_lengths(self, lengths):
-        return None if lengths is None else self.torch.as_tensor(lengths, device=self.device)
-
-    def _zero_padded_rows(self, x, lengths, axis: int):
-        """x with the positions at or past ``lengths[b]`` along ``axis`` (1 or 2) set to zero."""
-        if lengths is None:
-            return x
-        positions = self.torch.arange(x.shape[axis], device=x.device)
-        pad = positions[None, :] >= self._device_lengths(lengths)[:, None]  # (B, L)
-        shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        shape[axis] = x.shape[axis]
-        return x.masked_fill(pad.reshape(shape), 0)
-
-    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, out_dtype=None):
-        """The kernel, plus the probabilities rebuilt from its log-sum-exp when asked."""
-        torch = self.torch
-        if masked is not None:
-            masked = masked.expand(masked.shape[0], q.shape[2], k.shape[2])
-        out, lse = self.kernel.attention(
-            q, k, v, scale=scale, masked=masked, k_lengths=self._device_lengths(k_lengths), out_dtype=out_dtype
-        )
-        probs = None
-        if need_weights:
-            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-            if masked is not None:
-                scores = scores.masked_fill(masked[:, None].bool(), self.kernel.MASK_FILL)
-            if k_lengths is not None:
-                key_pad = torch.arange(k.shape[2], device=q.device)[None, :] >= self._device_lengths(k_lengths)[:, None]
-                scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
-            probs = torch.exp(scores - lse[..., None])
-            # Renormalising costs little and mends fully masked rows, whose lse (about -1e9) float32
-            # cannot hold to the precision that exp(scores - lse) needs.
-            probs = (probs / probs.sum(-1, keepdim=True)).to(q.dtype)
-        return out, probs
-
-    def _project(self, x, weights: TorchFoldedWeights, parts: str):
-        batch, length, width = x.shape
-        flat = x.reshape(batch * length, width) @ weights.columns(parts)
-        flat = flat.view(batch, length, len(parts), weights.heads, weights.width)
-        return [flat[:, :, i].transpose(1, 2) for i in range(len(parts))]  # (B, H, L, D) views
-
-    def _attend(self, q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
-        head_out, probs = self._attention(
-            q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths,
-            need_weights=need_weights, out_dtype=self.torch.float32,
-        )
-        out = self._zero_padded_rows(head_out.sum(dim=1).to(x_keys.dtype), q_lengths, axis=1)
-        if probs is not None:
-            probs = self._zero_padded_rows(probs, q_lengths, axis=2)
-        return out, probs
-
-    def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
-        out, probs = self._attention(
-            q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, k_lengths=k_lengths, need_weights=need_weights
-        )
-        out = self._zero_padded_rows(out[:, 0], q_lengths, axis=1)
-        if probs is not None:
-            probs = self._zero_padded_rows(probs[:, 0], q_lengths, axis=1)
-        return out, probs
-
-    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
-        (q,) = self._project(xq, weights, "q")
-        (v,) = self._project(xv, weights, "v")
-        return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
-
-    def _cosine_similarity(self, a, b):
-        """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN."""
-        torch = self.torch
-
-        def unit_rows(x):
-            x = x.float()
-            norm = x.norm(dim=-1, keepdim=True)
-            return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-
-        return torch.matmul(unit_rows(a), unit_rows(b).transpose(-1, -2))
-
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        qs, vs = self._project(xs, weights, "qv")
-        qt, vt = self._project(xt, weights, "qv")
-        fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
-        masked_ts = None if masked is None else masked.transpose(-1, -2)
-        fused_t, probs_ts = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
-        result = {
-            "fused_sequential": fused_s,
-            "fused_structural": fused_t,
-            "attention_weights_seq_to_struct": probs_st,
-            "attention_weights_struct_to_seq": probs_ts,
-        }
-        if need_similarity:
-            xs = self._zero_padded_rows(xs, s_lengths, axis=1)
-            xt = self._zero_padded_rows(xt, t_lengths, axis=1)
-            result["seq_similarity"] = self._cosine_similarity(xs, fused_s)
-            result["struct_similarity"] = self._cosine_similarity(xt, fused_t)
-        return result
+        return self.torch.as_tensor(lengths, device=self.device)

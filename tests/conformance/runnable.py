@@ -15,6 +15,8 @@ _CANDIDATES = [
     ("triton", "float32"),
     ("triton", "float16"),
     ("triton", "bfloat16"),
+    ("cupy", "float32"),
+    ("cupy", "float16"),
     ("onnx", "float32"),
     ("onnx", "float16"),
 ]

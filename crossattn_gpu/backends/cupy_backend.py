@@ -1,0 +1,125 @@
+"""CuPy backend: projections as cuBLAS GEMMs (``cupy.matmul``), attention in the CUDA C kernel of
+``kernels/attention_cuda.cu``; the fusion itself is ``device_common.DeviceFusion`` on CuPy arrays, the
+code the Triton backend runs on torch tensors.
+
+Arrays: CuPy in, CuPy out; torch CUDA tensors cross through DLPack (torch out); NumPy arrays are copied
+to the GPU and back. Importing the package never imports CuPy; constructing this backend does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from .._optional import require
+from ..folding import fold_weights
+from .device_common import DeviceFoldedWeights, DeviceFusion
+
+_COMPUTE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float32"}
+
+
+def _gpu_count(cupy) -> int:
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver, or a driver without devices
+        return 0
+
+
+class CupyBackend(DeviceFusion):
+    """Runs the fusion on a CUDA GPU with CuPy and a CUDA C kernel."""
+
+    name = "cupy"
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+
+    def __init__(self):
+        self.cupy = self.xp = require("cupy", "backend 'cupy'")
+        self.float32 = self.cupy.float32
+        if _gpu_count(self.cupy) == 0:
+            raise RuntimeError("backend 'cupy' needs a CUDA GPU, and CuPy sees none")
+        from ..kernels import attention_cuda as kernel
+
+        self.kernel = kernel
+
+    @staticmethod
+    def usable_by_auto() -> bool:
+        # Chosen by auto only behind Triton (see KNOWN_BACKENDS), until the benchmark shows it faster.
+        if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia"):
+            return False
+        try:
+            import cupy
+        except ImportError:
+            return False
+        return _gpu_count(cupy) > 0
+
+    # --- arrays -----------------------------------------------------------------------------------
+
+    def caller_kind(self, x):
+        if isinstance(x, self.cupy.ndarray):
+            return "cupy"
+        if type(x).__module__.split(".")[0] == "torch":
+            return "torch"
+        return "numpy"
+
+    def native(self, x, name: str):
+        cupy = self.cupy
+        if isinstance(x, cupy.ndarray):
+            return x
+        if type(x).__module__.split(".")[0] == "torch":
+            if x.device.type != "cuda":
+                x = x.cuda()
+            return cupy.from_dlpack(x.detach())
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"{name} must be numeric; got dtype {arr.dtype}")
+        return cupy.asarray(arr)
+
+    def host(self, x, name: str) -> np.ndarray:
+        if isinstance(x, self.cupy.ndarray):
+            return x.get()
+        if type(x).__module__.split(".")[0] == "torch":
+            return x.detach().cpu().numpy()
+        return np.asarray(x)
+
+    @staticmethod
+    def dtype_name(arr) -> str:
+        return arr.dtype.name
+
+    def all_finite(self, arr) -> bool:
+        return bool(self.cupy.isfinite(arr).all())
+
+    def to_caller(self, x, kind, dtype_name: str):
+        x = x.astype(dtype_name, copy=False)
+        if kind == "cupy":
+            return x
+        if kind == "torch":
+            import torch
+
+            return torch.from_dlpack(x)
+        if dtype_name == "bfloat16":
+            raise TypeError("bfloat16 results cannot be returned as NumPy arrays; pass CuPy or torch inputs")
+        return x.get()
+
+    @staticmethod
+    def compute_dtype(dtype_name: str) -> str:
+        return _COMPUTE[dtype_name]
+
+    @staticmethod
+    def cast(x, dtype):
+        return x.astype(dtype, copy=False)
+
+    def prepare_weights(self, query, key, value, output, dtype) -> DeviceFoldedWeights:
+        heads, width, _ = query.shape
+        folded = self.cupy.asarray(fold_weights(query, key, value, output).astype(np.float32)).astype(dtype)
+        return DeviceFoldedWeights(heads, width, folded)
+
+    # --- primitives of DeviceFusion -----------------------------------------------------------------
+
+    def _positions(self, length: int):
+        return self.cupy.arange(length)
+
+    def _device_lengths(self, lengths):
+        return self.cupy.asarray(lengths)

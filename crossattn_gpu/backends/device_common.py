@@ -1,0 +1,136 @@
+"""The fusion on a device array library (torch or CuPy) around a fused attention kernel.
+
+Shared by the Triton backend (torch tensors) and the CuPy backend, so that the CuPy backend, which only
+a GPU can run, executes the same code that the Triton backend's interpreter tests exercise on the CPU.
+It uses the folded weights of ``crossattn_gpu.folding``: one GEMM per input gives every head's queries
+and values, the raw inputs are the keys of every head (a head stride of 0 in the kernel), and the
+output is the sum of the heads' outputs, taken in float32. The attention probabilities, when asked,
+are rebuilt from the kernel's log-sum-exp.
+
+A subclass provides the array module ``xp`` (``torch`` or ``cupy``: only functions both share are
+used), ``float32``, ``cast``, ``_positions``, ``_device_lengths`` and ``kernel`` (a module with
+``attention`` and ``MASK_FILL``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceFoldedWeights:
+    heads: int
+    width: int
+    query_value: object  # (D, 2*H*D) device array: [A_0 .. A_H-1 | U_0 .. U_H-1]
+
+    def columns(self, part: str):
+        hd = self.heads * self.width
+        return {"q": self.query_value[:, :hd], "v": self.query_value[:, hd:], "qv": self.query_value}[part]
+
+
+class DeviceFusion:
+    xp = None
+    float32 = None
+    kernel = None
+
+    def cast(self, x, dtype):
+        raise NotImplementedError
+
+    def _positions(self, length: int):
+        raise NotImplementedError
+
+    def _device_lengths(self, lengths):
+        raise NotImplementedError
+
+    # --- building blocks -------------------------------------------------------------------------
+
+    def _zero_padded_rows(self, x, lengths, axis: int):
+        """x with the positions at or past ``lengths[b]`` along ``axis`` (1 or 2) set to zero."""
+        if lengths is None:
+            return x
+        pad = self._positions(x.shape[axis])[None, :] >= self._device_lengths(lengths)[:, None]  # (B, L)
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        shape[axis] = x.shape[axis]
+        return self.cast(self.xp.where(pad.reshape(shape), 0, x), x.dtype)
+
+    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, out_dtype=None):
+        """The kernel, plus the probabilities rebuilt from its log-sum-exp when asked."""
+        xp = self.xp
+        if masked is not None:
+            masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
+        lengths = None if k_lengths is None else self._device_lengths(k_lengths)
+        out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, out_dtype=out_dtype)
+        probs = None
+        if need_weights:
+            scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
+            if masked is not None:
+                scores = xp.where(masked[:, None], self.kernel.MASK_FILL, scores)
+            if lengths is not None:
+                key_pad = self._positions(k.shape[2])[None, :] >= lengths[:, None]
+                scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
+            probs = xp.exp(scores - lse[..., None])
+            # Renormalising costs little and mends fully masked rows, whose lse (about -1e9) float32
+            # cannot hold to the precision that exp(scores - lse) needs.
+            probs = self.cast(probs / probs.sum(-1)[..., None], q.dtype)
+        return out, probs
+
+    def _project(self, x, weights: DeviceFoldedWeights, parts: str):
+        batch, length, width = x.shape
+        flat = self.xp.matmul(x.reshape(batch * length, width), weights.columns(parts))
+        flat = flat.reshape(batch, length, len(parts), weights.heads, weights.width)
+        return [flat[:, :, i].swapaxes(1, 2) for i in range(len(parts))]  # (B, H, L, D) views
+
+    def _attend(self, q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
+        head_out, probs = self._attention(
+            q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths,
+            need_weights=need_weights, out_dtype=self.float32,
+        )
+        out = self._zero_padded_rows(self.cast(head_out.sum(1), x_keys.dtype), q_lengths, axis=1)
+        if probs is not None:
+            probs = self._zero_padded_rows(probs, q_lengths, axis=2)
+        return out, probs
+
+    def _cosine_similarity(self, a, b):
+        """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN."""
+
+        def unit_rows(x):
+            x = self.cast(x, self.float32)
+            norm = self.xp.sqrt((x * x).sum(-1))[..., None]
+            return x / (norm + (norm == 0))  # a zero row stays zero
+
+        return self.xp.matmul(unit_rows(a), unit_rows(b).swapaxes(-1, -2))
+
+    # --- the seed's operations ---------------------------------------------------------------------
+
+    def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
+        out, probs = self._attention(
+            q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, k_lengths=k_lengths, need_weights=need_weights
+        )
+        out = self._zero_padded_rows(out[:, 0], q_lengths, axis=1)
+        if probs is not None:
+            probs = self._zero_padded_rows(probs[:, 0], q_lengths, axis=1)
+        return out, probs
+
+    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+        (q,) = self._project(xq, weights, "q")
+        (v,) = self._project(xv, weights, "v")
+        return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
+
+    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        qs, vs = self._project(xs, weights, "qv")
+        qt, vt = self._project(xt, weights, "qv")
+        fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
+        masked_ts = None if masked is None else masked.swapaxes(-1, -2)
+        fused_t, probs_ts = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
+        result = {
+            "fused_sequential": fused_s,
+            "fused_structural": fused_t,
+            "attention_weights_seq_to_struct": probs_st,
+            "attention_weights_struct_to_seq": probs_ts,
+        }
+        if need_similarity:
+            xs = self._zero_padded_rows(xs, s_lengths, axis=1)
+            xt = self._zero_padded_rows(xt, t_lengths, axis=1)
+            result["seq_similarity"] = self._cosine_similarity(xs, fused_s)
+            result["struct_similarity"] = self._cosine_similarity(xt, fused_t)
+        return result
