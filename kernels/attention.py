@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import contract
+
 #: The seed's fill value for masked scores.
 MASK_FILL = -1e9
 _LOG2E = 1.4426950408889634
@@ -217,9 +219,6 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int)
             "num_warps": num_warps, "num_stages": 2}
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, allow_tf32: bool = False):
     """Fused attention forward.
 
@@ -242,41 +241,15 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, L, D); got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, heads, len_q, dim_k = q.shape
-    len_k, dim_v = k.shape[2], v.shape[3]
-    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
-        raise ValueError("q, k and v must have no empty axis")
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[3] != dim_k:
-        raise ValueError(f"q and k must share the head width; got {dim_k} and {k.shape[3]}")
-    if v.shape[2] != len_k:
-        raise ValueError(f"k and v must share the key length; got {len_k} and {v.shape[2]}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[1] not in (1, heads):
-            raise ValueError(f"{name} must have 1 or {heads} heads; got {t.shape[1]}")
-
+    batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
     if masked is not None:
-        if masked.ndim != 3 or masked.shape[0] not in (1, batch) or tuple(masked.shape[1:]) != (len_q, len_k):
-            raise ValueError(f"masked must have shape (1 or {batch}, {len_q}, {len_k}); got {tuple(masked.shape)}")
-        if masked.dtype not in (torch.bool, torch.uint8):
-            raise TypeError(f"masked must be bool or uint8; got {masked.dtype}")
+        contract.check_masked(masked, batch, len_q, len_k)
         masked = masked.to(device=q.device, dtype=torch.uint8)
     if k_lengths is not None:
-        if k_lengths.shape != (batch,) or k_lengths.dtype.is_floating_point or k_lengths.dtype == torch.bool:
-            raise ValueError(f"k_lengths must be an integer tensor of shape ({batch},)")
+        contract.check_lengths(k_lengths, batch, len_k)
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
-        low, high = int(k_lengths.min()), int(k_lengths.max())
-        if low < 1 or high > len_k:
-            raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")
 
     cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size())
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]

@@ -13,6 +13,8 @@ from pathlib import Path
 import cupy
 import numpy as np
 
+from . import contract
+
 MASK_FILL = -1e9
 _LOG2E = 1.4426950408889634
 BLOCK_M, BLOCK_N, CHUNK_K, CHUNK_V, THREADS = 16, 64, 64, 128, 256  # as in attention_cuda.cu
@@ -23,7 +25,6 @@ _SHAPE_FIELDS = (
     "heads len_q len_k dim_k dim_v q_b q_h q_m q_d k_b k_h k_n k_d v_b v_h v_n v_d m_b m_m m_n o_b o_h o_m o_d"
 ).split()
 _SHAPE_DTYPE = np.dtype([(name, np.int64) for name in _SHAPE_FIELDS])  # struct Shape: 24 long longs
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @lru_cache(maxsize=None)
@@ -56,40 +57,18 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, cupy.ndarray):
             raise TypeError(f"{name} must be a cupy.ndarray; got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, L, D); got shape {t.shape}")
-        if t.dtype.name not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, heads, len_q, dim_k = q.shape
-    len_k, dim_v = k.shape[2], v.shape[3]
-    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
-        raise ValueError("q, k and v must have no empty axis")
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[3] != dim_k or v.shape[2] != len_k:
-        raise ValueError(f"k must be (B, Hk, Lk, {dim_k}) and v (B, Hv, {len_k}, Dv); got {k.shape} and {v.shape}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[1] not in (1, heads):
-            raise ValueError(f"{name} must have 1 or {heads} heads; got {t.shape[1]}")
+    batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
     out_dtype = np.dtype(out_dtype or q.dtype)
     if out_dtype not in (q.dtype, np.dtype(np.float32)):
         raise TypeError(f"out_dtype must be q's dtype or float32; got {out_dtype}")
-
     mask_strides = (0, 0, 0)
     if masked is not None:
-        if masked.ndim != 3 or masked.shape[0] not in (1, batch) or masked.shape[1:] != (len_q, len_k):
-            raise ValueError(f"masked must have shape (1 or {batch}, {len_q}, {len_k}); got {masked.shape}")
+        contract.check_masked(masked, batch, len_q, len_k)
         masked = cupy.ascontiguousarray(masked.astype(cupy.uint8, copy=False))
         mask_strides = (0 if masked.shape[0] == 1 else masked.strides[0], masked.strides[1], masked.strides[2])
     if k_lengths is not None:
-        k_lengths = cupy.asarray(k_lengths).astype(cupy.int64, copy=False)
-        if k_lengths.shape != (batch,):
-            raise ValueError(f"k_lengths must have shape ({batch},); got {k_lengths.shape}")
-        low, high = int(k_lengths.min()), int(k_lengths.max())
-        if low < 1 or high > len_k:
-            raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")
+        contract.check_lengths(k_lengths, batch, len_k)
+        k_lengths = k_lengths.astype(cupy.int64, copy=False)
 
     out = cupy.empty((batch, heads, len_q, dim_v), dtype=out_dtype)
     lse = cupy.empty((batch, heads, len_q), dtype=cupy.float32)

@@ -222,3 +222,12 @@ def test_from_weights_round_trips_parameters():
     for name, value in base.get_attention_weights().items():
         assert np.array_equal(getattr(clone, name), value)
     assert clone.embedding_dim == 6 and clone.attention_heads == 2 and clone.backend == "numpy"
+
+
+def test_inputs_are_never_modified():
+    rng = np.random.default_rng(11)
+    model = CrossAttention(6, 2, seed=0)
+    seq, struct = rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 4, 6))
+    before = seq.copy(), struct.copy()
+    model.fuse_representations(seq, struct, sequential_lengths=[5, 2], structural_lengths=[1, 4], bidirectional=False)
+    assert np.array_equal(seq, before[0]) and np.array_equal(struct, before[1])

@@ -1,4 +1,5 @@
-"""The fusion on a device array library (torch or CuPy) around a fused attention kernel.
+"""The building blocks of ``fusion.FoldedFusion`` on a device array library (torch or CuPy), around a
+fused attention kernel.
 
 Shared by the Triton backend (torch tensors) and the CuPy backend, so that the CuPy backend, which only
 a GPU can run, executes the same code that the Triton backend's interpreter tests exercise on the CPU.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .fusion import FoldedFusion
+
 
 @dataclass(frozen=True)
 class DeviceFoldedWeights:
@@ -28,7 +31,7 @@ class DeviceFoldedWeights:
         return {"q": self.query_value[:, :hd], "v": self.query_value[:, hd:], "qv": self.query_value}[part]
 
 
-class DeviceFusion:
+class DeviceFusion(FoldedFusion):
     xp = None
     float32 = None
     kernel = None
@@ -110,27 +113,3 @@ class DeviceFusion:
         if probs is not None:
             probs = self._zero_padded_rows(probs[:, 0], q_lengths, axis=1)
         return out, probs
-
-    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
-        (q,) = self._project(xq, weights, "q")
-        (v,) = self._project(xv, weights, "v")
-        return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
-
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        qs, vs = self._project(xs, weights, "qv")
-        qt, vt = self._project(xt, weights, "qv")
-        fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
-        masked_ts = None if masked is None else masked.swapaxes(-1, -2)
-        fused_t, probs_ts = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
-        result = {
-            "fused_sequential": fused_s,
-            "fused_structural": fused_t,
-            "attention_weights_seq_to_struct": probs_st,
-            "attention_weights_struct_to_seq": probs_ts,
-        }
-        if need_similarity:
-            xs = self._zero_padded_rows(xs, s_lengths, axis=1)
-            xt = self._zero_padded_rows(xt, t_lengths, axis=1)
-            result["seq_similarity"] = self._cosine_similarity(xs, fused_s)
-            result["struct_similarity"] = self._cosine_similarity(xt, fused_t)
-        return result

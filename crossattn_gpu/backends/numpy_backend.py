@@ -28,6 +28,7 @@ import numpy as np
 from .._checks import is_device_array
 from .._threads import cpu_count, run_in_parallel
 from ..folding import fold_weights
+from .fusion import FoldedFusion
 
 #: The seed's fill value for masked scores (finite, so a fully masked row is uniform).
 MASK_FILL = -1e9
@@ -145,8 +146,8 @@ def _project(x: np.ndarray, weights: FoldedWeights, parts: str) -> list[np.ndarr
     return [_split_heads(flat[:, :, i * hd : (i + 1) * hd], weights.heads) for i in range(len(parts))]
 
 
-def _zero_padded_rows(x: np.ndarray, lengths, axis: int) -> None:
-    """Zero the positions at or past ``lengths[b]`` along ``axis`` (1 or 2) of x, in place."""
+def _zero_padded_rows_in_place(x: np.ndarray, lengths, axis: int) -> None:
+    """Zero the positions at or past ``lengths[b]`` along ``axis`` (1 or 2) of x, an array we own."""
     if lengths is None:
         return
     pad = np.arange(x.shape[axis]) >= lengths[:, None]  # (B, L)
@@ -162,9 +163,9 @@ def _attend(q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weigh
         q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths, need_weights=need_weights
     )
     out = head_out.sum(axis=1)
-    _zero_padded_rows(out, q_lengths, axis=1)
+    _zero_padded_rows_in_place(out, q_lengths, axis=1)
     if probs is not None:
-        _zero_padded_rows(probs, q_lengths, axis=2)
+        _zero_padded_rows_in_place(probs, q_lengths, axis=2)
     return out, probs
 
 
@@ -178,7 +179,7 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(unit_rows(a), unit_rows(b).swapaxes(-1, -2))
 
 
-class NumpyBackend:
+class NumpyBackend(FoldedFusion):
     """Runs on the CPU with NumPy; takes host arrays (NumPy, array-likes, torch CPU tensors) and
     returns NumPy arrays."""
 
@@ -241,34 +242,23 @@ class NumpyBackend:
             q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, k_lengths=k_lengths, need_weights=need_weights
         )
         out = out[:, 0]
-        _zero_padded_rows(out, q_lengths, axis=1)
+        _zero_padded_rows_in_place(out, q_lengths, axis=1)
         if probs is not None:
             probs = probs[:, 0]
-            _zero_padded_rows(probs, q_lengths, axis=1)
+            _zero_padded_rows_in_place(probs, q_lengths, axis=1)
         return out, probs
 
-    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
-        (q,) = _project(xq, weights, "q")
-        (v,) = _project(xv, weights, "v")
-        return _attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
+    # --- building blocks of FoldedFusion -----------------------------------------------------------
 
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        qs, vs = _project(xs, weights, "qv")
-        qt, vt = _project(xt, weights, "qv")
-        fused_s, probs_st = _attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
-        masked_ts = None if masked is None else masked.swapaxes(-1, -2)
-        fused_t, probs_ts = _attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
-        result = {
-            "fused_sequential": fused_s,
-            "fused_structural": fused_t,
-            "attention_weights_seq_to_struct": probs_st,
-            "attention_weights_struct_to_seq": probs_ts,
-        }
-        if need_similarity:
-            # Padded input rows may hold anything; they must not show in the similarity.
-            xs, xt = xs.copy(), xt.copy()
-            _zero_padded_rows(xs, s_lengths, axis=1)
-            _zero_padded_rows(xt, t_lengths, axis=1)
-            result["seq_similarity"] = cosine_similarity(xs, fused_s)
-            result["struct_similarity"] = cosine_similarity(xt, fused_t)
-        return result
+    _project = staticmethod(_project)
+    _attend = staticmethod(_attend)
+    _cosine_similarity = staticmethod(cosine_similarity)
+
+    @staticmethod
+    def _zero_padded_rows(x, lengths, axis: int):
+        """A copy of x with the padded rows zeroed (x may be the caller's own input)."""
+        if lengths is None:
+            return x
+        x = x.copy()
+        _zero_padded_rows_in_place(x, lengths, axis)
+        return x

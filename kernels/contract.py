@@ -1,0 +1,55 @@
+"""The attention kernel contract (SPEC section 3), checked the same way by every launcher.
+
+Works on any array with ``ndim``, ``shape`` and ``dtype`` (torch tensors, CuPy arrays).
+"""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
+    """(B, H, Lq, Lk, Dk, Dv) of q (B, H, Lq, Dk), k (B, Hk, Lk, Dk), v (B, Hv, Lk, Dv) with Hk, Hv in
+    {1, H} and one float dtype; TypeError or ValueError naming what breaks the contract."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, L, D); got shape {tuple(t.shape)}")
+        if dtype_name(t) not in DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {dtype_name(t)}")
+    if not (dtype_name(q) == dtype_name(k) == dtype_name(v)):
+        raise TypeError(f"q, k and v must share one dtype; got {dtype_name(q)}, {dtype_name(k)}, {dtype_name(v)}")
+    batch, heads, len_q, dim_k = q.shape
+    len_k, dim_v = k.shape[2], v.shape[3]
+    if 0 in tuple(q.shape) + tuple(k.shape) + tuple(v.shape):
+        raise ValueError("q, k and v must have no empty axis")
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != dim_k:
+        raise ValueError(f"q and k must share the head width; got {dim_k} and {k.shape[3]}")
+    if v.shape[2] != len_k:
+        raise ValueError(f"k and v must share the key length; got {len_k} and {v.shape[2]}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[1] not in (1, heads):
+            raise ValueError(f"{name} must have 1 or {heads} heads; got {t.shape[1]}")
+    return batch, heads, len_q, len_k, dim_k, dim_v
+
+
+def check_masked(masked, batch: int, len_q: int, len_k: int) -> None:
+    if masked.ndim != 3 or masked.shape[0] not in (1, batch) or tuple(masked.shape[1:]) != (len_q, len_k):
+        raise ValueError(f"masked must have shape (1 or {batch}, {len_q}, {len_k}); got {tuple(masked.shape)}")
+    if dtype_name(masked) not in ("bool", "uint8"):
+        raise TypeError(f"masked must be bool or uint8; got {dtype_name(masked)}")
+
+
+def check_lengths(k_lengths, batch: int, len_k: int) -> None:
+    """Integer (B,) lengths in 1..Lk (reads them on the host: one synchronisation)."""
+    name = dtype_name(k_lengths)
+    if tuple(k_lengths.shape) != (batch,) or not name.startswith(("int", "uint")):
+        raise ValueError(f"k_lengths must be an integer tensor of shape ({batch},); got {name} {tuple(k_lengths.shape)}")
+    low, high = int(k_lengths.min()), int(k_lengths.max())
+    if low < 1 or high > len_k:
+        raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")
