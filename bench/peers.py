@@ -100,7 +100,7 @@ class OursPeer(Peer):
     def prepare(self, model, workload, pairs, dtype):
         ours = CrossAttention.from_weights(*(model.get_attention_weights()[n] for n in WEIGHT_ORDER), backend=self.backend)
         lengths = workload.lengths()
-        if self.device == "gpu":
+        if self.device == "gpu":  # torch CUDA tensors for both GPU backends (CuPy takes them through DLPack)
             torch = torch_or_none()
             tdtype = getattr(torch, dtype)
             inputs = [tuple(torch.tensor(x, dtype=tdtype, device="cuda") for x in pair) for pair in pairs]
@@ -255,4 +255,5 @@ def all_peers() -> list[Peer]:
         TorchPeer("sdpa", "gpu"),
         OnnxRuntimePeer("gpu"),
         OursPeer("triton"),
+        OursPeer("cupy"),
     ]

@@ -80,3 +80,18 @@ def test_a_ragged_batch_equals_its_examples_unpadded(setup):
         check_same(to_numpy(got["struct_similarity"])[b, :t_len[b], :t_len[b]], to_numpy(one["struct_similarity"]), dtype,
                    f"similarity {b}")
         assert not to_numpy(got["fused_sequential"])[b, s_len[b]:].any()
+
+
+def test_strided_and_non_contiguous_inputs_are_read_correctly(setup):
+    model, dtype = setup
+    base = to_backend(inputs(2, 11, 3 * D, seed=4), dtype)
+    seq = base[:, ::2, :D]  # every other row, a slice of the columns: neither C- nor F-contiguous
+    struct = base[:, 1::2, D : 2 * D]
+    assert not (seq.flags.c_contiguous if isinstance(seq, np.ndarray) else seq.is_contiguous())
+
+    def contiguous(x):
+        return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x.contiguous()
+
+    got = model.fuse_representations(seq, struct, bidirectional=False)
+    want = model.fuse_representations(contiguous(seq), contiguous(struct), bidirectional=False)
+    check_same(to_numpy(got["fused_sequential"]), to_numpy(want["fused_sequential"]), dtype, "strided inputs")
