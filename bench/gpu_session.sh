@@ -29,7 +29,9 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, report the exit cod
 }
 
 step info python -m crossattn_gpu info
-step pytest python -m pytest -q -p no:cacheprovider -c "$repo/pyproject.toml" --rootdir "$repo" "$repo/tests"
+mkdir -p "$out/results"
+CROSSATTN_CONFORMANCE_SUMMARY="$out/results/conformance" \
+    step pytest python -m pytest -q -p no:cacheprovider -c "$repo/pyproject.toml" --rootdir "$repo" "$repo/tests"
 if command -v compute-sanitizer > /dev/null; then
     odd='113x130 or 130x113 or 1280 or 17x113'
     for tool in memcheck racecheck; do

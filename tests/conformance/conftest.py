@@ -1,4 +1,37 @@
+import json
 import os
 import sys
+from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # runnable.py, tolerances.py, plain_yardstick.py
+
+import tolerances  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _label_checks(request):
+    """Tag every accuracy check with the backend and dtype of the running test."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    tolerances.CURRENT["label"] = f"{params['backend']}-{params['dtype']}" if "backend" in params else "all backends"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With CROSSATTN_CONFORMANCE_SUMMARY=PATH (no suffix), write PATH.json and PATH.md: checks and
+    worst errors per pair of backends (the GPU session commits them under bench/results/)."""
+    target = os.environ.get("CROSSATTN_CONFORMANCE_SUMMARY")
+    if not target or not tolerances.RECORDS:
+        return
+    pairs = {}
+    for record in tolerances.RECORDS:
+        entry = pairs.setdefault(record["pair"], {"checks": 0, "worst_error": 0.0, "worst_error_over_limit": 0.0})
+        entry["checks"] += 1
+        entry["worst_error"] = max(entry["worst_error"], record["error"])
+        entry["worst_error_over_limit"] = max(entry["worst_error_over_limit"], record["error"] / record["limit"])
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({"exit_status": int(exitstatus), "pairs": pairs}, indent=2) + "\n")
+    lines = ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {p} | {e['checks']} | {e['worst_error']:.2e} | {e['worst_error_over_limit']:.2f} |" for p, e in sorted(pairs.items())]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ import reference
 from runnable import BACKENDS, NOT_RUN, model_for, to_backend, to_numpy
 from crossattn_gpu import CrossAttention
 from plain_yardstick import fuse_yardstick, plain_attention
-from tolerances import allowed, check, relative_error
+from tolerances import RECORDS, allowed, check, relative_error
 
 FUSED_KEYS = ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity")
 
@@ -90,4 +90,5 @@ def test_backends_agree_with_each_other():
     assert len(results) >= 2, f"only {list(results)} ran here; not run: {NOT_RUN}"
     for a, b in itertools.combinations(results, 2):
         err = relative_error(results[a], results[b])
+        RECORDS.append({"pair": f"{a} vs {b}", "error": err, "limit": limits[a] + limits[b]})
         assert err <= limits[a] + limits[b], f"{a} vs {b}: {err:.3e}"

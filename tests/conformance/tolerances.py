@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Every check made in this session, for the summary (conftest.py writes it when asked).
+RECORDS: list[dict] = []
+#: The backend and dtype of the running test ("numpy-float32"), set by conftest.py.
+CURRENT = {"label": "unlabelled"}
+
 FIXED = {"float64": 1e-10, "float32": 1e-5}
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 
@@ -47,6 +52,7 @@ def check(got, want, dtype: str, plain_error=None, what: str = "") -> float:
     if callable(plain_error):
         plain_error = plain_error() if dtype not in FIXED or err > FIXED[dtype] else None
     limit = allowed(dtype, plain_error)
+    RECORDS.append({"pair": f"{CURRENT['label']} vs numpy-float64", "error": err, "limit": limit})
     assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.3e} ({dtype})"
     return err
 
@@ -61,4 +67,5 @@ def check_same(a, b, dtype: str, what: str = "") -> None:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: NaN or Inf"
     err = relative_error(a, b)
+    RECORDS.append({"pair": f"{CURRENT['label']} vs itself", "error": err, "limit": SELF_CONSISTENCY[dtype]})
     assert err <= SELF_CONSISTENCY[dtype], f"{what}: {err:.3e} > {SELF_CONSISTENCY[dtype]:.3e} ({dtype})"
