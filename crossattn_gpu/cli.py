@@ -66,6 +66,13 @@ def _export(args) -> int:
     from .export.onnx_export import to_onnx
 
     model = CrossAttention.load(args.weights, backend="numpy")
+    if args.serving_repo:
+        from .export.serving import write_serving_repository
+
+        folder = write_serving_repository(model, args.serving_repo, opset=args.opset, dtype=args.dtype, mask=args.mask)
+        print(f"wrote the Triton Inference Server model repository entry {folder}")
+    if not args.out:
+        return 0
     path = to_onnx(
         model, args.out, opset=args.opset, dtype=args.dtype, lengths=not args.no_lengths, mask=args.mask,
         similarity=args.similarity, attention_weights=args.attention_weights,
@@ -154,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export the fusion to ONNX for onnxruntime")
     export.add_argument("--weights", required=True, help="weights file (safetensors or npz)")
-    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--out", help="the .onnx file to write")
+    export.add_argument("--serving-repo", help="also (or only) write a Triton Inference Server model repository here")
     export.add_argument("--opset", type=int, default=17, help="below 23: MatMul/Softmax; 23+: Attention op (default 17)")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="model dtype (default float32)")
     export.add_argument("--no-lengths", action="store_true", help="no sequential_lengths/structural_lengths inputs")
@@ -169,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and not (args.out or args.serving_repo):
+        parser.error("export: give --out, --serving-repo or both")
     try:
         return args.run(args)
     except (ValueError, TypeError, ImportError, RuntimeError, OSError) as exc:

@@ -133,3 +133,13 @@ def test_export_writes_a_model_onnxruntime_serves(tmp_path, capsys, extra):
 def test_export_needs_weights(tmp_path, capsys):
     assert main(["export", "--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
+
+
+def test_export_serving_repository_only(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    CrossAttention(8, 1, seed=0).save(tmp_path / "w.npz")
+    assert main(["export", "--weights", str(tmp_path / "w.npz"), "--serving-repo", str(tmp_path / "repo")]) == 0
+    assert (tmp_path / "repo" / "crossattn_fusion" / "1" / "model.onnx").is_file()
+    with pytest.raises(SystemExit):
+        main(["export", "--weights", str(tmp_path / "w.npz")])
+    assert "give --out, --serving-repo or both" in capsys.readouterr().err

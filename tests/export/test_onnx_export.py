@@ -115,3 +115,17 @@ def test_bad_options(tmp_path, model):
         to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
     with pytest.raises(ValueError, match="opset must be an integer from 14"):
         to_onnx(model, tmp_path / "m.onnx", opset=12)
+
+
+def test_serving_repository_layout(tmp_path, model):
+    from crossattn_gpu.export.serving import write_serving_repository
+
+    folder = write_serving_repository(model, tmp_path / "repo", dtype="float16", max_batch_size=32)
+    config = (folder / "config.pbtxt").read_text()
+    assert folder == tmp_path / "repo" / "crossattn_fusion"
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 32" in config and "dynamic_batching { }" in config
+    assert 'name: "sequential_repr" data_type: TYPE_FP16 dims: [ -1, 24 ]' in config
+    assert 'name: "sequential_lengths" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] }' in config
+    fusion = OnnxFusion(folder / "1" / "model.onnx")
+    assert fusion.output_names == ["fused_sequential", "fused_structural", "bidirectional_fusion"]
+    assert config.count("{ name:") == len(fusion.input_names) + len(fusion.output_names)
