@@ -71,8 +71,9 @@ def _attention_fwd(
     EVEN_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Batch x heads on grid axis 0 (up to 2**31 - 1): axis 1 stops at 65535, which B * H can pass.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     # 64-bit offsets: B * H * L * D can pass 2**31 elements.
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
@@ -268,7 +269,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         if masked is not None else (0, 0, 0)
     )
 
-    grid = (triton.cdiv(len_q, block_m), batch * heads)
+    grid = (batch * heads, triton.cdiv(len_q, block_m))
     _attention_fwd[grid](
         q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse, scratch,
         *q.stride(),

@@ -1,7 +1,7 @@
 // Fused attention forward in CUDA C for the CuPy backend: the same contract as kernels/attention.py
 // (SPEC section 3), loaded by kernels/attention_cuda.py with cupy.RawModule.
 //
-// One thread block per (query block of BLOCK_M rows, batch * head). For each block of BLOCK_N keys:
+// One thread block per (batch * head, query block of BLOCK_M rows). For each block of BLOCK_N keys:
 //   1. scores S = Q K^T, accumulated over Dk in chunks of CHUNK_K through shared-memory tiles;
 //   2. scale (times log2 e), the seed's mask (score -> -1e9), keys past the example's length -> -inf;
 //   3. online softmax in base 2: running row max m and sum l, per-row rescale factor alpha;
@@ -56,8 +56,9 @@ __device__ void attention_forward(const T* __restrict__ q, const T* __restrict__
     float* row_alpha = row_sum + BLOCK_M;                // BLOCK_M
 
     const int tid = threadIdx.x;
-    const long long m0 = (long long)blockIdx.x * BLOCK_M;
-    const long long bh = blockIdx.y;
+    // Batch x heads on grid x (up to 2**31 - 1): grid y stops at 65535, which B * H can pass.
+    const long long bh = blockIdx.x;
+    const long long m0 = (long long)blockIdx.y * BLOCK_M;
     const long long b = bh / s.heads, h = bh % s.heads;
     const T* q_base = q + b * s.q_b + h * s.q_h;
     const T* k_base = k + b * s.k_b + h * s.k_h;

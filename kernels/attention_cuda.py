@@ -85,7 +85,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         dtype=_SHAPE_DTYPE,
     )
     name = f"attention_fwd_{q.dtype.name}" + ("_out_float32" if out_dtype != q.dtype else "")
-    grid = ((len_q + BLOCK_M - 1) // BLOCK_M, batch * heads)
+    grid = (batch * heads, (len_q + BLOCK_M - 1) // BLOCK_M)
     _kernel(name)(
         grid, (THREADS,),
         # Absent mask and lengths pass a valid pointer (lse) that the flags keep the kernel from reading.
