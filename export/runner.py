@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_lengths
 from .._optional import require
+from ..backends.numpy_backend import NumpyBackend
 
 require("onnx", "the ONNX runner")
 ort = require("onnxruntime", "the ONNX runner")
@@ -194,15 +196,8 @@ class OnnxFusion:
 
 
 def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:
-    """Valid lengths (B,) in 1..L; the full length when None."""
+    """Valid lengths (B,) in 1..L, checked as the front end checks them; the full length when None."""
     batch, length = shape[0], shape[1]
     if lengths is None:
         return np.full(batch, length, dtype=np.int64)
-    arr = np.asarray(lengths)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer array of shape (B,); got dtype {arr.dtype}")
-    if arr.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},); got {arr.shape}")
-    if arr.min() < 1 or arr.max() > length:
-        raise ValueError(f"{name} must lie in 1..{length}; got values from {arr.min()} to {arr.max()}")
-    return arr.astype(np.int64)
+    return check_lengths(lengths, name, batch, length, True, NumpyBackend())
