@@ -29,7 +29,9 @@ from .peers import all_peers, gpu_available
 from .timing import ceilings, peak_memory, time_calls
 from .workloads import DEFAULT_CPU, DEFAULT_GPU, WORKLOADS
 
-#: Largest accepted error against float64, relative to the largest reference value, by dtype.
+#: Largest accepted error against float64, relative to the largest reference value, by dtype; a
+#: result within twice the error of the most accurate torch peer in the same dtype passes too (the
+#: project's rule for half precision: a D = 1280 fusion in bfloat16 is off by ~5e-2 in plain torch).
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
 ROTATION_BYTES = 256 << 20  # rotate through at least this many input bytes (beyond any cache)
 
@@ -84,12 +86,19 @@ def run_workload(workload, peers, dtypes, device, repeats, budget_s, ceil, log) 
                 start = time.perf_counter()
                 got = prepared.fused(prepared.run(prepared.inputs[0]))  # warm-up, compile, and the result to check
                 one = time.perf_counter() - start
-                peak = peak_memory(prepared.run, prepared.inputs[0], device,
-                                   host_traced=peer.name.startswith(("seed", "crossattn_gpu numpy")))
+                # Allocations the harness can see: NumPy's on the CPU, torch's on the GPU (not CuPy's pool).
+                visible = ("seed", "crossattn_gpu numpy") if device == "cpu" else ("torch", "crossattn_gpu triton")
+                peak = peak_memory(prepared.run, prepared.inputs[0], device, traced=peer.name.startswith(visible))
             error = max(valid_rows_error(g, w, n) for g, w, n in zip(got, want, row_lengths))
             calls = max(ROUNDS, min(repeats, int(budget_s / max(one, 1e-6))))
-            entries.append({"row": {**base, "peak_bytes": peak, "rel_error": error, "ok": error <= TOLERANCE[dtype]},
+            entries.append({"row": {**base, "peak_bytes": peak, "rel_error": error},
                             "prepared": prepared, "per_round": math.ceil(calls / ROUNDS), "times": []})
+    for entry in entries:
+        row = entry["row"]
+        torch_errors = [e["row"]["rel_error"] for e in entries
+                        if e["row"]["peer"].startswith("torch") and e["row"]["dtype"] == row["dtype"]]
+        row["allowed_error"] = max(TOLERANCE[row["dtype"]], 2 * min(torch_errors, default=0.0))
+        row["ok"] = row["rel_error"] <= row["allowed_error"]
 
     for _ in range(ROUNDS):
         for entry in entries:

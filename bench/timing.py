@@ -42,12 +42,15 @@ def time_calls(run, inputs: list, device: str, repeats: int, warmup: int) -> lis
     return times
 
 
-def peak_memory(run, pair, device: str, host_traced: bool) -> float | None:
-    """Peak bytes allocated by one call beyond what was allocated before it.
+def peak_memory(run, pair, device: str, traced: bool) -> float | None:
+    """Peak bytes allocated by one call beyond what was allocated before it; None when ``traced`` is
+    False (the harness cannot see that peer's allocations).
 
-    GPU: torch's allocator statistics. CPU: tracemalloc, which sees NumPy's allocations but not torch's
-    or onnxruntime's (those peers report None).
+    GPU: torch's allocator statistics (CuPy's own memory pool is not seen). CPU: tracemalloc, which
+    sees NumPy's allocations but not torch's or onnxruntime's.
     """
+    if not traced:
+        return None
     if device == "gpu":
         torch = torch_or_none()
         torch.cuda.synchronize()
@@ -56,8 +59,6 @@ def peak_memory(run, pair, device: str, host_traced: bool) -> float | None:
         run(pair)
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    if not host_traced:
-        return None
     tracemalloc.start()
     try:
         run(pair)
@@ -124,5 +125,6 @@ def _onnxruntime_matmul(n: int):
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # the newest onnx writes IR versions that older onnxruntime releases refuse
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return lambda a: session.run(None, {"a": a})

@@ -8,7 +8,8 @@ Design for any head width
 -------------------------
 The seed gives every head a full D x D projection, so the head width is D itself: 1280 for ESM-2
 650M, 2560 for 3B. FlashAttention-style kernels keep a (BLOCK_M, D) query tile and a (BLOCK_M, D)
-float32 accumulator in registers, which stops at D = 256. Here both are tiled over D:
+float32 accumulator in registers, which stops at D = 256. Here 16-bit heads up to 256 wide take one
+chunk in the same way, and wider heads (and float32 beyond 64) are tiled over D:
 
 * Scores. For each key block, S = sum over Dk-chunks of Q[:, chunk] @ K[:, chunk]^T, accumulated in
   float32 registers (BLOCK_M x BLOCK_N). When Dk fits one chunk (SINGLE_DK), the query tile is loaded
@@ -23,13 +24,20 @@ float32 accumulator in registers, which stops at D = 256. Here both are tiled ov
   computed once. A CTA barrier orders each chunk's store before the next key block's load of it (the
   two may use different thread layouts).
 
+Head sum (SUM_HEADS): the fusion wants only the sum over heads of the outputs (SPEC section 4). When
+Dv fits one chunk, each program takes one (batch, query block) and loops over the heads, adding each
+head's normalised output to a float32 sum in registers, so the (B, H, Lq, Dv) per-head outputs never
+reach memory (W2 bfloat16 on an H200, 128 x 32 blocks: 0.54 ms with the heads written and summed by
+torch after, 0.38 ms summed here). The keys, shared by every head, are re-read from L2 per head.
+
 Ragged keys: the key loop stops at the example's length, and scores at or past it are -inf, so those
 keys get exactly zero weight and nothing past the end of K or V is read. The seed's mask replaces a
 score by -1e9 (a fully masked row is uniform). Every block of keys the loop visits holds at least one
 valid key (lengths are >= 1), so the running maximum is finite after the first block: no inf - inf.
 
 Boolean constexpr flags remove bounds checks on full tiles (EVEN_M, EVEN_N, EVEN_DK, EVEN_DV). Strides,
-lengths and the scale are runtime arguments, so new shapes do not recompile.
+lengths and the scale are runtime arguments: a new shape compiles a new variant only when it changes a
+block size (short sequences take smaller blocks) or an EVEN_* flag.
 """
 
 from __future__ import annotations
@@ -70,13 +78,21 @@ def _attention_fwd(
     EVEN_DK: tl.constexpr,
     EVEN_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SUM_HEADS: tl.constexpr,
 ):
-    # Batch x heads on grid axis 0 (up to 2**31 - 1): axis 1 stops at 65535, which B * H can pass.
+    # Grid axis 0 is batch x heads, or the batch alone when SUM_HEADS (each program then loops over the
+    # heads): up to 2**31 - 1, where axis 1 stops at 65535, which B * H can pass.
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     # 64-bit offsets: B * H * L * D can pass 2**31 elements.
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
+    if SUM_HEADS:
+        off_b = pid_bh.to(tl.int64)
+        first_head = 0
+        head_count = num_heads
+    else:
+        off_b = (pid_bh // num_heads).to(tl.int64)
+        first_head = pid_bh % num_heads
+        head_count = 1
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -84,143 +100,185 @@ def _attention_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < len_q
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    acc_base = Acc + off_b * stride_ab + off_h * stride_ah
-
     # Keys at or past k_len are never read; clamping to len_k keeps a bad length in bounds.
     k_len = len_k
     if HAS_KLEN:
         k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+    if SUM_HEADS:
+        total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
 
-    if SINGLE_DK:
-        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd
-        if EVEN_M and EVEN_DK:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < dim_k), other=0.0)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if SINGLE_DV:
-        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-
-    for start_n in range(0, k_len, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-
-        # --- scores, accumulated over Dk-chunks -----------------------------------------------
+    for head in range(first_head, first_head + head_count):
+        off_h = tl.cast(head, tl.int64)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        acc_base = Acc + off_b * stride_ab + off_h * stride_ah
         if SINGLE_DK:
-            k_ptrs = k_base + cols[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-            if EVEN_N and EVEN_DK:
-                k = tl.load(k_ptrs)
+            q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd
+            if EVEN_M and EVEN_DK:
+                q = tl.load(q_ptrs)
             else:
-                k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < dim_k), other=0.0)
-            s = tl.dot(q, k, input_precision=INPUT_PRECISION)
-        else:
-            s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for start_d in range(0, dim_k, BLOCK_DK):
-                dks = start_d + offs_dk
-                q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
-                k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
-                if EVEN_M and EVEN_N and EVEN_DK:
-                    qc = tl.load(q_ptrs)
-                    kc = tl.load(k_ptrs)
-                else:
-                    qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
-                    kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
-                s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
-        s = s * qk_scale
+                q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < dim_k), other=0.0)
 
-        if HAS_MASK:
-            m_ptrs = Mask + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
-            masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(masked != 0, mask_fill, s)
-        if not EVEN_N:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-
-        # --- online softmax (base 2) ----------------------------------------------------------
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-
-        # --- P @ V, over Dv-chunks --------------------------------------------------------------
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if SINGLE_DV:
-            v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-            if EVEN_N and EVEN_DV:
-                v = tl.load(v_ptrs)
+            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+
+        for start_n in range(0, k_len, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < k_len
+
+            # --- scores, accumulated over Dk-chunks -----------------------------------------------
+            if SINGLE_DK:
+                k_ptrs = k_base + cols[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+                if EVEN_N and EVEN_DK:
+                    k = tl.load(k_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < dim_k), other=0.0)
+                s = tl.dot(q, k, input_precision=INPUT_PRECISION)
             else:
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < dim_v), other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        else:
-            for start_d in range(0, dim_v, BLOCK_DV):
-                dvs = start_d + offs_dv
-                v_ptrs = v_base + cols[:, None] * stride_vn + dvs[None, :] * stride_vd
-                a_ptrs = acc_base + offs_m[:, None] * stride_am + dvs[None, :] * stride_ad
+                s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for start_d in range(0, dim_k, BLOCK_DK):
+                    dks = start_d + offs_dk
+                    q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
+                    k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
+                    if EVEN_M and EVEN_N and EVEN_DK:
+                        qc = tl.load(q_ptrs)
+                        kc = tl.load(k_ptrs)
+                    else:
+                        qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
+                        kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
+                    s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
+            s = s * qk_scale
+
+            if HAS_MASK:
+                m_ptrs = Mask + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+                masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+                s = tl.where(masked != 0, mask_fill, s)
+            if not EVEN_N:
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+
+            # --- online softmax (base 2) ----------------------------------------------------------
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+
+            # --- P @ V, over Dv-chunks --------------------------------------------------------------
+            if SINGLE_DV:
+                v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
                 if EVEN_N and EVEN_DV:
                     v = tl.load(v_ptrs)
                 else:
-                    v = tl.load(v_ptrs, mask=col_ok[:, None] & (dvs[None, :] < dim_v), other=0.0)
-                pv = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-                if start_n == 0:
-                    chunk = pv
-                else:
-                    chunk = tl.load(a_ptrs) * alpha[:, None] + pv
-                # The scratch is padded to whole blocks, so its loads and stores need no mask.
-                tl.store(a_ptrs, chunk)
-            tl.debug_barrier()
+                    v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < dim_v), other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            else:
+                for start_d in range(0, dim_v, BLOCK_DV):
+                    dvs = start_d + offs_dv
+                    v_ptrs = v_base + cols[:, None] * stride_vn + dvs[None, :] * stride_vd
+                    a_ptrs = acc_base + offs_m[:, None] * stride_am + dvs[None, :] * stride_ad
+                    if EVEN_N and EVEN_DV:
+                        v = tl.load(v_ptrs)
+                    else:
+                        v = tl.load(v_ptrs, mask=col_ok[:, None] & (dvs[None, :] < dim_v), other=0.0)
+                    pv = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                    if start_n == 0:
+                        chunk = pv
+                    else:
+                        chunk = tl.load(a_ptrs) * alpha[:, None] + pv
+                    # The scratch is padded to whole blocks, so its loads and stores need no mask.
+                    tl.store(a_ptrs, chunk)
+                tl.debug_barrier()
 
-    # --- normalise and write ----------------------------------------------------------------------
-    out_base = Out + off_b * stride_ob + off_h * stride_oh
-    inv_l = 1.0 / l_i
-    if SINGLE_DV:
-        o_ptrs = out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-        o = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
+        # --- normalise and write (or add to the head sum) ------------------------------------------
+        out_base = Out + off_b * stride_ob + off_h * stride_oh
+        inv_l = 1.0 / l_i
+        if SUM_HEADS:
+            total += acc * inv_l[:, None]
+        elif SINGLE_DV:
+            o_ptrs = out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+            o = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
+            if EVEN_M and EVEN_DV:
+                tl.store(o_ptrs, o)
+            else:
+                tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
+        else:
+            for start_d in range(0, dim_v, BLOCK_DV):
+                dvs = start_d + offs_dv
+                a_ptrs = acc_base + offs_m[:, None] * stride_am + dvs[None, :] * stride_ad
+                o = (tl.load(a_ptrs) * inv_l[:, None]).to(Out.dtype.element_ty)
+                o_ptrs = out_base + offs_m[:, None] * stride_om + dvs[None, :] * stride_od
+                tl.store(o_ptrs, o, mask=row_ok[:, None] & (dvs[None, :] < dim_v))
+
+        # lse in natural-log units: (m + log2 l) * ln 2.
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        l_ptrs = Lse + (off_b * num_heads + off_h) * len_q + offs_m
+        if EVEN_M:
+            tl.store(l_ptrs, lse)
+        else:
+            tl.store(l_ptrs, lse, mask=row_ok)
+
+    if SUM_HEADS:
+        o_ptrs = Out + off_b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        o = total.to(Out.dtype.element_ty)
         if EVEN_M and EVEN_DV:
             tl.store(o_ptrs, o)
         else:
             tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
-    else:
-        for start_d in range(0, dim_v, BLOCK_DV):
-            dvs = start_d + offs_dv
-            a_ptrs = acc_base + offs_m[:, None] * stride_am + dvs[None, :] * stride_ad
-            o = (tl.load(a_ptrs) * inv_l[:, None]).to(Out.dtype.element_ty)
-            o_ptrs = out_base + offs_m[:, None] * stride_om + dvs[None, :] * stride_od
-            tl.store(o_ptrs, o, mask=row_ok[:, None] & (dvs[None, :] < dim_v))
-
-    # lse in natural-log units: (m + log2 l) * ln 2.
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    l_ptrs = Lse + pid_bh.to(tl.int64) * len_q + offs_m
-    if EVEN_M:
-        tl.store(l_ptrs, lse)
-    else:
-        tl.store(l_ptrs, lse, mask=row_ok)
 
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> dict:
-    """Block sizes and warps for a shape. tl.dot needs every block dimension >= 16.
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
+    """Block sizes, warps, stages and the float32 dot precision for a shape. tl.dot needs every block
+    dimension >= 16.
 
-    Chunks of the head width are capped at 128 (64 for float32, whose tiles take twice the shared
-    memory), so any D runs with the same register and shared-memory footprint.
+    16-bit heads up to 256 wide fit one chunk (the query tile and the accumulator stay in registers, as
+    in FlashAttention); wider heads are chunked by 128, and float32 by 64 (its tiles take twice the
+    shared memory), so any D runs with the same footprint. Blocks, warps and stages are the fastest
+    measured on an H200 for the fusion's call (bench/results/2026-11-28-nvidia-h200-sweep-{1,2}.md):
+
+    * 16-bit, D <= 128 (W2), heads summed in the kernel: 64 x 64, 4 warps, 3 stages: 0.273 ms
+      (128 x 32: 0.380; 64 x 64 with 8 warps: 0.426);
+    * 16-bit, D in 129..256 (W4), heads summed: 128 x 64, 8 warps, 2 stages: 0.580 ms (64 x 64: 1.20);
+      its accumulator and head sum spill registers, and it is still the fastest measured;
+    * 16-bit, chunked D = 1280 (W3), heads written: 64 x 128, 4 warps, 3 stages: 1.96 ms (64 x 64 with
+      8 warps, 2 stages: 3.57);
+    * float32 (W2), heads written: 64 x 64, 4 warps, 3 stages: 4.33 ms (2 stages: 4.47).
+
+    float32 dots are IEEE float32 (CUDA cores); ``allow_tf32`` takes one TF32 tensor-core product
+    (~1e-3). Three TF32 products (``tf32x3``) may be faster, but their per-product error (~2**-21)
+    is about ten times float32's, which the conformance rules (float32: 1e-5, or twice the plain
+    float32 error) may not allow on ill-conditioned inputs; the sweep times it for a later decision.
     """
-    d_cap = 128 if itemsize <= 2 else 64
-    block_m = 64 if len_q > 32 else (32 if len_q > 16 else 16)
-    block_n = 64 if len_k > 32 else (32 if len_k > 16 else 16)
+    half = itemsize <= 2
+    widest = max(dim_k, dim_v)
+    d_cap = (256 if widest <= 256 else 128) if half else 64
     block_dk = min(_pow2_at_least_16(dim_k), d_cap)
     block_dv = min(_pow2_at_least_16(dim_v), d_cap)
-    num_warps = 8 if block_m * max(block_dk, block_dv) >= 64 * 128 else 4
+    one_chunk = dim_k <= block_dk and dim_v <= block_dv
+    if half and one_chunk and widest <= 128:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+    elif half and one_chunk:  # D in 129..256
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 2
+    elif half:
+        block_m, block_n, num_warps, num_stages = 64, 128, 4, 3
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+    # Short sequences take the smallest block that covers them.
+    block_m = min(block_m, _pow2_at_least_16(len_q))
+    block_n = min(block_n, _pow2_at_least_16(len_k))
+    precision = "tf32" if allow_tf32 and not half else "ieee"
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
-            "num_warps": num_warps, "num_stages": 2}
+            "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": precision}
 
 
-def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, allow_tf32: bool = False):
+def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
+              allow_tf32: bool = False, config: dict | None = None):
     """Fused attention forward.
 
     Args:
@@ -231,10 +289,16 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
             0 (the score becomes -1e9).
         k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
         out_dtype: dtype of O (default: q's dtype); float32 keeps the accumulator's precision.
-        allow_tf32: float32 inputs may use TF32 tensor cores (faster, ~1e-3 relative error).
+        sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32. When Dv fits one
+            chunk, each program loops over the heads and keeps the sum in registers, so the per-head
+            outputs never reach memory; otherwise they are written in float32 and summed after.
+        allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
+        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
+            (for tuning sweeps, ``bench/sweep_triton.py``).
 
     Returns:
-        O (B, H, Lq, Dv) and lse (B, H, Lq) float32, the natural-log log-sum-exp of each score row.
+        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32, the natural-log
+        log-sum-exp of each score row.
 
     Raises:
         TypeError / ValueError on inputs that break the contract above.
@@ -252,32 +316,44 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         contract.check_lengths(k_lengths, batch, len_k)
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
 
-    cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size())
+    cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)
+    if config is not None:
+        if set(config) != set(cfg):
+            raise ValueError(f"config must have exactly the keys {sorted(cfg)}; got {sorted(config)}")
+        cfg = dict(config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     single_dv = dim_v <= block_dv
-    out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=out_dtype or q.dtype)
+    sum_in_kernel = sum_heads and single_dv
+    dtype = out_dtype or q.dtype
+    if sum_in_kernel:
+        out = torch.empty((batch, len_q, dim_v), device=q.device, dtype=dtype)
+        out_strides = (out.stride(0), 0, out.stride(1), out.stride(2))
+    else:
+        out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=torch.float32 if sum_heads else dtype)
+        out_strides = out.stride()
     lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
     if single_dv:
-        scratch = out  # unused: the accumulator stays in registers
+        scratch, scratch_strides = out, (0, 0, 0, 0)  # unused: the accumulator stays in registers
     else:  # float32 accumulator, padded to whole blocks so the kernel needs no masks on it
         rows = triton.cdiv(len_q, block_m) * block_m
         cols = triton.cdiv(dim_v, block_dv) * block_dv
         scratch = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
+        scratch_strides = scratch.stride()
     mask_arg = masked if masked is not None else q  # a valid pointer that HAS_MASK=False never reads
     mask_strides = (
         (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
         if masked is not None else (0, 0, 0)
     )
 
-    grid = (batch * heads, triton.cdiv(len_q, block_m))
+    grid = (batch if sum_in_kernel else batch * heads, triton.cdiv(len_q, block_m))
     _attention_fwd[grid](
         q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse, scratch,
         *q.stride(),
         k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
         *mask_strides,
-        *out.stride(),
-        *scratch.stride(),
+        *out_strides,
+        *scratch_strides,
         heads, len_q, len_k, dim_k, dim_v,
         float(scale) * _LOG2E,
         MASK_FILL * _LOG2E,
@@ -289,7 +365,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         EVEN_N=len_k % cfg["BLOCK_N"] == 0 and k_lengths is None,
         EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
         EVEN_DV=dim_v % block_dv == 0,
-        INPUT_PRECISION="tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee",
+        SUM_HEADS=sum_in_kernel,
         **cfg,
     )
+    if sum_heads and not sum_in_kernel:
+        out = out.sum(1).to(dtype)
     return out, lse

@@ -40,7 +40,7 @@ def _elements(strides, itemsize):
     return [s // itemsize for s in strides]
 
 
-def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None):
+def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False):
     """Fused attention forward on CuPy arrays.
 
     Args:
@@ -50,9 +50,11 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         masked: optional bool/uint8 (Bm, Lq, Lk), Bm in {1, B}: nonzero where the seed's mask is 0.
         k_lengths: optional int (B,) in 1..Lk: keys at or past the length get zero weight.
         out_dtype: q's dtype (default) or float32.
+        sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 (the heads are
+            written in float32 and summed after the kernel).
 
     Returns:
-        O (B, H, Lq, Dv) and lse (B, H, Lq) float32.
+        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, cupy.ndarray):
@@ -61,6 +63,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     out_dtype = np.dtype(out_dtype or q.dtype)
     if out_dtype not in (q.dtype, np.dtype(np.float32)):
         raise TypeError(f"out_dtype must be q's dtype or float32; got {out_dtype}")
+    final_dtype, out_dtype = out_dtype, (np.dtype(np.float32) if sum_heads else out_dtype)
     mask_strides = (0, 0, 0)
     if masked is not None:
         contract.check_masked(masked, batch, len_q, len_k)
@@ -94,4 +97,6 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
          np.int32(masked is not None), np.int32(k_lengths is not None)),
         shared_mem=SHARED_BYTES,
     )
+    if sum_heads:
+        out = out.sum(axis=1).astype(final_dtype, copy=False)
     return out, lse

@@ -5,8 +5,8 @@ Shared by the Triton backend (torch tensors) and the CuPy backend, so that the C
 a GPU can run, executes the same code that the Triton backend's interpreter tests exercise on the CPU.
 It uses the folded weights of ``crossattn_gpu.folding``: one GEMM per input gives every head's queries
 and values, the raw inputs are the keys of every head (a head stride of 0 in the kernel), and the
-output is the sum of the heads' outputs, taken in float32. The attention probabilities, when asked,
-are rebuilt from the kernel's log-sum-exp.
+output is the sum of the heads' outputs, which the kernel takes in float32 (``sum_heads``). The
+attention probabilities, when asked, are rebuilt from the kernel's log-sum-exp.
 
 A subclass provides the array module ``xp`` (``torch`` or ``cupy``: only functions both share are
 used), ``float32``, ``cast``, ``_positions``, ``_device_lengths`` and ``kernel`` (a module with
@@ -56,13 +56,14 @@ class DeviceFusion(FoldedFusion):
         shape[axis] = x.shape[axis]
         return self.cast(self.xp.where(pad.reshape(shape), 0, x), x.dtype)
 
-    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, out_dtype=None):
-        """The kernel, plus the probabilities rebuilt from its log-sum-exp when asked."""
+    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, sum_heads=False):
+        """The kernel (the heads' outputs, or their sum), plus the probabilities rebuilt from its
+        log-sum-exp when asked."""
         xp = self.xp
         if masked is not None:
             masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
-        out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, out_dtype=out_dtype)
+        out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads)
         probs = None
         if need_weights:
             scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
@@ -84,11 +85,11 @@ class DeviceFusion(FoldedFusion):
         return [flat[:, :, i].swapaxes(1, 2) for i in range(len(parts))]  # (B, H, L, D) views
 
     def _attend(self, q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
-        head_out, probs = self._attention(
+        head_sum, probs = self._attention(
             q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths,
-            need_weights=need_weights, out_dtype=self.float32,
+            need_weights=need_weights, sum_heads=True,
         )
-        out = self._zero_padded_rows(self.cast(head_out.sum(1), x_keys.dtype), q_lengths, axis=1)
+        out = self._zero_padded_rows(head_sum, q_lengths, axis=1)
         if probs is not None:
             probs = self._zero_padded_rows(probs, q_lengths, axis=2)
         return out, probs

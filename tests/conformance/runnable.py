@@ -17,23 +17,38 @@ _CANDIDATES = [
     ("triton", "bfloat16"),
     ("cupy", "float32"),
     ("cupy", "float16"),
+    ("cupy", "bfloat16"),
     ("onnx", "float32"),
     ("onnx", "float16"),
 ]
 
 
-def _runnable(backend: str, dtype: str) -> bool:
-    if _STATUS.get(backend) is not None:
+def _cupy_has_bfloat16() -> bool:
+    """Whether the installed CuPy has a bfloat16 dtype (CuPy learned it late; NumPy has none)."""
+    try:
+        import cupy
+
+        cupy.zeros(1, dtype=cupy.float32).astype("bfloat16")
+        return True
+    except Exception:
         return False
+
+
+def _why_not(backend: str, dtype: str) -> str | None:
+    if _STATUS.get(backend) is not None:
+        return _STATUS[backend]
     if dtype == "bfloat16":  # needs torch inputs on a GPU (NumPy has no bfloat16; the interpreter none either)
         from crossattn_gpu.backends.triton_backend import interpreter_mode
 
-        return not interpreter_mode()
-    return True
+        if interpreter_mode():
+            return "bfloat16 needs a GPU"
+        if backend == "cupy" and not _cupy_has_bfloat16():
+            return "the installed CuPy has no bfloat16 dtype"
+    return None
 
 
-BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for b, d in _CANDIDATES if _runnable(b, d)]
-NOT_RUN = {f"{b}-{d}": _STATUS.get(b) or "bfloat16 needs a GPU" for b, d in _CANDIDATES if not _runnable(b, d)}
+BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for b, d in _CANDIDATES if _why_not(b, d) is None]
+NOT_RUN = {f"{b}-{d}": _why_not(b, d) for b, d in _CANDIDATES if _why_not(b, d) is not None}
 
 
 def model_for(backend: str, reference: CrossAttention) -> CrossAttention:

@@ -1,6 +1,8 @@
 """Compile kernels/attention.py's kernel with Triton's real compiler (to PTX and a cubin through
-ptxas) for sm_80 and sm_90, for every constexpr path: no GPU is needed, and the interpreter, which
-the other kernel tests use, cannot catch what only the compiler checks (types, layouts, scf.if).
+ptxas) for sm_80 and sm_90, in the launch configuration the launcher picks for a shape of every kind,
+with and without mask and lengths, and check that each fits the chip's shared memory: no GPU is
+needed, and the interpreter, which the other kernel tests use, cannot catch what only the compiler
+checks (types, layouts, scf.if, shared memory).
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py``. Prints one line per
 variant and exits 1 on any failure.
@@ -21,7 +23,18 @@ SCALARS = {"num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "
            "qk_scale": "fp32", "mask_fill": "fp32"}
 
 
-def compile_variant(dtype: str, precision: str, arch: int, single: bool, even: bool, extras: bool) -> None:
+#: (Lq, Lk, Dk, Dv) whose launch configurations are compiled: every branch of launch_config.
+SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096, 256, 256),
+          "W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
+#: Triton's name of each dtype, its size, and allow_tf32.
+DTYPES = [("fp32", 4, False), ("fp32", 4, True), ("fp16", 2, False), ("bf16", 2, False)]
+#: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def compile_variant(dtype: str, cfg: dict, shape: tuple, arch: int, extras: bool) -> int:
+    """Compile one launch configuration as the launcher would use it; returns its shared memory in bytes."""
+    len_q, len_k, dim_k, dim_v = shape
     fn = kernel_module._attention_fwd
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
@@ -36,23 +49,29 @@ def compile_variant(dtype: str, precision: str, arch: int, single: bool, even: b
             signature[name] = SCALARS[name]
         else:
             signature[name] = "constexpr"
-    block_d = 128 if dtype != "fp32" else 64
-    constexprs = dict(HAS_MASK=extras, HAS_KLEN=extras, BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_d, BLOCK_DV=block_d,
-                      SINGLE_DK=single, SINGLE_DV=single, EVEN_M=even, EVEN_N=even, EVEN_DK=even, EVEN_DV=even,
-                      INPUT_PRECISION=precision)
+    constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    constexprs.update(HAS_MASK=extras, HAS_KLEN=extras, SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
+                      SINGLE_DV=dim_v <= cfg["BLOCK_DV"], EVEN_M=len_q % cfg["BLOCK_M"] == 0,
+                      EVEN_N=len_k % cfg["BLOCK_N"] == 0 and not extras, EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
+                      EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
+                      # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths.
+                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"])
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8, "num_stages": 2})
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
 
 
 def main() -> int:
     failures = 0
-    types = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
-    for (dtype, precision), arch, single, even, extras in itertools.product(types, [80, 90], [True, False],
-                                                                             [True, False], [True, False]):
-        label = f"{dtype}/{precision} sm_{arch} single={single} even={even} mask+lengths={extras}"
+    for (dtype, itemsize, tf32), (name, shape), arch, extras in itertools.product(DTYPES, SHAPES.items(), [80, 90],
+                                                                                  [False, True]):
+        cfg = kernel_module.launch_config(*shape, itemsize, allow_tf32=tf32)
+        label = f"{dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
         try:
-            compile_variant(dtype, precision, arch, single, even, extras)
-            print(f"ok   {label}")
+            shared = compile_variant(dtype, cfg, shape, arch, extras)
+            if shared > SHARED_LIMIT[arch]:
+                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
+            print(f"ok   {label} shared={shared}")
         except Exception as exc:  # report every failing variant, then fail
             failures += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])

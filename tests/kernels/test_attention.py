@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E402
+from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -63,28 +64,30 @@ def check(batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v, dtype, mas
     got = out.double().cpu().numpy()
     assert np.isfinite(got).all()
     err = np.abs(got - want).max() / np.abs(want).max()
+    # The heads' sum, as the fusion asks for it (in registers when Dv fits one chunk).
+    summed, summed_lse = attention(tq, tk, tv, scale=scale, masked=t_masked, k_lengths=t_lengths, sum_heads=True)
+    assert summed.dtype == dtype and summed.shape == (batch, len_q, dim_v)
+    torch.testing.assert_close(summed_lse, lse, rtol=1e-6, atol=1e-6)
+    want_sum = want.sum(1)
+    got_sum = summed.double().cpu().numpy()
+    assert np.isfinite(got_sum).all()
+    err_sum = np.abs(got_sum - want_sum).max() / np.abs(want_sum).max()
     if dtype == torch.float32:
         assert err <= 1e-5, err
+        assert err_sum <= 1e-5, err_sum
     else:
-        yard = plain_torch(tq, tk, tv, scale, t_masked, t_lengths).double().cpu().numpy()
+        yard_heads = plain_torch(tq, tk, tv, scale, t_masked, t_lengths)
+        yard = yard_heads.double().cpu().numpy()
         yard_err = np.abs(yard - want).max() / np.abs(want).max()
         assert err <= 2 * yard_err, (err, yard_err)
+        yard_sum = yard_heads.float().sum(1).to(dtype).double().cpu().numpy()
+        yard_sum_err = np.abs(yard_sum - want_sum).max() / np.abs(want_sum).max()
+        assert err_sum <= 2 * yard_sum_err, (err_sum, yard_sum_err)
     # lse: compare where rows are not fully masked (there lse is about -1e9 and float32 holds it coarsely)
     lse_err = np.abs(lse.double().cpu().numpy() - want_lse) / np.maximum(np.abs(want_lse), 1.0)
     assert lse_err.max() <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-SHAPES = [
-    # B, H, Hk, Hv, Lq, Lk, Dk, Dv
-    (1, 1, 1, 1, 1, 1, 1, 1),
-    (2, 2, 1, 2, 3, 17, 8, 8),
-    (1, 3, 3, 3, 17, 3, 24, 24),
-    (2, 1, 1, 1, 113, 130, 64, 64),
-    (1, 2, 2, 1, 130, 113, 100, 100),
-    (1, 2, 1, 2, 17, 33, 1280, 1280),
-    (2, 3, 1, 3, 64, 64, 64, 64),  # every EVEN_* fast path
-    (1, 1, 1, 1, 5, 7, 24, 100),  # Dk != Dv
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -94,8 +97,7 @@ def test_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 2, 1, 2, 17, 113, 24, 24), (3, 1, 1, 1, 130, 17, 100, 100), (2, 2, 1, 2, 3, 40, 1280, 1280)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_masks_and_ragged_keys(shape, dtype):
     check(*shape, dtype=dtype, mask=True, ragged=True)
 
@@ -151,10 +153,17 @@ def test_launcher_rejects_bad_lengths_and_masks():
 
 
 def test_launch_config_tiles_any_width():
-    for width in (1, 64, 100, 1280, 4096):
+    for width in (1, 64, 100, 257, 1280, 4096):
         cfg = launch_config(256, 256, width, width, itemsize=2)
         assert 16 <= cfg["BLOCK_DK"] <= 128 and 16 <= cfg["BLOCK_DV"] <= 128
+    for width in (129, 200, 256):  # 16-bit heads up to 256 wide take one chunk
+        cfg = launch_config(256, 256, width, width, itemsize=2)
+        assert cfg["BLOCK_DK"] == cfg["BLOCK_DV"] == 256
+    assert launch_config(256, 256, 256, 256, itemsize=4)["BLOCK_DK"] == 64
     assert launch_config(1, 1, 1, 1, itemsize=4)["BLOCK_M"] == 16
+    assert launch_config(3, 17, 8, 8, itemsize=2)["BLOCK_M"] == 16 and launch_config(3, 17, 8, 8, 2)["BLOCK_N"] == 32
+    assert launch_config(9, 9, 8, 8, itemsize=4)["INPUT_PRECISION"] == "ieee"
+    assert launch_config(9, 9, 8, 8, itemsize=4, allow_tf32=True)["INPUT_PRECISION"] == "tf32"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

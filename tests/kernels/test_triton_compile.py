@@ -1,4 +1,4 @@
-"""kernels/attention.py through Triton's real compiler for sm_80 and sm_90, every constexpr path."""
+"""kernels/attention.py through Triton's real compiler for sm_80 and sm_90, in every launch configuration kind."""
 
 import os
 import subprocess
@@ -16,4 +16,4 @@ def test_every_variant_compiles_for_ampere_and_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiler, not the interpreter
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 64
+    assert done.stdout.count("ok ") == 80

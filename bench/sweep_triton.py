@@ -1,0 +1,180 @@
+"""python -m bench.sweep_triton: the Triton kernel's launch configurations, and the stages of the fusion,
+timed on the GPU workloads' attention shapes.
+
+The fusion calls the kernel with folded queries and values (B, H, L, D), the raw inputs as keys shared
+by every head (Hk = 1), and a float32 output; the sweep times exactly that call under each candidate
+configuration, after checking its result against the float64 reference on two examples. The stage
+table times one fusion direction's parts (projection GEMM, kernel, head sum) and the whole
+``fuse_representations`` call, to show where the time goes. Output: a JSON file and a table.
+
+    python -m bench.sweep_triton --out sweep.json            # on a GPU
+    TRITON_INTERPRET=1 python -m bench.sweep_triton --smoke  # tiny shapes under the interpreter (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from crossattn_gpu.backends.numpy_backend import attention as reference
+from crossattn_gpu.kernels.attention import attention, launch_config
+
+# (name, B, H, L, D, dtype): the attention of W2, W3 and W4 (Lq = Lk = L) as the fusion launches it.
+CASES = [
+    ("W4", 4, 4, 4096, 256, "bfloat16"),
+    ("W2", 512, 4, 256, 128, "bfloat16"),
+    ("W3", 64, 8, 256, 1280, "bfloat16"),
+    ("W2", 512, 4, 256, 128, "float32"),
+    ("W3", 64, 8, 256, 1280, "float32"),
+]
+SMOKE_CASES = [("tiny", 2, 2, 40, 24, "float32"), ("tiny-wide", 1, 2, 20, 150, "float16")]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) around the default: the best of the first sweep
+# (bench/results/2026-11-28-nvidia-h200-sweep.md) and shapes for heads 256 wide.
+VARIANTS = [(128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)]
+
+
+def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[dict, bool]]:
+    """(config, sum_heads) pairs: the launcher's default with the heads summed in the kernel (as the
+    fusion calls it), the same without (heads written, then summed), float32 on tensor cores (three
+    TF32 products, and one), then the block variants."""
+    base = launch_config(length, length, width, width, dtype.itemsize)
+    found = [(base, True), (base, False)]
+    if dtype == torch.float32:
+        found += [({**base, "INPUT_PRECISION": precision}, True) for precision in ("tf32x3", "tf32")]
+    for block_m, block_n, warps, stages in VARIANTS:
+        config = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+        if (config, True) not in found:
+            found.append((config, True))
+    return found
+
+
+def seconds(fn) -> float:
+    """Median seconds of fn(): CUDA events through triton.testing.do_bench on a GPU, else one host-timed call."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def fusion_inputs(batch, heads, length, width, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, heads, length, width, generator=gen).to(device=device, dtype=dtype)
+    keys = torch.randn(batch, 1, length, width, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(batch, heads, length, width, generator=gen).to(device=device, dtype=dtype)
+    return q, keys, v
+
+
+def checked_error(head_sum, q, k, v, scale) -> float:
+    """Relative max error of the heads' sum for the first two examples against the float64 reference."""
+    rows = slice(0, 2)
+    want, _, _ = reference(*(t[rows].double().cpu().numpy() for t in (q, k, v)), scale=scale)
+    want = want.sum(1)
+    got = head_sum[rows].double().cpu().numpy()
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def sweep_case(name, batch, heads, length, width, dtype_name, device, max_configs) -> list[dict]:
+    """The fusion's kernel call (heads summed, output in the inputs' dtype) under each candidate."""
+    dtype = getattr(torch, dtype_name)
+    q, k, v = fusion_inputs(batch, heads, length, width, dtype, device)
+    scale = width**-0.5
+    rows = []
+    for index, (config, sum_heads) in enumerate(candidates(length, width, dtype)[:max_configs]):
+        row = {"case": name, "dtype": dtype_name, "B": batch, "H": heads, "L": length, "D": width,
+               "config": config, "sum_heads": sum_heads, "is_default": index == 0}
+
+        def call():
+            return attention(q, k, v, scale=scale, sum_heads=sum_heads, config=config)[0]
+
+        try:
+            out = call()
+            row["rel_error"] = checked_error(out if sum_heads else out.float().sum(1), q, k, v, scale)
+            row["median_s"] = seconds(call if sum_heads else lambda: call().float().sum(1).to(dtype))
+        except Exception as exc:  # a configuration that does not compile (shared memory) is recorded, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
+    """One direction's parts and the whole fusion (both directions), timed separately."""
+    from crossattn_gpu import CrossAttention
+
+    dtype = getattr(torch, dtype_name)
+    model = CrossAttention(width, heads, seed=0, backend="triton")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    xs = torch.randn(batch, length, width, generator=gen).to(device=device, dtype=dtype)
+    xt = torch.randn(batch, length, width, generator=gen).to(device=device, dtype=dtype)
+    folded = torch.randn(width, 2 * heads * width, generator=gen).to(device=device, dtype=dtype) * width**-0.5
+    q, k, v = fusion_inputs(batch, heads, length, width, dtype, device)
+    result = {
+        "case": name, "dtype": dtype_name,
+        "projection_gemm_s": seconds(lambda: xs.reshape(-1, width) @ folded),
+        "kernel_s": seconds(lambda: attention(q, k, v, scale=1.0, sum_heads=True)),
+        "fusion_both_directions_s": seconds(
+            lambda: model.fuse_representations(xs, xt, need_similarity=False, bidirectional=False)),
+    }
+    # What the two directions' GEMMs and kernels leave: validation, casts, launches.
+    result["rest_s"] = result["fusion_both_directions_s"] - 2 * (result["projection_gemm_s"] + result["kernel_s"])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep_triton", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and two configurations (interpreter tests)")
+    parser.add_argument("--max-configs", type=int, default=7)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = SMOKE_CASES if args.smoke else CASES
+    max_configs = 2 if args.smoke else args.max_configs
+    result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+              "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+              "configs": [], "stages": []}
+    if not args.smoke:  # first: the stages are what a short call must not lose
+        result["stages"] = [stages(*case, device) for case in CASES]
+    for case in cases:
+        result["configs"] += sweep_case(*case, device, max_configs)
+    print(markdown(result["configs"]))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    errors = [r for r in result["configs"] if r.get("rel_error", 0) > 2e-2]
+    return 1 if errors else 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per case: the default (heads summed in the kernel), the same with the heads summed after, and the best."""
+    lines = ["| case | dtype | default ms | heads summed after ms | best ms | best config |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for (name, dtype), group in itertools.groupby(rows, key=lambda r: (r["case"], r["dtype"])):
+        timed = [r for r in group if "median_s" in r and r["rel_error"] <= 2e-2]
+        if not timed:
+            lines.append(f"| {name} | {dtype} | - | - | - | none ran |")
+            continue
+        default = next((r["median_s"] * 1e3 for r in timed if r["is_default"]), float("nan"))
+        after = next((r["median_s"] * 1e3 for r in timed if not r["sum_heads"]), float("nan"))
+        best = min(timed, key=lambda r: r["median_s"])
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "num_warps", "num_stages", "INPUT_PRECISION")
+        short = ", ".join(f"{k}={best['config'][k]}" for k in keys) + f", sum_heads={best['sum_heads']}"
+        lines.append(f"| {name} | {dtype} | {default:.3f} | {after:.3f} | {best['median_s'] * 1e3:.3f} | {short} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
