@@ -8,7 +8,7 @@
 # and the others still run.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
-#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=430)
+#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=440)
 #
 # The device image has its own Python, torch, triton and cupy and no internet: nothing is installed
 # but the wheel (into a folder of its own, put first on PYTHONPATH). Tests and benchmark run from a
@@ -47,7 +47,7 @@ step info 15 "$py" -m crossattn_gpu info
 # The Triton compile test is CPU-only work that CI already does.
 step tests 90 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" "$repo/tests" --ignore="$repo/tests/conformance" \
     --ignore="$repo/tests/kernels/test_triton_compile.py"
-step sweep 60 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
+step sweep 50 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results"
 if command -v compute-sanitizer > /dev/null; then
     # Only this project's kernels (Triton's _attention_fwd, the CUDA C attention_fwd_*): the tests' torch
@@ -55,20 +55,21 @@ if command -v compute-sanitizer > /dev/null; then
     only_ours=(--kernel-name kns=attention_fwd)
     compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" || only_ours=(--filter kns=attention_fwd)
     odd='113x130 or 130x113 or 1280 or 17x113 or 17x65'
+    # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
+    # once stopped with an internal error on the Triton kernel) cannot hide the other's result.
     for tool in memcheck racecheck; do
-        step "sanitizer-$tool" 35 compute-sanitizer --tool "$tool" "${only_ours[@]}" --error-exitcode 9 \
-            "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_attention.py" \
-            "$repo/tests/kernels/test_attention_cuda.py" -k "$odd"
-        if grep -qiE "unrecognized|unknown option|invalid option" "$work/sanitizer-$tool.log"; then
-            step "sanitizer-$tool-all-kernels" 35 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-                "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_attention.py" -k "$odd"
-        fi
+        for kernel in attention attention_cuda; do
+            step "sanitizer-$tool-$kernel" 30 compute-sanitizer --tool "$tool" "${only_ours[@]}" --error-exitcode 9 \
+                "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_$kernel.py" -k "$odd"
+        done
     done
 else
     echo "compute-sanitizer not found: memcheck and racecheck not run"
 fi
-CROSSATTN_CONFORMANCE_SUMMARY="$work/results/conformance" CROSSATTN_HYPOTHESIS_EXAMPLES=40 \
-    step conformance 75 "$py" -m pytest "${pytest_args[@]}" "$repo/tests/conformance"
+# 15 hypothesis examples per backend took 14 s on an H200; 60 did not finish in 140 s (each new shape
+# class compiles Triton variants).
+CROSSATTN_CONFORMANCE_SUMMARY="$work/results/conformance" CROSSATTN_HYPOTHESIS_EXAMPLES=15 \
+    step conformance 45 "$py" -m pytest "${pytest_args[@]}" "$repo/tests/conformance"
 
 grep -h -E "^(FAILED|ERROR)|passed|failed" "$work/tests.log" "$work/conformance.log" | tail -n 30
 grep -h -E "ERROR SUMMARY|passed|failed" "$work"/sanitizer-*.log 2> /dev/null
