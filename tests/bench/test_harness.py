@@ -36,3 +36,26 @@ def test_a_fast_wrong_result_fails_the_run(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "WRONG" in capsys.readouterr().err
     assert "WRONG" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_half_precision_rule_allows_twice_the_best_torch_error(tmp_path, monkeypatch, capsys):
+    def off_by(name, factor):
+        class Off(peers.SeedPeer):
+            def prepare(self, model, workload, pairs, dtype):
+                prepared = super().prepare(model, workload, pairs, dtype)
+                prepared.fused = lambda result: (result[0] * factor, result[1])
+                return prepared
+
+        Off.name = name
+        return Off()
+
+    # The "torch" peer is off by 1e-6; 1.5e-6 passes (within twice that), 3e-6 fails, though both
+    # are far above the fixed float64 limit of 1e-10.
+    monkeypatch.setattr(harness, "all_peers", lambda: [off_by("torch yardstick", 1 + 1e-6),
+                                                       off_by("close", 1 + 1.5e-6), off_by("too far", 1 + 3e-6)])
+    code = harness.main(["--device", "cpu", "--workloads", "W1", "--dtypes", "float64", "--repeats", "3",
+                         "--budget", "0.1", "--out-dir", str(tmp_path)])
+    assert code == 1
+    rows = {r["peer"]: r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]}
+    assert rows["torch yardstick"]["ok"] and rows["close"]["ok"] and not rows["too far"]["ok"]
+    assert abs(rows["close"]["allowed_error"] - 2 * rows["torch yardstick"]["rel_error"]) < 1e-12
