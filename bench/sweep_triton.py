@@ -2,12 +2,14 @@
 timed on the GPU workloads' attention shapes.
 
 The fusion calls the kernel with folded queries and values (B, H, L, D), the raw inputs as keys shared
-by every head (Hk = 1), and a float32 output; the sweep times exactly that call under each candidate
-configuration, after checking its result against the float64 reference on two examples. The stage
-table times one fusion direction's parts (projection GEMM, kernel, head sum) and the whole
-``fuse_representations`` call, to show where the time goes. Output: a JSON file and a table.
+by every head (Hk = 1), and asks for the heads' sum; the sweep times exactly that call under each
+candidate configuration (and with the heads summed after the kernel), after checking its result
+against the float64 reference on two examples. The stages come first: one direction's projection
+GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, and an
+unfused alternative to the kernel (GEMMs around a softmax). Output: a JSON file and a table.
 
     python -m bench.sweep_triton --out sweep.json            # on a GPU
+    python -m bench.sweep_triton --cases W3,W2:float32        # some cases only
     TRITON_INTERPRET=1 python -m bench.sweep_triton --smoke  # tiny shapes under the interpreter (tests)
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 
 import numpy as np
@@ -130,8 +131,21 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     }
     # What the two directions' GEMMs and kernels leave: validation, casts, launches.
     result["rest_s"] = result["fusion_both_directions_s"] - 2 * (result["projection_gemm_s"] + result["kernel_s"])
+    # The unfused alternative for the kernel's work, timed and checked the same way.
+    scale = width**-0.5
+    result["unfused_rel_error"] = checked_error(unfused_head_sum(q, k, v, scale), q, k, v, scale)
+    result["unfused_s"] = seconds(lambda: unfused_head_sum(q, k, v, scale))
     print(json.dumps(result), flush=True)
     return result
+
+
+def unfused_head_sum(q, k, v, scale):
+    """The kernel's work as cuBLAS GEMMs around a softmax, scores materialised: (B, H, Lq, Lk) is small
+    when sequences are short, whatever the head width. A candidate for wide heads (W3: D = 1280, where
+    the chunked kernel runs at 78 TFLOP/s); timed here before any backend would use it."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).float().sum(1).to(q.dtype)
 
 
 def main(argv=None) -> int:
@@ -139,15 +153,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and two configurations (interpreter tests)")
     parser.add_argument("--max-configs", type=int, default=7)
+    parser.add_argument("--cases", help="comma-separated NAME or NAME:dtype (e.g. W3,W2:float32); default all")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = SMOKE_CASES if args.smoke else CASES
+    if args.cases:
+        wanted = args.cases.split(",")
+        cases = [c for c in cases if c[0] in wanted or f"{c[0]}:{c[5]}" in wanted]
+        if not cases:
+            parser.error(f"--cases {args.cases} matches none of {', '.join(f'{c[0]}:{c[5]}' for c in CASES)}")
     max_configs = 2 if args.smoke else args.max_configs
     result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
               "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
               "configs": [], "stages": []}
     if not args.smoke:  # first: the stages are what a short call must not lose
-        result["stages"] = [stages(*case, device) for case in CASES]
+        result["stages"] = [stages(*case, device) for case in cases]
     for case in cases:
         result["configs"] += sweep_case(*case, device, max_configs)
     print(markdown(result["configs"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .._optional import require
-from ..weights import WEIGHT_NAMES, weights_digest
+from ..weights import weights_digest
 
 require("onnx", "the ONNX export")
 import onnx  # noqa: E402

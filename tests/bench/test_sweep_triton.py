@@ -35,3 +35,15 @@ def test_a_config_that_fails_is_recorded_not_fatal(monkeypatch):
     monkeypatch.setattr(sweep_triton, "candidates", lambda *a: [({"BLOCK_M": 16}, True)])  # wrong keys: refused
     (row,) = sweep_triton.sweep_case("bad", 1, 1, 8, 8, "float32", "cpu" if not torch.cuda.is_available() else "cuda", 4)
     assert row["error"].startswith("ValueError: config must have exactly the keys")
+
+
+def test_unfused_alternative_computes_the_heads_sum():
+    q, k, v = sweep_triton.fusion_inputs(2, 3, 17, 24, torch.float32, "cpu")
+    scale = 24**-0.5
+    assert sweep_triton.checked_error(sweep_triton.unfused_head_sum(q, k, v, scale), q, k, v, scale) < 1e-6
+
+
+def test_cases_option_selects_and_rejects(capsys):
+    with pytest.raises(SystemExit):
+        sweep_triton.main(["--cases", "W9"])
+    assert "matches none" in capsys.readouterr().err
