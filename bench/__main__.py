@@ -93,11 +93,11 @@ def run_workload(workload, peers, dtypes, device, repeats, budget_s, ceil, log) 
             calls = max(ROUNDS, min(repeats, int(budget_s / max(one, 1e-6))))
             entries.append({"row": {**base, "peak_bytes": peak, "rel_error": error},
                             "prepared": prepared, "per_round": math.ceil(calls / ROUNDS), "times": []})
-    for entry in entries:
-        row = entry["row"]
-        torch_errors = [e["row"]["rel_error"] for e in entries
-                        if e["row"]["peer"].startswith("torch") and e["row"]["dtype"] == row["dtype"]]
-        row["allowed_error"] = max(TOLERANCE[row["dtype"]], 2 * min(torch_errors, default=0.0))
+    best_torch = {}  # dtype -> the smallest error of a torch peer
+    for row in (e["row"] for e in entries if e["row"]["peer"].startswith("torch")):
+        best_torch[row["dtype"]] = min(row["rel_error"], best_torch.get(row["dtype"], math.inf))
+    for row in (e["row"] for e in entries):
+        row["allowed_error"] = max(TOLERANCE[row["dtype"]], 2 * best_torch.get(row["dtype"], 0.0))
         row["ok"] = row["rel_error"] <= row["allowed_error"]
 
     for _ in range(ROUNDS):

@@ -76,15 +76,25 @@ def fusion_inputs(batch, heads, length, width, dtype, device, seed=0):
     return q, keys, v
 
 
-def checked_error(head_sum, q, k, v, scale) -> float:
-    """Relative max error of the heads' sum for the first two examples against the float64 reference."""
-    rows = slice(0, 2)
-    want, _, _ = reference(*(t[rows].double().cpu().numpy() for t in (q, k, v)), scale=scale)
-    want = want.sum(1)
-    got = head_sum[rows].double().cpu().numpy()
+CHECKED = slice(0, 2)  # the examples whose results are checked against float64
+
+
+def reference_head_sum(q, k, v, scale) -> np.ndarray:
+    """The float64 reference of the heads' sum for the checked examples."""
+    want, _, _ = reference(*(t[CHECKED].double().cpu().numpy() for t in (q, k, v)), scale=scale)
+    return want.sum(1)
+
+
+def relative_error(head_sum, want) -> float:
+    """Relative max error of the checked examples of ``head_sum`` against ``want``."""
+    got = head_sum[CHECKED].double().cpu().numpy()
     if not np.isfinite(got).all():
         return float("inf")
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def checked_error(head_sum, q, k, v, scale) -> float:
+    return relative_error(head_sum, reference_head_sum(q, k, v, scale))
 
 
 def sweep_case(name, batch, heads, length, width, dtype_name, device, max_configs) -> list[dict]:
@@ -92,6 +102,7 @@ def sweep_case(name, batch, heads, length, width, dtype_name, device, max_config
     dtype = getattr(torch, dtype_name)
     q, k, v = fusion_inputs(batch, heads, length, width, dtype, device)
     scale = width**-0.5
+    want = reference_head_sum(q, k, v, scale)  # once: every candidate computes the same function
     rows = []
     for index, (config, sum_heads) in enumerate(candidates(length, width, dtype)[:max_configs]):
         row = {"case": name, "dtype": dtype_name, "B": batch, "H": heads, "L": length, "D": width,
@@ -102,7 +113,7 @@ def sweep_case(name, batch, heads, length, width, dtype_name, device, max_config
 
         try:
             out = call()
-            row["rel_error"] = checked_error(out if sum_heads else out.float().sum(1), q, k, v, scale)
+            row["rel_error"] = relative_error(out if sum_heads else out.float().sum(1), want)
             row["median_s"] = seconds(call if sum_heads else lambda: call().float().sum(1).to(dtype))
         except Exception as exc:  # a configuration that does not compile (shared memory) is recorded, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

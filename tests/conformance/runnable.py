@@ -47,8 +47,9 @@ def _why_not(backend: str, dtype: str) -> str | None:
     return None
 
 
-BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for b, d in _CANDIDATES if _why_not(b, d) is None]
-NOT_RUN = {f"{b}-{d}": _why_not(b, d) for b, d in _CANDIDATES if _why_not(b, d) is not None}
+_REASONS = {(b, d): _why_not(b, d) for b, d in _CANDIDATES}
+BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for (b, d), why in _REASONS.items() if why is None]
+NOT_RUN = {f"{b}-{d}": why for (b, d), why in _REASONS.items() if why is not None}
 
 
 def model_for(backend: str, reference: CrossAttention) -> CrossAttention:
