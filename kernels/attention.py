@@ -47,10 +47,10 @@ import triton
 import triton.language as tl
 
 from . import contract
+from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
-#: The seed's fill value for masked scores.
-MASK_FILL = -1e9
-_LOG2E = 1.4426950408889634
+MASK_FILL = contract.MASK_FILL
+_LOG2E = contract.LOG2E
 
 
 @triton.jit
@@ -294,7 +294,11 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
             outputs never reach memory; otherwise they are written in float32 and summed after.
         allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
-            (for tuning sweeps, ``bench/sweep_triton.py``).
+            (for tuning sweeps, ``bench/sweep_triton.py``); it always runs this file's fused kernel.
+
+    Wide heads over short sequences (``attention_two_pass.preferred``: 16-bit heads over 256 wide,
+    float32 over 64, and Lk <= Dv) go to ``attention_two_pass``, which computes the same function
+    with the scores materialised; ``config`` keeps them here.
 
     Returns:
         O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32, the natural-log
@@ -309,6 +313,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
+    if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
+        return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
+                                  sum_heads=sum_heads, allow_tf32=allow_tf32)
     if masked is not None:
         contract.check_masked(masked, batch, len_q, len_k)
         masked = masked.to(device=q.device, dtype=torch.uint8)

@@ -15,8 +15,8 @@ import numpy as np
 
 from . import contract
 
-MASK_FILL = -1e9
-_LOG2E = 1.4426950408889634
+MASK_FILL = contract.MASK_FILL
+_LOG2E = contract.LOG2E
 BLOCK_M, BLOCK_N, CHUNK_K, CHUNK_V, THREADS = 16, 64, 64, 128, 256  # as in attention_cuda.cu
 # q, k and v tiles, scores, and three per-row vectors, in float32: 57 KiB, above the 48 KiB default.
 SHARED_BYTES = 4 * (BLOCK_M * CHUNK_K + BLOCK_N * (CHUNK_K + 1) + BLOCK_N * CHUNK_V + BLOCK_M * BLOCK_N + 3 * BLOCK_M)

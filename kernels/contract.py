@@ -7,6 +7,11 @@ from __future__ import annotations
 
 DTYPES = ("float32", "float16", "bfloat16")
 
+#: The seed's fill value for masked scores (finite: a fully masked row gets uniform weights).
+MASK_FILL = -1e9
+#: log2(e): the kernels work in base 2, with scale * log2(e) folded into one multiply.
+LOG2E = 1.4426950408889634
+
 
 def dtype_name(t) -> str:
     return str(t.dtype).replace("torch.", "")

@@ -18,21 +18,24 @@ def test_smoke_sweep_checks_times_and_writes_json(tmp_path, capsys):
     assert {r["case"] for r in rows} == {name for name, *_ in sweep_triton.SMOKE_CASES}
     assert all(r["median_s"] > 0 and r["rel_error"] < 1e-3 for r in rows)
     assert sum(r["is_default"] for r in rows) == len(sweep_triton.SMOKE_CASES)
+    assert {r["kernel"] for r in rows if r["case"] == "tiny-wide"} == {"two_pass", "fused"}
     assert "| tiny | float32 |" in capsys.readouterr().out
 
 
-def test_candidates_start_with_the_default_and_are_distinct():
-    pairs = sweep_triton.candidates(256, 1280, torch.bfloat16)
-    assert pairs[:2] == [(sweep_triton.launch_config(256, 256, 1280, 1280, 2), True),
-                         (sweep_triton.launch_config(256, 256, 1280, 1280, 2), False)]
-    assert len({json.dumps(p, sort_keys=True) for p in pairs}) == len(pairs)
-    assert any(c["BLOCK_M"] == 128 for c, _ in pairs)
-    precisions = {c["INPUT_PRECISION"] for c, _ in sweep_triton.candidates(256, 128, torch.float32)}
-    assert precisions == {"ieee", "tf32x3", "tf32"}
+def test_candidates_start_with_the_launchers_choice_and_are_distinct():
+    fused = sweep_triton.launch_config(256, 256, 1280, 1280, 2)
+    wide = sweep_triton.candidates(256, 1280, torch.bfloat16)  # W3: the two-pass operator first
+    assert wide[:3] == [("two_pass", sweep_triton.two_pass.launch_config(256, 256, 1280, 1280, 2), True),
+                        ("fused", fused, True), ("fused", fused, False)]
+    assert len({json.dumps(c, sort_keys=True) for c in wide}) == len(wide)
+    assert any(kernel == "fused" and c["BLOCK_M"] == 128 for kernel, c, _ in wide)
+    narrow = sweep_triton.candidates(256, 128, torch.float32)  # W2 float32: the fused kernel only
+    assert {kernel for kernel, _, _ in narrow} == {"fused"}
+    assert {c["INPUT_PRECISION"] for _, c, _ in narrow} == {"ieee", "tf32x3", "tf32"}
 
 
 def test_a_config_that_fails_is_recorded_not_fatal(monkeypatch):
-    monkeypatch.setattr(sweep_triton, "candidates", lambda *a: [({"BLOCK_M": 16}, True)])  # wrong keys: refused
+    monkeypatch.setattr(sweep_triton, "candidates", lambda *a: [("fused", {"BLOCK_M": 16}, True)])  # wrong keys: refused
     (row,) = sweep_triton.sweep_case("bad", 1, 1, 8, 8, "float32", "cpu" if not torch.cuda.is_available() else "cuda", 4)
     assert row["error"].startswith("ValueError: config must have exactly the keys")
 

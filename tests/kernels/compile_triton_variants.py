@@ -1,8 +1,9 @@
-"""Compile kernels/attention.py's kernel with Triton's real compiler (to PTX and a cubin through
-ptxas) for sm_80 and sm_90, in the launch configuration the launcher picks for a shape of every kind,
-with and without mask and lengths, and check that each fits the chip's shared memory: no GPU is
-needed, and the interpreter, which the other kernel tests use, cannot catch what only the compiler
-checks (types, layouts, scf.if, shared memory).
+"""Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
+passes) with Triton's real compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the
+launch configuration each launcher picks for a shape of every kind, with and without mask and
+lengths, and check that each fits the chip's shared memory: no GPU is needed, and the interpreter,
+which the other kernel tests use, cannot catch what only the compiler checks (types, layouts,
+scf.if, shared memory).
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py``. Prints one line per
 variant and exits 1 on any failure.
@@ -17,25 +18,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from crossattn_gpu.kernels import attention as kernel_module
+from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 
-POINTER_TYPES = {"Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32"}
+POINTER_TYPES = {"Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32", "Scores": "*fp32",
+                 "RowMax": "*fp32", "RowInvSum": "*fp32"}
 SCALARS = {"num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
-           "qk_scale": "fp32", "mask_fill": "fp32"}
+           "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32"}
 
 
-#: (Lq, Lk, Dk, Dv) whose launch configurations are compiled: every branch of launch_config.
+#: (Lq, Lk, Dk, Dv) whose fused launch configurations are compiled: every branch of launch_config.
 SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096, 256, 256),
           "W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
+#: The shapes of the two-pass operator: W3 and a short one (its smallest blocks).
+TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 #: Triton's name of each dtype, its size, and allow_tf32.
 DTYPES = [("fp32", 4, False), ("fp32", 4, True), ("fp16", 2, False), ("bf16", 2, False)]
 #: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def compile_variant(dtype: str, cfg: dict, shape: tuple, arch: int, extras: bool) -> int:
-    """Compile one launch configuration as the launcher would use it; returns its shared memory in bytes."""
-    len_q, len_k, dim_k, dim_v = shape
-    fn = kernel_module._attention_fwd
+def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -> int:
+    """Compile one @triton.jit kernel with q/k/v/out in ``dtype``; returns its shared memory in bytes."""
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
@@ -49,6 +52,13 @@ def compile_variant(dtype: str, cfg: dict, shape: tuple, arch: int, extras: bool
             signature[name] = SCALARS[name]
         else:
             signature[name] = "constexpr"
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+
+
+def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
+    """(kernel, constexprs) of the fused kernel as the launcher would use them."""
+    len_q, len_k, dim_k, dim_v = shape
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
     constexprs.update(HAS_MASK=extras, HAS_KLEN=extras, SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
                       SINGLE_DV=dim_v <= cfg["BLOCK_DV"], EVEN_M=len_q % cfg["BLOCK_M"] == 0,
@@ -56,25 +66,38 @@ def compile_variant(dtype: str, cfg: dict, shape: tuple, arch: int, extras: bool
                       EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
                       # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths.
                       SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"])
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+    return [(kernel_module._attention_fwd, constexprs)]
+
+
+def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
+    """(kernel, constexprs) of both passes as the launcher would use them (heads summed with extras)."""
+    len_q, len_k, dim_k, dim_v = shape
+    even = {"EVEN_M": len_q % cfg["BLOCK_M"] == 0, "EVEN_N": len_k % cfg["BLOCK_N"] == 0 and not extras}
+    common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "INPUT_PRECISION": cfg["INPUT_PRECISION"],
+              "HAS_KLEN": extras, **even}
+    scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0}
+    values = {**common, "BLOCK_DV": cfg["BLOCK_DV"], "EVEN_DV": dim_v % cfg["BLOCK_DV"] == 0, "SUM_HEADS": extras}
+    return [(two_pass_module._attention_fwd_scores, scores), (two_pass_module._attention_fwd_probs_values, values)]
 
 
 def main() -> int:
     failures = 0
-    for (dtype, itemsize, tf32), (name, shape), arch, extras in itertools.product(DTYPES, SHAPES.items(), [80, 90],
-                                                                                  [False, True]):
-        cfg = kernel_module.launch_config(*shape, itemsize, allow_tf32=tf32)
-        label = f"{dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
-        try:
-            shared = compile_variant(dtype, cfg, shape, arch, extras)
-            if shared > SHARED_LIMIT[arch]:
-                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
-            print(f"ok   {label} shared={shared}")
-        except Exception as exc:  # report every failing variant, then fail
-            failures += 1
-            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
+    plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
+    for (module, shapes, variants), (dtype, itemsize, tf32), arch, extras in itertools.product(
+            plans, DTYPES, [80, 90], [False, True]):
+        for name, shape in shapes.items():
+            cfg = module.launch_config(*shape, itemsize, allow_tf32=tf32)
+            options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            for fn, constexprs in variants(dtype, cfg, shape, extras):
+                label = f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
+                try:
+                    shared = compile_kernel(fn, dtype, constexprs, options, arch)
+                    if shared > SHARED_LIMIT[arch]:
+                        raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
+                    print(f"ok   {label} shared={shared}")
+                except Exception as exc:  # report every failing variant, then fail
+                    failures += 1
+                    print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
     return 1 if failures else 0
 
 

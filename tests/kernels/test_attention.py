@@ -2,6 +2,8 @@
 
 On a machine without a GPU these run under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), on torch CPU tensors: indexing, masking and arithmetic are checked, not speed.
+The grid runs the fused kernel itself (a ``config`` keeps every shape there, wide heads included);
+tests/kernels/test_attention_two_pass.py runs the same grid through the two-pass operator.
 """
 
 import numpy as np
@@ -12,94 +14,34 @@ pytest.importorskip("triton")
 
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+from crossattn_gpu.kernels import attention_two_pass  # noqa: E402
 from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E402
-from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-DEVICE = "cpu" if interpreter_mode() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if interpreter_mode() else [torch.bfloat16])
+from attention_check import DEVICE, DTYPES, check  # noqa: E402
+from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
 
 
-def plain_torch(q, k, v, scale, masked, k_lengths):
-    """The same attention written plainly in torch, in the inputs' dtype: the accuracy yardstick."""
-    kk = k.expand(-1, q.shape[1], -1, -1)
-    vv = v.expand(-1, q.shape[1], -1, -1)
-    scores = torch.matmul(q, kk.transpose(-1, -2)) * scale
-    if masked is not None:
-        scores = scores.masked_fill(masked[:, None], -1e9 if q.dtype == torch.float32 else -6e4)
-    if k_lengths is not None:
-        pad = torch.arange(k.shape[2], device=q.device)[None, :] >= k_lengths[:, None]
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vv)
-
-
-def check(batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v, dtype, mask=False, ragged=False, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, heads, len_q, dim_k))
-    k = rng.standard_normal((batch, heads_k, len_k, dim_k))
-    v = rng.standard_normal((batch, heads_v, len_k, dim_v))
-    masked = None
-    if mask:
-        masked = rng.random((batch, len_q, len_k)) < 0.3
-        masked[:, 0] = True  # a fully masked row: uniform weights
-    lengths = rng.integers(1, len_k + 1, size=batch) if ragged else None
-    if ragged:
-        lengths[0] = 1  # one example of length 1
-    scale = 1.0 / np.sqrt(dim_k)
-
-    def dev(x, dt=dtype):
-        return torch.tensor(x, dtype=dt, device=DEVICE)
-
-    tq, tk, tv = dev(q), dev(k), dev(v)
-    # The reference sees the inputs as rounded to the dtype, in float64.
-    want, want_lse, _ = reference(
-        *(t.double().cpu().numpy() for t in (tq, tk, tv)), scale=scale, masked=masked, k_lengths=lengths, need_lse=True
-    )
-    t_masked = None if masked is None else torch.tensor(masked, device=DEVICE)
-    t_lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
-    out, lse = attention(tq, tk, tv, scale=scale, masked=t_masked, k_lengths=t_lengths)
-    assert out.dtype == dtype and out.shape == (batch, heads, len_q, dim_v)
-    got = out.double().cpu().numpy()
-    assert np.isfinite(got).all()
-    err = np.abs(got - want).max() / np.abs(want).max()
-    # The heads' sum, as the fusion asks for it (in registers when Dv fits one chunk).
-    summed, summed_lse = attention(tq, tk, tv, scale=scale, masked=t_masked, k_lengths=t_lengths, sum_heads=True)
-    assert summed.dtype == dtype and summed.shape == (batch, len_q, dim_v)
-    torch.testing.assert_close(summed_lse, lse, rtol=1e-6, atol=1e-6)
-    want_sum = want.sum(1)
-    got_sum = summed.double().cpu().numpy()
-    assert np.isfinite(got_sum).all()
-    err_sum = np.abs(got_sum - want_sum).max() / np.abs(want_sum).max()
-    if dtype == torch.float32:
-        assert err <= 1e-5, err
-        assert err_sum <= 1e-5, err_sum
-    else:
-        yard_heads = plain_torch(tq, tk, tv, scale, t_masked, t_lengths)
-        yard = yard_heads.double().cpu().numpy()
-        yard_err = np.abs(yard - want).max() / np.abs(want).max()
-        assert err <= 2 * yard_err, (err, yard_err)
-        yard_sum = yard_heads.float().sum(1).to(dtype).double().cpu().numpy()
-        yard_sum_err = np.abs(yard_sum - want_sum).max() / np.abs(want_sum).max()
-        assert err_sum <= 2 * yard_sum_err, (err_sum, yard_sum_err)
-    # lse: compare where rows are not fully masked (there lse is about -1e9 and float32 holds it coarsely)
-    lse_err = np.abs(lse.double().cpu().numpy() - want_lse) / np.maximum(np.abs(want_lse), 1.0)
-    assert lse_err.max() <= (1e-5 if dtype == torch.float32 else 2e-3)
-
-
+def fused(q, k, v, **kwargs):
+    """The fused kernel whatever the shape: an explicit config bypasses the two-pass dispatch."""
+    len_q, dim_k = q.shape[2:]
+    len_k, dim_v = k.shape[2], v.shape[3]
+    config = launch_config(len_q, len_k, dim_k, dim_v, q.element_size())
+    return attention(q, k, v, config=config, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference(shape, dtype):
-    check(*shape, dtype=dtype)
+    check(fused, *shape, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", MASKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_masks_and_ragged_keys(shape, dtype):
-    check(*shape, dtype=dtype, mask=True, ragged=True)
+    check(fused, *shape, dtype=dtype, mask=True, ragged=True)
 
 
 def test_strided_inputs_and_shared_mask():
@@ -168,4 +110,22 @@ def test_launch_config_tiles_any_width():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_head_width_4096(dtype):
-    check(1, 2, 1, 2, 70, 90, 4096, 4096, dtype=dtype, ragged=True)
+    check(fused, 1, 2, 1, 2, 70, 90, 4096, 4096, dtype=dtype, ragged=True)
+
+
+@pytest.mark.parametrize(
+    "shape,two_pass",
+    [((1, 2, 1, 2, 17, 33, 300, 300), True),  # 16-bit-chunked width, keys fewer than the width
+     ((1, 2, 1, 2, 17, 40, 24, 24), False),  # narrow heads: the fused kernel's registers
+     ((1, 1, 1, 1, 9, 400, 300, 300), False)],  # keys outnumber the width: the fused kernel's scratch
+)
+def test_wide_heads_over_short_sequences_take_the_two_pass_operator(shape, two_pass):
+    batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v = shape
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, len_q, dim_k, generator=gen).half().to(DEVICE)
+    k = torch.randn(batch, heads_k, len_k, dim_k, generator=gen).half().to(DEVICE)
+    v = torch.randn(batch, heads_v, len_k, dim_v, generator=gen).half().to(DEVICE)
+    assert attention_two_pass.preferred(len_q, len_k, dim_k, dim_v, itemsize=2) is two_pass
+    got, got_lse = attention(q, k, v, scale=0.1, sum_heads=True)
+    want, want_lse = (attention_two_pass.attention_two_pass if two_pass else fused)(q, k, v, scale=0.1, sum_heads=True)
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)

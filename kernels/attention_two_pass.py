@@ -1,0 +1,334 @@
+"""Attention for wide heads over short sequences, in two passes: O = softmax(scale * Q K^T, masked) V.
+
+The same contract as ``kernels/attention.py`` (SPEC section 3), which hands it the shapes where it is
+the better plan (``preferred``): heads too wide for the fused kernel's one register chunk (16-bit
+above 256, float32 above 64) and keys no more than the head width.
+
+Why two passes
+--------------
+The fused kernel keeps one (BLOCK_M, Dv) output accumulator per query block. A 1280-wide head
+(ESM-2 650M) does not fit in registers, so the fused kernel keeps it in a float32 scratch in global
+memory and reloads, rescales and stores every chunk of it once per key block: 78 TFLOP/s on an H200
+for W3 (B=64, H=8, L=256, D=1280; bench/results/2026-11-28-nvidia-h200-sweep-2.md), a tenth of the
+bfloat16 GEMM ceiling. When the keys are fewer than the head width, the scores are the smaller
+tensor, so this operator materialises them instead:
+
+1. ``_attention_fwd_scores``, one program per (batch, head, query block): S = scale * Q K^T accumulated over
+   Dk-chunks in float32 (tl.dot), masked, written to a float32 scratch, with the online row maximum
+   and sum in base 2. Stores the row maximum m, 1 / (row sum) and the lse.
+2. ``_attention_fwd_probs_values``, one program per (batch, query block, Dv chunk), Dv chunk fastest in the
+   launch order so that the programs re-reading one block of scores run together (L2): for every
+   head (SUM_HEADS) and key block, P = exp2(S - m) / sum, cast to the values' dtype as FlashAttention
+   does, and acc += P @ V[:, chunk] in float32 registers. The output is written once, and the heads'
+   sum (the fusion's output, SPEC section 4) is taken in those registers: neither the per-head outputs
+   nor a rescaled accumulator ever reach memory.
+
+The maximum and the reciprocal sum are kept apart (not folded into an lse) because a fully masked row
+has m = -1e9 * log2(e), where float32 cannot hold m + log2(sum): exp2(S - m) = 1 there, and the row is
+uniform, as the seed's mask requires.
+
+Cost for W3 per direction: 2 x 86 GFLOP of tl.dot work in tile shapes a GEMM would use, plus the
+scores, 134 MB of float32, written once and read once per Dv chunk. Memory: the scratch is
+B x H x Lq x Lk x 4 bytes, no more than the fused kernel's B x H x Lq x Dv x 4 accumulator when
+Lk <= Dv, which ``preferred`` requires.
+
+Ragged keys: both passes stop at the example's key length; scores past it in the last block are -inf
+(zero weight), and nothing past the end of K or V is read. The scratch is padded to whole blocks, so
+its loads and stores need no masks; pass 2 reads only the blocks pass 1 wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contract
+
+
+@triton.jit
+def _attention_fwd_scores(
+    Q, K, Mask, KLen, Scores, RowMax, RowInvSum, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mm, stride_mn,
+    stride_s_row,  # the scratch row: padded Lk
+    num_heads, len_q, len_k, dim_k, rows_padded,
+    qk_scale,  # scale * log2(e)
+    mask_fill,  # the seed's -1e9 times log2(e)
+    HAS_MASK: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_DK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Axis 0 is batch x heads (up to 2**31 - 1; axis 1 stops at 65535, which B * H can pass).
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * H * Lq * Lk can pass 2**31
+    pid_m = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    row_ok = offs_m < len_q
+
+    k_len = len_k
+    if HAS_KLEN:  # clamped to len_k, so a bad length stays in bounds
+        k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    s_base = Scores + pid_bh * rows_padded * stride_s_row
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, k_len, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start_d in range(0, dim_k, BLOCK_DK):
+            dks = start_d + offs_dk
+            q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
+            k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
+            if EVEN_M and EVEN_N and EVEN_DK:
+                qc = tl.load(q_ptrs)
+                kc = tl.load(k_ptrs)
+            else:
+                qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
+                kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
+            s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
+        s = s * qk_scale
+        if HAS_MASK:
+            m_ptrs = Mask + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+            masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            s = tl.where(masked != 0, mask_fill, s)
+        if not EVEN_N:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Every program's rows and this block's columns lie inside the padded scratch.
+        tl.store(s_base + offs_m[:, None] * stride_s_row + cols[None, :], s)
+        # Online maximum and sum; each key block holds a valid key (lengths >= 1), so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+
+    stat = pid_bh * rows_padded + offs_m  # padded rows too: pass 2 loads them without masks
+    tl.store(RowMax + stat, m_i)
+    tl.store(RowInvSum + stat, 1.0 / l_i)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log units
+    if EVEN_M:
+        tl.store(Lse + pid_bh * len_q + offs_m, lse)
+    else:
+        tl.store(Lse + pid_bh * len_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_fwd_probs_values(
+    Scores, RowMax, RowInvSum, V, KLen, Out,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_s_row,
+    num_heads, len_q, len_k, dim_v, rows_padded, blocks_m, blocks_dv,
+    HAS_KLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SUM_HEADS: tl.constexpr,
+):
+    # One axis, Dv chunk fastest, then query block, then batch (x head): the programs that re-read one
+    # block of scores are launched side by side.
+    pid = tl.program_id(0)
+    pid_dv = pid % blocks_dv
+    pid_m = (pid // blocks_dv) % blocks_m
+    pid_bh = (pid // (blocks_dv * blocks_m)).to(tl.int64)
+    if SUM_HEADS:
+        off_b = pid_bh
+        first_head = 0
+        head_count = num_heads
+    else:
+        off_b = pid_bh // num_heads
+        first_head = pid_bh % num_heads
+        head_count = 1
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < len_q
+    dv_ok = offs_dv < dim_v
+
+    k_len = len_k
+    if HAS_KLEN:
+        k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    for head in range(first_head, first_head + head_count):
+        off_h = tl.cast(head, tl.int64)
+        row = off_b * num_heads + off_h
+        row_max = tl.load(RowMax + row * rows_padded + offs_m)
+        inv_sum = tl.load(RowInvSum + row * rows_padded + offs_m)
+        s_base = Scores + row * rows_padded * stride_s_row
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        for start_n in range(0, k_len, BLOCK_N):
+            cols = start_n + offs_n
+            s = tl.load(s_base + offs_m[:, None] * stride_s_row + cols[None, :])
+            # Keys past the length hold -inf from pass 1: exp2 gives them exactly zero weight.
+            p = tl.exp2(s - row_max[:, None]) * inv_sum[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+            if EVEN_N and EVEN_DV:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dv_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+
+    o_ptrs = Out + off_b * stride_ob + first_head * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o = acc.to(Out.dtype.element_ty)
+    if EVEN_M and EVEN_DV:
+        tl.store(o_ptrs, o)
+    else:
+        tl.store(o_ptrs, o, mask=row_ok[:, None] & dv_ok[None, :])
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+#: The widest head the fused kernel holds in one register chunk, by bytes per element.
+FUSED_ONE_CHUNK = {2: 256, 4: 64}
+
+
+def preferred(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> bool:
+    """True where this operator replaces the fused kernel: heads too wide for the fused kernel's one
+    register chunk, and keys no more than the value width, so that its score scratch (Lq x Lk) is no
+    bigger than the fused kernel's accumulator scratch (Lq x Dv).
+
+    Not yet measured on a GPU (the prediction for W3 bfloat16 is in bench/NOTES.md);
+    ``bench/sweep_triton.py`` times both kernels on the same calls.
+    """
+    widest = max(dim_k, dim_v)
+    return widest > FUSED_ONE_CHUNK[min(itemsize, 4)] and len_k <= dim_v
+
+
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
+    """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch).
+
+    Not tuned on a GPU yet: tile shapes of a Hopper GEMM, 128 x 64 with 64-wide Dk chunks and 128-wide
+    Dv chunks for 16-bit inputs (pass 2 holds a 128 x 64 float32 score block and a 128 x 128 float32
+    accumulator: 96 registers a thread at 8 warps), halved for float32, whose tiles take twice the
+    shared memory. tl.dot needs every block dimension >= 16.
+    """
+    half = itemsize <= 2
+    block_m, block_n, block_dk, block_dv = (128, 64, 64, 128) if half else (64, 64, 32, 64)
+    return {
+        "BLOCK_M": min(block_m, _pow2_at_least_16(len_q)),
+        "BLOCK_N": min(block_n, _pow2_at_least_16(len_k)),
+        "BLOCK_DK": min(block_dk, _pow2_at_least_16(dim_k)),
+        "BLOCK_DV": min(block_dv, _pow2_at_least_16(dim_v)),
+        "num_warps": 8 if half else 4,
+        "num_stages": 2,
+        "INPUT_PRECISION": "tf32" if allow_tf32 and not half else "ieee",
+    }
+
+
+def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None,
+                       sum_heads: bool = False, allow_tf32: bool = False, config: dict | None = None):
+    """Attention forward in two passes (scores materialised in float32), for wide heads.
+
+    Args:
+        q: (B, H, Lq, Dk); k: (B, Hk, Lk, Dk); v: (B, Hv, Lk, Dv); Hk, Hv in {1, H}. One dtype among
+            float32, float16, bfloat16; one device; any strides.
+        scale: multiplies the scores.
+        masked: optional bool or uint8 (Bm, Lq, Lk) with Bm in {1, B}: nonzero where the seed's mask is
+            0 (the score becomes -1e9).
+        k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
+        out_dtype: dtype of O (default: q's dtype).
+        sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 registers.
+        allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
+        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
+
+    Returns:
+        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
+
+    Raises:
+        TypeError / ValueError on inputs that break the contract, or when the launch would need more
+        than 2**31 - 1 programs.
+
+    Takes B x H x Lq x Lk x 4 bytes of scratch for the scores (rounded up to whole blocks).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
+    if masked is not None:
+        contract.check_masked(masked, batch, len_q, len_k)
+        masked = masked.to(device=q.device, dtype=torch.uint8)
+    if k_lengths is not None:
+        contract.check_lengths(k_lengths, batch, len_k)
+        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
+
+    cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)
+    if config is not None:
+        if set(config) != set(cfg):
+            raise ValueError(f"config must have exactly the keys {sorted(cfg)}; got {sorted(config)}")
+        cfg = dict(config)
+    block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    blocks_m, blocks_dv = triton.cdiv(len_q, block_m), triton.cdiv(dim_v, block_dv)
+    programs = blocks_dv * blocks_m * (batch if sum_heads else batch * heads)
+    if programs >= 2**31:
+        raise ValueError(f"this call needs {programs} programs, more than a grid axis takes (2**31 - 1); "
+                         "split the batch")
+
+    rows, cols = blocks_m * block_m, triton.cdiv(len_k, block_n) * block_n
+    scores = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
+    row_max = torch.empty((batch, heads, rows), device=q.device, dtype=torch.float32)
+    row_inv_sum = torch.empty_like(row_max)
+    lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
+    lengths_arg = k_lengths if k_lengths is not None else q  # a valid pointer that HAS_KLEN=False never reads
+    mask_arg = masked if masked is not None else q
+    mask_strides = (
+        (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
+        if masked is not None else (0, 0, 0)
+    )
+    even_n = len_k % block_n == 0 and k_lengths is None
+    _attention_fwd_scores[(batch * heads, blocks_m)](
+        q, k, mask_arg, lengths_arg, scores, row_max, row_inv_sum, lse,
+        *q.stride(),
+        k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
+        *mask_strides,
+        cols,
+        heads, len_q, len_k, dim_k, rows,
+        float(scale) * contract.LOG2E,
+        contract.MASK_FILL * contract.LOG2E,
+        HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+        EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
+        INPUT_PRECISION=cfg["INPUT_PRECISION"], **launch,
+    )
+
+    dtype = out_dtype or q.dtype
+    if sum_heads:
+        out = torch.empty((batch, len_q, dim_v), device=q.device, dtype=dtype)
+        out_strides = (out.stride(0), 0, out.stride(1), out.stride(2))
+    else:
+        out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=dtype)
+        out_strides = out.stride()
+    _attention_fwd_probs_values[(programs,)](
+        scores, row_max, row_inv_sum, v, lengths_arg, out,
+        v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
+        *out_strides,
+        cols,
+        heads, len_q, len_k, dim_v, rows, blocks_m, blocks_dv,
+        HAS_KLEN=k_lengths is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv,
+        EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DV=dim_v % block_dv == 0,
+        INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, **launch,
+    )
+    return out, lse

@@ -1,0 +1,92 @@
+"""kernels/attention_two_pass.py against the NumPy reference of the kernel contract (SPEC section 3), on
+the same grid as the fused kernel (under Triton's interpreter on a machine without a GPU)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+from crossattn_gpu.kernels.attention_two_pass import attention_two_pass, launch_config, preferred  # noqa: E402
+
+if not interpreter_mode() and not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from attention_check import DEVICE, DTYPES, check  # noqa: E402
+from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype):
+    check(attention_two_pass, *shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MASKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masks_and_ragged_keys(shape, dtype):
+    check(attention_two_pass, *shape, dtype=dtype, mask=True, ragged=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_width_4096(dtype):
+    check(attention_two_pass, 1, 2, 1, 2, 70, 90, 4096, 4096, dtype=dtype, ragged=True)
+
+
+def test_strided_inputs_broadcast_values_and_shared_mask():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 9, 3, 2, 40, generator=gen).to(DEVICE)
+    q = base[:, :, 0].transpose(1, 2)  # (B, H, L, D) views with odd strides
+    k = base[:, :, 1, :1].transpose(1, 2)
+    v = base[:, :, 2, :1].transpose(1, 2)  # one value head for both query heads
+    masked = torch.rand(1, 9, 9, generator=gen).to(DEVICE) < 0.5
+    got, got_lse = attention_two_pass(q, k, v, scale=0.25, masked=masked)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    scores = scores.masked_fill(masked[:, None], -1e9)
+    torch.testing.assert_close(got.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_lse.double(), torch.logsumexp(scores, -1), rtol=1e-6, atol=1e-5)
+
+
+def test_config_override_and_bad_config():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 20, 150, generator=gen).to(DEVICE)
+    cfg = launch_config(20, 20, 150, 150, itemsize=4)
+    small = {**cfg, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_DK": 16, "BLOCK_DV": 32}
+    got, _ = attention_two_pass(q, q, q, scale=0.1, config=small)
+    want, _ = attention_two_pass(q, q, q, scale=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="config must have exactly the keys"):
+        attention_two_pass(q, q, q, scale=0.1, config={"BLOCK_M": 16})
+
+
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (lambda q: (q[0], q, q), ValueError, "q must have rank 4"),
+        (lambda q: (q, q.half(), q), TypeError, "share one dtype"),
+        (lambda q: (q, q, q[:, :, :3]), ValueError, "share the key length"),
+        (lambda q: (q.numpy(), q, q), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_rejects_bad_inputs(make, error, message):
+    q = torch.randn(2, 2, 5, 300)
+    with pytest.raises(error, match=message):
+        attention_two_pass(*make(q), scale=1.0)
+
+
+def test_rejects_bad_lengths_and_masks():
+    q = torch.randn(2, 1, 5, 300, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k_lengths must lie in 1..5"):
+        attention_two_pass(q, q, q, scale=1.0, k_lengths=torch.tensor([5, 6], device=DEVICE))
+    with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 5, 5\)"):
+        attention_two_pass(q, q, q, scale=1.0, masked=torch.ones(3, 5, 5, dtype=torch.bool, device=DEVICE))
+
+
+def test_preferred_only_where_the_fused_kernel_would_chunk_and_keys_are_few():
+    assert preferred(256, 256, 1280, 1280, itemsize=2)  # W3
+    assert preferred(256, 256, 1280, 1280, itemsize=4)
+    assert not preferred(256, 256, 128, 128, itemsize=2)  # W2: one register chunk
+    assert not preferred(4096, 4096, 256, 256, itemsize=2)  # W4
+    assert not preferred(256, 256, 128, 128, itemsize=4)  # float32 W2: keys outnumber the width
+    assert not preferred(256, 4096, 1280, 1280, itemsize=2)  # long keys: the scores would be the bigger scratch
+    assert preferred(17, 33, 24, 300, itemsize=2)  # Dv alone too wide for one chunk
