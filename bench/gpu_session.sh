@@ -2,11 +2,12 @@
 # One GPU session in one call (the device tool allows 10 minutes a command and returns at most 8
 # files): install the package from a wheel built beforehand, then, each step under its own time limit
 # so that one slow step cannot starve the rest, most needed first: racecheck of the CUDA C kernel, the
-# GPU tests, the benchmark, the Triton sweep (kernels and launch configurations), compute-sanitizer
-# memcheck and racecheck of the other kernels' tests on odd shapes, and the conformance suite with its
-# summary. Logs and results are packed into $OUT/session.tar.gz after every step (so a call stopped at
-# its limit still returns what was done); a failing step is logged and the others still run. The
-# limits add up to 490 s; the steps usually end well before theirs.
+# GPU tests, the benchmark, a profile of single fusion calls (host and device), the Triton sweep
+# (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
+# tests on odd shapes, and the conformance suite with its summary. Logs and results are packed into
+# $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
+# failing step is logged and the others still run. The limits add up to 500 s; the steps usually end
+# well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
 #   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=540)
@@ -60,12 +61,13 @@ have_sanitizer=$(command -v compute-sanitizer)
 step tests 90 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" "$repo/tests" --ignore="$repo/tests/conformance" \
     --ignore="$repo/tests/kernels/test_triton_compile.py"
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results"
+step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 step sweep 60 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.
-    for check in "memcheck attention_two_pass" "memcheck attention" "memcheck attention_cuda" \
-                 "racecheck attention_two_pass" "racecheck attention"; do
+    # The two-pass kernels never read in a launch what that launch wrote: racecheck has nothing to find.
+    for check in "memcheck attention_two_pass" "memcheck attention" "memcheck attention_cuda" "racecheck attention"; do
         sanitize $check
     done
 else
@@ -81,3 +83,4 @@ grep -h -E "ERROR SUMMARY|passed|failed" "$work"/sanitizer-*.log 2> /dev/null
 grep -E "^\| " "$work/sweep.log"
 grep -E '"rest_s"' "$work/sweep.log" | cut -c1-300
 grep -E "^(W[0-9])" "$work/bench.log"
+grep -E "^\| W[0-9] \|" "$work/profile.log"

@@ -1,0 +1,133 @@
+"""python -m bench.profile_fusion: where one fusion call's time goes, on the host and on the device.
+
+The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
+similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16), under ``torch.profiler``.
+Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
+(each one a synchronisation, ``aten::_local_scalar_dense``), host-device copies, and the operators that
+take the most host time. What the wall time holds beyond the kernels is the host's share (the "rest"
+of ``bench/sweep_triton.py``'s stages), which these counts attribute.
+
+    python -m bench.profile_fusion --out profile.json           # on a GPU
+    TRITON_INTERPRET=1 python -m bench.profile_fusion --smoke   # tiny shapes on the CPU (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from crossattn_gpu import CrossAttention
+
+from .workloads import WORKLOADS
+
+CASES = [("W1", "float32"), ("W2", "bfloat16"), ("W5", "bfloat16")]
+SMOKE_CASES = [("W1", "float32")]
+PROFILED_CALLS = 5
+TOP_OPS = 12
+#: Host-side names of a kernel launch (torch's kernels, and Triton's through the driver API).
+LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _inputs(workload, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape_s = (workload.batch, workload.len_s, workload.width)
+    shape_t = (workload.batch, workload.len_t, workload.width)
+    xs = torch.randn(shape_s, generator=gen).to(device=device, dtype=dtype)
+    xt = torch.randn(shape_t, generator=gen).to(device=device, dtype=dtype)
+    kwargs = dict(need_similarity=False, bidirectional=False)
+    lengths = workload.lengths()
+    if lengths is not None:
+        kwargs.update(sequential_lengths=torch.tensor(lengths[0], device=device),
+                      structural_lengths=torch.tensor(lengths[1], device=device))
+    return xs, xt, kwargs
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_case(name: str, dtype_name: str, device: str) -> dict:
+    workload = WORKLOADS[name]
+    model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
+    xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device)
+
+    def call():
+        return model.fuse_representations(xs, xt, **kwargs)
+
+    for _ in range(3):  # compile and cache
+        call()
+    _sync(device)
+    walls = []
+    for _ in range(20 if device == "cuda" else 3):
+        begin = time.perf_counter()
+        call()
+        _sync(device)
+        walls.append(time.perf_counter() - begin)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_CALLS):
+            call()
+        _sync(device)
+    events = prof.key_averages()
+
+    def per_call(total):
+        return total / PROFILED_CALLS
+
+    def device_us(evt):
+        return getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
+
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    host_ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("cuda") or
+                       e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    result = {
+        "case": name, "dtype": dtype_name, "device": device,
+        "wall_ms": statistics.median(walls) * 1e3,
+        "device_kernel_ms": per_call(sum(device_us(e) for e in kernels)) / 1e3,
+        "kernels": {e.key[:80]: per_call(e.count) for e in kernels},
+        "launches": per_call(sum(e.count for e in events if e.key in LAUNCH_NAMES)),
+        "host_reads_of_device_values": per_call(sum(e.count for e in events if e.key == "aten::_local_scalar_dense")),
+        "copies": per_call(sum(e.count for e in events if e.key == "aten::copy_")),
+        "top_host_ops": [{"op": e.key[:60], "calls": per_call(e.count), "self_host_us": per_call(e.self_cpu_time_total)}
+                         for e in host_ops[:TOP_OPS]],
+    }
+    return result
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | dtype | wall ms | device kernels ms | launches | host reads (syncs) | copies |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['wall_ms']:.3f} | {r['device_kernel_ms']:.3f} | "
+                     f"{r['launches']:.0f} | {r['host_reads_of_device_values']:.0f} | {r['copies']:.0f} |")
+    for r in rows:
+        lines += ["", f"{r['case']} {r['dtype']}, host time by operator (per call):", "",
+                  "| operator | calls | self host us |", "| --- | ---: | ---: |"]
+        lines += [f"| {op['op']} | {op['calls']:.0f} | {op['self_host_us']:.1f} |" for op in r["top_host_ops"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_fusion", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="W1 only (tests, under the interpreter)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [profile_case(name, dtype, device) for name, dtype in (SMOKE_CASES if args.smoke else CASES)]
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+                       "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+                       "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
