@@ -3,7 +3,8 @@
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a
 message that names the argument and the problem, before any kernel sees the data. The checks work on
 the backend's own arrays (NumPy or torch) through four methods every backend has: ``native``,
-``host``, ``dtype_name`` and ``all_finite``.
+``host``, ``dtype_name`` and ``all_finite``. On a GPU, reading a check's verdict is a synchronisation,
+so the finiteness of all inputs is read at once (``check_finite``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def is_device_array(x) -> bool:
 
 
 def check_input(arr, name: str, backend) -> None:
-    """A floating array of rank 2 or 3 with no empty axis and no NaN or Inf."""
+    """A floating array of rank 2 or 3 with no empty axis (its values: ``check_finite``)."""
     dtype = backend.dtype_name(arr)
     if dtype.startswith("complex"):
         raise TypeError(f"{name} must be real floating point; got complex dtype {dtype}")
@@ -63,9 +64,16 @@ def check_input(arr, name: str, backend) -> None:
     if 0 in shape:
         axis = ("B", "L", "D")[3 - len(shape) :][shape.index(0)]
         raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); sequences need L >= 1")
-    if not backend.all_finite(arr):
-        bad = "NaN" if bool((arr != arr).any()) else "Inf"  # NaN is the one value unequal to itself
-        raise ValueError(f"{name} contains {bad}; inputs must be finite")
+
+
+def check_finite(arrays: dict, backend) -> None:
+    """No NaN or Inf in any of the named arrays: one verdict read for all of them."""
+    if backend.all_finite(*arrays.values()):
+        return
+    for name, arr in arrays.items():  # the rare failing call pays one read per array to name it
+        if not backend.all_finite(arr):
+            bad = "NaN" if bool((arr != arr).any()) else "Inf"  # NaN is the one value unequal to itself
+            raise ValueError(f"{name} contains {bad}; inputs must be finite")
 
 
 def check_same_rank(arrays: dict) -> bool:

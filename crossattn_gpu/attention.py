@@ -291,6 +291,7 @@ class CrossAttention:
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)
+        _checks.check_finite(arrays, backend)
         batched = _checks.check_same_rank(arrays)
         for name, arr in arrays.items():
             if name not in free_width:

@@ -278,7 +278,7 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
 
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
-              allow_tf32: bool = False, config: dict | None = None):
+              allow_tf32: bool = False, config: dict | None = None, lengths_checked: bool = False):
     """Fused attention forward.
 
     Args:
@@ -288,6 +288,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         masked: optional bool or uint8 (Bm, Lq, Lk) with Bm in {1, B}: nonzero where the seed's mask is
             0 (the score becomes -1e9).
         k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
+            Checking the values reads one flag from the device (a synchronisation).
         out_dtype: dtype of O (default: q's dtype); float32 keeps the accumulator's precision.
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32. When Dv fits one
             chunk, each program loops over the heads and keeps the sum in registers, so the per-head
@@ -295,6 +296,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
             (for tuning sweeps, ``bench/sweep_triton.py``); it always runs this file's fused kernel.
+        lengths_checked: the caller has checked that k_lengths lie in 1..Lk (the library's front end
+            does, on the host): no read from the device. Values out of range are then not caught (the
+            kernel stays in bounds, but its numbers are wrong).
 
     Wide heads over short sequences (``attention_two_pass.preferred``: 16-bit heads over 256 wide,
     float32 over 64, and Lk <= Dv) go to ``attention_two_pass``, which computes the same function
@@ -315,12 +319,12 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
     if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
         return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
-                                  sum_heads=sum_heads, allow_tf32=allow_tf32)
+                                  sum_heads=sum_heads, allow_tf32=allow_tf32, lengths_checked=lengths_checked)
     if masked is not None:
         contract.check_masked(masked, batch, len_q, len_k)
         masked = masked.to(device=q.device, dtype=torch.uint8)
     if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k)
+        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
 
     cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)

@@ -40,7 +40,8 @@ def _elements(strides, itemsize):
     return [s // itemsize for s in strides]
 
 
-def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False):
+def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
+              lengths_checked: bool = False):
     """Fused attention forward on CuPy arrays.
 
     Args:
@@ -52,6 +53,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         out_dtype: q's dtype (default) or float32.
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 (the heads are
             written in float32 and summed after the kernel).
+        lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
 
     Returns:
         O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
@@ -70,7 +72,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         masked = cupy.ascontiguousarray(masked.astype(cupy.uint8, copy=False))
         mask_strides = (0 if masked.shape[0] == 1 else masked.strides[0], masked.strides[1], masked.strides[2])
     if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k)
+        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
         k_lengths = k_lengths.astype(cupy.int64, copy=False)
 
     out = cupy.empty((batch, heads, len_q, dim_v), dtype=out_dtype)

@@ -236,7 +236,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
 
 def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None,
-                       sum_heads: bool = False, allow_tf32: bool = False, config: dict | None = None):
+                       sum_heads: bool = False, allow_tf32: bool = False, config: dict | None = None,
+                       lengths_checked: bool = False):
     """Attention forward in two passes (scores materialised in float32), for wide heads.
 
     Args:
@@ -250,6 +251,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 registers.
         allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
+        lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
 
     Returns:
         O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
@@ -270,7 +272,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         contract.check_masked(masked, batch, len_q, len_k)
         masked = masked.to(device=q.device, dtype=torch.uint8)
     if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k)
+        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
 
     cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)

@@ -50,11 +50,14 @@ def check_masked(masked, batch: int, len_q: int, len_k: int) -> None:
         raise TypeError(f"masked must be bool or uint8; got {dtype_name(masked)}")
 
 
-def check_lengths(k_lengths, batch: int, len_k: int) -> None:
-    """Integer (B,) lengths in 1..Lk (reads them on the host: one synchronisation)."""
+def check_lengths(k_lengths, batch: int, len_k: int, checked: bool = False) -> None:
+    """Integer (B,) lengths in 1..Lk. The range check reads one flag from the device (a synchronisation);
+    ``checked`` (the caller has checked the values, as the library's front end does on the host)
+    skips it and checks only the shape and dtype."""
     name = dtype_name(k_lengths)
     if tuple(k_lengths.shape) != (batch,) or not name.startswith(("int", "uint")):
         raise ValueError(f"k_lengths must be an integer tensor of shape ({batch},); got {name} {tuple(k_lengths.shape)}")
+    if checked or not bool(((k_lengths < 1) | (k_lengths > len_k)).any()):
+        return
     low, high = int(k_lengths.min()), int(k_lengths.max())
-    if low < 1 or high > len_k:
-        raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")
+    raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")

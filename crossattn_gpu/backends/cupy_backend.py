@@ -88,8 +88,10 @@ class CupyBackend(DeviceFusion):
     def dtype_name(arr) -> str:
         return arr.dtype.name
 
-    def all_finite(self, arr) -> bool:
-        return bool(self.cupy.isfinite(arr).all())
+    def all_finite(self, *arrays) -> bool:
+        """One read from the device (a synchronisation) for all the arrays."""
+        cupy = self.cupy
+        return bool(cupy.stack([cupy.isfinite(arr).all() for arr in arrays]).all())
 
     def to_caller(self, x, kind, dtype_name: str):
         x = x.astype(dtype_name, copy=False)

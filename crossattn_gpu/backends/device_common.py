@@ -11,6 +11,10 @@ attention probabilities, when asked, are rebuilt from the kernel's log-sum-exp.
 A subclass provides the array module ``xp`` (``torch`` or ``cupy``: only functions both share are
 used), ``float32``, ``cast``, ``_positions``, ``_device_lengths`` and ``kernel`` (a module with
 ``attention`` and ``MASK_FILL``).
+
+Ragged lengths arrive checked, on the host (the front end checks them there). Each entry point moves
+them to the device once, and the kernel is told they are checked: it would otherwise read their range
+back, one synchronisation per direction.
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ class DeviceFusion(FoldedFusion):
         raise NotImplementedError
 
     def _device_lengths(self, lengths):
+        """Host lengths (B,) as a device array; device arrays as they are."""
         raise NotImplementedError
+
+    def _on_device(self, *lengths):
+        return [None if n is None else self._device_lengths(n) for n in lengths]
 
     # --- building blocks -------------------------------------------------------------------------
 
@@ -63,7 +71,8 @@ class DeviceFusion(FoldedFusion):
         if masked is not None:
             masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
-        out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads)
+        out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads,
+                                         lengths_checked=True)
         probs = None
         if need_weights:
             scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
@@ -106,7 +115,16 @@ class DeviceFusion(FoldedFusion):
 
     # --- the seed's operations ---------------------------------------------------------------------
 
+    def fuse(self, xs, xt, weights, *, s_lengths, t_lengths, **kwargs):
+        s_lengths, t_lengths = self._on_device(s_lengths, t_lengths)
+        return super().fuse(xs, xt, weights, s_lengths=s_lengths, t_lengths=t_lengths, **kwargs)
+
+    def multi_head_attention(self, xq, xk, xv, weights, *, q_lengths, k_lengths, **kwargs):
+        q_lengths, k_lengths = self._on_device(q_lengths, k_lengths)
+        return super().multi_head_attention(xq, xk, xv, weights, q_lengths=q_lengths, k_lengths=k_lengths, **kwargs)
+
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
+        q_lengths, k_lengths = self._on_device(q_lengths, k_lengths)
         out, probs = self._attention(
             q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, k_lengths=k_lengths, need_weights=need_weights
         )

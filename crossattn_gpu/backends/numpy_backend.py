@@ -215,8 +215,8 @@ class NumpyBackend(FoldedFusion):
         return arr.dtype.name
 
     @staticmethod
-    def all_finite(arr) -> bool:
-        return bool(np.isfinite(arr).all())
+    def all_finite(*arrays) -> bool:
+        return all(bool(np.isfinite(arr).all()) for arr in arrays)
 
     @staticmethod
     def caller_kind(x):

@@ -102,8 +102,10 @@ class TritonBackend(DeviceFusion):
     def dtype_name(arr) -> str:
         return str(arr.dtype).replace("torch.", "")
 
-    def all_finite(self, arr) -> bool:
-        return bool(self.torch.isfinite(arr).all())
+    def all_finite(self, *arrays) -> bool:
+        """One read from the device (a synchronisation) for all the arrays."""
+        torch = self.torch
+        return bool(torch.stack([torch.isfinite(arr).all() for arr in arrays]).all())
 
     def to_caller(self, x, kind, dtype_name: str):
         torch = self.torch
@@ -138,4 +140,11 @@ class TritonBackend(DeviceFusion):
         return self.torch.arange(length, device=self.device)
 
     def _device_lengths(self, lengths):
-        return self.torch.as_tensor(lengths, device=self.device)
+        torch = self.torch
+        if isinstance(lengths, torch.Tensor):
+            return lengths.to(self.device)
+        host = torch.from_numpy(np.ascontiguousarray(lengths))
+        if self.device.type != "cuda":
+            return host
+        # From pinned memory the copy needs no synchronisation (torch waits for a pageable one).
+        return host.pin_memory().to(self.device, non_blocking=True)

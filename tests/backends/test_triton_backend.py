@@ -118,6 +118,25 @@ def test_bad_inputs_get_the_same_errors_as_numpy():
     assert tri.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))["fusion_complete"]
 
 
+def test_a_ragged_fusion_reads_from_the_device_once():
+    """Each read of a device value by the host is a synchronisation: the finiteness verdict of both
+    inputs is read once, and the kernel launches take the front end's checked lengths on trust."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, tri = models(16, 2)
+    xs, xt = torch.randn(3, 9, 16, device=DEVICE), torch.randn(3, 7, 16, device=DEVICE)
+    lengths = dict(sequential_lengths=np.array([9, 4, 1]), structural_lengths=np.array([7, 7, 2]))
+    tri.fuse_representations(xs, xt, bidirectional=False, **lengths)  # compile outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = tri.fuse_representations(xs, xt, bidirectional=False, **lengths)
+    reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    assert reads == 1
+    ref, _ = models(16, 2)
+    want = ref.fuse_representations(xs.cpu().numpy(), xt.cpu().numpy(), bidirectional=False, **lengths)
+    close(got["fused_sequential"], want["fused_sequential"], 1e-5)
+    close(got["fused_structural"], want["fused_structural"], 1e-5)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's limits")
 def test_bfloat16_is_refused_under_the_interpreter():
     with pytest.raises(ValueError, match="backend 'triton' supports dtypes"):

@@ -94,6 +94,15 @@ def test_launcher_rejects_bad_lengths_and_masks():
         attention(q, q, q, scale=1.0, masked=torch.ones(1, 5, 5, device=DEVICE))
 
 
+def test_checked_lengths_skip_only_the_range_check():
+    q = torch.randn(2, 1, 5, 8, device=DEVICE)
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    torch.testing.assert_close(attention(q, q, q, scale=0.3, k_lengths=lengths, lengths_checked=True),
+                               attention(q, q, q, scale=0.3, k_lengths=lengths))
+    with pytest.raises(ValueError, match="k_lengths must be an integer tensor"):  # shape and dtype still checked
+        attention(q, q, q, scale=1.0, k_lengths=torch.tensor([5], device=DEVICE), lengths_checked=True)
+
+
 def test_launch_config_tiles_any_width():
     for width in (1, 64, 100, 257, 1280, 4096):
         cfg = launch_config(256, 256, width, width, itemsize=2)
