@@ -198,6 +198,10 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+#: Bytes of score scratch at most: the batch is processed in chunks below it (W3: 64 examples x 2 MiB,
+#: one chunk).
+SCRATCH_BYTES = 256 << 20
+
 #: The widest head the fused kernel holds in one register chunk, by bytes per element.
 FUSED_ONE_CHUNK = {2: 256, 4: 64}
 
@@ -257,10 +261,11 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
 
     Raises:
-        TypeError / ValueError on inputs that break the contract, or when the launch would need more
+        TypeError / ValueError on inputs that break the contract, or when one example would need more
         than 2**31 - 1 programs.
 
-    Takes B x H x Lq x Lk x 4 bytes of scratch for the scores (rounded up to whole blocks).
+    Takes H x Lq x Lk x 4 bytes of scratch per example for the scores (rounded up to whole blocks),
+    for at most ``SCRATCH_BYTES`` worth of examples at a time (more examples: more launches).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -283,38 +288,13 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     blocks_m, blocks_dv = triton.cdiv(len_q, block_m), triton.cdiv(dim_v, block_dv)
-    programs = blocks_dv * blocks_m * (batch if sum_heads else batch * heads)
-    if programs >= 2**31:
-        raise ValueError(f"this call needs {programs} programs, more than a grid axis takes (2**31 - 1); "
-                         "split the batch")
-
     rows, cols = blocks_m * block_m, triton.cdiv(len_k, block_n) * block_n
-    scores = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
-    row_max = torch.empty((batch, heads, rows), device=q.device, dtype=torch.float32)
+    # The scratch serves a chunk of the batch at a time, so that its memory stays bounded for any B.
+    step = max(1, min(batch, SCRATCH_BYTES // (heads * rows * cols * 4)))
+    scores = torch.empty((step, heads, rows, cols), device=q.device, dtype=torch.float32)
+    row_max = torch.empty((step, heads, rows), device=q.device, dtype=torch.float32)
     row_inv_sum = torch.empty_like(row_max)
     lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
-    lengths_arg = k_lengths if k_lengths is not None else q  # a valid pointer that HAS_KLEN=False never reads
-    mask_arg = masked if masked is not None else q
-    mask_strides = (
-        (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
-        if masked is not None else (0, 0, 0)
-    )
-    even_n = len_k % block_n == 0 and k_lengths is None
-    _attention_fwd_scores[(batch * heads, blocks_m)](
-        q, k, mask_arg, lengths_arg, scores, row_max, row_inv_sum, lse,
-        *q.stride(),
-        k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
-        *mask_strides,
-        cols,
-        heads, len_q, len_k, dim_k, rows,
-        float(scale) * contract.LOG2E,
-        contract.MASK_FILL * contract.LOG2E,
-        HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
-        EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
-        INPUT_PRECISION=cfg["INPUT_PRECISION"], **launch,
-    )
-
     dtype = out_dtype or q.dtype
     if sum_heads:
         out = torch.empty((batch, len_q, dim_v), device=q.device, dtype=dtype)
@@ -322,15 +302,45 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     else:
         out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=dtype)
         out_strides = out.stride()
-    _attention_fwd_probs_values[(programs,)](
-        scores, row_max, row_inv_sum, v, lengths_arg, out,
-        v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
-        *out_strides,
-        cols,
-        heads, len_q, len_k, dim_v, rows, blocks_m, blocks_dv,
-        HAS_KLEN=k_lengths is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv,
-        EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DV=dim_v % block_dv == 0,
-        INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, **launch,
+    mask_strides = (
+        (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
+        if masked is not None else (0, 0, 0)
     )
+    even_n = len_k % block_n == 0 and k_lengths is None
+    programs_per_example = blocks_dv * blocks_m * (1 if sum_heads else heads)
+    if programs_per_example * step >= 2**31:
+        raise ValueError(f"this call needs {programs_per_example * step} programs per launch, more than a grid "
+                         "axis takes (2**31 - 1)")
+
+    for first in range(0, batch, step):
+        rows_b = slice(first, min(batch, first + step))
+        count = rows_b.stop - first
+        # Absent mask and lengths pass a valid pointer (q) that HAS_MASK / HAS_KLEN = False never reads.
+        mask_arg = q if masked is None else (masked if masked.shape[0] == 1 else masked[rows_b])
+        lengths_arg = q if k_lengths is None else k_lengths[rows_b]
+        _attention_fwd_scores[(count * heads, blocks_m)](
+            q[rows_b], k[rows_b], mask_arg, lengths_arg, scores, row_max, row_inv_sum, lse[rows_b],
+            *q.stride(),
+            k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
+            *mask_strides,
+            cols,
+            heads, len_q, len_k, dim_k, rows,
+            float(scale) * contract.LOG2E,
+            contract.MASK_FILL * contract.LOG2E,
+            HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+            EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], **launch,
+        )
+        _attention_fwd_probs_values[(programs_per_example * count,)](
+            scores, row_max, row_inv_sum, v[rows_b], lengths_arg, out[rows_b],
+            v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
+            *out_strides,
+            cols,
+            heads, len_q, len_k, dim_v, rows, blocks_m, blocks_dv,
+            HAS_KLEN=k_lengths is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv,
+            EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DV=dim_v % block_dv == 0,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, **launch,
+        )
     return out, lse

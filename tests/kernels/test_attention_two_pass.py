@@ -90,3 +90,21 @@ def test_preferred_only_where_the_fused_kernel_would_chunk_and_keys_are_few():
     assert not preferred(256, 256, 128, 128, itemsize=4)  # float32 W2: keys outnumber the width
     assert not preferred(256, 4096, 1280, 1280, itemsize=2)  # long keys: the scores would be the bigger scratch
     assert preferred(17, 33, 24, 300, itemsize=2)  # Dv alone too wide for one chunk
+
+
+@pytest.mark.parametrize("sum_heads", [False, True])
+def test_batch_chunks_bound_the_scratch_and_change_nothing(monkeypatch, sum_heads):
+    from crossattn_gpu.kernels import attention_two_pass as module
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 2, 17, 100, generator=gen).to(DEVICE)
+    k = torch.randn(5, 1, 33, 100, generator=gen).to(DEVICE)
+    v = torch.randn(5, 2, 33, 100, generator=gen).to(DEVICE)
+    masked = torch.rand(5, 17, 33, generator=gen).to(DEVICE) < 0.3
+    lengths = torch.tensor([33, 1, 20, 7, 33], device=DEVICE)
+    kwargs = dict(scale=0.1, masked=masked, k_lengths=lengths, sum_heads=sum_heads)
+    whole = attention_two_pass(q, k, v, **kwargs)
+    one_example = 2 * 32 * 64 * 4  # heads x padded Lq x padded Lk x 4 bytes (float32 blocks: 32 x 64)
+    monkeypatch.setattr(module, "SCRATCH_BYTES", 2 * one_example)  # chunks of 2, 2 and 1 examples
+    chunked = attention_two_pass(q, k, v, **kwargs)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
