@@ -10,6 +10,7 @@ so the finiteness of all inputs is read at once (``check_finite``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -29,6 +30,12 @@ def normalize_dtype(dtype) -> str | None:
     if name not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)} or None; got {dtype!r}")
     return name
+
+
+@lru_cache(maxsize=64)
+def numpy_dtype_name(dtype) -> str:
+    """``dtype.name``, which NumPy computes in Python on every access (3 us, four times a call)."""
+    return dtype.name
 
 
 def result_dtype(names) -> str:

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from .._checks import numpy_dtype_name
 from .._optional import require
 from ..folding import fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -86,7 +87,7 @@ class CupyBackend(DeviceFusion):
 
     @staticmethod
     def dtype_name(arr) -> str:
-        return arr.dtype.name
+        return numpy_dtype_name(arr.dtype)
 
     def all_finite(self, *arrays) -> bool:
         """One read from the device (a synchronisation) for all the arrays."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import is_device_array
+from .._checks import is_device_array, numpy_dtype_name
 from .._threads import cpu_count, run_in_parallel
 from ..folding import fold_weights
 from .fusion import FoldedFusion
@@ -127,9 +127,11 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     threads run a GEMM, they then spin for a while and slow the workers' next chunks (measured:
     parallel attention 47 ms alone, 71 ms right after a GEMM on BLAS's threads).
     """
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
     # At least 512 rows a block: below that, handing blocks to threads costs more than it saves.
     step = max(512, -(-a.shape[0] // (4 * cpu_count())))
+    if a.shape[0] <= step:
+        return np.matmul(a, b)
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
 
     def block(rows: slice) -> None:
         np.matmul(a[rows], b, out=out[rows])
@@ -212,7 +214,7 @@ class NumpyBackend(FoldedFusion):
 
     @staticmethod
     def dtype_name(arr) -> str:
-        return arr.dtype.name
+        return numpy_dtype_name(arr.dtype)
 
     @staticmethod
     def all_finite(*arrays) -> bool:
