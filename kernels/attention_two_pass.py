@@ -13,24 +13,24 @@ for W3 (B=64, H=8, L=256, D=1280; bench/results/2026-11-28-nvidia-h200-sweep-2.m
 bfloat16 GEMM ceiling. When the keys are fewer than the head width, the scores are the smaller
 tensor, so this operator materialises them instead:
 
-1. ``_attention_fwd_scores``, one program per (batch, head, query block): S = scale * Q K^T accumulated over
-   Dk-chunks in float32 (tl.dot), masked, written to a float32 scratch, with the online row maximum
-   and sum in base 2. Stores the row maximum m, 1 / (row sum) and the lse.
-2. ``_attention_fwd_probs_values``, one program per (batch, query block, Dv chunk), Dv chunk fastest in the
-   launch order so that the programs re-reading one block of scores run together (L2): for every
-   head (SUM_HEADS) and key block, P = exp2(S - m) / sum, cast to the values' dtype as FlashAttention
-   does, and acc += P @ V[:, chunk] in float32 registers. The output is written once, and the heads'
-   sum (the fusion's output, SPEC section 4) is taken in those registers: neither the per-head outputs
-   nor a rescaled accumulator ever reach memory.
+1. ``_attention_fwd_scores``, one program per (batch, head, query block): S = scale * Q K^T
+   accumulated over Dk-chunks in float32 (tl.dot), masked, written to a float32 scratch, with the
+   online row maximum and sum in base 2. Stores the row maximum m, 1 / (row sum) and the lse.
+2. ``_attention_fwd_probs_values``, one program per (batch, query block, Dv chunk), Dv chunk fastest
+   in the launch order so that the programs re-reading one block of scores run together (L2): for
+   every head (SUM_HEADS) and key block, P = exp2(S - m) / sum, cast to the values' dtype as
+   FlashAttention does, and acc += P @ V[:, chunk] in float32 registers. The output is written once,
+   and the heads' sum (the fusion's output, SPEC section 4) is taken in those registers: neither the
+   per-head outputs nor a rescaled accumulator ever reach memory.
 
 The maximum and the reciprocal sum are kept apart (not folded into an lse) because a fully masked row
 has m = -1e9 * log2(e), where float32 cannot hold m + log2(sum): exp2(S - m) = 1 there, and the row is
 uniform, as the seed's mask requires.
 
 Cost for W3 per direction: 2 x 86 GFLOP of tl.dot work in tile shapes a GEMM would use, plus the
-scores, 134 MB of float32, written once and read once per Dv chunk. Memory: the scratch is
-B x H x Lq x Lk x 4 bytes, no more than the fused kernel's B x H x Lq x Dv x 4 accumulator when
-Lk <= Dv, which ``preferred`` requires.
+scores, 134 MB of float32, written once and read once per Dv chunk. Memory: H x Lq x Lk x 4 bytes of
+scratch per example, no more than the fused kernel's H x Lq x Dv x 4 accumulator when Lk <= Dv, which
+``preferred`` requires, for at most ``SCRATCH_BYTES`` worth of examples at a time.
 
 Ragged keys: both passes stop at the example's key length; scores past it in the last block are -inf
 (zero weight), and nothing past the end of K or V is read. The scratch is padded to whole blocks, so
@@ -186,7 +186,8 @@ def _attention_fwd_probs_values(
                 v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dv_ok[None, :], other=0.0)
             acc += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
 
-    o_ptrs = Out + off_b * stride_ob + first_head * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_base = Out + off_b * stride_ob + first_head * stride_oh
+    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     o = acc.to(Out.dtype.element_ty)
     if EVEN_M and EVEN_DV:
         tl.store(o_ptrs, o)
