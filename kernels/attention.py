@@ -35,6 +35,9 @@ keys get exactly zero weight and nothing past the end of K or V is read. The see
 score by -1e9 (a fully masked row is uniform). Every block of keys the loop visits holds at least one
 valid key (lengths are >= 1), so the running maximum is finite after the first block: no inf - inf.
 
+Wide heads over short sequences (Lk <= Dv) do not come here: the launcher hands them to
+``attention_two_pass``, which writes the scores once instead of an accumulator per key block.
+
 Boolean constexpr flags remove bounds checks on full tiles (EVEN_M, EVEN_N, EVEN_DK, EVEN_DV). Strides,
 lengths and the scale are runtime arguments: a new shape compiles a new variant only when it changes a
 block size (short sequences take smaller blocks) or an EVEN_* flag.
