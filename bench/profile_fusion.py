@@ -3,9 +3,9 @@
 The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
 similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16), under ``torch.profiler``.
 Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
-(each one a synchronisation, ``aten::_local_scalar_dense``), host-device copies, and the operators that
-take the most host time. What the wall time holds beyond the kernels is the host's share (the "rest"
-of ``bench/sweep_triton.py``'s stages), which these counts attribute.
+(each one a synchronisation, ``aten::_local_scalar_dense``), host-device copies, torch's GEMMs, and
+the operators that take the most host time. What the wall time holds beyond the kernels is the host's
+share (the "rest" of ``bench/sweep_triton.py``'s stages), which these counts attribute.
 
     python -m bench.profile_fusion --out profile.json           # on a GPU
     TRITON_INTERPRET=1 python -m bench.profile_fusion --smoke   # tiny shapes on the CPU (tests)
@@ -94,6 +94,7 @@ def profile_case(name: str, dtype_name: str, device: str) -> dict:
         "launches": per_call(sum(e.count for e in events if e.key in LAUNCH_NAMES)),
         "host_reads_of_device_values": per_call(sum(e.count for e in events if e.key == "aten::_local_scalar_dense")),
         "copies": per_call(sum(e.count for e in events if e.key == "aten::copy_")),
+        "torch_gemms": per_call(sum(e.count for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))),
         "top_host_ops": [{"op": e.key[:60], "calls": per_call(e.count), "self_host_us": per_call(e.self_cpu_time_total)}
                          for e in host_ops[:TOP_OPS]],
     }
