@@ -222,19 +222,21 @@ def preferred(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> 
 def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
     """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch).
 
-    Not tuned on a GPU yet: tile shapes of a Hopper GEMM, 128 x 64 with 64-wide Dk chunks and 128-wide
-    Dv chunks for 16-bit inputs (pass 2 holds a 128 x 64 float32 score block and a 128 x 128 float32
-    accumulator: 96 registers a thread at 8 warps), halved for float32, whose tiles take twice the
-    shared memory. tl.dot needs every block dimension >= 16.
+    Not timed on a GPU yet. The tiles are the largest of those compiled for sm_90 with which neither
+    pass spills registers (ptxas -v, with mask and lengths and without): 16-bit 128 x 32 blocks, Dk
+    chunks of 64 and Dv chunks of 128 at 8 warps (pass 2 with 128 x 64 blocks spills 84 to 344 bytes);
+    float32 64 x 32 blocks, chunks of 32 and 64, at 8 warps (at 4 warps pass 2 spills 76 bytes). CI
+    holds them to no spills (tests/kernels/compile_triton_variants.py). tl.dot needs every block
+    dimension >= 16.
     """
     half = itemsize <= 2
-    block_m, block_n, block_dk, block_dv = (128, 64, 64, 128) if half else (64, 64, 32, 64)
+    block_m, block_n, block_dk, block_dv = (128, 32, 64, 128) if half else (64, 32, 32, 64)
     return {
         "BLOCK_M": min(block_m, _pow2_at_least_16(len_q)),
         "BLOCK_N": min(block_n, _pow2_at_least_16(len_k)),
         "BLOCK_DK": min(block_dk, _pow2_at_least_16(dim_k)),
         "BLOCK_DV": min(block_dv, _pow2_at_least_16(dim_v)),
-        "num_warps": 8 if half else 4,
+        "num_warps": 8,
         "num_stages": 2,
         "INPUT_PRECISION": "tf32" if allow_tf32 and not half else "ieee",
     }

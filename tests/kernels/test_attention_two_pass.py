@@ -104,7 +104,9 @@ def test_batch_chunks_bound_the_scratch_and_change_nothing(monkeypatch, sum_head
     lengths = torch.tensor([33, 1, 20, 7, 33], device=DEVICE)
     kwargs = dict(scale=0.1, masked=masked, k_lengths=lengths, sum_heads=sum_heads)
     whole = attention_two_pass(q, k, v, **kwargs)
-    one_example = 2 * 32 * 64 * 4  # heads x padded Lq x padded Lk x 4 bytes (float32 blocks: 32 x 64)
+    cfg = launch_config(17, 33, 100, 100, itemsize=4)
+    rows, cols = -(-17 // cfg["BLOCK_M"]) * cfg["BLOCK_M"], -(-33 // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    one_example = 2 * rows * cols * 4  # heads x padded Lq x padded Lk x 4 bytes
     monkeypatch.setattr(module, "SCRATCH_BYTES", 2 * one_example)  # chunks of 2, 2 and 1 examples
     chunked = attention_two_pass(q, k, v, **kwargs)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
