@@ -1,8 +1,8 @@
 """Export the fusion to ONNX: ``to_onnx(model, path, ...)`` and the graphs the ``onnx`` backend runs.
 
 The graph is built directly with ``onnx.helper`` (see ``graph.py`` for why and how). Inputs have
-dynamic B and L; the weights are initializers; the metadata records D, H, the dtype, the library
-version and a SHA-256 of the weights.
+dynamic B and L; the folded weights (``crossattn_gpu.folding``) are initializers; the metadata records
+D, H, the dtype, the library version and a SHA-256 of the seed's four weights they were folded from.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from .._optional import require
+from ..folding import fold_weights
 from ..weights import weights_digest
 
 require("onnx", "the ONNX export")
 import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
-from .graph import ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, multi_head, side_by_side  # noqa: E402
+from .graph import ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head  # noqa: E402
 
 _INT64 = TensorProto.INT64
 _BOOL = TensorProto.BOOL
@@ -33,12 +34,9 @@ def _check_options(opset: int, dtype: str) -> None:
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest}; got {opset!r}")
 
 
-def _weights(g: GraphBuilder, arrays: dict) -> dict[str, str]:
-    names = {}
-    for part in ("query", "key", "value"):
-        names[part] = g.weight(f"{part}_weights", side_by_side(arrays[f"{part}_weights"]))
-    names["output"] = g.weight("output_weights", arrays["output_weights"])
-    return names
+def _folded(arrays: dict) -> np.ndarray:
+    """(D, 2*H*D) float64: [A_0 .. A_H-1 | U_0 .. U_H-1] (``crossattn_gpu.folding``)."""
+    return fold_weights(*(arrays[f"{part}_weights"] for part in ("query", "key", "value", "output")))
 
 
 def _metadata(arrays: dict, dtype: str, opset: int, **options) -> dict[str, str]:
@@ -50,6 +48,7 @@ def _metadata(arrays: dict, dtype: str, opset: int, **options) -> dict[str, str]
         "attention_heads": str(heads),
         "dtype": dtype,
         "flavour": "Attention operator" if opset >= ATTENTION_OPSET else "MatMul/Softmax decomposition",
+        "projections": "folded: queries X A_h, keys X, values X U_h, output the heads' sum",
         "crossattn_gpu_version": __version__,
         "weights_sha256": weights_digest(arrays),
     }
@@ -85,12 +84,16 @@ def build_fusion_model(
     keep = _lengths_and_mask(g, ("sequential_lengths", "structural_lengths"), lengths, mask)
     s_valid = g.valid_positions(xs, "sequential_lengths") if lengths else None
     t_valid = g.valid_positions(xt, "structural_lengths") if lengths else None
-    weights = _weights(g, arrays)
+    # One MatMul per input gives its queries (for its own direction) and values (for the other).
+    folded = g.weight("folded_query_value_weights", _folded(arrays))
+    hd = g.const([heads * width, heads * width], np.int64)
+    qs, vs = g.nodes_out("Split", [g.op("MatMul", [xs, folded]), hd], 2, axis=2)
+    qt, vt = g.nodes_out("Split", [g.op("MatMul", [xt, folded]), hd], 2, axis=2)
     common = dict(heads=heads, width=width, opset=opset, need_probs=attention_weights)
     keep_st = None if keep is None else g.unsqueeze(keep, [1])
     keep_ts = None if keep is None else g.unsqueeze(g.op("Transpose", [keep], perm=[0, 2, 1]), [1])
-    fused_s, probs_st = multi_head(g, xs, xt, xt, weights, keep=keep_st, q_valid=s_valid, k_valid=t_valid, **common)
-    fused_t, probs_ts = multi_head(g, xt, xs, xs, weights, keep=keep_ts, q_valid=t_valid, k_valid=s_valid, **common)
+    fused_s, probs_st = folded_multi_head(g, qs, xt, vt, keep=keep_st, q_valid=s_valid, k_valid=t_valid, **common)
+    fused_t, probs_ts = folded_multi_head(g, qt, xs, vs, keep=keep_ts, q_valid=t_valid, k_valid=s_valid, **common)
 
     g.add_output("fused_sequential", fused_s, g.elem, ["batch", "len_s", width])
     g.add_output("fused_structural", fused_t, g.elem, ["batch", "len_t", width])
@@ -140,8 +143,11 @@ def build_attention_model(
         meta_arrays = None
     else:
         heads = arrays["query_weights"].shape[0]
-        out, probs = multi_head(g, xq, xk, xv, _weights(g, arrays), heads=heads, width=width, keep=keep,
-                                q_valid=q_valid, k_valid=k_valid, opset=opset, need_probs=attention_weights)
+        folded = _folded(arrays)
+        q = g.op("MatMul", [xq, g.weight("folded_query_weights", folded[:, : heads * width])])
+        v = g.op("MatMul", [xv, g.weight("folded_value_weights", folded[:, heads * width :])])
+        out, probs = folded_multi_head(g, q, xk, v, heads=heads, width=width, keep=keep, q_valid=q_valid,
+                                       k_valid=k_valid, opset=opset, need_probs=attention_weights)
         meta_arrays = arrays
     g.add_output("output", out, g.elem, ["batch", "len_q", "width_v" if arrays is None else width])
     if attention_weights:

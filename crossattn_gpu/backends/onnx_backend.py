@@ -43,7 +43,7 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def usable_by_auto() -> bool:
-        return False  # a deployment path, never faster than the native backends
+        return False  # a deployment path, and float64 inputs are computed in float32 there
 
     @staticmethod
     def compute_dtype(dtype_name: str) -> np.dtype:

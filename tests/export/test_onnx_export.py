@@ -7,8 +7,11 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import reference  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
 from crossattn_gpu import CrossAttention  # noqa: E402
 from crossattn_gpu.export import OnnxFusion, to_onnx  # noqa: E402
+from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.weights import weights_digest  # noqa: E402
 
 FLAVOURS = [17, 23]
@@ -94,8 +97,13 @@ def test_metadata_records_the_model(tmp_path, model):
     assert meta["crossattn_gpu_version"] == crossattn_gpu.__version__
     assert meta["weights_sha256"] == weights_digest(model.get_attention_weights())
     assert fusion.input_names == ["sequential_repr", "structural_repr", "sequential_lengths", "structural_lengths"]
+    assert meta["projections"].startswith("folded")
     loaded = onnx.load(str(tmp_path / "m.onnx"))
-    assert {i.name for i in loaded.graph.initializer} >= {"query_weights", "key_weights", "value_weights", "output_weights"}
+    (folded,) = [numpy_helper.to_array(i) for i in loaded.graph.initializer if i.name == "folded_query_value_weights"]
+    weights = model.get_attention_weights()
+    want = fold_weights(*(weights[f"{part}_weights"] for part in ("query", "key", "value", "output")))
+    assert folded.dtype == np.float32 and folded.shape == (24, 2 * 3 * 24)
+    np.testing.assert_array_equal(folded, want.astype(np.float32))
 
 
 def test_bidirectional_output_refuses_unequal_lengths(tmp_path, model):
