@@ -20,7 +20,9 @@ require("onnx", "the ONNX export")
 import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
-from .graph import ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head  # noqa: E402
+from .graph import (  # noqa: E402
+    ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head,
+)
 
 _INT64 = TensorProto.INT64
 _BOOL = TensorProto.BOOL

@@ -24,7 +24,10 @@ def plain_torch(q, k, v, scale, masked, k_lengths):
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vv)
 
 
-def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v, dtype, mask=False, ragged=False, seed=0):
+def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v, dtype, mask=False, ragged=False,
+          seed=0):
+    """``attention`` (a launcher) against the reference on random inputs of this shape: per-head
+    outputs, the heads' sum and the lse; float32 within 1e-5, 16-bit within twice plain torch."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, heads, len_q, dim_k))
     k = rng.standard_normal((batch, heads_k, len_k, dim_k))
