@@ -28,3 +28,9 @@ def fold_weights(query, key, value, output) -> np.ndarray:
     fold_v = np.matmul(value, output.reshape(heads, width, width))  # Wo_h is rows h*D..(h+1)*D
     side_by_side = [f.transpose(1, 0, 2).reshape(width, heads * width) for f in (fold_q, fold_v)]
     return np.concatenate(side_by_side, axis=1)
+
+
+def fold_named(arrays: dict) -> np.ndarray:
+    """``fold_weights`` of a dict holding ``query_weights``, ``key_weights``, ``value_weights`` and
+    ``output_weights`` (as ``CrossAttention.get_attention_weights`` returns them)."""
+    return fold_weights(*(arrays[f"{part}_weights"] for part in ("query", "key", "value", "output")))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .._optional import require
-from ..folding import fold_weights
+from ..folding import fold_named
 from ..weights import weights_digest
 
 require("onnx", "the ONNX export")
@@ -36,9 +36,10 @@ def _check_options(opset: int, dtype: str) -> None:
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest}; got {opset!r}")
 
 
-def _folded(arrays: dict) -> np.ndarray:
-    """(D, 2*H*D) float64: [A_0 .. A_H-1 | U_0 .. U_H-1] (``crossattn_gpu.folding``)."""
-    return fold_weights(*(arrays[f"{part}_weights"] for part in ("query", "key", "value", "output")))
+def _folded(arrays: dict, folded: np.ndarray | None) -> np.ndarray:
+    """(D, 2*H*D) float64: [A_0 .. A_H-1 | U_0 .. U_H-1] (``crossattn_gpu.folding``), unless the caller
+    already has it (folding D = 1280, H = 8 takes ~1 s)."""
+    return fold_named(arrays) if folded is None else folded
 
 
 def _metadata(arrays: dict, dtype: str, opset: int, **options) -> dict[str, str]:
@@ -76,8 +77,10 @@ def build_fusion_model(
     similarity: bool = False,
     attention_weights: bool = False,
     bidirectional: bool = True,
+    folded: np.ndarray | None = None,
 ) -> onnx.ModelProto:
-    """The whole fusion as an ONNX model (see :func:`to_onnx` for the inputs and outputs)."""
+    """The whole fusion as an ONNX model (see :func:`to_onnx` for the inputs and outputs). ``folded``:
+    ``fold_weights`` of ``arrays`` when the caller builds several graphs from one set of weights."""
     _check_options(opset, dtype)
     heads, width, _ = arrays["query_weights"].shape
     g = GraphBuilder(dtype)
@@ -87,7 +90,7 @@ def build_fusion_model(
     s_valid = g.valid_positions(xs, "sequential_lengths") if lengths else None
     t_valid = g.valid_positions(xt, "structural_lengths") if lengths else None
     # One MatMul per input gives its queries (for its own direction) and values (for the other).
-    folded = g.weight("folded_query_value_weights", _folded(arrays))
+    folded = g.weight("folded_query_value_weights", _folded(arrays, folded))
     hd = g.const([heads * width, heads * width], np.int64)
     qs, vs = g.nodes_out("Split", [g.op("MatMul", [xs, folded]), hd], 2, axis=2)
     qt, vt = g.nodes_out("Split", [g.op("MatMul", [xt, folded]), hd], 2, axis=2)
@@ -119,9 +122,11 @@ def build_fusion_model(
 
 
 def build_attention_model(
-    arrays: dict | None, width: int, *, opset: int, dtype: str, mask: bool, attention_weights: bool
+    arrays: dict | None, width: int, *, opset: int, dtype: str, mask: bool, attention_weights: bool,
+    folded: np.ndarray | None = None,
 ) -> onnx.ModelProto:
     """``multi_head_attention`` (with ``arrays``) or ``scaled_dot_product_attention`` (``arrays=None``).
+    ``folded`` as in :func:`build_fusion_model`.
 
     Inputs: query_seq (B, Lq, D), key_seq (B, Lk, D), value_seq (B, Lk, Dv), query_lengths and
     key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False where masked.
@@ -145,7 +150,7 @@ def build_attention_model(
         meta_arrays = None
     else:
         heads = arrays["query_weights"].shape[0]
-        folded = _folded(arrays)
+        folded = _folded(arrays, folded)
         q = g.op("MatMul", [xq, g.weight("folded_query_weights", folded[:, : heads * width])])
         v = g.op("MatMul", [xv, g.weight("folded_value_weights", folded[:, heads * width :])])
         out, probs = folded_multi_head(g, q, xk, v, heads=heads, width=width, keep=keep, q_valid=q_valid,

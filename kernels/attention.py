@@ -50,6 +50,9 @@ import triton
 import triton.language as tl
 
 from . import contract
+from .attention_common import (
+    checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides, scaled_masked,
+)
 from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
 MASK_FILL = contract.MASK_FILL
@@ -141,26 +144,11 @@ def _attention_fwd(
                     k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < dim_k), other=0.0)
                 s = tl.dot(q, k, input_precision=INPUT_PRECISION)
             else:
-                s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for start_d in range(0, dim_k, BLOCK_DK):
-                    dks = start_d + offs_dk
-                    q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
-                    k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
-                    if EVEN_M and EVEN_N and EVEN_DK:
-                        qc = tl.load(q_ptrs)
-                        kc = tl.load(k_ptrs)
-                    else:
-                        qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
-                        kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
-                    s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
-            s = s * qk_scale
-
-            if HAS_MASK:
-                m_ptrs = Mask + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
-                masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-                s = tl.where(masked != 0, mask_fill, s)
-            if not EVEN_N:
-                s = tl.where(col_ok[None, :], s, float("-inf"))
+                s = chunked_scores(q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
+                                   stride_qm, stride_qd, stride_kn, stride_kd,
+                                   BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION)
+            s = scaled_masked(s, qk_scale, Mask + off_b * stride_mb, offs_m, cols, row_ok, col_ok,
+                              stride_mm, stride_mn, mask_fill, HAS_MASK, EVEN_N)
 
             # --- online softmax (base 2) ----------------------------------------------------------
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -314,27 +302,12 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     Raises:
         TypeError / ValueError on inputs that break the contract above.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
+    dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
         return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
                                   sum_heads=sum_heads, allow_tf32=allow_tf32, lengths_checked=lengths_checked)
-    if masked is not None:
-        contract.check_masked(masked, batch, len_q, len_k)
-        masked = masked.to(device=q.device, dtype=torch.uint8)
-    if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
-        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
-
-    cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)
-    if config is not None:
-        if set(config) != set(cfg):
-            raise ValueError(f"config must have exactly the keys {sorted(cfg)}; got {sorted(config)}")
-        cfg = dict(config)
+    masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     single_dv = dim_v <= block_dv
     sum_in_kernel = sum_heads and single_dv
@@ -354,10 +327,6 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         scratch = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
         scratch_strides = scratch.stride()
     mask_arg = masked if masked is not None else q  # a valid pointer that HAS_MASK=False never reads
-    mask_strides = (
-        (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
-        if masked is not None else (0, 0, 0)
-    )
 
     grid = (batch if sum_in_kernel else batch * heads, triton.cdiv(len_q, block_m))
     _attention_fwd[grid](
@@ -365,7 +334,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         *q.stride(),
         k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
-        *mask_strides,
+        *mask_strides(masked),
         *out_strides,
         *scratch_strides,
         heads, len_q, len_k, dim_k, dim_v,

@@ -44,6 +44,9 @@ import triton
 import triton.language as tl
 
 from . import contract
+from .attention_common import (
+    checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides, scaled_masked,
+)
 
 
 @triton.jit
@@ -73,7 +76,6 @@ def _attention_fwd_scores(
     off_h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
     row_ok = offs_m < len_q
 
     k_len = len_k
@@ -88,25 +90,11 @@ def _attention_fwd_scores(
     for start_n in range(0, k_len, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_d in range(0, dim_k, BLOCK_DK):
-            dks = start_d + offs_dk
-            q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
-            k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
-            if EVEN_M and EVEN_N and EVEN_DK:
-                qc = tl.load(q_ptrs)
-                kc = tl.load(k_ptrs)
-            else:
-                qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
-                kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
-            s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
-        s = s * qk_scale
-        if HAS_MASK:
-            m_ptrs = Mask + off_b * stride_mb + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
-            masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(masked != 0, mask_fill, s)
-        if not EVEN_N:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = chunked_scores(q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
+                           stride_qm, stride_qd, stride_kn, stride_kd,
+                           BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION)
+        s = scaled_masked(s, qk_scale, Mask + off_b * stride_mb, offs_m, cols, row_ok, col_ok,
+                          stride_mm, stride_mn, mask_fill, HAS_MASK, EVEN_N)
         # Every program's rows and this block's columns lie inside the padded scratch.
         tl.store(s_base + offs_m[:, None] * stride_s_row + cols[None, :], s)
         # Online maximum and sum; each key block holds a valid key (lengths >= 1), so m_new is finite.
@@ -270,24 +258,9 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     Takes H x Lq x Lk x 4 bytes of scratch per example for the scores (rounded up to whole blocks),
     for at most ``SCRATCH_BYTES`` worth of examples at a time (more examples: more launches).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
-    if masked is not None:
-        contract.check_masked(masked, batch, len_q, len_k)
-        masked = masked.to(device=q.device, dtype=torch.uint8)
-    if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
-        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
-
-    cfg = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32)
-    if config is not None:
-        if set(config) != set(cfg):
-            raise ValueError(f"config must have exactly the keys {sorted(cfg)}; got {sorted(config)}")
-        cfg = dict(config)
+    dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
+    masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32), config)
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     blocks_m, blocks_dv = triton.cdiv(len_q, block_m), triton.cdiv(dim_v, block_dv)
@@ -305,10 +278,6 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     else:
         out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=dtype)
         out_strides = out.stride()
-    mask_strides = (
-        (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
-        if masked is not None else (0, 0, 0)
-    )
     even_n = len_k % block_n == 0 and k_lengths is None
     programs_per_example = blocks_dv * blocks_m * (1 if sum_heads else heads)
     if programs_per_example * step >= 2**31:
@@ -325,7 +294,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
             q[rows_b], k[rows_b], mask_arg, lengths_arg, scores, row_max, row_inv_sum, lse[rows_b],
             *q.stride(),
             k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
-            *mask_strides,
+            *mask_strides(masked),
             cols,
             heads, len_q, len_k, dim_k, rows,
             float(scale) * contract.LOG2E,

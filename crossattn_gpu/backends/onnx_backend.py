@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._optional import require
+from ..folding import fold_named
 from .numpy_backend import NumpyBackend
 
 OPSET = 17
@@ -21,6 +22,14 @@ class OnnxPrepared:
 
     def __init__(self, arrays: dict, dtype: str):
         self.arrays, self.dtype, self.sessions = arrays, dtype, {}
+        self._folded = None
+
+    @property
+    def folded(self):
+        """The folded weights (``crossattn_gpu.folding``), computed once for every graph built here."""
+        if self._folded is None and self.arrays:
+            self._folded = fold_named(self.arrays)
+        return self._folded
 
     def session(self, key: tuple, build):
         if key not in self.sessions:
@@ -61,7 +70,8 @@ class OnnxBackend(NumpyBackend):
         arrays = None if sdpa else weights.arrays
         key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width)
         session = weights.session(key, lambda: build_attention_model(
-            arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights))
+            arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
+            folded=None if sdpa else weights.folded))
         feeds = _feeds(
             {"query_seq": xq, "key_seq": xk, "value_seq": xv},
             {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
@@ -84,7 +94,7 @@ class OnnxBackend(NumpyBackend):
         key = ("fuse", masked is not None, need_weights, need_similarity)
         session = weights.session(key, lambda: build_fusion_model(
             weights.arrays, opset=OPSET, dtype=weights.dtype, mask=masked is not None,
-            similarity=need_similarity, attention_weights=need_weights, bidirectional=False))
+            similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded))
         feeds = _feeds(
             {"sequential_repr": xs, "structural_repr": xt},
             {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},

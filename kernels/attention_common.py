@@ -1,0 +1,96 @@
+"""What the two Triton attention operators (``attention.py``, ``attention_two_pass.py``) share: the block
+of scaled, masked scores their kernels compute, and their launchers' input checks."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contract
+
+
+@triton.jit
+def chunked_scores(
+    q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
+    stride_qm, stride_qd, stride_kn, stride_kd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_DK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Q[rows] @ K[cols]^T accumulated over Dk-chunks in float32: (BLOCK_M, BLOCK_N)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start_d in range(0, dim_k, BLOCK_DK):
+        dks = start_d + offs_dk
+        q_ptrs = q_base + offs_m[:, None] * stride_qm + dks[None, :] * stride_qd
+        k_ptrs = k_base + cols[None, :] * stride_kn + dks[:, None] * stride_kd
+        if EVEN_M and EVEN_N and EVEN_DK:
+            qc = tl.load(q_ptrs)
+            kc = tl.load(k_ptrs)
+        else:
+            qc = tl.load(q_ptrs, mask=row_ok[:, None] & (dks[None, :] < dim_k), other=0.0)
+            kc = tl.load(k_ptrs, mask=col_ok[None, :] & (dks[:, None] < dim_k), other=0.0)
+        s += tl.dot(qc, kc, input_precision=INPUT_PRECISION)
+    return s
+
+
+@triton.jit
+def scaled_masked(
+    s, qk_scale, mask_base, offs_m, cols, row_ok, col_ok, stride_mm, stride_mn, mask_fill,
+    HAS_MASK: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """The scores in base-2 units: scaled, the seed's fill where masked, -inf for keys past the length
+    (or past Lk) so that they get exactly zero weight."""
+    s = s * qk_scale
+    if HAS_MASK:
+        m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+        masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = tl.where(masked != 0, mask_fill, s)
+    if not EVEN_N:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    return s
+
+
+def checked_shapes(q, k, v) -> tuple[int, int, int, int, int, int]:
+    """(B, H, Lq, Lk, Dk, Dv) of torch tensors on one device that meet the kernel contract."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    return contract.check_qkv(q, k, v)
+
+
+def checked_mask_and_lengths(q, masked, k_lengths, dims: tuple, lengths_checked: bool):
+    """The mask as uint8 and the lengths as int32 on q's device (or None), checked against ``dims``."""
+    batch, _, len_q, len_k, _, _ = dims
+    if masked is not None:
+        contract.check_masked(masked, batch, len_q, len_k)
+        masked = masked.to(device=q.device, dtype=torch.uint8)
+    if k_lengths is not None:
+        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
+        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
+    return masked, k_lengths
+
+
+def chosen_config(default: dict, config: dict | None) -> dict:
+    """``config`` (for tuning sweeps) in place of the launcher's ``default``, with exactly its keys."""
+    if config is None:
+        return default
+    if set(config) != set(default):
+        raise ValueError(f"config must have exactly the keys {sorted(default)}; got {sorted(config)}")
+    return dict(config)
+
+
+def mask_strides(masked) -> tuple[int, int, int]:
+    """Batch, query and key strides of a (Bm, Lq, Lk) mask; a batch of 1 is shared (stride 0)."""
+    if masked is None:
+        return (0, 0, 0)
+    return (0 if masked.shape[0] == 1 else masked.stride(0), masked.stride(1), masked.stride(2))
+
