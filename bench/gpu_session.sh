@@ -2,11 +2,12 @@
 # One GPU session in one call (the device tool allows 10 minutes a command and returns at most 8
 # files): install the package from a wheel built beforehand, then, each step under its own time limit
 # so that one slow step cannot starve the rest, most needed first: racecheck of the CUDA C kernel, the
-# GPU tests, the benchmark, a profile of single fusion calls (host and device), the Triton sweep
+# GPU tests, the benchmark, a profile of single fusion calls (host and device), the host path under
+# the interpreter (to compare this host with the development CPU), the Triton sweep
 # (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
 # tests on odd shapes, and the conformance suite with its summary. Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 500 s; the steps usually end
+# failing step is logged and the others still run. The limits add up to 515 s; the steps usually end
 # well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
@@ -62,6 +63,9 @@ step tests 90 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" "$repo/tests"
     --ignore="$repo/tests/kernels/test_triton_compile.py"
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results"
 step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
+# The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
+# how much slower this host's Python is.
+step host-path 15 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 step sweep 60 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
@@ -84,3 +88,4 @@ grep -E "^\| " "$work/sweep.log"
 grep -E '"rest_s"' "$work/sweep.log" | cut -c1-300
 grep -E "^(W[0-9])" "$work/bench.log"
 grep -E "^\| W[0-9] \|" "$work/profile.log"
+cat "$work/host-path.log"

@@ -1,14 +1,18 @@
 """Input validation shared by every backend.
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a
-message that names the argument and the problem, before any kernel sees the data. The checks work on
-the backend's own arrays (NumPy or torch) through four methods every backend has: ``native``,
-``host``, ``dtype_name`` and ``all_finite``. On a GPU, reading a check's verdict is a synchronisation,
-so the finiteness of all inputs is read at once (``check_finite``).
+message that names the argument and the problem, before any result is returned. The checks work on
+the backend's own arrays (NumPy, torch or CuPy) through five methods every backend has: ``native``,
+``host``, ``dtype_name``, ``all_finite`` and ``finite_verdict``. Shapes, dtypes, masks and lengths are
+checked before any kernel runs. On a GPU, reading a verdict from the device is a synchronisation, so
+the finiteness of all inputs is one verdict, read once the call's kernels are queued
+(``check_finite``): kernels index memory by shapes and lengths, never by the float inputs, so NaN or
+Inf there cannot make them misbehave.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -73,9 +77,27 @@ def check_input(arr, name: str, backend) -> None:
         raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); sequences need L >= 1")
 
 
-def check_finite(arrays: dict, backend) -> None:
-    """No NaN or Inf in any of the named arrays: one verdict read for all of them."""
-    if backend.all_finite(*arrays.values()):
+def check_finite(arrays: dict, backend) -> Callable[[], None]:
+    """No NaN or Inf in any of the named arrays, from one verdict for all of them.
+
+    Returns the function that finishes the check. ``backend.finite_verdict`` gives either the verdict
+    itself (the check ends here, and raises here) or a function that reads it later: on a GPU that read
+    is a synchronisation, so the front end calls the returned function only once the call's work is
+    queued, and the read no longer leaves the device idle while the host prepares that work.
+    """
+    verdict = backend.finite_verdict(*arrays.values())
+    if callable(verdict):
+        return lambda: _raise_unless_finite(verdict(), arrays, backend)
+    _raise_unless_finite(verdict, arrays, backend)
+    return _checked
+
+
+def _checked() -> None:
+    """The end of a check that has already ended."""
+
+
+def _raise_unless_finite(finite: bool, arrays: dict, backend) -> None:
+    if finite:
         return
     for name, arr in arrays.items():  # the rare failing call pays one read per array to name it
         if not backend.all_finite(arr):
@@ -157,6 +179,7 @@ class Batch:
     batched: bool  # False when the caller gave (L, D) arrays
     out_dtype: str  # dtype name of the results
     caller_kind: object  # how to hand results back (the backend's token)
+    finish_checks: Callable[[], None] = _checked  # raises if a deferred check failed (``check_finite``)
 
     def unbatch(self, x):
         """Drop the leading batch axis that the front end added to unbatched inputs."""

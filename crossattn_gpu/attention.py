@@ -162,6 +162,7 @@ class CrossAttention:
             q, k, v, scale=1.0 / np.sqrt(self.embedding_dim), masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
+        batch.finish_checks()
         return self._out(out, batch), self._out(probs, batch)
 
     def multi_head_attention(
@@ -186,6 +187,7 @@ class CrossAttention:
             xq, xk, xv, self._projection(xq.dtype), masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
+        batch.finish_checks()
         return self._out(out, batch), self._head_list(probs, batch)
 
     def fuse_representations(
@@ -231,6 +233,7 @@ class CrossAttention:
             xs, xt, self._projection(xs.dtype), masked=masked, s_lengths=s_len, t_lengths=t_len,
             need_weights=_default_need_weights(need_weights, batch), need_similarity=need_similarity,
         )
+        batch.finish_checks()
         fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
         return {
             "fused_sequential": self._out(fused_s, batch),
@@ -286,12 +289,14 @@ class CrossAttention:
 
         Every input must be D wide except those named in ``free_width``. Results go back in the kind of
         the first input (NumPy, torch on its device, CuPy), as far as the backend hands out that kind.
+        On a GPU the finiteness verdict is read late: call ``finish_checks()`` on the result once the
+        work is queued, before handing anything back.
         """
         backend = self._backend
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)
-        _checks.check_finite(arrays, backend)
+        finish_checks = _checks.check_finite(arrays, backend)
         batched = _checks.check_same_rank(arrays)
         for name, arr in arrays.items():
             if name not in free_width:
@@ -301,7 +306,8 @@ class CrossAttention:
             raise TypeError(f"backend {backend.name!r} supports dtypes {', '.join(backend.dtypes)}; got {out_dtype}")
         compute = backend.compute_dtype(out_dtype)
         cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
-        return _checks.Batch(cast, batched, out_dtype, backend.caller_kind(next(iter(named_inputs.values()))))
+        caller_kind = backend.caller_kind(next(iter(named_inputs.values())))
+        return _checks.Batch(cast, batched, out_dtype, caller_kind, finish_checks)
 
     def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths")):
         size, backend = batch.arrays[0].shape[0], self._backend

@@ -51,7 +51,8 @@ import triton.language as tl
 
 from . import contract
 from .attention_common import (
-    checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides, scaled_masked,
+    block_at_least_16, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides,
+    scaled_masked,
 )
 from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
@@ -220,10 +221,6 @@ def _attention_fwd(
             tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
     """Block sizes, warps, stages and the float32 dot precision for a shape. tl.dot needs every block
     dimension >= 16.
@@ -249,8 +246,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     half = itemsize <= 2
     widest = max(dim_k, dim_v)
     d_cap = (256 if widest <= 256 else 128) if half else 64
-    block_dk = min(_pow2_at_least_16(dim_k), d_cap)
-    block_dv = min(_pow2_at_least_16(dim_v), d_cap)
+    block_dk = min(block_at_least_16(dim_k), d_cap)
+    block_dv = min(block_at_least_16(dim_v), d_cap)
     one_chunk = dim_k <= block_dk and dim_v <= block_dv
     if half and one_chunk and widest <= 128:
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
@@ -261,8 +258,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     else:
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
     # Short sequences take the smallest block that covers them.
-    block_m = min(block_m, _pow2_at_least_16(len_q))
-    block_n = min(block_n, _pow2_at_least_16(len_k))
+    block_m = min(block_m, block_at_least_16(len_q))
+    block_n = min(block_n, block_at_least_16(len_k))
     precision = "tf32" if allow_tf32 and not half else "ieee"
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
             "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": precision}
@@ -322,13 +319,13 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     if single_dv:
         scratch, scratch_strides = out, (0, 0, 0, 0)  # unused: the accumulator stays in registers
     else:  # float32 accumulator, padded to whole blocks so the kernel needs no masks on it
-        rows = triton.cdiv(len_q, block_m) * block_m
-        cols = triton.cdiv(dim_v, block_dv) * block_dv
+        rows = cdiv(len_q, block_m) * block_m
+        cols = cdiv(dim_v, block_dv) * block_dv
         scratch = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
         scratch_strides = scratch.stride()
     mask_arg = masked if masked is not None else q  # a valid pointer that HAS_MASK=False never reads
 
-    grid = (batch if sum_in_kernel else batch * heads, triton.cdiv(len_q, block_m))
+    grid = (batch if sum_in_kernel else batch * heads, cdiv(len_q, block_m))
     _attention_fwd[grid](
         q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse, scratch,
         *q.stride(),

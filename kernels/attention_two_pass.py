@@ -45,7 +45,8 @@ import triton.language as tl
 
 from . import contract
 from .attention_common import (
-    checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides, scaled_masked,
+    block_at_least_16, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides,
+    scaled_masked,
 )
 
 
@@ -183,10 +184,6 @@ def _attention_fwd_probs_values(
         tl.store(o_ptrs, o, mask=row_ok[:, None] & dv_ok[None, :])
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 #: Bytes of score scratch at most: the batch is processed in chunks below it (W3: 64 examples x 2 MiB,
 #: one chunk).
 SCRATCH_BYTES = 256 << 20
@@ -220,10 +217,10 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     half = itemsize <= 2
     block_m, block_n, block_dk, block_dv = (128, 32, 64, 128) if half else (64, 32, 32, 64)
     return {
-        "BLOCK_M": min(block_m, _pow2_at_least_16(len_q)),
-        "BLOCK_N": min(block_n, _pow2_at_least_16(len_k)),
-        "BLOCK_DK": min(block_dk, _pow2_at_least_16(dim_k)),
-        "BLOCK_DV": min(block_dv, _pow2_at_least_16(dim_v)),
+        "BLOCK_M": min(block_m, block_at_least_16(len_q)),
+        "BLOCK_N": min(block_n, block_at_least_16(len_k)),
+        "BLOCK_DK": min(block_dk, block_at_least_16(dim_k)),
+        "BLOCK_DV": min(block_dv, block_at_least_16(dim_v)),
         "num_warps": 8,
         "num_stages": 2,
         "INPUT_PRECISION": "tf32" if allow_tf32 and not half else "ieee",
@@ -263,8 +260,8 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32), config)
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    blocks_m, blocks_dv = triton.cdiv(len_q, block_m), triton.cdiv(dim_v, block_dv)
-    rows, cols = blocks_m * block_m, triton.cdiv(len_k, block_n) * block_n
+    blocks_m, blocks_dv = cdiv(len_q, block_m), cdiv(dim_v, block_dv)
+    rows, cols = blocks_m * block_m, cdiv(len_k, block_n) * block_n
     # The scratch serves a chunk of the batch at a time, so that its memory stays bounded for any B.
     step = max(1, min(batch, SCRATCH_BYTES // (heads * rows * cols * 4)))
     scores = torch.empty((step, heads, rows, cols), device=q.device, dtype=torch.float32)

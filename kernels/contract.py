@@ -20,13 +20,15 @@ def dtype_name(t) -> str:
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
     """(B, H, Lq, Lk, Dk, Dv) of q (B, H, Lq, Dk), k (B, Hk, Lk, Dk), v (B, Hv, Lk, Dv) with Hk, Hv in
     {1, H} and one float dtype; TypeError or ValueError naming what breaks the contract."""
+    names = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != 4:
             raise ValueError(f"{name} must have rank 4 (B, H, L, D); got shape {tuple(t.shape)}")
-        if dtype_name(t) not in DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {dtype_name(t)}")
-    if not (dtype_name(q) == dtype_name(k) == dtype_name(v)):
-        raise TypeError(f"q, k and v must share one dtype; got {dtype_name(q)}, {dtype_name(k)}, {dtype_name(v)}")
+        names.append(dtype_name(t))
+        if names[-1] not in DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16; got {names[-1]}")
+    if len(set(names)) != 1:
+        raise TypeError(f"q, k and v must share one dtype; got {', '.join(names)}")
     batch, heads, len_q, dim_k = q.shape
     len_k, dim_v = k.shape[2], v.shape[3]
     if 0 in tuple(q.shape) + tuple(k.shape) + tuple(v.shape):

@@ -116,3 +116,42 @@ def test_from_weights_checks_shapes_and_dtypes():
         CrossAttention.from_weights(w["query_weights"], w["key_weights"], w["value_weights"] * np.nan, w["output_weights"])
     with pytest.raises(TypeError, match="unexpected keyword arguments: seed"):
         CrossAttention.from_weights(**w, seed=3)
+
+
+def test_a_late_finiteness_verdict_is_read_after_the_work_and_before_any_result(model, monkeypatch):
+    """The Triton backend on a GPU hands back its finiteness verdict as a function to call later (the
+    read is a synchronisation). Every method must then queue its work first, read the verdict, and
+    raise the named error instead of returning results."""
+    backend, events = model._backend, []
+
+    def late_verdict(*arrays):
+        finite = type(backend).all_finite(*arrays)
+
+        def read():
+            events.append("verdict read")
+            return finite
+
+        return read
+
+    monkeypatch.setattr(backend, "finite_verdict", late_verdict)
+    for work in ("fuse", "multi_head_attention", "scaled_dot_product_attention"):
+        def logged(*args, _work=work, _original=getattr(backend, work), **kwargs):
+            events.append(_work)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(backend, work, logged)
+    bad = np.full((4, D), np.nan)
+    calls = [
+        (lambda: model.fuse_representations(bad, good(4, D)), "sequential_repr contains NaN", "fuse"),
+        (lambda: model.multi_head_attention(good(4, D), good(4, D), bad), "value_seq contains NaN", "multi_head_attention"),
+        (lambda: model.scaled_dot_product_attention(good(4, D), bad, good(4, D)), "keys contains NaN",
+         "scaled_dot_product_attention"),
+    ]
+    for call, message, work in calls:
+        events.clear()
+        with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
+            call()
+        assert events == [work, "verdict read"]
+    events.clear()
+    assert model.fuse_representations(good(3, D), good(3, D))["fusion_complete"]
+    assert events == ["fuse", "verdict read"]

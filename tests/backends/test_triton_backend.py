@@ -118,19 +118,28 @@ def test_bad_inputs_get_the_same_errors_as_numpy():
     assert tri.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))["fusion_complete"]
 
 
-def test_finiteness_verdict_is_exact_when_the_sum_overflows():
+def late_verdict(backend, *arrays) -> bool:
+    """``finite_verdict``'s answer: a function to call on a GPU (read late), the verdict itself here."""
+    verdict = backend.finite_verdict(*arrays)
+    assert callable(verdict) == ON_GPU
+    return verdict() if ON_GPU else verdict
+
+
+@pytest.mark.parametrize("way", ["all_finite", "finite_verdict"])
+def test_finiteness_verdict_is_exact_when_the_sum_overflows(way):
     _, tri = models(8, 1)
     backend = tri._backend
+    all_finite = backend.all_finite if way == "all_finite" else lambda *arrays: late_verdict(backend, *arrays)
     huge = torch.full((2, 5, 8), 3e38, device=DEVICE)  # finite; the sum of its elements overflows
-    assert backend.all_finite(huge, torch.ones(2, 5, 8, device=DEVICE))
-    assert backend.all_finite(torch.full((4, 8), 6e4, dtype=torch.float16, device=DEVICE))
+    assert all_finite(huge, torch.ones(2, 5, 8, device=DEVICE))
+    assert all_finite(torch.full((4, 8), 6e4, dtype=torch.float16, device=DEVICE))
     for bad in (float("nan"), float("inf"), float("-inf")):
         arr = torch.ones(2, 5, 8, device=DEVICE)
         arr[1, 3, 7] = bad
-        assert not backend.all_finite(huge, arr)
+        assert not all_finite(huge, arr)
     both = torch.ones(6, device=DEVICE)
     both[0], both[1] = float("inf"), float("-inf")  # their sum is NaN, not Inf
-    assert not backend.all_finite(both)
+    assert not all_finite(both)
 
 
 def test_a_ragged_fusion_reads_from_the_device_once():

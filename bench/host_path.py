@@ -1,0 +1,71 @@
+"""TRITON_INTERPRET=1 python -m bench.host_path: the host's share of one small fusion call, on any CPU.
+
+W1 (the seed's demo: L = 10, D = 64, H = 2) is bound by the host on a GPU: its kernels take
+microseconds, and the call's time is Python, torch's operator dispatch and the Triton launches. This
+times the Triton backend's ``fuse_representations`` on torch CPU tensors with every Triton kernel launch
+replaced by a no-op, so what remains is the host path a GPU call also takes (the front end's checks,
+the projections' GEMMs, which are tiny here, and the launchers' own Python), without a GPU. Triton's
+own launch and CUDA's are not in it. Medians of many calls, with the NumPy backend's whole W1 call
+(which computes everything) beside it for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from crossattn_gpu import CrossAttention
+from crossattn_gpu.backends.triton_backend import interpreter_mode
+
+from .workloads import WORKLOADS
+
+
+def median_us(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e6
+
+
+def measure(calls: int) -> dict:
+    """Median microseconds of one W1 call: the NumPy backend's, and the Triton backend's host path."""
+    if not interpreter_mode():
+        raise RuntimeError("bench.host_path needs TRITON_INTERPRET=1, set before the kernels are imported")
+    workload = WORKLOADS["W1"]
+    rng = np.random.default_rng(0)
+    shape = (workload.batch, workload.len_s, workload.width)
+    xs, xt = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
+    kwargs = dict(need_similarity=False, bidirectional=False)
+    numpy_model = CrossAttention(workload.width, workload.heads, seed=0, backend="numpy")
+    triton_model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
+    ts, tt = torch.from_numpy(xs), torch.from_numpy(xt)
+    results = {"numpy_w1_us": median_us(lambda: numpy_model.fuse_representations(xs, xt, **kwargs), calls)}
+    original = InterpretedFunction.__getitem__
+    InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kw: None)  # launches do nothing
+    try:
+        results["triton_host_path_us"] = median_us(lambda: triton_model.fuse_representations(ts, tt, **kwargs), calls)
+    finally:
+        InterpretedFunction.__getitem__ = original
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_path", description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=3000, help="calls per median")
+    parser.add_argument("--repeats", type=int, default=3, help="medians taken; the median of them is printed")
+    args = parser.parse_args(argv)
+    runs = [measure(args.calls) for _ in range(args.repeats)]
+    for key in runs[0]:
+        print(f"{key}: {statistics.median(r[key] for r in runs):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
