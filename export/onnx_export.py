@@ -21,7 +21,8 @@ import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
 from .graph import (  # noqa: E402
-    ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head,
+    ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head, head_weights,
+    project_heads,
 )
 
 _INT64 = TensorProto.INT64
@@ -40,6 +41,14 @@ def _folded(arrays: dict, folded: np.ndarray | None) -> np.ndarray:
     """(D, 2*H*D) float64: [A_0 .. A_H-1 | U_0 .. U_H-1] (``crossattn_gpu.folding``), unless the caller
     already has it (folding D = 1280, H = 8 takes ~1 s)."""
     return fold_named(arrays) if folded is None else folded
+
+
+def _head_weights(g: GraphBuilder, folded: np.ndarray, heads: int, width: int) -> list[str]:
+    """The initializers ``folded_query_weights`` (the A_h) and ``folded_value_weights`` (the U_h), in the
+    layout of ``graph.head_weights``."""
+    hd = heads * width
+    return [g.weight(name, head_weights(block, heads, width))
+            for name, block in (("folded_query_weights", folded[:, :hd]), ("folded_value_weights", folded[:, hd:]))]
 
 
 def _metadata(arrays: dict, dtype: str, opset: int, **options) -> dict[str, str]:
@@ -89,11 +98,10 @@ def build_fusion_model(
     keep = _lengths_and_mask(g, ("sequential_lengths", "structural_lengths"), lengths, mask)
     s_valid = g.valid_positions(xs, "sequential_lengths") if lengths else None
     t_valid = g.valid_positions(xt, "structural_lengths") if lengths else None
-    # One MatMul per input gives its queries (for its own direction) and values (for the other).
-    folded = g.weight("folded_query_value_weights", _folded(arrays, folded))
-    hd = g.const([heads * width, heads * width], np.int64)
-    qs, vs = g.nodes_out("Split", [g.op("MatMul", [xs, folded]), hd], 2, axis=2)
-    qt, vt = g.nodes_out("Split", [g.op("MatMul", [xt, folded]), hd], 2, axis=2)
+    # Each input gives its queries (for its own direction) and values (for the other).
+    weights = _head_weights(g, _folded(arrays, folded), heads, width)
+    qs, vs = project_heads(g, xs, weights, heads, width)
+    qt, vt = project_heads(g, xt, weights, heads, width)
     common = dict(heads=heads, width=width, opset=opset, need_probs=attention_weights)
     keep_st = None if keep is None else g.unsqueeze(keep, [1])
     keep_ts = None if keep is None else g.unsqueeze(g.op("Transpose", [keep], perm=[0, 2, 1]), [1])
@@ -150,9 +158,9 @@ def build_attention_model(
         meta_arrays = None
     else:
         heads = arrays["query_weights"].shape[0]
-        folded = _folded(arrays, folded)
-        q = g.op("MatMul", [xq, g.weight("folded_query_weights", folded[:, : heads * width])])
-        v = g.op("MatMul", [xv, g.weight("folded_value_weights", folded[:, heads * width :])])
+        a, u = _head_weights(g, _folded(arrays, folded), heads, width)
+        (q,) = project_heads(g, xq, [a], heads, width)
+        (v,) = project_heads(g, xv, [u], heads, width)
         out, probs = folded_multi_head(g, q, xk, v, heads=heads, width=width, keep=keep, q_valid=q_valid,
                                        k_valid=k_valid, opset=opset, need_probs=attention_weights)
         meta_arrays = arrays

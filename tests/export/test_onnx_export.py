@@ -10,7 +10,9 @@ import reference  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from crossattn_gpu import CrossAttention  # noqa: E402
-from crossattn_gpu.export import OnnxFusion, to_onnx  # noqa: E402
+from crossattn_gpu.export import OnnxFusion, graph, to_onnx  # noqa: E402
+from crossattn_gpu.export.onnx_export import build_fusion_model  # noqa: E402
+from crossattn_gpu.export.runner import OnnxSession  # noqa: E402
 from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.weights import weights_digest  # noqa: E402
 
@@ -99,11 +101,34 @@ def test_metadata_records_the_model(tmp_path, model):
     assert fusion.input_names == ["sequential_repr", "structural_repr", "sequential_lengths", "structural_lengths"]
     assert meta["projections"].startswith("folded")
     loaded = onnx.load(str(tmp_path / "m.onnx"))
-    (folded,) = [numpy_helper.to_array(i) for i in loaded.graph.initializer if i.name == "folded_query_value_weights"]
+    stored = {i.name: numpy_helper.to_array(i) for i in loaded.graph.initializer if i.name.startswith("folded_")}
     weights = model.get_attention_weights()
     want = fold_weights(*(weights[f"{part}_weights"] for part in ("query", "key", "value", "output")))
-    assert folded.dtype == np.float32 and folded.shape == (24, 2 * 3 * 24)
-    np.testing.assert_array_equal(folded, want.astype(np.float32))
+    # D = 24 <= BATCHED_HEADS_MAX_WIDTH: (1, H, D, D), head h's A_h (or U_h) at [0, h].
+    assert set(stored) == {"folded_query_weights", "folded_value_weights"}
+    for name, first_column in (("folded_query_weights", 0), ("folded_value_weights", 3 * 24)):
+        assert stored[name].dtype == np.float32 and stored[name].shape == (1, 3, 24, 24)
+        for h in range(3):
+            block = want[:, first_column + h * 24 : first_column + (h + 1) * 24]
+            np.testing.assert_array_equal(stored[name][0, h], block.astype(np.float32))
+
+
+@pytest.mark.parametrize("width", [graph.BATCHED_HEADS_MAX_WIDTH, graph.BATCHED_HEADS_MAX_WIDTH + 1])
+def test_both_projection_layouts_compute_the_fusion(width):
+    """Heads up to BATCHED_HEADS_MAX_WIDTH wide take (1, H, D, D) weights, wider ones (D, H*D): both
+    give the NumPy backend's fusion (its reference is float64)."""
+    model = CrossAttention(width, 2, seed=1)
+    built = build_fusion_model(model.get_attention_weights(), bidirectional=False)
+    shapes = {i.name: tuple(i.dims) for i in built.graph.initializer if i.name.startswith("folded_")}
+    batched = width <= graph.BATCHED_HEADS_MAX_WIDTH
+    assert shapes["folded_query_weights"] == ((1, 2, width, width) if batched else (width, 2 * width))
+    rng = np.random.default_rng(2)
+    xs, xt = rng.standard_normal((2, 5, width)), rng.standard_normal((2, 3, width))
+    got = OnnxSession(built).run({"sequential_repr": xs.astype(np.float32), "structural_repr": xt.astype(np.float32),
+                                  "sequential_lengths": np.array([5, 2]), "structural_lengths": np.array([3, 1])})
+    want = model.fuse_representations(xs, xt, sequential_lengths=[5, 2], structural_lengths=[3, 1], bidirectional=False)
+    for name in ("fused_sequential", "fused_structural"):
+        assert rel_err(got[name], want[name]) < 1e-5, name
 
 
 def test_bidirectional_output_refuses_unequal_lengths(tmp_path, model):

@@ -68,7 +68,7 @@ def test_missing_file(tmp_path):
 def with_external_weight(tmp_path, location: str):
     """A copy of the model whose folded weights claim to live in external data at ``location``."""
     model = onnx.load(str(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "base.onnx")))
-    tensor = next(t for t in model.graph.initializer if t.name == "folded_query_value_weights")
+    tensor = next(t for t in model.graph.initializer if t.name == "folded_query_weights")
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     entry = tensor.external_data.add()
