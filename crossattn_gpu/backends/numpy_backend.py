@@ -85,9 +85,9 @@ def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False
     out = np.empty((batch, heads, len_q, width_v), dtype=q.dtype)
     lse = np.empty((batch, heads, len_q), dtype=q.dtype) if need_lse else None
     weights = np.empty((batch, heads, len_q, len_k), dtype=q.dtype) if need_weights else None
-    if masked is not None:  # transposed like the scores, and laid out so (a copy without the batch's broadcast)
+    if masked is not None:  # transposed like the scores and copied to that layout, once per mask: (B, 1, Lk, Lq)
         masked = np.ascontiguousarray(np.broadcast_to(masked, (masked.shape[0], len_q, len_k)).swapaxes(-1, -2))
-        masked = np.broadcast_to(masked, (batch, len_k, len_q))[:, None]  # (B, 1, Lk, Lq)
+        masked = np.broadcast_to(masked, (batch, len_k, len_q))[:, None]
     key_pad = None if k_lengths is None else np.arange(len_k) >= k_lengths[:, None]  # (B, Lk)
 
     def attend_chunk(rows: slice) -> None:
@@ -118,9 +118,9 @@ def _scale_and_fill(scores_t: np.ndarray, scale: float, masked_t, key_pad) -> No
 
     The fills are a multiply (by the scale, or 0 where masked) and an add (the fill, -inf, or 0), with
     the factors built once per chunk without the heads' axis. For finite scores, which the front end
-    guarantees, that is exactly the replacement, and it is ten times faster than ``np.copyto`` with a
-    boolean ``where`` (one chunk of 2**20 float32 scores on this project's CPU: mask 3.3 ms against
-    0.27 ms, key padding 0.56 ms against 0.21 ms).
+    guarantees, that is exactly the replacement, and faster than ``np.copyto`` with a boolean ``where``
+    (one chunk of 2**20 float32 scores on this project's CPU: mask 2.1 ms against 0.19 ms, key padding
+    0.35 ms against 0.13 ms).
     """
     dtype = scores_t.dtype
     factor, bias = scale, None
