@@ -124,7 +124,7 @@ class TritonBackend(DeviceFusion):
         host = torch.empty((), dtype=total.dtype, pin_memory=True)
         host.copy_(total, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(total.device))  # the stream the copy went to
 
         def verdict() -> bool:
             copied.synchronize()

@@ -162,3 +162,20 @@ def test_serving_repository_layout(tmp_path, model):
     fusion = OnnxFusion(folder / "1" / "model.onnx")
     assert fusion.output_names == ["fused_sequential", "fused_structural", "bidirectional_fusion"]
     assert config.count("{ name:") == len(fusion.input_names) + len(fusion.output_names)
+
+
+def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch):
+    """Past EXTERNAL_DATA_BYTES (1 GiB; protobuf caps a file at 2 GiB) the weights are written beside
+    the model; here the limit is lowered so that a small model takes that path."""
+    from crossattn_gpu.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    path = to_onnx(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 2 * 3 * 24 * 24 * 4  # both folded blocks
+    stored = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer if t.name.startswith("folded_"))
+    rng = np.random.default_rng(3)
+    xs, xt = rng.standard_normal((2, 7, 24)), rng.standard_normal((2, 7, 24))
+    got = OnnxFusion(path)(xs, xt)
+    want = model.fuse_representations(xs, xt)
+    assert rel_err(got["bidirectional_fusion"], want["bidirectional_fusion"]) < 1e-5
