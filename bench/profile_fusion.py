@@ -3,7 +3,8 @@
 The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
 similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16), under ``torch.profiler``.
 Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
-(each one a synchronisation, ``aten::_local_scalar_dense``), host-device copies, torch's GEMMs, and
+(``aten::_local_scalar_dense``), the waits among them that drain the GPU's queue and those that wait on
+an event only (the late finiteness verdict), host-device copies, torch's GEMMs, and
 the operators that take the most host time. What the wall time holds beyond the kernels is the host's
 share (the "rest" of ``bench/sweep_triton.py``'s stages), which these counts attribute.
 
@@ -31,6 +32,8 @@ PROFILED_CALLS = 5
 TOP_OPS = 12
 #: Host-side names of a kernel launch (torch's kernels, and Triton's through the driver API).
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+#: Waits for a whole stream or device: each drains the GPU's queue (a CUDA tensor's ``.item()`` is one).
+DRAIN_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
 def _inputs(workload, dtype, device):
@@ -93,6 +96,9 @@ def profile_case(name: str, dtype_name: str, device: str) -> dict:
         "kernels": {e.key[:80]: per_call(e.count) for e in kernels},
         "launches": per_call(sum(e.count for e in events if e.key in LAUNCH_NAMES)),
         "host_reads_of_device_values": per_call(sum(e.count for e in events if e.key == "aten::_local_scalar_dense")),
+        # A read through pinned memory waits on an event after its copy, not on the queue behind it.
+        "queue_drains": per_call(sum(e.count for e in events if e.key in DRAIN_NAMES)),
+        "event_waits": per_call(sum(e.count for e in events if e.key == "cudaEventSynchronize")),
         "copies": per_call(sum(e.count for e in events if e.key == "aten::copy_")),
         "torch_gemms": per_call(sum(e.count for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))),
         "top_host_ops": [{"op": e.key[:60], "calls": per_call(e.count), "self_host_us": per_call(e.self_cpu_time_total)}
@@ -102,11 +108,12 @@ def profile_case(name: str, dtype_name: str, device: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | dtype | wall ms | device kernels ms | launches | host reads (syncs) | copies |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | dtype | wall ms | device kernels ms | launches | host reads | queue drains | event waits | copies |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['dtype']} | {r['wall_ms']:.3f} | {r['device_kernel_ms']:.3f} | "
-                     f"{r['launches']:.0f} | {r['host_reads_of_device_values']:.0f} | {r['copies']:.0f} |")
+                     f"{r['launches']:.0f} | {r['host_reads_of_device_values']:.0f} | {r['queue_drains']:.0f} | "
+                     f"{r['event_waits']:.0f} | {r['copies']:.0f} |")
     for r in rows:
         lines += ["", f"{r['case']} {r['dtype']}, host time by operator (per call):", "",
                   "| operator | calls | self host us |", "| --- | ---: | ---: |"]
