@@ -202,6 +202,26 @@ def test_large_batch_is_chunked_without_changing_results(monkeypatch):
     assert np.array_equal(whole["attention_weights_struct_to_seq"][1], chunked["attention_weights_struct_to_seq"][1])
 
 
+@pytest.mark.parametrize("min_block", [1, 128])
+def test_long_examples_are_chunked_by_queries_without_changing_results(monkeypatch, min_block):
+    """An example whose scores pass SCORE_CHUNK_ELEMENTS is cut into blocks of its queries: memory
+    stays bounded whatever L is. Masks, lengths, probabilities and lse follow the blocks."""
+    from crossattn_gpu.backends import numpy_backend
+
+    rng = np.random.default_rng(11)
+    q, k, v = rand(rng, 2, 3, 300, 4), rand(rng, 2, 1, 7, 4), rand(rng, 2, 3, 7, 5)
+    masked = rng.random((2, 300, 7)) < 0.3
+    lengths = np.array([7, 4])
+    kwargs = dict(scale=0.5, masked=masked, k_lengths=lengths, need_weights=True, need_lse=True)
+    whole = numpy_backend.attention(q, k, v, **kwargs)
+    monkeypatch.setattr(numpy_backend, "SCORE_CHUNK_ELEMENTS", 3 * 7 * 50)  # 50 queries' scores
+    monkeypatch.setattr(numpy_backend, "MIN_QUERY_BLOCK", min_block)
+    chunks = numpy_backend._chunks(2, 3, 300, 7)
+    assert len(chunks) == (2 * 6 if min_block == 1 else 2 * 3)  # blocks of 50 queries, or of 128
+    for got, want in zip(numpy_backend.attention(q, k, v, **kwargs), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
 def test_assigning_weights_takes_effect_on_next_call():
     rng = np.random.default_rng(10)
     model = CrossAttention(8, 2, seed=0, backend="numpy")
