@@ -85,7 +85,7 @@ CROSSATTN_CONFORMANCE_SUMMARY="$work/results/conformance" CROSSATTN_HYPOTHESIS_E
 grep -h -E "^(FAILED|ERROR)|passed|failed" "$work/tests.log" "$work/conformance.log" | tail -n 30
 grep -h -E "ERROR SUMMARY|passed|failed" "$work"/sanitizer-*.log 2> /dev/null
 grep -E "^\| " "$work/sweep.log"
-grep -E '"rest_s"' "$work/sweep.log" | cut -c1-300
+grep -E '"rest_s"' "$work/sweep.log" | cut -c1-480
 grep -E "^(W[0-9])" "$work/bench.log"
 grep -E "^\| W[0-9] \|" "$work/profile.log"
 cat "$work/host-path.log"

@@ -5,8 +5,8 @@ The fusion calls the kernel with folded queries and values (B, H, L, D), the raw
 by every head (Hk = 1), and asks for the heads' sum; the sweep times exactly that call under each
 candidate configuration (and with the heads summed after the kernel), after checking its result
 against the float64 reference on two examples. The stages come first: one direction's projection
-GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, and an
-unfused alternative to the kernel (GEMMs around a softmax). Output: a JSON file and a table.
+GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, and two
+alternatives to the kernel (GEMMs around a softmax, and torch's SDPA). Output: a JSON file and a table.
 
     python -m bench.sweep_triton --out sweep.json            # on a GPU
     python -m bench.sweep_triton --cases W3,W2:float32        # some cases only
@@ -160,6 +160,10 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     scale = width**-0.5
     result["unfused_rel_error"] = checked_error(unfused_head_sum(q, k, v, scale), q, k, v, scale)
     result["unfused_s"] = seconds(lambda: unfused_head_sum(q, k, v, scale))
+    # torch's own attention kernels (flash / cuDNN / memory-efficient, as SDPA picks) on the same
+    # folded inputs: what routing the unmasked call through SDPA would give.
+    result["sdpa_rel_error"] = checked_error(sdpa_head_sum(q, k, v, scale), q, k, v, scale)
+    result["sdpa_s"] = seconds(lambda: sdpa_head_sum(q, k, v, scale))
     print(json.dumps(result), flush=True)
     return result
 
@@ -171,6 +175,14 @@ def unfused_head_sum(q, k, v, scale):
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).float().sum(1).to(q.dtype)
+
+
+def sdpa_head_sum(q, k, v, scale):
+    """The kernel's work (no mask, no lengths) through ``torch.nn.functional.scaled_dot_product_attention``,
+    the raw keys expanded over the heads, the heads summed in float32 after."""
+    keys = k.expand(-1, q.shape[1], -1, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale)
+    return out.float().sum(1).to(q.dtype)
 
 
 def main(argv=None) -> int:

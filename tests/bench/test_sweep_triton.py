@@ -46,6 +46,12 @@ def test_unfused_alternative_computes_the_heads_sum():
     assert sweep_triton.checked_error(sweep_triton.unfused_head_sum(q, k, v, scale), q, k, v, scale) < 1e-6
 
 
+def test_sdpa_alternative_computes_the_heads_sum():
+    q, k, v = sweep_triton.fusion_inputs(2, 3, 17, 24, torch.float32, "cpu")
+    scale = 24**-0.5
+    assert sweep_triton.checked_error(sweep_triton.sdpa_head_sum(q, k, v, scale), q, k, v, scale) < 1e-6
+
+
 def test_cases_option_selects_and_rejects(capsys):
     with pytest.raises(SystemExit):
         sweep_triton.main(["--cases", "W9"])
