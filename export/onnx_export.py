@@ -224,7 +224,9 @@ def to_onnx(
         onnx.checker.check_model(onnx_model, full_check=True)
         onnx.save_model(onnx_model, path)
         return path
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file: a re-export would grow it
     onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+                    location=data.name, size_threshold=1024)
     onnx.checker.check_model(str(path), full_check=True)  # by path: the checker then reads the data file
     return path

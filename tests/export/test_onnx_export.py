@@ -171,7 +171,9 @@ def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch)
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     path = to_onnx(model, tmp_path / "big.onnx")
-    assert (tmp_path / "big.onnx.data").stat().st_size >= 2 * 3 * 24 * 24 * 4  # both folded blocks
+    size = (tmp_path / "big.onnx.data").stat().st_size
+    assert size >= 2 * 3 * 24 * 24 * 4  # both folded blocks
+    assert to_onnx(model, path) == path and (tmp_path / "big.onnx.data").stat().st_size == size  # rewritten
     stored = onnx.load(str(path), load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer if t.name.startswith("folded_"))
     rng = np.random.default_rng(3)
