@@ -11,7 +11,7 @@ from crossattn_gpu.fuse_files import Progress, fuse_collections, length_batches
 def test_batches_group_similar_lengths():
     lengths = {"a": 50, "b": 3, "c": 49, "d": 4, "e": 48}
     seq = {k: np.zeros((n, 2)) for k, n in lengths.items()}
-    assert length_batches(sorted(seq), seq, seq, 2) == [["b", "d"], ["e", "c"], ["a"]]
+    assert length_batches(sorted(seq), seq, seq, 2) == [["a", "c"], ["e", "d"], ["b"]]  # longest first
 
 
 def test_progress_bar_draws_and_finishes_with_a_newline():
