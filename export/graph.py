@@ -222,10 +222,11 @@ def folded_multi_head(g: GraphBuilder, q, xk, v, *, heads: int, width: int, keep
     out, probs = attention_core(g, q, k, v, scale=1.0, keep=keep, k_valid=k_valid, opset=opset, need_probs=need_probs)
     # The output projection is inside the values: the output is the heads' sum (in float32).
     out = g.to_model_dtype(g.op("ReduceSum", [g.to_float32(out), g.const([1], np.int64)], keepdims=0))
-    return g.zero_rows(out, q_valid), _zero_prob_rows(g, probs, q_valid)
+    return g.zero_rows(out, q_valid), zero_prob_rows(g, probs, q_valid)
 
 
-def _zero_prob_rows(g: GraphBuilder, probs, q_valid):
+def zero_prob_rows(g: GraphBuilder, probs, q_valid):
+    """Probabilities (B, H, Lq, Lk) with the rows of padded queries set to zero (``q_valid`` (B, Lq))."""
     if probs is None or q_valid is None:
         return probs
     return g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])

@@ -22,7 +22,7 @@ from onnx import TensorProto  # noqa: E402
 
 from .graph import (  # noqa: E402
     ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head, head_weights,
-    project_heads,
+    project_heads, zero_prob_rows,
 )
 
 _INT64 = TensorProto.INT64
@@ -137,30 +137,32 @@ def build_fusion_model(
 
 def build_attention_model(
     arrays: dict | None, width: int, *, opset: int, dtype: str, mask: bool, attention_weights: bool,
-    folded: np.ndarray | None = None,
+    folded: np.ndarray | None = None, lengths: bool = True,
 ) -> onnx.ModelProto:
     """``multi_head_attention`` (with ``arrays``) or ``scaled_dot_product_attention`` (``arrays=None``).
     ``folded`` as in :func:`build_fusion_model`.
 
-    Inputs: query_seq (B, Lq, D), key_seq (B, Lk, D), value_seq (B, Lk, Dv), query_lengths and
-    key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False where masked.
-    Outputs: ``output`` (B, Lq, D or Dv) and, with ``attention_weights``, (B, H, Lq, Lk).
+    Inputs: query_seq (B, Lq, D), key_seq (B, Lk, D), value_seq (B, Lk, Dv), with ``lengths``
+    query_lengths and key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False
+    where masked. Outputs: ``output`` (B, Lq, D or Dv) and, with ``attention_weights``, (B, H, Lq, Lk).
     """
     _check_options(opset, dtype)
     g = GraphBuilder(dtype)
     xq = g.add_input("query_seq", g.elem, ["batch", "len_q", width])
     xk = g.add_input("key_seq", g.elem, ["batch", "len_k", width])
     xv = g.add_input("value_seq", g.elem, ["batch", "len_k", "width_v" if arrays is None else width])
-    keep = _lengths_and_mask(g, ("query_lengths", "key_lengths"), True, mask)
+    keep = _lengths_and_mask(g, ("query_lengths", "key_lengths"), lengths, mask)
     keep = None if keep is None else g.unsqueeze(keep, [1])
-    q_valid, k_valid = g.valid_positions(xq, "query_lengths"), g.valid_positions(xk, "key_lengths")
+    q_valid, k_valid = None, None
+    if lengths:
+        q_valid, k_valid = g.valid_positions(xq, "query_lengths"), g.valid_positions(xk, "key_lengths")
     if arrays is None:
         heads = 1
         q, k, v = (g.unsqueeze(x, [1]) for x in (xq, xk, xv))
         out, probs = attention_core(g, q, k, v, scale=1.0 / np.sqrt(width), keep=keep, k_valid=k_valid,
                                     opset=opset, need_probs=attention_weights)
         out = g.zero_rows(g.op("Squeeze", [out, g.const([1], np.int64)]), q_valid)
-        probs = None if probs is None else g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])
+        probs = zero_prob_rows(g, probs, q_valid)
         meta_arrays = None
     else:
         heads = arrays["query_weights"].shape[0]

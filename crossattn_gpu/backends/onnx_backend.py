@@ -68,10 +68,11 @@ class OnnxBackend(NumpyBackend):
 
         width = xq.shape[-1]
         arrays = None if sdpa else weights.arrays
-        key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width)
+        lengths = q_lengths is not None or k_lengths is not None
+        key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width, lengths)
         session = weights.session(key, lambda: build_attention_model(
             arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
-            folded=None if sdpa else weights.folded))
+            folded=None if sdpa else weights.folded, lengths=lengths))
         feeds = _feeds(
             {"query_seq": xq, "key_seq": xk, "value_seq": xv},
             {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
@@ -91,9 +92,10 @@ class OnnxBackend(NumpyBackend):
     def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         from ..export.onnx_export import build_fusion_model
 
-        key = ("fuse", masked is not None, need_weights, need_similarity)
+        lengths = s_lengths is not None or t_lengths is not None
+        key = ("fuse", masked is not None, need_weights, need_similarity, lengths)
         session = weights.session(key, lambda: build_fusion_model(
-            weights.arrays, opset=OPSET, dtype=weights.dtype, mask=masked is not None,
+            weights.arrays, opset=OPSET, dtype=weights.dtype, lengths=lengths, mask=masked is not None,
             similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded))
         feeds = _feeds(
             {"sequential_repr": xs, "structural_repr": xt},
@@ -112,10 +114,13 @@ class OnnxBackend(NumpyBackend):
 
 
 def _feeds(inputs: dict, lengths: dict, masked) -> dict:
-    """The inputs, each length (the full length when not given) and the mask (True = kept) by name."""
+    """The inputs, the lengths when any is given (the full length for one not given) and the mask
+    (True = kept) by name. Without lengths the graph has no length inputs, and none of their work (a
+    pass over the scores and one over the outputs: W2c 108 -> 100 ms, sessions run alternately)."""
     feeds = dict(inputs)
-    for name, (x, given) in lengths.items():
-        feeds[name] = np.full(x.shape[0], x.shape[1], dtype=np.int64) if given is None else given
+    if any(given is not None for _, given in lengths.values()):
+        for name, (x, given) in lengths.items():
+            feeds[name] = np.full(x.shape[0], x.shape[1], dtype=np.int64) if given is None else given
     if masked is not None:
         len_q, len_k = (x.shape[1] for x, _ in lengths.values())
         feeds["mask"] = np.broadcast_to(~masked, (masked.shape[0], len_q, len_k))
