@@ -57,3 +57,18 @@ def test_new_weights_rebuild_the_graphs(pair):
 
 def test_auto_never_picks_onnx():
     assert CrossAttention(4, 1).backend != "onnx"
+
+
+def test_graphs_take_length_inputs_only_when_lengths_are_given(pair):
+    ref, onnx_model = pair
+    rng = np.random.default_rng(3)
+    seq, struct = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 7, 12))
+    plain = onnx_model.fuse_representations(seq, struct, bidirectional=False)
+    ragged = onnx_model.fuse_representations(seq, struct, bidirectional=False, structural_lengths=[7, 3])
+    (prepared,) = onnx_model._prepared.values()  # float64 inputs, computed in float32
+    inputs = {key[-1]: set(session.inputs) for key, session in prepared.sessions.items()}
+    assert inputs[False] == {"sequential_repr", "structural_repr"}
+    assert inputs[True] == {"sequential_repr", "structural_repr", "sequential_lengths", "structural_lengths"}
+    for got, kw in ((plain, {}), (ragged, {"structural_lengths": [7, 3]})):
+        want = ref.fuse_representations(seq, struct, bidirectional=False, **kw)
+        assert rel_err(got["fused_sequential"], want["fused_sequential"]) <= 1e-5
