@@ -9,6 +9,9 @@ A backend supplies four building blocks on its own arrays, in the folded formula
   (B, Lq, D), padded query rows zero, and the probabilities (B, H, Lq, Lk) or None;
 * ``_zero_padded_rows(x, lengths, axis)``: a copy of x with rows past the lengths set to zero;
 * ``_cosine_similarity(a, b)``: (B, La, Lb), zero rows giving 0.
+
+and may replace ``_project_pair(xs, xt, weights)``, both inputs' queries and values (two ``_project``
+calls here), to take them in one GEMM.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ class FoldedFusion:
         (v,) = self._project(xv, weights, "v")
         return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
 
+    def _project_pair(self, xs, xt, weights):
+        return self._project(xs, weights, "qv"), self._project(xt, weights, "qv")
+
     def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        qs, vs = self._project(xs, weights, "qv")
-        qt, vt = self._project(xt, weights, "qv")
+        (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
         fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
         fused_t, probs_ts = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)

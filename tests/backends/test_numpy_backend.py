@@ -62,3 +62,21 @@ def test_float32_stays_float32():
     q = np.ones((1, 2, 3, 4), dtype=np.float32)
     out, lse, _ = attention(q, q, q, scale=0.5, need_lse=True)
     assert out.dtype == np.float32 and lse.dtype == np.float32
+
+
+@pytest.mark.parametrize("len_s,len_t", [(2, 3), (300, 250)])  # rows of each input (one example)
+def test_both_inputs_projected_at_once_or_apart_alike(monkeypatch, len_s, len_t):
+    """Small inputs share one projection GEMM on their stacked rows (MIN_BLOCK_ROWS); larger ones take
+    one GEMM each, in row blocks. Forcing the other path changes nothing."""
+    from crossattn_gpu import CrossAttention
+    from crossattn_gpu.backends import numpy_backend
+
+    rng = np.random.default_rng(5)
+    model = CrossAttention(8, 3, seed=0, backend="numpy")
+    seq, struct = rng.standard_normal((1, len_s, 8)), rng.standard_normal((1, len_t, 8))
+    natural = model.fuse_representations(seq, struct, bidirectional=False)
+    stacked = len_s + len_t <= numpy_backend.MIN_BLOCK_ROWS
+    monkeypatch.setattr(numpy_backend, "MIN_BLOCK_ROWS", 0 if stacked else 10**6)
+    forced = model.fuse_representations(seq, struct, bidirectional=False)
+    for key in ("fused_sequential", "fused_structural"):
+        np.testing.assert_allclose(forced[key], natural[key], rtol=1e-12, atol=1e-14)
