@@ -32,6 +32,32 @@ def pytest_sessionfinish(session, exitstatus):
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({"exit_status": int(exitstatus), "pairs": pairs}, indent=2) + "\n")
-    lines = ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]
+    lines = _summary_header() + ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {p} | {e['checks']} | {e['worst_error']:.2e} | {e['worst_error_over_limit']:.2f} |" for p, e in sorted(pairs.items())]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _summary_header() -> list[str]:
+    """Title (date, machine, package versions) and how to read the table."""
+    import datetime
+
+    versions = []
+    for name in ("numpy", "torch", "triton", "onnxruntime", "cupy"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        machine = torch.cuda.get_device_name(0)
+    else:
+        machine = f"CPU ({os.cpu_count()} cores), Triton under its interpreter"
+    examples = os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200")
+    return [
+        f"# Conformance summary, {datetime.date.today().isoformat()}, {machine}",
+        "",
+        f"Versions: {', '.join(versions)}. Every accuracy check of `tests/conformance` ({examples} drawn cases per "
+        "backend), by pair; 'allowed' is the rule of `tests/conformance/tolerances.py`. numpy-float64 is the "
+        "reference; 'itself' are self-consistency checks (invariants).",
+        "",
+    ]
