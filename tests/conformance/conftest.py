@@ -32,7 +32,8 @@ def pytest_sessionfinish(session, exitstatus):
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({"exit_status": int(exitstatus), "pairs": pairs}, indent=2) + "\n")
-    lines = _summary_header() + ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]
+    lines = _summary_header()
+    lines += ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {p} | {e['checks']} | {e['worst_error']:.2e} | {e['worst_error_over_limit']:.2f} |" for p, e in sorted(pairs.items())]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
