@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -22,16 +21,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.backends.triton_backend import interpreter_mode
 
+from .timing import time_calls
 from .workloads import WORKLOADS
 
 
 def median_us(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e6
+    return statistics.median(time_calls(lambda _: fn(), [None], "cpu", repeats=calls, warmup=0)) * 1e6
 
 
 def measure(calls: int) -> dict:

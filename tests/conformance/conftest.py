@@ -42,12 +42,10 @@ def _summary_header() -> list[str]:
     """Title (date, machine, package versions) and how to read the table."""
     import datetime
 
-    versions = []
-    for name in ("numpy", "torch", "triton", "onnxruntime", "cupy"):
-        try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            pass
+    from crossattn_gpu._optional import version_of
+
+    versions = [f"{name} {version_of(name)}" for name in ("numpy", "torch", "triton", "onnxruntime", "cupy")
+                if version_of(name) is not None]
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         machine = torch.cuda.get_device_name(0)
