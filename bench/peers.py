@@ -208,7 +208,8 @@ def _tf32_context():
 
 
 class OnnxRuntimePeer(Peer):
-    """onnxruntime on the exported model (opset 17), with the CUDA provider on the GPU when offered."""
+    """onnxruntime on the exported model (opset 17), with the CUDA provider on the GPU when offered, run
+    as ``OnnxFusion`` runs it (on the CPU, in slices of the batch)."""
 
     dtypes = ("float32",)
 
@@ -238,8 +239,9 @@ class OnnxRuntimePeer(Peer):
             feeds["sequential_lengths"] = np.full(len(xs), xs.shape[1]) if lengths is None else lengths[0]
             feeds["structural_lengths"] = np.full(len(xt), xt.shape[1]) if lengths is None else lengths[1]
             inputs.append(feeds)
+        shape = (max(workload.len_s, workload.len_t), workload.width, workload.heads)
         return Prepared(
-            session.run, inputs,
+            lambda feeds: session.run(feeds, shape=shape), inputs,
             lambda r: (r["fused_sequential"].astype(np.float64), r["fused_structural"].astype(np.float64)),
         )
 

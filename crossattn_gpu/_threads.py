@@ -10,8 +10,11 @@ it the chunks run serially in the calling thread (``pip install 'crossattn_gpu[c
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+
+_worker = threading.local()
 
 
 def cpu_count() -> int:
@@ -43,11 +46,20 @@ def parallel_available() -> bool:
 
 
 def run_in_parallel(work, chunks: list) -> None:
-    """Call ``work(chunk)`` for every chunk, on up to one thread per core; results go via side effects."""
-    if len(chunks) < 2 or not parallel_available():
+    """Call ``work(chunk)`` for every chunk, on up to one thread per core; results go via side effects.
+
+    Called from inside a worker, it runs the chunks there, one after another: the outer call already
+    keeps every core busy, and a worker waiting on the pool it belongs to could deadlock it.
+    """
+    if len(chunks) < 2 or not parallel_available() or getattr(_worker, "busy", False):
         for chunk in chunks:
             work(chunk)
         return
     with _blas_controller().limit(limits=1, user_api="blas"):
-        for future in [_pool().submit(work, chunk) for chunk in chunks]:
+        for future in [_pool().submit(_as_worker, work, chunk) for chunk in chunks]:
             future.result()  # re-raises a worker's exception here
+
+
+def _as_worker(work, chunk) -> None:
+    _worker.busy = True  # only this module's pool runs this
+    work(chunk)

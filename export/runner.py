@@ -87,6 +87,25 @@ def choose_providers(providers=None) -> list[str]:
     return list(providers)
 
 
+#: Examples per onnxruntime run on the CPU are chosen so that one run's largest intermediates, the
+#: heads' (b, H, L, D) projections or (b, H, Lq, Lk) scores, hold about this many elements (2 MiB in
+#: float32), which keeps the memory-bound passes between the GEMMs (softmax, head splits, the heads'
+#: sum) in cache. onnxruntime 1.32 on this project's 2-core CPU, float32 fusion, examples per run:
+#: B=64, L=256, D=128, H=4: all 64 77.6 ms, 16 73.8, 4 62.6-68.5, 1 65.9; B=64, L=120, D=1280,
+#: H=8: all 64 2523 ms, 16 1967, 4 1927-1978, 1 2200; B=256, L=100, D=64, H=2: all 21.4 ms, 16 14.0.
+CPU_RUN_ELEMENTS = 1 << 19
+
+#: ... and at least this many rows of each input per run: thinner projection GEMMs lose more than the
+#: cache gains (the L=120, D=1280 batch above: one example a run is 14% slower than four).
+CPU_RUN_MIN_ROWS = 512
+
+
+def cpu_examples_per_run(length: int, width: int, heads: int) -> int:
+    """Examples per onnxruntime run on the CPU for sequences up to ``length`` (see ``CPU_RUN_ELEMENTS``)."""
+    per_example = heads * length * max(width, length)
+    return max(1, -(-CPU_RUN_MIN_ROWS // length), CPU_RUN_ELEMENTS // per_example)
+
+
 class OnnxSession:
     """An onnxruntime session with checked inputs: names, ranks, widths and dtypes."""
 
@@ -106,7 +125,14 @@ class OnnxSession:
         self.metadata = dict(meta)
         self.dtype = "float16" if any(i.type == "tensor(float16)" for i in self.inputs.values()) else "float32"
 
-    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict, *, shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """Run the model on checked ``feeds``; the outputs by name.
+
+        ``shape``: (longest sequence, D, heads) of a batched model, whose inputs and outputs all lead
+        with the batch axis (a mask may lead with 1). On the CPU provider the batch then runs in
+        slices of ``cpu_examples_per_run`` examples and the outputs are joined: every example is
+        computed on its own either way. Without ``shape``, or on a GPU, the batch runs at once.
+        """
         unknown = sorted(set(feeds) - set(self.inputs))
         if unknown:
             raise TypeError(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(self.inputs)}")
@@ -114,6 +140,19 @@ class OnnxSession:
         if missing:
             raise TypeError(f"missing input(s) {', '.join(missing)}")
         prepared = {name: self._prepare(name, value) for name, value in feeds.items()}
+        if shape is None or self.provider != "CPUExecutionProvider":
+            return self._run(prepared)
+        batch = next(arr.shape[0] for name, arr in prepared.items() if self.inputs[name].type.startswith("tensor(float"))
+        step = cpu_examples_per_run(*shape)
+        if batch <= step:
+            return self._run(prepared)
+        parts = [
+            self._run({name: arr[start : start + step] if arr.shape[0] == batch else arr for name, arr in prepared.items()})
+            for start in range(0, batch, step)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
+
+    def _run(self, prepared: dict) -> dict[str, np.ndarray]:
         try:
             values = self.session.run(self.output_names, prepared)
         except Exception as exc:
@@ -151,7 +190,9 @@ class OnnxFusion:
     Call it with NumPy arrays: ``fusion(sequential_repr, structural_repr, sequential_lengths=None,
     structural_lengths=None, mask=None)`` returns a dict of the model's outputs. Inputs are cast to
     the model's float dtype; lengths default to the full lengths and the mask (the seed's: 0 = masked)
-    to none masked, when the model takes them.
+    to none masked, when the model takes them. On the CPU provider a large batch runs in slices of a
+    few examples (``cpu_examples_per_run``), whose intermediates stay in cache: 64 antibodies of L =
+    120, D = 1280, H = 8 took 1.93 s instead of 2.52 s on this project's 2-core CPU.
     """
 
     def __init__(self, path, providers=None):
@@ -192,7 +233,8 @@ class OnnxFusion:
             feeds["mask"] = mask[None] if mask.ndim == 2 else mask  # the seed's mask: 0 = masked
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
-        return self._session.run(feeds)
+        length = max(xs.shape[1], xt.shape[1])
+        return self._session.run(feeds, shape=(length, self.embedding_dim, self.attention_heads))
 
 
 def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:

@@ -40,3 +40,20 @@ def test_every_chunk_runs_once():
     done = []
     _threads.run_in_parallel(done.append, list(range(20)))
     assert sorted(done) == list(range(20))
+
+
+def test_nested_calls_run_inside_the_worker(monkeypatch):
+    """A chunk that runs chunks of its own runs them in its own thread: no worker waits on the pool."""
+    import threading
+
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    seen = []
+
+    def outer(chunk):
+        here = threading.current_thread().name
+        _threads.run_in_parallel(lambda inner: seen.append((chunk, inner, here == threading.current_thread().name)),
+                                 [0, 1, 2])
+
+    _threads.run_in_parallel(outer, list(range(6)))
+    assert sorted(seen) == [(c, i, True) for c in range(6) for i in range(3)]

@@ -78,7 +78,8 @@ class OnnxBackend(NumpyBackend):
             {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
             masked,
         )
-        result = session.run(feeds)
+        heads = 1 if sdpa else weights.arrays["query_weights"].shape[0]
+        result = session.run(feeds, shape=(max(xq.shape[1], xk.shape[1]), width, heads))
         return result["output"], result.get("attention_weights")
 
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
@@ -102,7 +103,8 @@ class OnnxBackend(NumpyBackend):
             {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},
             masked,
         )
-        result = session.run(feeds)
+        heads, width = weights.arrays["query_weights"].shape[:2]
+        result = session.run(feeds, shape=(max(xs.shape[1], xt.shape[1]), width, heads))
         return {
             "fused_sequential": result["fused_sequential"],
             "fused_structural": result["fused_structural"],

@@ -80,3 +80,62 @@ def test_both_inputs_projected_at_once_or_apart_alike(monkeypatch, len_s, len_t)
     forced = model.fuse_representations(seq, struct, bidirectional=False)
     for key in ("fused_sequential", "fused_structural"):
         np.testing.assert_allclose(forced[key], natural[key], rtol=1e-12, atol=1e-14)
+
+
+def test_example_blocks_share_the_workers_evenly(monkeypatch):
+    from crossattn_gpu.backends import numpy_backend
+    from crossattn_gpu.backends.numpy_backend import FoldedWeights, _example_chunks
+
+    monkeypatch.setattr(numpy_backend, "cpu_count", lambda: 2)
+    w2c, wide = FoldedWeights(4, 128, None), FoldedWeights(8, 1280, None)
+    for batch, length, weights, sizes in [
+        (64, 256, w2c, [2] * 32),  # 2**19 elements of projections a block
+        (64, 120, wide, [2] * 2 + [3] * 20),  # at least 256 rows a block, 22 blocks (a multiple of 2 workers)
+        (4, 256, wide, [1] * 4),
+        (3, 256, wide, [3]),  # three blocks would leave one worker alone on the last: one shared block
+        (8, 10, w2c, [8]),  # small: one block
+        (1, 4096, w2c, [1]),
+    ]:
+        blocks = _example_chunks(batch, length, weights)
+        assert sorted(b.stop - b.start for b in blocks) == sizes
+        assert [b.start for b in blocks[1:]] == [b.stop for b in blocks[:-1]] and blocks[-1].stop == batch
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fusion_in_example_blocks_equals_one_block(monkeypatch, dtype):
+    """Every output of fuse and multi_head_attention, with per-example and shared masks, lengths,
+    probabilities and similarities, is the same whether the batch runs in blocks or at once."""
+    from crossattn_gpu import CrossAttention, _threads
+    from crossattn_gpu.backends import numpy_backend
+
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    monkeypatch.setattr(numpy_backend, "cpu_count", lambda: 2)
+    rng = np.random.default_rng(6)
+    model = CrossAttention(8, 3, seed=0, backend="numpy")
+    seq, struct = rng.standard_normal((7, 6, 8)).astype(dtype), rng.standard_normal((7, 6, 8)).astype(dtype)
+    equal = dict(sequential_lengths=[6, 1, 3, 6, 2, 5, 4], structural_lengths=[6, 1, 3, 6, 2, 5, 4])
+    unequal = dict(sequential_lengths=[6, 1, 3, 6, 2, 5, 4], structural_lengths=[2, 6, 6, 1, 3, 4, 5], bidirectional=False)
+    masks = (rng.random((7, 6, 6)) > 0.3, rng.random((6, 6)) > 0.3)
+
+    def calls():
+        out = [model.fuse_representations(seq, struct, mask=m, need_weights=True, **kw) for m, kw in zip(masks, (equal, unequal))]
+        mha = model.multi_head_attention(seq, struct, struct, mask=masks[0], need_weights=True,
+                                         query_lengths=unequal["sequential_lengths"])
+        return out, mha
+
+    monkeypatch.setattr(numpy_backend, "FUSION_CHUNK_ELEMENTS", 1 << 30)
+    whole = calls()
+    monkeypatch.setattr(numpy_backend, "FUSION_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(numpy_backend, "MIN_FUSION_ROWS", 12)  # blocks of 2 examples: 4 blocks of 1 to 2
+    assert len(numpy_backend._example_chunks(7, 6, numpy_backend.FoldedWeights(3, 8, None))) == 4
+    blocked = calls()
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for got, want in zip(blocked[0], whole[0]):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if isinstance(value, (list, np.ndarray)):
+                np.testing.assert_allclose(np.asarray(got[key]), np.asarray(value), rtol=rtol, atol=rtol * 1e-2)
+            else:
+                assert got[key] == value
+    np.testing.assert_allclose(blocked[1][0], whole[1][0], rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(np.stack(blocked[1][1]), np.stack(whole[1][1]), rtol=rtol, atol=rtol * 1e-2)

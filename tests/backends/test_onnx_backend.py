@@ -72,3 +72,31 @@ def test_graphs_take_length_inputs_only_when_lengths_are_given(pair):
     for got, kw in ((plain, {}), (ragged, {"structural_lengths": [7, 3]})):
         want = ref.fuse_representations(seq, struct, bidirectional=False, **kw)
         assert rel_err(got["fused_sequential"], want["fused_sequential"]) <= 1e-5
+
+
+@pytest.fixture
+def small_runs(monkeypatch):
+    """Runs of two examples at most (the CPU provider slices a batch by ``cpu_examples_per_run``)."""
+    from crossattn_gpu.export import runner
+
+    monkeypatch.setattr(runner, "CPU_RUN_ELEMENTS", 1)
+    monkeypatch.setattr(runner, "CPU_RUN_MIN_ROWS", 10)
+    assert runner.cpu_examples_per_run(5, 12, 2) == 2
+
+
+def test_batches_run_in_slices_with_every_output(pair, small_runs):
+    ref, onnx_model = pair
+    rng = np.random.default_rng(4)
+    seq, struct = rng.standard_normal((5, 5, 12)), rng.standard_normal((5, 4, 12))
+    for mask in (rng.random((5, 4)) > 0.3, rng.random((5, 5, 4)) > 0.3):  # one mask for all, one per example
+        kw = dict(mask=mask, sequential_lengths=[5, 1, 3, 4, 2], structural_lengths=[4, 2, 1, 4, 3],
+                  bidirectional=False, need_weights=True)
+        got, want = onnx_model.fuse_representations(seq, struct, **kw), ref.fuse_representations(seq, struct, **kw)
+        for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+            assert got[key].shape == want[key].shape and rel_err(got[key], want[key]) <= 1e-5
+        for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+            assert rel_err(np.stack(got[key]), np.stack(want[key])) <= 1e-5
+    q, k, v = rng.standard_normal((5, 3, 12)), rng.standard_normal((5, 6, 12)), rng.standard_normal((5, 6, 2))
+    kw = dict(key_lengths=[6, 1, 2, 5, 3], need_weights=True)
+    got, want = onnx_model.scaled_dot_product_attention(q, k, v, **kw), ref.scaled_dot_product_attention(q, k, v, **kw)
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5

@@ -106,3 +106,30 @@ def test_foreign_models_are_refused(tmp_path):
     onnx.save_model(model, str(path))
     with pytest.raises(ValueError, match="not exported by crossattn_gpu"):
         OnnxFusion(path)
+
+
+def test_examples_per_run_on_the_cpu():
+    from crossattn_gpu.export.runner import cpu_examples_per_run
+
+    assert cpu_examples_per_run(256, 128, 4) == 2  # W2c: 2**19 elements of (b, H, Lq, Lk) scores a run
+    assert cpu_examples_per_run(120, 1280, 8) == 5  # wide heads: at least 512 rows a run
+    assert cpu_examples_per_run(100, 64, 2) == 26  # scores wider than the heads
+    assert cpu_examples_per_run(4096, 256, 4) == 1
+
+
+def test_sliced_runs_equal_one_run(tmp_path, monkeypatch):
+    from crossattn_gpu.export import runner
+
+    fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx", mask=True, attention_weights=True))
+    rng = np.random.default_rng(0)
+    xs, xt = rng.standard_normal((7, 4, 8)), rng.standard_normal((7, 4, 8))
+    lengths = [4, 1, 2, 3, 4, 2, 1]
+    masks = (rng.random((7, 4, 4)) > 0.2, rng.random((1, 4, 4)) > 0.2)  # one per example, one for all
+    whole = [fusion(xs, xt, sequential_lengths=lengths, mask=mask) for mask in masks]
+    monkeypatch.setattr(runner, "CPU_RUN_ELEMENTS", 1)
+    monkeypatch.setattr(runner, "CPU_RUN_MIN_ROWS", 12)  # runs of 3, 3 and 1 examples
+    for mask, want in zip(masks, whole):
+        got = fusion(xs, xt, sequential_lengths=lengths, mask=mask)
+        assert set(got) == set(want) and "attention_weights_seq_to_struct" in got
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
