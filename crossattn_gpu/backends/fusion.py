@@ -12,6 +12,10 @@ A backend supplies four building blocks on its own arrays, in the folded formula
 
 and may replace ``_project_pair(xs, xt, weights)``, both inputs' queries and values (two ``_project``
 calls here), to take them in one GEMM.
+
+A large batch may run in blocks of whole examples (every example is computed on its own either way):
+a backend that wants blocks returns more than one from ``_example_blocks`` and supplies
+``_run_blocks`` (how the blocks run: in turn, or on worker threads) and ``_concatenate``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,26 @@ from __future__ import annotations
 
 class FoldedFusion:
     def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+        blocks = self._example_blocks(xq.shape[0], max(xq.shape[1], xk.shape[1]), weights)
+        if len(blocks) == 1:
+            return self._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
+                                                    k_lengths=k_lengths, need_weights=need_weights)
+        batched = dict(xq=xq, xk=xk, xv=xv, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths)
+        return self._in_example_blocks(self._multi_head_attention_block, blocks, weights, batched,
+                                       need_weights=need_weights)
+
+    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        blocks = self._example_blocks(xs.shape[0], max(xs.shape[1], xt.shape[1]), weights)
+        if len(blocks) == 1:
+            return self._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
+                                    need_weights=need_weights, need_similarity=need_similarity)
+        batched = dict(xs=xs, xt=xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths)
+        return self._in_example_blocks(self._fuse_block, blocks, weights, batched,
+                                       need_weights=need_weights, need_similarity=need_similarity)
+
+    # --- one block of examples ----------------------------------------------------------------------
+
+    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         (q,) = self._project(xq, weights, "q")
         (v,) = self._project(xv, weights, "v")
         return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
@@ -26,7 +50,7 @@ class FoldedFusion:
     def _project_pair(self, xs, xt, weights):
         return self._project(xs, weights, "qv"), self._project(xt, weights, "qv")
 
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
         fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
@@ -44,3 +68,44 @@ class FoldedFusion:
             result["seq_similarity"] = self._cosine_similarity(xs, fused_s)
             result["struct_similarity"] = self._cosine_similarity(xt, fused_t)
         return result
+
+    # --- blocks of examples ---------------------------------------------------------------------------
+
+    def _example_blocks(self, batch: int, length: int, weights) -> list[slice]:
+        """Blocks of examples for sequences up to ``length``: here the whole batch at once."""
+        return [slice(0, batch)]
+
+    def _in_example_blocks(self, run, blocks: list[slice], weights, batched: dict, **fixed):
+        """``run(**batched, weights=weights, **fixed)`` on each block of examples, outputs joined.
+
+        ``batched``: arrays leading with the batch axis, None, or a mask leading with 1 (never sliced).
+        ``run`` returns an array, None, or a tuple or dict of them, each leading with the batch axis.
+        """
+        batch = blocks[-1].stop
+        parts = [None] * len(blocks)
+
+        def run_block(index: int) -> None:
+            rows = blocks[index]
+            sliced = {name: x[rows] if x is not None and x.shape[0] == batch else x for name, x in batched.items()}
+            parts[index] = run(**sliced, weights=weights, **fixed)
+
+        self._run_blocks(run_block, len(blocks))
+        return self._join(parts)
+
+    def _run_blocks(self, run_block, count: int) -> None:
+        for index in range(count):
+            run_block(index)
+
+    def _concatenate(self, arrays: list):
+        raise NotImplementedError
+
+    def _join(self, parts: list):
+        """The blocks' outputs joined along the batch: arrays, None, or tuples or dicts of them."""
+        first = parts[0]
+        if first is None:
+            return None
+        if isinstance(first, dict):
+            return {key: self._join([part[key] for part in parts]) for key in first}
+        if isinstance(first, tuple):
+            return tuple(self._join(list(items)) for items in zip(*parts))
+        return self._concatenate(parts)

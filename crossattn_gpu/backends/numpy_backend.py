@@ -10,7 +10,7 @@ transposed scores took the float32 fusion of B=64, L=256, D=128, H=4 from 270 ms
 project's 2-core CPU. Work runs on one thread per core, each with a single-threaded BLAS (the
 attention GEMMs are too small for BLAS's own threads): attention 76 ms -> 48 ms there. A large batch
 is fused in blocks of a few examples, each on one worker from its projections to its outputs
-(``FUSION_CHUNK_ELEMENTS``): 159 -> 132 ms on the fusion above, and the projections' memory bounded.
+(``EXAMPLE_BLOCK_ELEMENTS``): 159 -> 132 ms on the fusion above, and the projections' memory bounded.
 
 The score tensor is the only quadratic buffer; it is built for a chunk of the batch (or of one long
 example's queries) at a time, so that memory stays bounded (``SCORE_CHUNK_ELEMENTS``) whatever B and
@@ -56,11 +56,11 @@ MIN_QUERY_BLOCK = 128
 #: ms; B=4, L=256, D=1280, H=8 (W3c) 559.6 -> 547.6 ms; B=64, L=120, D=1280, H=8 5111 -> 3913 ms and
 #: 1575 -> 280 MiB traced; B=256, L=100, D=64, H=2 42.9 -> 31.3 ms. Blocks of 2**20 and 2**22 elements
 #: were slower on W2c (136.3, 150.0 ms against 131.7).
-FUSION_CHUNK_ELEMENTS = 1 << 19
+EXAMPLE_BLOCK_ELEMENTS = 1 << 19
 
 #: Fewest rows of each input in such a block, which keeps its projection GEMMs from getting thin
 #: (B=64, L=120, D=1280 above: blocks of at least 1024 rows 4057 ms, 512 3921, 256 3842, 128 3814).
-MIN_FUSION_ROWS = 256
+MIN_EXAMPLE_BLOCK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -94,52 +94,21 @@ def _chunks(batch: int, heads: int, len_q: int, len_k: int) -> list[tuple[slice,
     return [(slice(b, b + 1), slice(start, start + cols)) for b in range(batch) for start in range(0, len_q, cols)]
 
 
-def _example_chunks(batch: int, length: int, weights: "FoldedWeights") -> list[slice]:
-    """Blocks of examples for a fusion of sequences up to ``length`` (see ``FUSION_CHUNK_ELEMENTS``),
+def _example_blocks(batch: int, length: int, weights: "FoldedWeights") -> list[slice]:
+    """Blocks of examples for a fusion of sequences up to ``length`` (see ``EXAMPLE_BLOCK_ELEMENTS``),
     a multiple of the workers in number so that none waits alone on the last. One block when the batch
     fits in one, or is too small to share evenly (3 examples on 2 workers): that block is then fused
     with the work inside it shared."""
     per_example = length * 2 * weights.heads * weights.width
-    step = max(1, -(-MIN_FUSION_ROWS // length), FUSION_CHUNK_ELEMENTS // per_example)
+    step = max(1, -(-MIN_EXAMPLE_BLOCK_ROWS // length), EXAMPLE_BLOCK_ELEMENTS // per_example)
+    if step >= batch:
+        return [slice(0, batch)]
     blocks, workers = -(-batch // step), cpu_count()
     count = -(-blocks // workers) * workers
-    if blocks == 1 or count > batch:
+    if count > batch:
         return [slice(0, batch)]
     bounds = [batch * i // count for i in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
-
-
-def _in_example_chunks(run, batch: int, length: int, folded: "FoldedWeights", batched: dict, **fixed):
-    """``run(**batched, **fixed)`` on blocks of examples in parallel (``_example_chunks``), outputs
-    joined along the batch; at once (and parallel inside) when one block holds the batch.
-
-    ``batched``: arrays leading with the batch axis, None, or a mask leading with 1 (not sliced).
-    ``run`` returns an array, None, or a tuple or dict of them, each leading with the batch axis.
-    """
-    chunks = _example_chunks(batch, length, folded)
-    if len(chunks) == 1:
-        return run(**batched, **fixed)
-    parts = [None] * len(chunks)
-
-    def fuse_chunk(index: int) -> None:
-        rows = chunks[index]
-        sliced = {name: x[rows] if x is not None and x.shape[0] == batch else x for name, x in batched.items()}
-        parts[index] = run(**sliced, **fixed)
-
-    run_in_parallel(fuse_chunk, list(range(len(chunks))))
-    return _join(parts)
-
-
-def _join(parts: list):
-    """Chunks' outputs joined along the batch: arrays, None, or tuples or dicts of them."""
-    first = parts[0]
-    if first is None:
-        return None
-    if isinstance(first, dict):
-        return {key: _join([part[key] for part in parts]) for key in first}
-    if isinstance(first, tuple):
-        return tuple(_join(list(items)) for items in zip(*parts))
-    return np.concatenate(parts)
 
 
 def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False, need_lse=False):
@@ -376,15 +345,15 @@ class NumpyBackend(FoldedFusion):
             _zero_padded_rows_in_place(probs, q_lengths, axis=1)
         return out, probs
 
-    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
-        batched = dict(xq=xq, xk=xk, xv=xv, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths)
-        return _in_example_chunks(super().multi_head_attention, xq.shape[0], max(xq.shape[1], xk.shape[1]),
-                                  weights, batched, weights=weights, need_weights=need_weights)
+    # --- blocks of examples (FoldedFusion) ---------------------------------------------------------
 
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        batched = dict(xs=xs, xt=xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths)
-        return _in_example_chunks(super().fuse, xs.shape[0], max(xs.shape[1], xt.shape[1]), weights, batched,
-                                  weights=weights, need_weights=need_weights, need_similarity=need_similarity)
+    _example_blocks = staticmethod(_example_blocks)
+
+    @staticmethod
+    def _run_blocks(run_block, count: int) -> None:
+        run_in_parallel(run_block, list(range(count)))
+
+    _concatenate = staticmethod(np.concatenate)
 
     # --- building blocks of FoldedFusion -----------------------------------------------------------
 

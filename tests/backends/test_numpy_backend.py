@@ -84,7 +84,7 @@ def test_both_inputs_projected_at_once_or_apart_alike(monkeypatch, len_s, len_t)
 
 def test_example_blocks_share_the_workers_evenly(monkeypatch):
     from crossattn_gpu.backends import numpy_backend
-    from crossattn_gpu.backends.numpy_backend import FoldedWeights, _example_chunks
+    from crossattn_gpu.backends.numpy_backend import FoldedWeights, _example_blocks
 
     monkeypatch.setattr(numpy_backend, "cpu_count", lambda: 2)
     w2c, wide = FoldedWeights(4, 128, None), FoldedWeights(8, 1280, None)
@@ -96,7 +96,7 @@ def test_example_blocks_share_the_workers_evenly(monkeypatch):
         (8, 10, w2c, [8]),  # small: one block
         (1, 4096, w2c, [1]),
     ]:
-        blocks = _example_chunks(batch, length, weights)
+        blocks = _example_blocks(batch, length, weights)
         assert sorted(b.stop - b.start for b in blocks) == sizes
         assert [b.start for b in blocks[1:]] == [b.stop for b in blocks[:-1]] and blocks[-1].stop == batch
 
@@ -123,11 +123,11 @@ def test_fusion_in_example_blocks_equals_one_block(monkeypatch, dtype):
                                          query_lengths=unequal["sequential_lengths"])
         return out, mha
 
-    monkeypatch.setattr(numpy_backend, "FUSION_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(numpy_backend, "EXAMPLE_BLOCK_ELEMENTS", 1 << 30)
     whole = calls()
-    monkeypatch.setattr(numpy_backend, "FUSION_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(numpy_backend, "MIN_FUSION_ROWS", 12)  # blocks of 2 examples: 4 blocks of 1 to 2
-    assert len(numpy_backend._example_chunks(7, 6, numpy_backend.FoldedWeights(3, 8, None))) == 4
+    monkeypatch.setattr(numpy_backend, "EXAMPLE_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(numpy_backend, "MIN_EXAMPLE_BLOCK_ROWS", 12)  # blocks of 2 examples: 4 blocks of 1 to 2
+    assert len(numpy_backend._example_blocks(7, 6, numpy_backend.FoldedWeights(3, 8, None))) == 4
     blocked = calls()
     rtol = 1e-12 if dtype == np.float64 else 1e-5
     for got, want in zip(blocked[0], whole[0]):

@@ -76,6 +76,34 @@ def test_ragged_masked_batch_torch_in_torch_out(width, heads):
         close(got["attention_weights_struct_to_seq"][h], want["attention_weights_struct_to_seq"][h], 1e-5)
 
 
+def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):
+    """A batch whose projections pass DEVICE_BLOCK_ELEMENTS runs in blocks of examples (here 2, 2 and
+    1), with per-example masks and lengths sliced, a shared mask kept, and every output joined."""
+    from crossattn_gpu.backends import device_common
+
+    rng = np.random.default_rng(7)
+    ref, tri = models(8, 2)
+    seq = torch.tensor(rng.standard_normal((5, 6, 8)), dtype=torch.float32, device=DEVICE)
+    struct = torch.tensor(rng.standard_normal((5, 4, 8)), dtype=torch.float32, device=DEVICE)
+    lengths = dict(sequential_lengths=np.array([6, 1, 3, 5, 2]), structural_lengths=np.array([4, 2, 1, 4, 3]))
+    monkeypatch.setattr(device_common, "DEVICE_BLOCK_ELEMENTS", 2 * 6 * 2 * 2 * 8)
+    blocks = tri._backend._example_blocks(5, 6, device_common.DeviceFoldedWeights(heads=2, width=8, query_value=None))
+    assert [b.stop - b.start for b in blocks] == [2, 2, 1]
+    for mask in (rng.random((5, 6, 4)) > 0.3, rng.random((6, 4)) > 0.3):
+        kwargs = dict(mask=mask, bidirectional=False, need_weights=True, **lengths)
+        want = ref.fuse_representations(seq.cpu().numpy(), struct.cpu().numpy(), **kwargs)
+        got = tri.fuse_representations(seq, struct, **{**kwargs, "mask": torch.tensor(mask, device=DEVICE)})
+        for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+            close(got[key], want[key], 1e-5)
+        for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+            close(torch.stack(got[key]), np.stack(want[key]), 1e-5)
+    out, probs = tri.multi_head_attention(seq, struct, struct, need_weights=True, key_lengths=lengths["structural_lengths"])
+    want_out, want_probs = ref.multi_head_attention(seq.cpu().numpy(), struct.cpu().numpy(), struct.cpu().numpy(),
+                                                    need_weights=True, key_lengths=lengths["structural_lengths"])
+    close(out, want_out, 1e-5)
+    close(torch.stack(probs), np.stack(want_probs), 1e-5)
+
+
 @pytest.mark.parametrize("length_q,length_k,width,heads", [(3, 130, 8, 1), (130, 17, 64, 2)])
 def test_sdpa_and_mha(length_q, length_k, width, heads):
     rng = np.random.default_rng(2)
