@@ -41,24 +41,25 @@ def _demo(args) -> int:
 
 
 def _fuse(args) -> int:
-    from .fuse_files import fuse_collections, read_embeddings
+    from .fuse_files import EmbeddingFile, NpzWriter, fuse_collections
 
-    seq = read_embeddings(args.seq, "sequence")
-    struct = read_embeddings(args.struct, "structure")
-    if args.weights:
-        model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype)
-    else:
-        width = next(iter(seq.values())).shape[1]
-        print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
-        model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype)
-    start = time.perf_counter()
-    outputs = fuse_collections(
-        model, seq, struct, batch_size=args.batch_size, bidirectional=not args.no_bidirectional,
-        progress=not args.quiet,
-    )
-    elapsed = time.perf_counter() - start
-    np.savez(args.out, **outputs)
-    print(f"fused {len(seq)} antibodies on backend {model.backend} in {elapsed:.2f} s -> {args.out}")
+    with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
+        if args.weights:
+            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype)
+        else:
+            width = next(iter(seq.shapes.values()))[1]
+            print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
+            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype)
+        start = time.perf_counter()
+        with NpzWriter(args.out) as out:
+            for key, array in fuse_collections(
+                model, seq, struct, batch_size=args.batch_size, bidirectional=not args.no_bidirectional,
+                progress=not args.quiet,
+            ):
+                out.write(key, array)
+        elapsed = time.perf_counter() - start
+    print(f"fused {len(seq)} antibodies on backend {model.backend} in {elapsed:.2f} s (files read and written "
+          f"included) -> {out.path}")
     return 0
 
 

@@ -104,6 +104,18 @@ def test_fuse_bad_input_files(tmp_path, capsys, content, message):
     assert message in capsys.readouterr().err
 
 
+def test_fuse_that_fails_midway_leaves_no_output(tmp_path, capsys):
+    seq = write_collection(tmp_path / "seq.npz", [4, 6, 5], 8, seed=0)
+    struct = write_collection(tmp_path / "struct.npz", [4, 6, 5], 8, seed=1)
+    struct["ab000"][2, 3] = np.nan  # the shortest antibody: its batch runs last
+    np.savez(tmp_path / "struct.npz", **struct)
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+                 "--out", str(tmp_path / "o.npz"), "--batch-size", "1", "--quiet"])
+    assert code == 2
+    assert "'ab000'" in capsys.readouterr().err and len(seq) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq.npz", "struct.npz"]
+
+
 def test_fuse_width_must_match_weights(tmp_path, capsys):
     write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
     write_collection(tmp_path / "struct.npz", [3], 8, seed=1)

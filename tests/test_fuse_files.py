@@ -1,8 +1,10 @@
 """Length bucketing and the progress bar of crossattn_gpu.fuse_files."""
 
 import io
+import re
 
 import numpy as np
+import pytest
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.fuse_files import Progress, fuse_collections, length_batches
@@ -11,7 +13,8 @@ from crossattn_gpu.fuse_files import Progress, fuse_collections, length_batches
 def test_batches_group_similar_lengths():
     lengths = {"a": 50, "b": 3, "c": 49, "d": 4, "e": 48}
     seq = {k: np.zeros((n, 2)) for k, n in lengths.items()}
-    assert length_batches(sorted(seq), seq, seq, 2) == [["a", "c"], ["e", "d"], ["b"]]  # longest first
+    shapes = {k: v.shape for k, v in seq.items()}
+    assert length_batches(sorted(seq), shapes, shapes, 2) == [["a", "c"], ["e", "d"], ["b"]]  # longest first
 
 
 def test_progress_bar_draws_and_finishes_with_a_newline():
@@ -29,8 +32,79 @@ def test_batch_size_does_not_change_results():
     seq = {f"id{i}": rng.standard_normal((n, 4)) for i, n in enumerate([1, 7, 3, 7, 2])}
     struct = {k: rng.standard_normal(v.shape) for k, v in seq.items()}
     model = CrossAttention(4, 2, seed=0, backend="numpy")
-    one = fuse_collections(model, seq, struct, batch_size=1)
-    many = fuse_collections(model, seq, struct, batch_size=5)
+    one = dict(fuse_collections(model, seq, struct, batch_size=1))
+    many = dict(fuse_collections(model, seq, struct, batch_size=5))
     assert one.keys() == many.keys()
     for key in one:
         np.testing.assert_allclose(one[key], many[key], rtol=1e-12, atol=1e-14)
+
+
+def test_embedding_file_reads_headers_first_and_arrays_when_asked(tmp_path):
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    arrays = {"ab1": np.arange(12.0).reshape(3, 4), "ab2": np.ones((5, 4), dtype=np.float32)}
+    np.savez(tmp_path / "e.npz", **arrays)
+    with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
+        assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)} and emb.dtypes["ab2"] == np.float32
+        assert sorted(emb) == ["ab1", "ab2"] and len(emb) == 2
+        for key, want in arrays.items():
+            np.testing.assert_array_equal(emb[key], want)
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"a": np.ones(4)}, "id 'a' has shape (4,); each id needs an (L, D) array"),
+        ({}, "holds no arrays"),
+        ({"a": np.array([[object()]])}, "id 'a' cannot be read"),  # pickled objects are never loaded
+    ],
+)
+def test_embedding_file_errors(tmp_path, arrays, message):
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    np.savez(tmp_path / "e.npz", **arrays)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
+            [emb[key] for key in emb]
+
+
+def test_fuse_collections_reads_one_batch_at_a_time():
+    """Arrays are read when their batch runs: after the first batch's outputs, only its ids were read."""
+    rng = np.random.default_rng(1)
+    lengths = {"a": 9, "b": 2, "c": 8, "d": 3}
+
+    class Counting(dict):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.read = []
+
+        def __getitem__(self, key):
+            self.read.append(key)
+            return super().__getitem__(key)
+
+    seq = Counting({k: rng.standard_normal((n, 4)) for k, n in lengths.items()})
+    struct = Counting({k: rng.standard_normal((n, 4)) for k, n in lengths.items()})
+    pairs = fuse_collections(CrossAttention(4, 1, seed=0, backend="numpy"), seq, struct, batch_size=2)
+    key, _ = next(pairs)
+    assert key.startswith("a/") and sorted(seq.read) == ["a", "c"] and sorted(struct.read) == ["a", "c"]
+    assert len(list(pairs)) == 4 * 3 - 1
+
+
+def test_npz_writer_matches_savez_and_cleans_up(tmp_path):
+    from crossattn_gpu.fuse_files import NpzWriter
+
+    arrays = {"x/fused_sequential": np.arange(6.0).reshape(2, 3), "y/fused_structural": np.ones((1, 3), np.float32)}
+    with NpzWriter(tmp_path / "out") as out:  # like np.savez, the suffix is added
+        for key, value in arrays.items():
+            out.write(key, value)
+    assert out.path == tmp_path / "out.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+    with np.load(out.path, allow_pickle=False) as got:
+        assert got.files == list(arrays)
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(got[key], value)
+            assert got[key].dtype == value.dtype
+    with pytest.raises(RuntimeError):
+        with NpzWriter(tmp_path / "failed.npz") as out:
+            out.write("a", np.ones(2))
+            raise RuntimeError("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
