@@ -27,9 +27,10 @@ _READ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError)
 class EmbeddingFile(Mapping):
     """The (L, D) arrays of an npz file by id, each read from the file when asked for.
 
-    Opening reads the arrays' shapes and dtypes from their headers (``shapes``, ``dtypes``), not their
-    data. ValueError for an unreadable file, an empty one, or an array that is not (L, D); the file
-    stays open until ``close()`` (or the end of a ``with`` block).
+    Opening reads the arrays' shapes and dtypes from their headers (``shapes``), not their data:
+    ValueError for an unreadable file, an empty one, or an array that is not (L, D); TypeError for one
+    that is not floating point (pickled objects are never loaded). The file stays open until
+    ``close()`` (or the end of a ``with`` block).
     """
 
     def __init__(self, path, name: str):
@@ -40,14 +41,16 @@ class EmbeddingFile(Mapping):
             raise
         except _READ_ERRORS as exc:
             raise ValueError(f"{name} file {path} is not a readable npz file: {exc}") from exc
-        self._members, self.shapes, self.dtypes = {}, {}, {}
+        self._members, self.shapes = {}, {}
         try:
             for member in self._zip.namelist():
                 key = member[:-4] if member.endswith(".npy") else member
                 shape, dtype = self._header(member)
                 if len(shape) != 2:
                     raise ValueError(f"{name} file {path}: id {key!r} has shape {shape}; each id needs an (L, D) array")
-                self._members[key], self.shapes[key], self.dtypes[key] = member, shape, dtype
+                if dtype.kind != "f":
+                    raise TypeError(f"{name} file {path}: id {key!r} has dtype {dtype}; embeddings must be floating point")
+                self._members[key], self.shapes[key] = member, shape
         except BaseException:
             self._zip.close()
             raise

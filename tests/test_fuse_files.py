@@ -45,25 +45,26 @@ def test_embedding_file_reads_headers_first_and_arrays_when_asked(tmp_path):
     arrays = {"ab1": np.arange(12.0).reshape(3, 4), "ab2": np.ones((5, 4), dtype=np.float32)}
     np.savez(tmp_path / "e.npz", **arrays)
     with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
-        assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)} and emb.dtypes["ab2"] == np.float32
+        assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)}
         assert sorted(emb) == ["ab1", "ab2"] and len(emb) == 2
         for key, want in arrays.items():
             np.testing.assert_array_equal(emb[key], want)
 
 
 @pytest.mark.parametrize(
-    "arrays,message",
+    "arrays,error,message",
     [
-        ({"a": np.ones(4)}, "id 'a' has shape (4,); each id needs an (L, D) array"),
-        ({}, "holds no arrays"),
-        ({"a": np.array([[object()]])}, "id 'a' cannot be read"),  # pickled objects are never loaded
+        ({"a": np.ones(4)}, ValueError, "id 'a' has shape (4,); each id needs an (L, D) array"),
+        ({}, ValueError, "holds no arrays"),
+        ({"a": np.ones((2, 3), dtype=int)}, TypeError, "id 'a' has dtype int64; embeddings must be floating point"),
+        ({"a": np.array([[object()]])}, TypeError, "id 'a' has dtype object"),  # pickled objects are never loaded
     ],
 )
-def test_embedding_file_errors(tmp_path, arrays, message):
+def test_embedding_file_errors(tmp_path, arrays, error, message):
     from crossattn_gpu.fuse_files import EmbeddingFile
 
     np.savez(tmp_path / "e.npz", **arrays)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
             [emb[key] for key in emb]
 
@@ -108,3 +109,17 @@ def test_npz_writer_matches_savez_and_cleans_up(tmp_path):
             out.write("a", np.ones(2))
             raise RuntimeError("stopped")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_embedding_file_names_an_array_whose_data_is_corrupt(tmp_path):
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    data = np.arange(8000.0).reshape(2000, 4)  # larger than a read of the header
+    np.savez(tmp_path / "e.npz", ab7=data)
+    raw = bytearray((tmp_path / "e.npz").read_bytes())
+    raw[raw.find(data.tobytes()) + 30000] ^= 0xFF  # the header still reads; the data fails its CRC
+    (tmp_path / "e.npz").write_bytes(bytes(raw))
+    with EmbeddingFile(tmp_path / "e.npz", "structure") as emb:
+        assert emb.shapes == {"ab7": (2000, 4)}
+        with pytest.raises(ValueError, match="structure file .*: id 'ab7' cannot be read"):
+            emb["ab7"]
