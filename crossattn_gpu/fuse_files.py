@@ -202,6 +202,8 @@ def fuse_collections(
     seq_shapes, struct_shapes = _shapes(seq), _shapes(struct)
     for key in ids:
         for name, shape in (("sequence", seq_shapes[key]), ("structure", struct_shapes[key])):
+            if len(shape) != 2:
+                raise ValueError(f"id {key!r}: {name} embedding has shape {shape}; each id needs an (L, D) array")
             if shape[1] != model.embedding_dim:
                 raise ValueError(
                     f"id {key!r}: {name} embedding has width {shape[1]}, but the model has D={model.embedding_dim}"

@@ -123,3 +123,12 @@ def test_embedding_file_names_an_array_whose_data_is_corrupt(tmp_path):
         assert emb.shapes == {"ab7": (2000, 4)}
         with pytest.raises(ValueError, match="structure file .*: id 'ab7' cannot be read"):
             emb["ab7"]
+
+
+def test_fuse_collections_checks_every_shape_before_running():
+    model = CrossAttention(4, 1, seed=0, backend="numpy")
+    seq, struct = {"a": np.ones((3, 4)), "b": np.ones(4)}, {"a": np.ones((3, 4)), "b": np.ones((2, 4))}
+    with pytest.raises(ValueError, match=re.escape("id 'b': sequence embedding has shape (4,)")):
+        next(fuse_collections(model, seq, struct))
+    with pytest.raises(ValueError, match="id 'a': structure embedding has width 5, but the model has D=4"):
+        next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((3, 5))}))
