@@ -3,15 +3,16 @@
 # files): install the package from a wheel built beforehand, then, each step under its own time limit
 # so that one slow step cannot starve the rest, most needed first: racecheck of the CUDA C kernel, the
 # GPU tests, the benchmark, a profile of single fusion calls (host and device), the host path under
-# the interpreter (to compare this host with the development CPU), the Triton sweep
+# the interpreter (to compare this host with the development CPU), a batch past the device memory
+# bound in blocks and at once (bench.huge_batch), the Triton sweep
 # (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
 # tests on odd shapes, and the conformance suite with its summary. Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 515 s; the steps usually end
+# failing step is logged and the others still run. The limits add up to 540 s; the steps usually end
 # well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
-#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=540)
+#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=570)
 #
 # The device image has its own Python, torch, triton and cupy and no internet: nothing is installed
 # but the wheel (into a folder of its own, put first on PYTHONPATH). Tests and benchmark run from a
@@ -66,6 +67,8 @@ step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
 # how much slower this host's Python is.
 step host-path 15 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
+# 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
+step huge-batch 25 "$py" -m bench.huge_batch
 step sweep 60 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
@@ -89,3 +92,4 @@ grep -E '"rest_s"' "$work/sweep.log" | cut -c1-480
 grep -E "^(W[0-9])" "$work/bench.log"
 grep -E "^\| W[0-9] \|" "$work/profile.log"
 cat "$work/host-path.log"
+cat "$work/huge-batch.log"
