@@ -32,7 +32,10 @@ from .workloads import DEFAULT_CPU, DEFAULT_GPU, WORKLOADS
 #: Largest accepted error against float64, relative to the largest reference value, by dtype; a
 #: result within twice the error of the most accurate torch peer in the same dtype passes too (the
 #: project's rule for half precision: a D = 1280 fusion in bfloat16 is off by ~5e-2 in plain torch).
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "tf32x3": 1e-4, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+#: The torch dtype a row is compared with ('vs SDPA'): tf32x3 rows (float32 inputs, three TF32
+#: products, float32's accuracy) with IEEE float32 SDPA.
+SDPA_DTYPE = {"tf32x3": "float32"}
 ROTATION_BYTES = 256 << 20  # rotate through at least this many input bytes (beyond any cache)
 
 
@@ -54,6 +57,14 @@ def valid_rows_error(got, want, lengths) -> float:
         err = max(err, float(np.abs(g[:n] - w[:n]).max()))
     scale = max(float(np.abs(w).max()) for w in want)
     return err / scale if math.isfinite(err) else math.inf
+
+
+def gemm_ceiling(ceil: dict, dtype: str) -> float:
+    """The GEMM FLOP/s a row's arithmetic can reach: tf32x3 does three TF32 products per product."""
+    flops = ceil["gemm_flops"]
+    if dtype == "tf32x3" and "tf32" in flops:
+        return flops["tf32"] / 3
+    return flops.get(dtype) or flops["float32"]
 
 
 ROUNDS = 5  # timed calls are spread over this many round-robin rounds
@@ -110,8 +121,8 @@ def run_workload(workload, peers, dtypes, device, repeats, budget_s, ceil, log) 
     for entry in entries:
         row, times = entry["row"], entry["times"]
         median = statistics.median(times)
-        itemsize = {"float64": 8, "float32": 4, "tf32": 4}.get(row["dtype"], 2)
-        gemm = ceil["gemm_flops"].get(row["dtype"]) or ceil["gemm_flops"].get("float32")
+        itemsize = {"float64": 8, "float32": 4, "tf32": 4, "tf32x3": 4}.get(row["dtype"], 2)
+        gemm = gemm_ceiling(ceil, row["dtype"])
         bound = max(flops / gemm, workload.io_bytes(itemsize) / ceil["copy_bytes_per_s"])
         row.update(median_s=median, min_s=min(times), repeats=len(times), tflops=flops / median / 1e12,
                    roofline_fraction=bound / median)
@@ -122,7 +133,7 @@ def run_workload(workload, peers, dtypes, device, repeats, budget_s, ceil, log) 
         if row.get("skipped"):
             continue
         torch_row = next((r for r in rows if not r.get("skipped") and r["peer"].startswith("torch batched")
-                          and r["dtype"] == row["dtype"]), None)
+                          and r["dtype"] == SDPA_DTYPE.get(row["dtype"], row["dtype"])), None)
         row["speedup_vs_sdpa"] = None if torch_row is None else torch_row["median_s"] / row["median_s"]
     return rows
 
@@ -132,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--peers", help="comma-separated substrings of peer names (e.g. numpy,sdpa,seed)")
-    parser.add_argument("--dtypes", help="comma-separated (default: float64,float32 on CPU; float32,tf32,bfloat16 on GPU)")
+    parser.add_argument("--dtypes", help="comma-separated (default: float64,float32 on CPU; float32,tf32x3,tf32,bfloat16 "
+                        "on GPU; tf32x3 is float32 with three TF32 products, this library's float32_precision)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per peer at most (default 20)")
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed calls per peer at most")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -145,13 +157,18 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-    dtypes = args.dtypes.split(",") if args.dtypes else (["float32", "tf32", "bfloat16"] if device == "gpu" else ["float64", "float32"])
+    dtypes = args.dtypes.split(",") if args.dtypes else (
+        ["float32", "tf32x3", "tf32", "bfloat16"] if device == "gpu" else ["float64", "float32"])
     peers = all_peers()
     if args.peers:
         wanted = args.peers.split(",")
         peers = [p for p in peers if any(w in p.name for w in wanted)]
 
-    ceil = ceilings(device, [d for d in dtypes if d != "float16"])
+    # tf32x3's ceiling is derived from tf32's (gemm_ceiling).
+    measured = [d for d in dtypes if d not in ("float16", "tf32x3")]
+    if "tf32x3" in dtypes and "tf32" not in measured:
+        measured.append("tf32")
+    ceil = ceilings(device, measured)
     rows = []
     for name in names:
         rows += run_workload(WORKLOADS[name], peers, dtypes, device, args.repeats, args.budget, ceil,

@@ -90,7 +90,9 @@ class OursPeer(Peer):
         self.backend = backend
         self.name = f"crossattn_gpu {backend}"
         self.device = "gpu" if backend in ("triton", "cupy") else "cpu"
-        self.dtypes = ("float64", "float32") if backend == "numpy" else ("float32", "bfloat16")
+        # tf32x3: float32 inputs, float32_precision="tf32x3" (the Triton backend's TF32 kernels).
+        self.dtypes = {"numpy": ("float64", "float32"), "triton": ("float32", "tf32x3", "bfloat16")}.get(
+            backend, ("float32", "bfloat16"))
 
     def unavailable(self):
         from crossattn_gpu.backends import backend_status
@@ -98,11 +100,12 @@ class OursPeer(Peer):
         return backend_status().get(self.backend, "unknown backend")
 
     def prepare(self, model, workload, pairs, dtype):
-        ours = CrossAttention.from_weights(*(model.get_attention_weights()[n] for n in WEIGHT_ORDER), backend=self.backend)
+        ours = CrossAttention.from_weights(*(model.get_attention_weights()[n] for n in WEIGHT_ORDER), backend=self.backend,
+                                           float32_precision="tf32x3" if dtype == "tf32x3" else "ieee")
         lengths = workload.lengths()
         if self.device == "gpu":  # torch CUDA tensors for both GPU backends (CuPy takes them through DLPack)
             torch = torch_or_none()
-            tdtype = getattr(torch, dtype)
+            tdtype = torch.float32 if dtype == "tf32x3" else getattr(torch, dtype)
             inputs = [tuple(torch.tensor(x, dtype=tdtype, device="cuda") for x in pair) for pair in pairs]
             if lengths is not None:
                 lengths = tuple(torch.tensor(n, device="cuda") for n in lengths)

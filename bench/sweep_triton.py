@@ -5,8 +5,9 @@ The fusion calls the kernel with folded queries and values (B, H, L, D), the raw
 by every head (Hk = 1), and asks for the heads' sum; the sweep times exactly that call under each
 candidate configuration (and with the heads summed after the kernel), after checking its result
 against the float64 reference on two examples. The stages come first: one direction's projection
-GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, and two
-alternatives to the kernel (GEMMs around a softmax, and torch's SDPA). Output: a JSON file and a table.
+GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, two
+alternatives to the kernel (GEMMs around a softmax, and torch's SDPA), and for float32 the projection
+and the fusion with ``float32_precision="tf32x3"``. Output: a JSON file and a table.
 
     python -m bench.sweep_triton --out sweep.json            # on a GPU
     python -m bench.sweep_triton --cases W3,W2:float32        # some cases only
@@ -25,6 +26,7 @@ import torch
 
 from crossattn_gpu.backends.numpy_backend import attention as reference
 from crossattn_gpu.kernels import attention_two_pass as two_pass
+from crossattn_gpu.kernels import projection
 from crossattn_gpu.kernels.attention import attention, launch_config
 
 KERNELS = {"fused": attention, "two_pass": two_pass.attention_two_pass}
@@ -64,6 +66,12 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
                                        "num_warps": warps, "num_stages": stages}, True))
     if dtype == torch.float32:
         found += [("fused", {**fused, "INPUT_PRECISION": precision}, True) for precision in ("tf32x3", "tf32")]
+        # The fewest register spills on sm_90 for float32 at D = 128 in either precision (compiled with
+        # Triton's ptxas: 4-8 bytes a thread, against 2068-2136 at the default 64 x 64, 4 warps, 3 stages).
+        found.append(("fused", {**fused, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2,
+                                "INPUT_PRECISION": "tf32x3"}, True))
+        if two_pass.preferred(length, length, width, width, dtype.itemsize):
+            found.insert(1, ("two_pass", {**found[0][1], "INPUT_PRECISION": "tf32x3"}, True))
     for block_m, block_n, warps, stages in VARIANTS:
         config = {**fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
         if ("fused", config, True) not in found:
@@ -156,6 +164,15 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     }
     # What the two directions' GEMMs and kernels leave: validation, casts, launches.
     result["rest_s"] = result["fusion_both_directions_s"] - 2 * (result["projection_gemm_s"] + result["kernel_s"])
+    if dtype == torch.float32:  # the same on TF32 tensor cores, three products (float32_precision="tf32x3")
+        rows = xs.reshape(-1, width)
+        want = rows[:256].double() @ folded.double()
+        tf32x3 = projection.matmul(rows, folded, precision="tf32x3")
+        result["projection_tf32x3_rel_error"] = float((tf32x3[:256] - want).abs().max() / want.abs().max())
+        result["projection_tf32x3_s"] = seconds(lambda: projection.matmul(rows, folded, precision="tf32x3"))
+        fast = CrossAttention(width, heads, seed=0, backend="triton", float32_precision="tf32x3")
+        result["fusion_tf32x3_s"] = seconds(
+            lambda: fast.fuse_representations(xs, xt, need_similarity=False, bidirectional=False))
     # The unfused alternative for the kernel's work, timed and checked the same way.
     scale = width**-0.5
     result["unfused_rel_error"] = checked_error(unfused_head_sum(q, k, v, scale), q, k, v, scale)

@@ -45,6 +45,11 @@ class CrossAttention:
         dtype: ``None`` computes in the inputs' dtype (float64 in, float64 out; float32 in, float32 out;
             float16 is stored as float16 and accumulated in float32). A dtype name (``"float32"``,
             ``"float64"``, ``"float16"``) casts every input to it and returns it.
+        float32_precision: how float32 GEMMs may run on a GPU: ``"ieee"`` (default: IEEE float32),
+            ``"tf32x3"`` (three TF32 tensor-core products per product, about float32's accuracy and
+            within the conformance suite's float32 rules) or ``"tf32"`` (one product, ~1e-3 relative
+            error). A permission, like torch's ``allow_tf32``: only the Triton backend on a GPU has
+            TF32 kernels; the other backends compute IEEE float32, and 16-bit inputs their own dtype.
 
     Attributes:
         query_weights, key_weights, value_weights: (H, D, D) float64, read-only; assign a new array to
@@ -52,6 +57,7 @@ class CrossAttention:
         output_weights: (H*D, D) float64, read-only; applied to the heads' outputs concatenated
             head 0 first.
         backend: the name of the backend that runs.
+        float32_precision: as given.
 
     Raises:
         TypeError / ValueError: on a bad argument, with a message naming it.
@@ -63,28 +69,31 @@ class CrossAttention:
     value_weights = _Parameter()
     output_weights = _Parameter()
 
-    def __init__(self, embedding_dim: int = 64, attention_heads: int = 1, *, backend: str = "auto", seed=None, dtype=None):
+    def __init__(self, embedding_dim: int = 64, attention_heads: int = 1, *, backend: str = "auto", seed=None, dtype=None,
+                 float32_precision: str = "ieee"):
         width = _positive_int(embedding_dim, "embedding_dim")
         heads = _positive_int(attention_heads, "attention_heads")
-        self._setup(backend, dtype, random_weights(width, heads, seed))
+        self._setup(backend, dtype, float32_precision, random_weights(width, heads, seed))
 
     @classmethod
     def from_weights(cls, query_weights, key_weights, value_weights, output_weights, **kwargs) -> "CrossAttention":
         """Build from given parameters: Wq, Wk, Wv (H, D, D) and Wo (H*D, D), any float dtype.
 
-        ``kwargs`` are ``backend`` and ``dtype`` as for the constructor. Raises ValueError when the
-        shapes do not fit together and TypeError for non-float arrays.
+        ``kwargs`` are ``backend``, ``dtype`` and ``float32_precision`` as for the constructor. Raises
+        ValueError when the shapes do not fit together and TypeError for non-float arrays.
         """
         arrays = dict(zip(WEIGHT_NAMES, (query_weights, key_weights, value_weights, output_weights)))
         obj = cls.__new__(cls)
-        obj._setup(kwargs.pop("backend", "auto"), kwargs.pop("dtype", None), arrays)
+        obj._setup(kwargs.pop("backend", "auto"), kwargs.pop("dtype", None), kwargs.pop("float32_precision", "ieee"),
+                   arrays)
         if kwargs:
             raise TypeError(f"from_weights() got unexpected keyword arguments: {', '.join(kwargs)}")
         return obj
 
-    def _setup(self, backend, dtype, arrays):
+    def _setup(self, backend, dtype, float32_precision, arrays):
         self.embedding_dim, self.attention_heads, self._weights = check_weight_set(arrays)
-        self._backend = get_backend(backend)
+        self._backend = get_backend(backend, float32_precision=float32_precision)
+        self.float32_precision = float32_precision
         self.dtype = _checks.normalize_dtype(dtype)
         if self.dtype is not None and self.dtype not in self._backend.dtypes:
             raise ValueError(
@@ -101,7 +110,7 @@ class CrossAttention:
     def __repr__(self):
         return (
             f"CrossAttention(embedding_dim={self.embedding_dim}, attention_heads={self.attention_heads}, "
-            f"backend={self.backend!r}, dtype={self.dtype!r})"
+            f"backend={self.backend!r}, dtype={self.dtype!r}, float32_precision={self.float32_precision!r})"
         )
 
     # --- files ---------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ class CrossAttention:
 
         Never unpickles. Raises FileNotFoundError for a missing file, ValueError for a corrupt file,
         missing or extra arrays, or shapes that do not fit together, TypeError for non-float arrays.
-        ``kwargs`` (``backend``, ``dtype``) go to :meth:`from_weights`.
+        ``kwargs`` (``backend``, ``dtype``, ``float32_precision``) go to :meth:`from_weights`.
         """
         arrays, metadata = load_weights(path)
         width, heads, checked = check_weight_set(arrays, source=str(path))
@@ -254,8 +263,8 @@ class CrossAttention:
         """A summary of the configuration and the parameters.
 
         Returns a dict with ``embedding_dim``, ``attention_heads``, ``is_initialized``, ``backend``,
-        ``dtype``, ``parameter_count``, ``weight_norms``, ``summary`` (readable multi-line text) and
-        ``report_complete`` (True).
+        ``dtype``, ``float32_precision``, ``parameter_count``, ``weight_norms``, ``summary`` (readable
+        multi-line text) and ``report_complete`` (True).
         """
         norms = {name: float(np.linalg.norm(w)) for name, w in self._weights.items()}
         count = sum(w.size for w in self._weights.values())
@@ -267,6 +276,7 @@ class CrossAttention:
             f"Parameters: {count:,}",
             f"Backend: {self.backend}",
             f"Compute dtype: {self.dtype or 'same as the inputs'}",
+            f"float32 GEMMs: {_PRECISION_TEXT[self.float32_precision]}",
             "Weight norms (Frobenius): " + ", ".join(f"{n.split('_')[0]} {v:.3f}" for n, v in norms.items()),
             f"Initialized: {self.is_initialized}",
         ]
@@ -276,6 +286,7 @@ class CrossAttention:
             "is_initialized": self.is_initialized,
             "backend": self.backend,
             "dtype": self.dtype,
+            "float32_precision": self.float32_precision,
             "parameter_count": count,
             "weight_norms": norms,
             "summary": "\n".join(lines),
@@ -331,6 +342,13 @@ class CrossAttention:
         if probs is None:
             return None
         return [self._out(probs[:, h], batch) for h in range(probs.shape[1])]
+
+
+_PRECISION_TEXT = {
+    "ieee": "IEEE float32",
+    "tf32x3": "three TF32 tensor-core products (tf32x3) where the backend has them, else IEEE float32",
+    "tf32": "one TF32 tensor-core product (tf32) where the backend has it, else IEEE float32",
+}
 
 
 def _positive_int(value, name: str) -> int:

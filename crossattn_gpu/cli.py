@@ -45,11 +45,13 @@ def _fuse(args) -> int:
 
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
         if args.weights:
-            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype)
+            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype,
+                                        float32_precision=args.float32_precision)
         else:
             width = next(iter(seq.shapes.values()))[1]
             print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
-            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype)
+            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype,
+                                   float32_precision=args.float32_precision)
         start = time.perf_counter()
         with NpzWriter(args.out) as out:
             for key, array in fuse_collections(
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
     fuse.add_argument("--backend", default="auto", help="backend name, or auto (default)")
     fuse.add_argument("--dtype", default=None, help="compute dtype (default: the inputs' dtype)")
+    fuse.add_argument("--float32-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"],
+                      help="float32 GEMMs on a GPU: ieee (default), tf32x3 (three TF32 tensor-core products, about "
+                      "float32's accuracy) or tf32 (one, ~1e-3); backends without TF32 kernels compute ieee")
     fuse.add_argument("--batch-size", type=int, default=64, help="antibodies per padded batch (default 64)")
     fuse.add_argument("--no-bidirectional", action="store_true", help="skip bidirectional_fusion")
     fuse.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -159,10 +159,12 @@ def _pad(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most 5 times a second."""
+    """A one-line progress bar on stderr (the one current when the bar is made, not at import: a
+    caller may have redirected it since), redrawn at most 5 times a second."""
 
-    def __init__(self, total: int, enabled: bool, stream=sys.stderr):
-        self.total, self.enabled, self.stream = total, enabled, stream
+    def __init__(self, total: int, enabled: bool, stream=None):
+        self.total, self.enabled = total, enabled
+        self.stream = sys.stderr if stream is None else stream
         self.done, self.start, self.last_draw = 0, time.perf_counter(), 0.0
 
     def advance(self, count: int) -> None:

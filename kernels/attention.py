@@ -221,7 +221,7 @@ def _attention_fwd(
             tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
 
 
-def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee") -> dict:
     """Block sizes, warps, stages and the float32 dot precision for a shape. tl.dot needs every block
     dimension >= 16.
 
@@ -238,11 +238,11 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
       8 warps, 2 stages: 3.57);
     * float32 (W2), heads written: 64 x 64, 4 warps, 3 stages: 4.33 ms (2 stages: 4.47).
 
-    float32 dots are IEEE float32 (CUDA cores); ``allow_tf32`` takes one TF32 tensor-core product
-    (~1e-3). Three TF32 products (``tf32x3``) may be faster, but their per-product error (~2**-21)
-    is about ten times float32's, which the conformance rules (float32: 1e-5, or twice the plain
-    float32 error) may not allow on ill-conditioned inputs; the sweep times it for a later decision.
+    float32 dots take ``precision`` (``contract.FLOAT32_PRECISIONS``): IEEE float32 on CUDA cores by
+    default, or TF32 tensor cores, three products (``tf32x3``) or one (``tf32``). The blocks are the
+    IEEE ones for all three; tf32x3's are not yet timed on a GPU.
     """
+    contract.check_precision(precision)
     half = itemsize <= 2
     widest = max(dim_k, dim_v)
     d_cap = (256 if widest <= 256 else 128) if half else 64
@@ -260,13 +260,12 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     # Short sequences take the smallest block that covers them.
     block_m = min(block_m, block_at_least_16(len_q))
     block_n = min(block_n, block_at_least_16(len_k))
-    precision = "tf32" if allow_tf32 and not half else "ieee"
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
-            "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": precision}
+            "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": "ieee" if half else precision}
 
 
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
-              allow_tf32: bool = False, config: dict | None = None, lengths_checked: bool = False):
+              precision: str = "ieee", config: dict | None = None, lengths_checked: bool = False):
     """Fused attention forward.
 
     Args:
@@ -281,9 +280,12 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32. When Dv fits one
             chunk, each program loops over the heads and keeps the sum in registers, so the per-head
             outputs never reach memory; otherwise they are written in float32 and summed after.
-        allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
+        precision: how float32 dots run: ``"ieee"`` (CUDA cores), ``"tf32x3"`` (three TF32 tensor-core
+            products, about float32's accuracy) or ``"tf32"`` (one, ~1e-3 relative error); 16-bit
+            inputs ignore it.
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
-            (for tuning sweeps, ``bench/sweep_triton.py``); it always runs this file's fused kernel.
+            (for tuning sweeps, ``bench/sweep_triton.py``; its INPUT_PRECISION replaces ``precision``); it
+            always runs this file's fused kernel.
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk (the library's front end
             does, on the host): no read from the device. Values out of range are then not caught (the
             kernel stays in bounds, but its numbers are wrong).
@@ -302,9 +304,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
         return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
-                                  sum_heads=sum_heads, allow_tf32=allow_tf32, lengths_checked=lengths_checked)
+                                  sum_heads=sum_heads, precision=precision, lengths_checked=lengths_checked)
     masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
-    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32), config)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     single_dv = dim_v <= block_dv
     sum_in_kernel = sum_heads and single_dv

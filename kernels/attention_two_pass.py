@@ -204,7 +204,7 @@ def preferred(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> 
     return widest > FUSED_ONE_CHUNK[min(itemsize, 4)] and len_k <= dim_v
 
 
-def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, allow_tf32: bool = False) -> dict:
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee") -> dict:
     """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch).
 
     Not timed on a GPU yet. The tiles are the largest of those compiled for sm_90 with which neither
@@ -214,6 +214,7 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     holds them to no spills (tests/kernels/compile_triton_variants.py). tl.dot needs every block
     dimension >= 16.
     """
+    contract.check_precision(precision)
     half = itemsize <= 2
     block_m, block_n, block_dk, block_dv = (128, 32, 64, 128) if half else (64, 32, 32, 64)
     return {
@@ -223,12 +224,12 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
         "BLOCK_DV": min(block_dv, block_at_least_16(dim_v)),
         "num_warps": 8,
         "num_stages": 2,
-        "INPUT_PRECISION": "tf32" if allow_tf32 and not half else "ieee",
+        "INPUT_PRECISION": "ieee" if half else precision,
     }
 
 
 def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None,
-                       sum_heads: bool = False, allow_tf32: bool = False, config: dict | None = None,
+                       sum_heads: bool = False, precision: str = "ieee", config: dict | None = None,
                        lengths_checked: bool = False):
     """Attention forward in two passes (scores materialised in float32), for wide heads.
 
@@ -241,8 +242,9 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
         out_dtype: dtype of O (default: q's dtype).
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 registers.
-        allow_tf32: float32 dots take TF32 tensor cores (faster, ~1e-3 relative error).
-        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
+        precision: how float32 dots run (``"ieee"``, ``"tf32x3"`` or ``"tf32"``; see ``attention.attention``).
+        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
+            (its INPUT_PRECISION replaces ``precision``).
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
 
     Returns:
@@ -257,7 +259,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     """
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
-    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), allow_tf32), config)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     blocks_m, blocks_dv = cdiv(len_q, block_m), cdiv(dim_v, block_dv)

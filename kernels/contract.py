@@ -11,10 +11,21 @@ DTYPES = ("float32", "float16", "bfloat16")
 MASK_FILL = -1e9
 #: log2(e): the kernels work in base 2, with scale * log2(e) folded into one multiply.
 LOG2E = 1.4426950408889634
+#: How float32 dots may run: IEEE float32 (CUDA cores), three TF32 tensor-core products per product
+#: (``tf32x3``: each operand split into a TF32 value and a TF32 remainder, the remainders' product
+#: dropped; about float32's accuracy), or one TF32 product (``tf32``: ~1e-3 relative error). 16-bit
+#: dots always use their own tensor cores.
+FLOAT32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def dtype_name(t) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+def check_precision(precision) -> str:
+    if precision not in FLOAT32_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(FLOAT32_PRECISIONS)}; got {precision!r}")
+    return precision
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:

@@ -8,6 +8,7 @@ import pytest
 
 import reference
 from crossattn_gpu import CrossAttention
+from crossattn_gpu.backends import backend_status
 from crossattn_gpu.cli import main
 
 
@@ -41,7 +42,11 @@ def test_info_lists_backends_and_versions(capsys):
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
 
 
-def test_fuse_matches_single_example_results(tmp_path, capsys):
+@pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3")])
+def test_fuse_matches_single_example_results(tmp_path, capsys, backend, precision):
+    why_not = backend_status()[backend]
+    if why_not:
+        pytest.skip(why_not)
     lengths = [5, 17, 3, 17, 1, 9, 12]
     seq = write_collection(tmp_path / "seq.npz", lengths, 8, seed=0)
     struct = write_collection(tmp_path / "struct.npz", lengths, 8, seed=1)
@@ -50,11 +55,11 @@ def test_fuse_matches_single_example_results(tmp_path, capsys):
     code = main([
         "fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
         "--out", str(tmp_path / "out.npz"), "--weights", str(tmp_path / "w.safetensors"), "--batch-size", "3",
-        "--backend", "numpy",
+        "--backend", backend, "--float32-precision", precision,
     ])
     assert code == 0
     captured = capsys.readouterr()
-    assert "fused 7 antibodies on backend numpy" in captured.out
+    assert f"fused 7 antibodies on backend {backend}" in captured.out
     with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
         assert len(out.files) == 3 * len(lengths)
         for key in seq:

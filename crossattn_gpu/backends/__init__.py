@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ..kernels.contract import FLOAT32_PRECISIONS
 from .cupy_backend import CupyBackend
 from .numpy_backend import NumpyBackend
 from .onnx_backend import OnnxBackend
@@ -33,11 +34,14 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str):
-    """The backend called ``name``, or the fastest available one for ``"auto"``.
+def get_backend(name: str, *, float32_precision: str = "ieee"):
+    """The backend called ``name``, or the fastest available one for ``"auto"``; a new instance.
+
+    ``float32_precision`` (``"ieee"``, ``"tf32x3"`` or ``"tf32"``) permits float32 GEMMs on TF32 tensor
+    cores where the backend has such kernels (Triton on a GPU); the others compute IEEE float32.
 
     Raises:
-        ValueError: ``name`` is not a known backend.
+        ValueError: ``name`` is not a known backend, or ``float32_precision`` not a known precision.
         ImportError / RuntimeError: the backend is known but cannot run here (missing extra, no GPU);
             there is never a silent fallback to another backend.
     """
@@ -49,4 +53,8 @@ def get_backend(name: str):
         logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
-    return _FACTORIES[name]()
+    if float32_precision not in FLOAT32_PRECISIONS:
+        raise ValueError(f"float32_precision must be one of {', '.join(FLOAT32_PRECISIONS)}; got {float32_precision!r}")
+    backend = _FACTORIES[name]()
+    backend.float32_precision = float32_precision
+    return backend

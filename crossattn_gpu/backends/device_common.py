@@ -93,7 +93,7 @@ class DeviceFusion(FoldedFusion):
             masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
         out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads,
-                                         lengths_checked=True)
+                                         lengths_checked=True, **self._kernel_options())
         probs = None
         if need_weights:
             scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
@@ -108,9 +108,17 @@ class DeviceFusion(FoldedFusion):
             probs = self.cast(probs / probs.sum(-1)[..., None], q.dtype)
         return out, probs
 
+    def _kernel_options(self) -> dict:
+        """Keyword arguments for ``kernel.attention`` beyond the contract's (none here)."""
+        return {}
+
+    def _matmul(self, a, b):
+        """a @ b for the projections: the array library's GEMM here."""
+        return self.xp.matmul(a, b)
+
     def _project(self, x, weights: DeviceFoldedWeights, parts: str):
         batch, length, width = x.shape
-        flat = self.xp.matmul(x.reshape(batch * length, width), weights.columns(parts))
+        flat = self._matmul(x.reshape(batch * length, width), weights.columns(parts))
         flat = flat.reshape(batch, length, len(parts), weights.heads, weights.width)
         return list(self.xp.moveaxis(flat, (2, 3), (0, 2)))  # (B, H, L, D) views, in two ops not 2 per part
 

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 
 class FoldedFusion:
+    #: How float32 GEMMs may run (``kernels.contract.FLOAT32_PRECISIONS``), set by ``get_backend``: a
+    #: permission, as torch's ``allow_tf32`` is. Only a backend with TF32 kernels (Triton on a GPU)
+    #: uses it; the others compute IEEE float32.
+    float32_precision = "ieee"
+
     def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         blocks = self._example_blocks(xq.shape[0], max(xq.shape[1], xk.shape[1]), weights)
         if len(blocks) == 1:

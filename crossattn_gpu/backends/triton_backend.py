@@ -47,9 +47,11 @@ class TritonBackend(DeviceFusion):
                 "backend 'triton' needs a CUDA GPU, and torch sees none; set TRITON_INTERPRET=1 before "
                 "importing crossattn_gpu to run it under Triton's interpreter on the CPU (slow, for testing)"
             )
-        from ..kernels import attention as kernel  # imported late: TRITON_INTERPRET is read at import
+        # Imported late: TRITON_INTERPRET is read at import.
+        from ..kernels import attention as kernel
+        from ..kernels import projection
 
-        self.kernel = kernel
+        self.kernel, self.projection = kernel, projection
 
     @staticmethod
     def usable_by_auto() -> bool:
@@ -176,6 +178,16 @@ class TritonBackend(DeviceFusion):
         return DeviceFoldedWeights(heads, width, folded)
 
     # --- primitives of DeviceFusion -----------------------------------------------------------------
+
+    def _kernel_options(self) -> dict:
+        return {"precision": self.float32_precision}
+
+    def _matmul(self, a, b):
+        """cuBLAS (torch) for IEEE float32 and 16-bit projections; TF32 float32 projections in
+        ``kernels/projection.py``, since cuBLAS takes TF32 only through a process-wide switch."""
+        if self.float32_precision == "ieee" or a.dtype != self.torch.float32:
+            return self.torch.matmul(a, b)
+        return self.projection.matmul(a, b, precision=self.float32_precision)
 
     def _positions(self, length: int):
         return self.torch.arange(length, device=self.device)

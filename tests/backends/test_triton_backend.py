@@ -20,9 +20,9 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
 
-def models(width, heads, seed=0):
+def models(width, heads, seed=0, **options):
     ref = CrossAttention(width, heads, seed=seed, backend="numpy")
-    tri = CrossAttention.from_weights(**ref.get_attention_weights(), backend="triton")
+    tri = CrossAttention.from_weights(**ref.get_attention_weights(), backend="triton", **options)
     return ref, tri
 
 
@@ -74,6 +74,43 @@ def test_ragged_masked_batch_torch_in_torch_out(width, heads):
     for h in range(heads):
         close(got["attention_weights_seq_to_struct"][h], want["attention_weights_seq_to_struct"][h], 1e-5)
         close(got["attention_weights_struct_to_seq"][h], want["attention_weights_struct_to_seq"][h], 1e-5)
+
+
+@pytest.mark.parametrize("width,heads", [(24, 3), (300, 2)])
+def test_tf32x3_fusion_keeps_float32_accuracy(width, heads):
+    """Projections and attention on TF32 tensor cores, three products each (emulated under the
+    interpreter: tests/tensor_cores.py), within the float32 bound of 1e-5 on every output."""
+    rng = np.random.default_rng(2)
+    ref, tri = models(width, heads, float32_precision="tf32x3")
+    seq = rng.standard_normal((3, 17, width)).astype(np.float32)
+    struct = rng.standard_normal((3, 13, width)).astype(np.float32)
+    mask = rng.random((3, 17, 13)) > 0.3
+    kwargs = dict(mask=mask, sequential_lengths=[17, 1, 9], structural_lengths=[3, 13, 13], bidirectional=False,
+                  need_weights=True)
+    want = ref.fuse_representations(seq, struct, **kwargs)
+    got = tri.fuse_representations(seq, struct, **kwargs)
+    for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+        close(got[key], want[key], 1e-5)
+    for h in range(heads):
+        close(got["attention_weights_seq_to_struct"][h], want["attention_weights_seq_to_struct"][h], 1e-5)
+
+
+def test_float32_precision_reaches_projections_and_kernel():
+    """tf32 (one product) misses float32's accuracy in the projections' GEMM and in the attention
+    kernel alike; IEEE and tf32x3 do not. 16-bit inputs ignore the option."""
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.standard_normal((2, 40, 64)), dtype=torch.float32, device=DEVICE)
+    weights = torch.tensor(rng.standard_normal((64, 96)), dtype=torch.float32, device=DEVICE)
+    want = x.double().reshape(80, 64) @ weights.double()
+    errors = {}
+    for precision in ("ieee", "tf32x3", "tf32"):
+        backend = models(64, 2, float32_precision=precision)[1]._backend
+        got = backend._matmul(x.reshape(80, 64), weights).double()
+        errors[precision] = float((got - want).abs().max() / want.abs().max())
+        assert backend._kernel_options() == {"precision": precision}
+    assert errors["ieee"] < 1e-6 and errors["tf32x3"] < 1e-6 < 1e-4 < errors["tf32"]
+    half = models(64, 2, float32_precision="tf32")[1]._backend._matmul(x.half().reshape(80, 64), weights.half())
+    assert half.dtype == torch.float16
 
 
 def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):

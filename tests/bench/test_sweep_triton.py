@@ -56,3 +56,14 @@ def test_cases_option_selects_and_rejects(capsys):
     with pytest.raises(SystemExit):
         sweep_triton.main(["--cases", "W9"])
     assert "matches none" in capsys.readouterr().err
+
+
+def test_float32_candidates_include_tf32x3_for_both_operators():
+    wide = sweep_triton.candidates(256, 1280, torch.float32)  # W3 float32: two-pass, IEEE then tf32x3
+    assert [(kernel, c["INPUT_PRECISION"]) for kernel, c, _ in wide[:2]] == [("two_pass", "ieee"), ("two_pass", "tf32x3")]
+
+
+def test_stages_of_a_float32_case_time_the_tf32x3_projection_and_fusion():
+    stages = sweep_triton.stages("tiny", 2, 2, 40, 24, "float32", "cuda" if torch.cuda.is_available() else "cpu")
+    assert stages["projection_tf32x3_s"] > 0 and stages["fusion_tf32x3_s"] > 0
+    assert stages["projection_tf32x3_rel_error"] < 1e-6

@@ -50,7 +50,8 @@ def _summary_header() -> list[str]:
     if torch is not None and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         machine = torch.cuda.get_device_name(0)
     else:
-        machine = f"CPU ({os.cpu_count()} cores), Triton under its interpreter"
+        machine = (f"CPU ({os.cpu_count()} cores), Triton under its interpreter, TF32 dots emulated "
+                   "(tests/tensor_cores.py)")
     examples = os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200")
     return [
         f"# Conformance summary, {datetime.date.today().isoformat()}, {machine}",

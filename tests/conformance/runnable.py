@@ -1,4 +1,9 @@
-"""Every (backend, dtype) pair this machine can run, for parametrising the conformance tests."""
+"""Every (backend, dtype) pair this machine can run, for parametrising the conformance tests.
+
+A backend may carry an option after a "+": "triton+tf32x3" is the Triton backend with
+``float32_precision="tf32x3"`` (TF32 tensor cores, three products; emulated under the interpreter by
+tests/tensor_cores.py), held to the same float32 rules as IEEE float32.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ _CANDIDATES = [
     ("numpy", "float64"),
     ("numpy", "float32"),
     ("triton", "float32"),
+    ("triton+tf32x3", "float32"),
     ("triton", "float16"),
     ("triton", "bfloat16"),
     ("cupy", "float32"),
@@ -34,7 +40,15 @@ def _cupy_has_bfloat16() -> bool:
         return False
 
 
-def _why_not(backend: str, dtype: str) -> str | None:
+def backend_options(label: str) -> dict:
+    """The CrossAttention keyword arguments of a backend label: "triton+tf32x3" -> backend="triton",
+    float32_precision="tf32x3"."""
+    backend, _, precision = label.partition("+")
+    return {"backend": backend, "float32_precision": precision or "ieee"}
+
+
+def _why_not(label: str, dtype: str) -> str | None:
+    backend = backend_options(label)["backend"]
     if _STATUS.get(backend) is not None:
         return _STATUS[backend]
     if dtype == "bfloat16":  # needs torch inputs on a GPU (NumPy has no bfloat16; the interpreter none either)
@@ -52,8 +66,8 @@ BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for (b, d), why in _REASONS.items(
 NOT_RUN = {f"{b}-{d}": why for (b, d), why in _REASONS.items() if why is not None}
 
 
-def model_for(backend: str, reference: CrossAttention) -> CrossAttention:
-    return CrossAttention.from_weights(**reference.get_attention_weights(), backend=backend)
+def model_for(label: str, reference: CrossAttention) -> CrossAttention:
+    return CrossAttention.from_weights(**reference.get_attention_weights(), **backend_options(label))
 
 
 def to_backend(x, dtype: str):

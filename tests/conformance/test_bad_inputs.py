@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from crossattn_gpu import CrossAttention
-from runnable import BACKENDS, model_for
+from runnable import BACKENDS, backend_options, model_for
 
 D = 8
 rng = np.random.default_rng(0)
@@ -86,8 +86,8 @@ def test_the_catalogue_is_large_enough():
 def test_bad_weights_files(tmp_path, backend, dtype):
     np.savez(tmp_path / "short.npz", query_weights=np.zeros((2, D, D)))
     with pytest.raises(ValueError, match="missing key_weights"):
-        CrossAttention.load(tmp_path / "short.npz", backend=backend)
+        CrossAttention.load(tmp_path / "short.npz", **backend_options(backend))
     w = CrossAttention(D, 2, seed=0).get_attention_weights()
     np.savez(tmp_path / "shape.npz", **{**w, "output_weights": np.zeros((D, D))})
     with pytest.raises(ValueError, match=r"output_weights .* must have shape \(16, 8\)"):
-        CrossAttention.load(tmp_path / "shape.npz", backend=backend)
+        CrossAttention.load(tmp_path / "shape.npz", **backend_options(backend))

@@ -78,3 +78,16 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
     # lse: compare where rows are not fully masked (there lse is about -1e9 and float32 holds it coarsely)
     lse_err = np.abs(lse.double().cpu().numpy() - want_lse) / np.maximum(np.abs(want_lse), 1.0)
     assert lse_err.max() <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def precision_error(attention, precision: str) -> float:
+    """The relative error of ``attention(..., precision=precision)`` on float32 inputs (B=1, H=2,
+    Lq=33, Lk=70, D=64) against the reference: tells which float32 arithmetic reached the dots."""
+    rng = np.random.default_rng(5)
+    q, k, v = (torch.tensor(rng.standard_normal(shape), dtype=torch.float32, device=DEVICE)
+               for shape in ((1, 2, 33, 64), (1, 1, 70, 64), (1, 2, 70, 64)))
+    want = reference(*(t.double().cpu().numpy() for t in (q, k, v)), scale=0.125)[0]
+    out, _ = attention(q, k, v, scale=0.125, precision=precision)
+    got = out.double().cpu().numpy()
+    assert np.isfinite(got).all()
+    return float(np.abs(got - want).max() / np.abs(want).max())

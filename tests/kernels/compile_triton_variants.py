@@ -1,12 +1,13 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
-passes) with Triton's real compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the
-launch configuration each launcher picks for a shape of every kind, with and without mask and
-lengths, and check that each fits the chip's shared memory: no GPU is needed, and the interpreter,
-which the other kernel tests use, cannot catch what only the compiler checks (types, layouts,
-scf.if, shared memory). For sm_90, the chip this project runs on, Triton's own ptxas also reports
-each variant's registers and spills: the two-pass operator's configurations were chosen to spill
-nothing there, and a spill fails. The fused kernel's configurations spill (up to 2 KB in float32)
-and were still the fastest measured, so its spills are only reported.
+passes, kernels/projection.py's TF32 GEMM) with Triton's real compiler (to PTX and a cubin through
+ptxas) for sm_80 and sm_90, in the launch configuration each launcher picks for a shape of every
+kind, with and without mask and lengths, and check that each fits the chip's shared memory: no GPU is
+needed, and the interpreter, which the other kernel tests use, cannot catch what only the compiler
+checks (types, layouts, scf.if, shared memory). For sm_90, the chip this project runs on, Triton's
+own ptxas also reports each variant's registers and spills: the two-pass operator's configurations
+were chosen to spill nothing there, and so were the projection GEMM's (236 registers in tf32x3 at
+128 x 128 x 32 tiles, 8 warps); a spill of theirs fails. The fused kernel's configurations spill (up
+to 2 KB in float32) and were still the fastest measured, so its spills are only reported.
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py``. Prints one line per
 variant and exits 1 on any failure.
@@ -26,10 +27,11 @@ from triton.compiler import ASTSource
 
 from crossattn_gpu.kernels import attention as kernel_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
+from crossattn_gpu.kernels import projection as projection_module
 
-POINTER_TYPES = {"Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32", "Scores": "*fp32",
+POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32", "Scores": "*fp32",
                  "RowMax": "*fp32", "RowInvSum": "*fp32"}
-SCALARS = {"num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
+SCALARS = {"rows": "i32", "cols": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
            "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32"}
 
 
@@ -38,8 +40,10 @@ SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096
           "W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 #: The shapes of the two-pass operator: W3 and a short one (its smallest blocks).
 TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
-#: Triton's name of each dtype, its size, and allow_tf32.
-DTYPES = [("fp32", 4, False), ("fp32", 4, True), ("fp16", 2, False), ("bf16", 2, False)]
+#: (M, K, N) of the TF32 projection GEMM: a tiny one (masked edges) and W2's (full tiles).
+PROJECTION_SHAPES = {"tiny": (3, 17, 5), "W2": (131072, 128, 1024)}
+#: Triton's name of each dtype, its size, and the float32 dot precision.
+DTYPES = [("fp32", 4, "ieee"), ("fp32", 4, "tf32x3"), ("fp32", 4, "tf32"), ("fp16", 2, "ieee"), ("bf16", 2, "ieee")]
 #: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -101,13 +105,38 @@ def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list
     return [(two_pass_module._attention_fwd_scores, scores), (two_pass_module._attention_fwd_probs_values, values)]
 
 
+def projection_variants() -> list:
+    """(label, kernel, constexprs, options) of the TF32 projection GEMM, float32 only."""
+    found = []
+    for (name, (rows, depth, cols)), precision in itertools.product(PROJECTION_SHAPES.items(), ("tf32x3", "tf32")):
+        cfg = projection_module.launch_config(rows, cols, depth)
+        constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        constexprs.update(EVEN_M=rows % cfg["BLOCK_M"] == 0, EVEN_N=cols % cfg["BLOCK_N"] == 0,
+                          EVEN_K=depth % cfg["BLOCK_K"] == 0, INPUT_PRECISION=precision)
+        options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        found.append((f"fp32/{precision} {name}", projection_module._matmul_fwd, constexprs, options))
+    return found
+
+
 def main() -> int:
     failures = 0
+    for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90]):
+        label = f"{fn.fn.__name__} {label} sm_{arch}"
+        try:
+            shared, registers, spills = compile_kernel(fn, "fp32", constexprs, options, arch)
+            if shared > SHARED_LIMIT[arch]:
+                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
+            if spills:
+                raise RuntimeError(f"spills {spills} bytes of registers")
+            print(f"ok   {label} shared={shared} registers={registers} spills={spills}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
-    for (module, shapes, variants), (dtype, itemsize, tf32), arch, extras in itertools.product(
+    for (module, shapes, variants), (dtype, itemsize, precision), arch, extras in itertools.product(
             plans, DTYPES, [80, 90], [False, True]):
         for name, shape in shapes.items():
-            cfg = module.launch_config(*shape, itemsize, allow_tf32=tf32)
+            cfg = module.launch_config(*shape, itemsize, precision=precision)
             options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
             for fn, constexprs in variants(dtype, cfg, shape, extras):
                 label = f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"

@@ -20,16 +20,20 @@ from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E4
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attention_check import DEVICE, DTYPES, check  # noqa: E402
-from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
+from attention_check import DEVICE, DTYPES, check, precision_error  # noqa: E402
+from shapes import MASKED_SHAPES, PRECISION_SHAPES, SHAPES  # noqa: E402
 
 
-def fused(q, k, v, **kwargs):
+def fused(q, k, v, precision="ieee", **kwargs):
     """The fused kernel whatever the shape: an explicit config bypasses the two-pass dispatch."""
     len_q, dim_k = q.shape[2:]
     len_k, dim_v = k.shape[2], v.shape[3]
-    config = launch_config(len_q, len_k, dim_k, dim_v, q.element_size())
+    config = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision)
     return attention(q, k, v, config=config, **kwargs)
+
+
+def fused_tf32x3(q, k, v, **kwargs):
+    return fused(q, k, v, precision="tf32x3", **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -114,7 +118,23 @@ def test_launch_config_tiles_any_width():
     assert launch_config(1, 1, 1, 1, itemsize=4)["BLOCK_M"] == 16
     assert launch_config(3, 17, 8, 8, itemsize=2)["BLOCK_M"] == 16 and launch_config(3, 17, 8, 8, 2)["BLOCK_N"] == 32
     assert launch_config(9, 9, 8, 8, itemsize=4)["INPUT_PRECISION"] == "ieee"
-    assert launch_config(9, 9, 8, 8, itemsize=4, allow_tf32=True)["INPUT_PRECISION"] == "tf32"
+    assert launch_config(9, 9, 8, 8, itemsize=4, precision="tf32x3")["INPUT_PRECISION"] == "tf32x3"
+    assert launch_config(9, 9, 8, 8, itemsize=2, precision="tf32x3")["INPUT_PRECISION"] == "ieee"  # 16-bit dots
+    for itemsize in (4, 2):  # refused for 16-bit inputs too, which ignore a valid one
+        with pytest.raises(ValueError, match="precision must be one of ieee, tf32x3, tf32"):
+            launch_config(9, 9, 8, 8, itemsize=itemsize, precision="fast")
+
+
+@pytest.mark.parametrize("shape", PRECISION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tf32x3_keeps_float32_accuracy(shape):
+    """Three TF32 products (emulated under the interpreter) meet the float32 bound of ``check``: 1e-5."""
+    check(fused_tf32x3, *shape, dtype=torch.float32, mask=True, ragged=True)
+
+
+def test_tf32_reaches_the_dots():
+    """One TF32 product a dot: an error near 1e-3, which IEEE float32 (1e-7) would not show."""
+    assert 1e-5 < precision_error(fused, "tf32") < 5e-2
+    assert precision_error(fused, "tf32x3") < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
