@@ -90,6 +90,7 @@ grep -h -E "ERROR SUMMARY|passed|failed" "$work"/sanitizer-*.log 2> /dev/null
 grep -E "^\| " "$work/sweep.log"
 grep -E '"rest_s"' "$work/sweep.log" | cut -c1-700
 grep -E "^(W[0-9])" "$work/bench.log"
+grep -A 12 "^## Targets" "$work/bench.log"
 grep -E "^\| W[0-9] \|" "$work/profile.log"
 cat "$work/host-path.log"
 cat "$work/huge-batch.log"

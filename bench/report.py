@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import targets
+
 
 def _fmt(value, pattern: str, empty: str = "n/a") -> str:
     return empty if value is None else pattern.format(value)
@@ -40,6 +42,9 @@ def markdown(report: dict) -> str:
     skipped = sorted({f"{r['peer']}: {r['reason']}" for r in report["rows"] if r.get("skipped")})
     if skipped:
         lines += ["", "Not run here: " + "; ".join(skipped) + "."]
+    judged = targets.markdown(report)
+    if judged:
+        lines += ["", judged.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -46,10 +46,11 @@ class CrossAttention:
             float16 is stored as float16 and accumulated in float32). A dtype name (``"float32"``,
             ``"float64"``, ``"float16"``) casts every input to it and returns it.
         float32_precision: how float32 GEMMs may run on a GPU: ``"ieee"`` (default: IEEE float32),
-            ``"tf32x3"`` (three TF32 tensor-core products per product, about float32's accuracy and
-            within the conformance suite's float32 rules) or ``"tf32"`` (one product, ~1e-3 relative
-            error). A permission, like torch's ``allow_tf32``: only the Triton backend on a GPU has
-            TF32 kernels; the other backends compute IEEE float32, and 16-bit inputs their own dtype.
+            ``"tf32x3"`` (three TF32 tensor-core products per product, about float32's accuracy: the
+            conformance suite holds it to the float32 rules) or ``"tf32"`` (one product, ~1e-3
+            relative error). A permission, like torch's ``allow_tf32``: only the Triton backend on a
+            GPU has TF32 kernels; the other backends compute IEEE float32, and 16-bit inputs their own
+            dtype. ValueError for any other value.
 
     Attributes:
         query_weights, key_weights, value_weights: (H, D, D) float64, read-only; assign a new array to
