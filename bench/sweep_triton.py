@@ -68,8 +68,10 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
         found += [("fused", {**fused, "INPUT_PRECISION": precision}, True) for precision in ("tf32x3", "tf32")]
         # The fewest register spills on sm_90 for float32 at D = 128 in either precision (compiled with
         # Triton's ptxas: 4-8 bytes a thread, against 2068-2136 at the default 64 x 64, 4 warps, 3 stages).
-        found.append(("fused", {**fused, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2,
-                                "INPUT_PRECISION": "tf32x3"}, True))
+        low_spill = {**fused, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "INPUT_PRECISION": "tf32x3"}
+        found.append(("fused", low_spill, True))
+        if width <= 128:  # one 128-wide chunk: the accumulator and the heads' sum in registers (884 bytes spilled)
+            found.append(("fused", {**low_spill, "BLOCK_DK": 128, "BLOCK_DV": 128}, True))
         if two_pass.preferred(length, length, width, width, dtype.itemsize):
             found.insert(1, ("two_pass", {**found[0][1], "INPUT_PRECISION": "tf32x3"}, True))
     for block_m, block_n, warps, stages in VARIANTS:
