@@ -13,7 +13,7 @@ from . import __version__
 from ._optional import version_of
 from ._threads import cpu_count, parallel_available
 from .attention import CrossAttention
-from .backends import backend_status
+from .backends import FLOAT32_PRECISIONS, backend_status
 
 
 def _demo(args) -> int:
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
     fuse.add_argument("--backend", default="auto", help="backend name, or auto (default)")
     fuse.add_argument("--dtype", default=None, help="compute dtype (default: the inputs' dtype)")
-    fuse.add_argument("--float32-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"],
+    fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
                       help="float32 GEMMs on a GPU: ieee (default), tf32x3 (three TF32 tensor-core products, about "
                       "float32's accuracy) or tf32 (one, ~1e-3); backends without TF32 kernels compute ieee")
     fuse.add_argument("--batch-size", type=int, default=64, help="antibodies per padded batch (default 64)")
