@@ -2,7 +2,7 @@
 timed on the GPU workloads' attention shapes.
 
 The fusion calls the kernel with folded queries and values (B, H, L, D), the raw inputs as keys shared
-by every head (Hk = 1), and asks for the heads' sum; the sweep times exactly that call under each
+by every head (Hk = 1), and asks for the heads' sum and no lse; the sweep times exactly that call under each
 candidate configuration (and with the heads summed after the kernel), after checking its result
 against the float64 reference on two examples. The stages come first: one direction's projection
 GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, two
@@ -133,7 +133,7 @@ def sweep_case(name, batch, heads, length, width, dtype_name, device, max_config
                "kernel": kernel, "config": config, "sum_heads": sum_heads, "is_default": index == 0}
 
         def call():
-            return KERNELS[kernel](q, k, v, scale=scale, sum_heads=sum_heads, config=config)[0]
+            return KERNELS[kernel](q, k, v, scale=scale, sum_heads=sum_heads, config=config, need_lse=False)[0]
 
         try:
             out = call()
@@ -160,7 +160,7 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     result = {
         "case": name, "dtype": dtype_name,
         "projection_gemm_s": seconds(lambda: xs.reshape(-1, width) @ folded),
-        "kernel_s": seconds(lambda: attention(q, k, v, scale=1.0, sum_heads=True)),
+        "kernel_s": seconds(lambda: attention(q, k, v, scale=1.0, sum_heads=True, need_lse=False)),
         "fusion_both_directions_s": seconds(
             lambda: model.fuse_representations(xs, xt, need_similarity=False, bidirectional=False)),
     }

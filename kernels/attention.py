@@ -86,6 +86,7 @@ def _attention_fwd(
     EVEN_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SUM_HEADS: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     # Grid axis 0 is batch x heads, or the batch alone when SUM_HEADS (each program then loops over the
     # heads): up to 2**31 - 1, where axis 1 stops at 65535, which B * H can pass.
@@ -204,13 +205,14 @@ def _attention_fwd(
                 o_ptrs = out_base + offs_m[:, None] * stride_om + dvs[None, :] * stride_od
                 tl.store(o_ptrs, o, mask=row_ok[:, None] & (dvs[None, :] < dim_v))
 
-        # lse in natural-log units: (m + log2 l) * ln 2.
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        l_ptrs = Lse + (off_b * num_heads + off_h) * len_q + offs_m
-        if EVEN_M:
-            tl.store(l_ptrs, lse)
-        else:
-            tl.store(l_ptrs, lse, mask=row_ok)
+        if STORE_LSE:
+            # lse in natural-log units: (m + log2 l) * ln 2.
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+            l_ptrs = Lse + (off_b * num_heads + off_h) * len_q + offs_m
+            if EVEN_M:
+                tl.store(l_ptrs, lse)
+            else:
+                tl.store(l_ptrs, lse, mask=row_ok)
 
     if SUM_HEADS:
         o_ptrs = Out + off_b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -265,7 +267,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
 
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
-              precision: str = "ieee", config: dict | None = None, lengths_checked: bool = False):
+              precision: str = "ieee", config: dict | None = None, lengths_checked: bool = False,
+              need_lse: bool = True):
     """Fused attention forward.
 
     Args:
@@ -289,6 +292,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk (the library's front end
             does, on the host): no read from the device. Values out of range are then not caught (the
             kernel stays in bounds, but its numbers are wrong).
+        need_lse: compute and return the lse (B x H x Lq float32: on W4, 0.25 MiB, the whole difference
+            between the fusion's peak memory and torch SDPA's); without it the second result is None.
 
     Wide heads over short sequences (``attention_two_pass.preferred``: 16-bit heads over 256 wide,
     float32 over 64, and Lk <= Dv) go to ``attention_two_pass``, which computes the same function
@@ -296,7 +301,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
 
     Returns:
         O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32, the natural-log
-        log-sum-exp of each score row.
+        log-sum-exp of each score row (None without ``need_lse``).
 
     Raises:
         TypeError / ValueError on inputs that break the contract above.
@@ -304,7 +309,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
         return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
-                                  sum_heads=sum_heads, precision=precision, lengths_checked=lengths_checked)
+                                  sum_heads=sum_heads, precision=precision, lengths_checked=lengths_checked,
+                                  need_lse=need_lse)
     masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
@@ -317,7 +323,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     else:
         out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=torch.float32 if sum_heads else dtype)
         out_strides = out.stride()
-    lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
+    lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32) if need_lse else None
     if single_dv:
         scratch, scratch_strides = out, (0, 0, 0, 0)  # unused: the accumulator stays in registers
     else:  # float32 accumulator, padded to whole blocks so the kernel needs no masks on it
@@ -325,11 +331,13 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         cols = cdiv(dim_v, block_dv) * block_dv
         scratch = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
         scratch_strides = scratch.stride()
-    mask_arg = masked if masked is not None else q  # a valid pointer that HAS_MASK=False never reads
+    # Valid pointers that HAS_MASK=False never reads and STORE_LSE=False never writes.
+    mask_arg = masked if masked is not None else q
+    lse_arg = lse if lse is not None else q
 
     grid = (batch if sum_in_kernel else batch * heads, cdiv(len_q, block_m))
     _attention_fwd[grid](
-        q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse, scratch,
+        q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse_arg, scratch,
         *q.stride(),
         k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
@@ -348,6 +356,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
         EVEN_DV=dim_v % block_dv == 0,
         SUM_HEADS=sum_in_kernel,
+        STORE_LSE=need_lse,
         **cfg,
     )
     if sum_heads and not sum_in_kernel:

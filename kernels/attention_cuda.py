@@ -41,7 +41,7 @@ def _elements(strides, itemsize):
 
 
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
-              lengths_checked: bool = False):
+              lengths_checked: bool = False, need_lse: bool = True):
     """Fused attention forward on CuPy arrays.
 
     Args:
@@ -54,9 +54,11 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 (the heads are
             written in float32 and summed after the kernel).
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
+        need_lse: return the lse; without it the second result is None (this kernel writes it anyway:
+            4 bytes a row, beside its B x H x Lq x Dv float32 scratch).
 
     Returns:
-        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
+        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32 (or None).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, cupy.ndarray):
@@ -101,4 +103,4 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     )
     if sum_heads:
         out = out.sum(axis=1).astype(final_dtype, copy=False)
-    return out, lse
+    return out, (lse if need_lse else None)

@@ -69,6 +69,7 @@ def _attention_fwd_scores(
     EVEN_N: tl.constexpr,
     EVEN_DK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     # Axis 0 is batch x heads (up to 2**31 - 1; axis 1 stops at 65535, which B * H can pass).
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * H * Lq * Lk can pass 2**31
@@ -106,11 +107,12 @@ def _attention_fwd_scores(
     stat = pid_bh * rows_padded + offs_m  # padded rows too: pass 2 loads them without masks
     tl.store(RowMax + stat, m_i)
     tl.store(RowInvSum + stat, 1.0 / l_i)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log units
-    if EVEN_M:
-        tl.store(Lse + pid_bh * len_q + offs_m, lse)
-    else:
-        tl.store(Lse + pid_bh * len_q + offs_m, lse, mask=row_ok)
+    if STORE_LSE:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log units
+        if EVEN_M:
+            tl.store(Lse + pid_bh * len_q + offs_m, lse)
+        else:
+            tl.store(Lse + pid_bh * len_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -230,7 +232,7 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
 def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None,
                        sum_heads: bool = False, precision: str = "ieee", config: dict | None = None,
-                       lengths_checked: bool = False):
+                       lengths_checked: bool = False, need_lse: bool = True):
     """Attention forward in two passes (scores materialised in float32), for wide heads.
 
     Args:
@@ -246,9 +248,10 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
             (its INPUT_PRECISION replaces ``precision``).
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
+        need_lse: compute and return the lse; without it the second result is None.
 
     Returns:
-        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32.
+        O (B, H, Lq, Dv), or (B, Lq, Dv) with ``sum_heads``, and lse (B, H, Lq) float32 (or None).
 
     Raises:
         TypeError / ValueError on inputs that break the contract, or when one example would need more
@@ -269,7 +272,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     scores = torch.empty((step, heads, rows, cols), device=q.device, dtype=torch.float32)
     row_max = torch.empty((step, heads, rows), device=q.device, dtype=torch.float32)
     row_inv_sum = torch.empty_like(row_max)
-    lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
+    lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32) if need_lse else None
     dtype = out_dtype or q.dtype
     if sum_heads:
         out = torch.empty((batch, len_q, dim_v), device=q.device, dtype=dtype)
@@ -290,7 +293,8 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         mask_arg = q if masked is None else (masked if masked.shape[0] == 1 else masked[rows_b])
         lengths_arg = q if k_lengths is None else k_lengths[rows_b]
         _attention_fwd_scores[(count * heads, blocks_m)](
-            q[rows_b], k[rows_b], mask_arg, lengths_arg, scores, row_max, row_inv_sum, lse[rows_b],
+            q[rows_b], k[rows_b], mask_arg, lengths_arg, scores, row_max, row_inv_sum,
+            row_max if lse is None else lse[rows_b],  # a valid pointer that STORE_LSE=False never writes
             *q.stride(),
             k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
             *mask_strides(masked),
@@ -301,7 +305,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
             HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
             EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
-            INPUT_PRECISION=cfg["INPUT_PRECISION"], **launch,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=need_lse, **launch,
         )
         _attention_fwd_probs_values[(programs_per_example * count,)](
             scores, row_max, row_inv_sum, v[rows_b], lengths_arg, out[rows_b],

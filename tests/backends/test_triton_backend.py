@@ -113,6 +113,23 @@ def test_float32_precision_reaches_projections_and_kernel():
     assert half.dtype == torch.float16
 
 
+def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
+    """The lse rebuilds the probabilities; a fusion without them asks the kernel for none (W4: its
+    0.25 MiB were the fusion's whole excess over torch SDPA's peak memory)."""
+    ref, tri = models(8, 2)
+    asked = []
+    kernel = tri._backend.kernel
+    original = kernel.attention
+    monkeypatch.setattr(kernel, "attention", lambda *a, **kw: asked.append(kw["need_lse"]) or original(*a, **kw))
+    rng = np.random.default_rng(4)
+    seq, struct = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 6, 8))
+    for need_weights in (False, True):
+        got = tri.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
+        want = ref.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
+        close(got["fused_sequential"], want["fused_sequential"], 1e-5)
+    assert asked == [False, False, True, True]
+
+
 def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):
     """A batch whose projections pass DEVICE_BLOCK_ELEMENTS runs in blocks of examples (here 2, 2 and
     1), with per-example masks and lengths sliced, a shared mask kept, and every output joined."""

@@ -91,3 +91,16 @@ def precision_error(attention, precision: str) -> float:
     got = out.double().cpu().numpy()
     assert np.isfinite(got).all()
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def check_without_lse(attention):
+    """``need_lse=False``: no lse, and the same outputs bit for bit, per head and summed."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for shape in ((2, 3, 17, 24), (2, 1, 33, 24), (2, 3, 33, 24)))
+    masked = torch.rand((2, 17, 33), generator=gen).to(DEVICE) < 0.3
+    lengths = torch.tensor([33, 5], device=DEVICE)
+    for sum_heads in (False, True):
+        kwargs = dict(scale=0.2, masked=masked, k_lengths=lengths, sum_heads=sum_heads)
+        out, lse = attention(q, k, v, need_lse=False, **kwargs)
+        assert lse is None
+        assert torch.equal(out, attention(q, k, v, **kwargs)[0])

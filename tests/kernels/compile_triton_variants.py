@@ -89,8 +89,9 @@ def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
                       SINGLE_DV=dim_v <= cfg["BLOCK_DV"], EVEN_M=len_q % cfg["BLOCK_M"] == 0,
                       EVEN_N=len_k % cfg["BLOCK_N"] == 0 and not extras, EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
                       EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
-                      # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths.
-                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"])
+                      # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths,
+                      # and without the lse, as the fusion launches it when no probabilities are asked.
+                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"], STORE_LSE=not extras)
     return [(kernel_module._attention_fwd, constexprs)]
 
 
@@ -100,7 +101,8 @@ def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list
     even = {"EVEN_M": len_q % cfg["BLOCK_M"] == 0, "EVEN_N": len_k % cfg["BLOCK_N"] == 0 and not extras}
     common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "INPUT_PRECISION": cfg["INPUT_PRECISION"],
               "HAS_KLEN": extras, **even}
-    scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0}
+    scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0,
+              "STORE_LSE": not extras}
     values = {**common, "BLOCK_DV": cfg["BLOCK_DV"], "EVEN_DV": dim_v % cfg["BLOCK_DV"] == 0, "SUM_HEADS": extras}
     return [(two_pass_module._attention_fwd_scores, scores), (two_pass_module._attention_fwd_probs_values, values)]
 

@@ -20,7 +20,7 @@ from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E4
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attention_check import DEVICE, DTYPES, check, precision_error  # noqa: E402
+from attention_check import DEVICE, DTYPES, check, check_without_lse, precision_error  # noqa: E402
 from shapes import MASKED_SHAPES, PRECISION_SHAPES, SHAPES  # noqa: E402
 
 
@@ -135,6 +135,10 @@ def test_tf32_reaches_the_dots():
     """One TF32 product a dot: an error near 1e-3, which IEEE float32 (1e-7) would not show."""
     assert 1e-5 < precision_error(fused, "tf32") < 5e-2
     assert precision_error(fused, "tf32x3") < 1e-5
+
+
+def test_the_lse_only_when_asked():
+    check_without_lse(fused)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

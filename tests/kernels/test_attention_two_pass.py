@@ -12,7 +12,7 @@ from crossattn_gpu.kernels.attention_two_pass import attention_two_pass, launch_
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attention_check import DEVICE, DTYPES, check, precision_error  # noqa: E402
+from attention_check import DEVICE, DTYPES, check, check_without_lse, precision_error  # noqa: E402
 from shapes import MASKED_SHAPES, PRECISION_SHAPES, SHAPES  # noqa: E402
 
 
@@ -40,6 +40,10 @@ def test_tf32x3_keeps_float32_accuracy(shape):
 def test_tf32_reaches_the_dots():
     assert 1e-5 < precision_error(attention_two_pass, "tf32") < 5e-2
     assert precision_error(attention_two_pass, "tf32x3") < 1e-5
+
+
+def test_the_lse_only_when_asked():
+    check_without_lse(attention_two_pass)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
