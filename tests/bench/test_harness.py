@@ -59,3 +59,12 @@ def test_half_precision_rule_allows_twice_the_best_torch_error(tmp_path, monkeyp
     rows = {r["peer"]: r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]}
     assert rows["torch yardstick"]["ok"] and rows["close"]["ok"] and not rows["too far"]["ok"]
     assert abs(rows["close"]["allowed_error"] - 2 * rows["torch yardstick"]["rel_error"]) < 1e-12
+
+
+def test_gemm_ceiling_of_tf32x3_is_a_third_of_tf32s():
+    ceil = {"gemm_flops": {"float32": 50e12, "tf32": 300e12, "bfloat16": 700e12}}
+    assert harness.gemm_ceiling(ceil, "tf32x3") == 100e12
+    assert harness.gemm_ceiling(ceil, "bfloat16") == 700e12
+    assert harness.gemm_ceiling({"gemm_flops": {"float32": 50e12}}, "tf32x3") == 50e12  # tf32 not measured
+    assert harness.SDPA_DTYPE.get("tf32x3") == "float32" and "tf32x3" in peers.OursPeer("triton").dtypes
+    assert "tf32x3" not in peers.OursPeer("cupy").dtypes  # its CUDA C kernel has no TF32 path
