@@ -51,6 +51,12 @@ VARIANTS = [(128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2), (1
 TWO_PASS_VARIANTS = [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 8, 2), (128, 64, 64, 8, 2)]
 
 
+# The projection GEMM's other (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that spill no registers in
+# tf32x3 on sm_90 (compiled here: 128 x 128 at 4 warps spills 2432 bytes, 128 x 256 and 256 x 128 at 8
+# warps over 2 KB, 128 x 128 x 64 244); its default is 128 x 128 x 32 at 8 warps, 3 stages.
+PROJECTION_VARIANTS = [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
+
+
 def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, dict, bool]]:
     """(kernel, config, sum_heads) triples, the launcher's own choice first, with the heads summed in
     the kernel (as the fusion calls it). Then the fused kernel's default, the same with the heads
@@ -172,6 +178,10 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
         tf32x3 = projection.matmul(rows, folded, precision="tf32x3")
         result["projection_tf32x3_rel_error"] = float((tf32x3[:256] - want).abs().max() / want.abs().max())
         result["projection_tf32x3_s"] = seconds(lambda: projection.matmul(rows, folded, precision="tf32x3"))
+        for tiles in PROJECTION_VARIANTS:  # the launcher's choice is timed above
+            config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), tiles), GROUP_M=8)
+            result[f"projection_tf32x3_{'x'.join(map(str, tiles))}_s"] = seconds(
+                lambda: projection.matmul(rows, folded, precision="tf32x3", config=config))
         fast = CrossAttention(width, heads, seed=0, backend="triton", float32_precision="tf32x3")
         result["fusion_tf32x3_s"] = seconds(
             lambda: fast.fuse_representations(xs, xt, need_similarity=False, bidirectional=False))

@@ -67,3 +67,4 @@ def test_stages_of_a_float32_case_time_the_tf32x3_projection_and_fusion():
     stages = sweep_triton.stages("tiny", 2, 2, 40, 24, "float32", "cuda" if torch.cuda.is_available() else "cpu")
     assert stages["projection_tf32x3_s"] > 0 and stages["fusion_tf32x3_s"] > 0
     assert stages["projection_tf32x3_rel_error"] < 1e-6
+    assert all(stages[f"projection_tf32x3_{'x'.join(map(str, tiles))}_s"] > 0 for tiles in sweep_triton.PROJECTION_VARIANTS)
