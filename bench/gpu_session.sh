@@ -53,7 +53,7 @@ sanitize() {  # sanitize TOOL KERNEL: compute-sanitizer over one kernel test fil
     # yardsticks run cuBLAS kernels, whose own shared-memory hazards racecheck would report.
     local only_ours=(--kernel-name kns=attention_fwd)
     compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" || only_ours=(--filter kns=attention_fwd)
-    step "sanitizer-$1-$2" 30 compute-sanitizer --tool "$1" "${only_ours[@]}" --error-exitcode 9 \
+    step "sanitizer-$1-$2" 25 compute-sanitizer --tool "$1" "${only_ours[@]}" --error-exitcode 9 \
         "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_$2.py" -k '113x130 or 130x113 or 1280 or 17x113 or 17x65'
 }
 have_sanitizer=$(command -v compute-sanitizer)
@@ -69,7 +69,7 @@ step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 25 "$py" -m bench.huge_batch
-step sweep 50 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
+step sweep 75 "$py" -m bench.sweep_triton --out "$work/results/sweep.json"
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.
