@@ -80,6 +80,21 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
     assert lse_err.max() <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def check_float32_precisions(attention):
+    """``precision="tf32x3"`` meets ``check``'s float32 bound (1e-5) with masks and ragged keys, on one key
+    block and on odd blocks of a chunked head width; ``"tf32"`` (one TF32 product a dot) misses it by
+    far (~1e-3, which IEEE float32's ~1e-7 would not show): the precision reaches the dots. Under the
+    interpreter, tests/tensor_cores.py makes TF32 dots round as tensor cores do."""
+
+    def tf32x3(q, k, v, **kwargs):
+        return attention(q, k, v, precision="tf32x3", **kwargs)
+
+    for shape in ((2, 2, 1, 2, 17, 113, 24, 24), (1, 2, 1, 2, 33, 70, 130, 130)):
+        check(tf32x3, *shape, dtype=torch.float32, mask=True, ragged=True)
+    assert 1e-5 < precision_error(attention, "tf32") < 5e-2
+    assert precision_error(attention, "tf32x3") < 1e-5
+
+
 def precision_error(attention, precision: str) -> float:
     """The relative error of ``attention(..., precision=precision)`` on float32 inputs (B=1, H=2,
     Lq=33, Lk=70, D=64) against the reference: tells which float32 arithmetic reached the dots."""

@@ -16,6 +16,3 @@ SHAPES = [
 # With a mask (a fully masked row included) and ragged key lengths (one of length 1).
 MASKED_SHAPES = [(2, 2, 1, 2, 17, 113, 24, 24), (3, 1, 1, 1, 130, 17, 100, 100), (2, 2, 1, 2, 17, 65, 200, 200),
                  (2, 2, 1, 2, 3, 40, 1280, 1280)]
-
-# float32 with TF32 dots (tf32x3): one key block, odd blocks, and a chunked head width.
-PRECISION_SHAPES = [(2, 2, 1, 2, 17, 113, 24, 24), (1, 2, 1, 2, 33, 70, 130, 130)]

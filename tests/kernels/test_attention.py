@@ -20,8 +20,8 @@ from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E4
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attention_check import DEVICE, DTYPES, check, check_without_lse, precision_error  # noqa: E402
-from shapes import MASKED_SHAPES, PRECISION_SHAPES, SHAPES  # noqa: E402
+from attention_check import DEVICE, DTYPES, check, check_float32_precisions, check_without_lse  # noqa: E402
+from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
 
 
 def fused(q, k, v, precision="ieee", **kwargs):
@@ -31,9 +31,6 @@ def fused(q, k, v, precision="ieee", **kwargs):
     config = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision)
     return attention(q, k, v, config=config, **kwargs)
 
-
-def fused_tf32x3(q, k, v, **kwargs):
-    return fused(q, k, v, precision="tf32x3", **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -125,16 +122,8 @@ def test_launch_config_tiles_any_width():
             launch_config(9, 9, 8, 8, itemsize=itemsize, precision="fast")
 
 
-@pytest.mark.parametrize("shape", PRECISION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tf32x3_keeps_float32_accuracy(shape):
-    """Three TF32 products (emulated under the interpreter) meet the float32 bound of ``check``: 1e-5."""
-    check(fused_tf32x3, *shape, dtype=torch.float32, mask=True, ragged=True)
-
-
-def test_tf32_reaches_the_dots():
-    """One TF32 product a dot: an error near 1e-3, which IEEE float32 (1e-7) would not show."""
-    assert 1e-5 < precision_error(fused, "tf32") < 5e-2
-    assert precision_error(fused, "tf32x3") < 1e-5
+def test_float32_precisions():
+    check_float32_precisions(fused)
 
 
 def test_the_lse_only_when_asked():

@@ -12,8 +12,8 @@ from crossattn_gpu.kernels.attention_two_pass import attention_two_pass, launch_
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from attention_check import DEVICE, DTYPES, check, check_without_lse, precision_error  # noqa: E402
-from shapes import MASKED_SHAPES, PRECISION_SHAPES, SHAPES  # noqa: E402
+from attention_check import DEVICE, DTYPES, check, check_float32_precisions, check_without_lse  # noqa: E402
+from shapes import MASKED_SHAPES, SHAPES  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -28,18 +28,8 @@ def test_masks_and_ragged_keys(shape, dtype):
     check(attention_two_pass, *shape, dtype=dtype, mask=True, ragged=True)
 
 
-def two_pass_tf32x3(q, k, v, **kwargs):
-    return attention_two_pass(q, k, v, precision="tf32x3", **kwargs)
-
-
-@pytest.mark.parametrize("shape", PRECISION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tf32x3_keeps_float32_accuracy(shape):
-    check(two_pass_tf32x3, *shape, dtype=torch.float32, mask=True, ragged=True)
-
-
-def test_tf32_reaches_the_dots():
-    assert 1e-5 < precision_error(attention_two_pass, "tf32") < 5e-2
-    assert precision_error(attention_two_pass, "tf32x3") < 1e-5
+def test_float32_precisions():
+    check_float32_precisions(attention_two_pass)
 
 
 def test_the_lse_only_when_asked():
