@@ -94,7 +94,6 @@ class CrossAttention:
     def _setup(self, backend, dtype, float32_precision, arrays):
         self.embedding_dim, self.attention_heads, self._weights = check_weight_set(arrays)
         self._backend = get_backend(backend, float32_precision=float32_precision)
-        self.float32_precision = float32_precision
         self.dtype = _checks.normalize_dtype(dtype)
         if self.dtype is not None and self.dtype not in self._backend.dtypes:
             raise ValueError(
@@ -107,6 +106,11 @@ class CrossAttention:
     def backend(self) -> str:
         """The name of the backend that runs this object's computations."""
         return self._backend.name
+
+    @property
+    def float32_precision(self) -> str:
+        """How float32 GEMMs may run (``"ieee"``, ``"tf32x3"`` or ``"tf32"``), as given; the backend keeps it."""
+        return self._backend.float32_precision
 
     def __repr__(self):
         return (
