@@ -13,7 +13,7 @@ from . import __version__
 from ._optional import version_of
 from ._threads import cpu_count, parallel_available
 from .attention import CrossAttention
-from .backends import FLOAT32_PRECISIONS, backend_status
+from .backends import FLOAT32_PRECISIONS, backend_status, get_backend
 
 
 def _demo(args) -> int:
@@ -44,13 +44,15 @@ def _fuse(args) -> int:
     from .fuse_files import EmbeddingFile, NpzWriter, fuse_collections
 
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
+        # float32 files computed in float32, as the inputs' dtype would be, but named: `auto` weighs it.
+        dtype = args.dtype or ("float32" if seq.dtypes | struct.dtypes == {"float32"} else None)
         if args.weights:
-            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype,
+            model = CrossAttention.load(args.weights, backend=args.backend, dtype=dtype,
                                         float32_precision=args.float32_precision)
         else:
             width = next(iter(seq.shapes.values()))[1]
             print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
-            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype,
+            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=dtype,
                                    float32_precision=args.float32_precision)
         start = time.perf_counter()
         with NpzWriter(args.out) as out:
@@ -90,6 +92,8 @@ def _info(args) -> int:
     print("backends:")
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"auto takes: {get_backend('auto').name} (dtype following the inputs), "
+          f"{get_backend('auto', dtype='float32').name} (dtype float32)")
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():
@@ -155,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--weights", help="weights file (safetensors or npz) written by CrossAttention.save")
     fuse.add_argument("--seed", type=int, default=0, help="seed of random weights when --weights is absent")
     fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
-    fuse.add_argument("--backend", default="auto", help="backend name, or auto (default)")
+    fuse.add_argument("--backend", default="auto", help="backend name, or auto (default: the fastest here; for "
+                      "float32 without a GPU, onnx when the onnx extra is installed, else numpy)")
     fuse.add_argument("--dtype", default=None, help="compute dtype (default: the inputs' dtype)")
     fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
                       help="float32 GEMMs on a GPU: ieee (default), tf32x3 (three TF32 tensor-core products, about "

@@ -27,7 +27,8 @@ _READ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError)
 class EmbeddingFile(Mapping):
     """The (L, D) arrays of an npz file by id, each read from the file when asked for.
 
-    Opening reads the arrays' shapes and dtypes from their headers (``shapes``), not their data:
+    Opening reads the arrays' shapes (``shapes``) and dtypes (``dtypes``, the set of their names) from
+    their headers, not their data:
     ValueError for an unreadable file, an empty one, or an array that is not (L, D); TypeError for one
     that is not floating point (pickled objects are never loaded). The file stays open until
     ``close()`` (or the end of a ``with`` block).
@@ -41,7 +42,7 @@ class EmbeddingFile(Mapping):
             raise
         except _READ_ERRORS as exc:
             raise ValueError(f"{name} file {path} is not a readable npz file: {exc}") from exc
-        self._members, self.shapes = {}, {}
+        self._members, self.shapes, self.dtypes = {}, {}, set()
         try:
             for member in self._zip.namelist():
                 key = member[:-4] if member.endswith(".npy") else member
@@ -51,6 +52,7 @@ class EmbeddingFile(Mapping):
                 if dtype.kind != "f":
                     raise TypeError(f"{name} file {path}: id {key!r} has dtype {dtype}; embeddings must be floating point")
                 self._members[key], self.shapes[key] = member, shape
+                self.dtypes.add(dtype.name)
         except BaseException:
             self._zip.close()
             raise

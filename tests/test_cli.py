@@ -8,7 +8,7 @@ import pytest
 
 import reference
 from crossattn_gpu import CrossAttention
-from crossattn_gpu.backends import backend_status
+from crossattn_gpu.backends import backend_status, get_backend
 from crossattn_gpu.cli import main
 
 
@@ -20,8 +20,6 @@ def write_collection(path, lengths, width, seed):
 
 
 def test_demo_runs_the_seed_example(capsys):
-    from crossattn_gpu.backends import get_backend
-
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert f"Backend: {get_backend('auto').name}" in out  # the best available (numpy without a GPU)
@@ -40,10 +38,15 @@ def test_info_lists_backends_and_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
+    want = f"auto takes: {get_backend('auto').name} (dtype following the inputs), {get_backend('auto', dtype='float32').name}"
+    assert want in out
 
 
-@pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3")])
+@pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3"), ("auto", "ieee")])
 def test_fuse_matches_single_example_results(tmp_path, capsys, backend, precision):
+    choice = [] if backend == "auto" else ["--backend", backend]
+    if backend == "auto":  # float32 files: auto weighs float32 (onnx on a CPU when installed)
+        backend = get_backend("auto", dtype="float32").name
     why_not = backend_status()[backend]
     if why_not:
         pytest.skip(why_not)
@@ -55,7 +58,7 @@ def test_fuse_matches_single_example_results(tmp_path, capsys, backend, precisio
     code = main([
         "fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
         "--out", str(tmp_path / "out.npz"), "--weights", str(tmp_path / "w.safetensors"), "--batch-size", "3",
-        "--backend", backend, "--float32-precision", precision,
+        "--float32-precision", precision, *choice,
     ])
     assert code == 0
     captured = capsys.readouterr()
@@ -163,3 +166,15 @@ def test_export_serving_repository_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--weights", str(tmp_path / "w.npz")])
     assert "give --out, --serving-repo or both" in capsys.readouterr().err
+
+
+def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
+    for name, seed in (("seq", 0), ("struct", 1)):
+        arrays = write_collection(tmp_path / f"{name}.npz", [4, 6], 8, seed=seed)
+        np.savez(tmp_path / f"{name}.npz", **{k: v.astype(np.float64) for k, v in arrays.items()})
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+                 "--out", str(tmp_path / "out.npz"), "--quiet"])
+    assert code == 0
+    assert f"on backend {get_backend('auto').name}" in capsys.readouterr().out  # never onnx: it computes float32
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        assert out["ab000/fused_sequential"].dtype == np.float64

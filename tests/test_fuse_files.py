@@ -45,7 +45,7 @@ def test_embedding_file_reads_headers_first_and_arrays_when_asked(tmp_path):
     arrays = {"ab1": np.arange(12.0).reshape(3, 4), "ab2": np.ones((5, 4), dtype=np.float32)}
     np.savez(tmp_path / "e.npz", **arrays)
     with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
-        assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)}
+        assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)} and emb.dtypes == {"float64", "float32"}
         assert sorted(emb) == ["ab1", "ab2"] and len(emb) == 2
         for key, want in arrays.items():
             np.testing.assert_array_equal(emb[key], want)

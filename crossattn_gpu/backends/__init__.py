@@ -12,8 +12,9 @@ from .triton_backend import TritonBackend
 
 logger = logging.getLogger("crossattn_gpu")
 
-#: Every backend the library knows, fastest first: ``auto`` takes the first one usable here.
-_FACTORIES = {"triton": TritonBackend, "cupy": CupyBackend, "numpy": NumpyBackend, "onnx": OnnxBackend}
+#: Every backend the library knows, fastest first: ``auto`` takes the first one usable here for the
+#: compute dtype (onnx only for float32, see ``OnnxBackend.usable_by_auto``; numpy always).
+_FACTORIES = {"triton": TritonBackend, "cupy": CupyBackend, "onnx": OnnxBackend, "numpy": NumpyBackend}
 KNOWN_BACKENDS = tuple(_FACTORIES)
 
 
@@ -34,8 +35,11 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str, *, float32_precision: str = "ieee"):
+def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None = None):
     """The backend called ``name``, or the fastest available one for ``"auto"``; a new instance.
+
+    ``dtype``: the compute dtype the caller fixed (``"float32"`` ...), or None when it follows the
+    inputs; ``auto`` weighs it (onnxruntime only for float32). A named backend ignores it.
 
     ``float32_precision`` (``"ieee"``, ``"tf32x3"`` or ``"tf32"``) permits float32 GEMMs on TF32 tensor
     cores where the backend has such kernels (Triton on a GPU); the others compute IEEE float32.
@@ -49,7 +53,7 @@ def get_backend(name: str, *, float32_precision: str = "ieee"):
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name == "auto":
         # numpy is always usable; Triton and CuPy only on a real GPU (not under the interpreter).
-        name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto())
+        name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto(dtype))
         logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")

@@ -283,7 +283,7 @@ class NumpyBackend(FoldedFusion):
     prepare_weights = FoldedWeights.build
 
     @staticmethod
-    def usable_by_auto() -> bool:
+    def usable_by_auto(dtype: str | None = None) -> bool:
         return True
 
     # --- arrays -----------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """backend='onnx': every operation through exported graphs, against backend='numpy'."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from crossattn_gpu import CrossAttention  # noqa: E402
+from crossattn_gpu.backends import onnx_backend  # noqa: E402
 
 
 def rel_err(got, want):
@@ -55,8 +58,48 @@ def test_new_weights_rebuild_the_graphs(pair):
     np.testing.assert_allclose(after, 3 * before, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_never_picks_onnx():
-    assert CrossAttention(4, 1).backend != "onnx"
+def gpu_backend_for_auto():
+    """The GPU backend ``auto`` takes before any other on this machine, or None."""
+    from crossattn_gpu.backends.cupy_backend import CupyBackend
+    from crossattn_gpu.backends.triton_backend import TritonBackend
+
+    return next((b.name for b in (TritonBackend, CupyBackend) if b.usable_by_auto()), None)
+
+
+def test_auto_takes_onnx_for_float32_only_and_says_so(caplog):
+    gpu = gpu_backend_for_auto()
+    with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
+        model = CrossAttention(4, 1, dtype="float32")
+    assert model.backend == (gpu or "onnx")
+    assert f"backend='auto' picked {model.backend!r}" in caplog.text
+    assert f"Backend: {model.backend}" in model.generate_report()["summary"]
+    # The dtype following the inputs (float64 would be computed in float32 there), or another dtype.
+    for dtype in (None, "float64", "float16"):
+        assert CrossAttention(4, 1, dtype=dtype).backend == (gpu or "numpy")
+
+
+def test_auto_without_onnxruntime_takes_numpy_and_a_named_onnx_raises(monkeypatch):
+    if gpu_backend_for_auto():
+        pytest.skip("auto takes the GPU backend here")
+
+    def missing(module, purpose):
+        raise ImportError(f"{module} is needed for {purpose} but is not installed: pip install 'crossattn_gpu[onnx]'")
+
+    monkeypatch.setattr(onnx_backend, "require", missing)
+    assert CrossAttention(4, 1, dtype="float32").backend == "numpy"
+    with pytest.raises(ImportError, match=r"crossattn_gpu\[onnx\]"):
+        CrossAttention(4, 1, dtype="float32", backend="onnx")
+
+
+def test_auto_with_onnx_computes_what_numpy_computes():
+    ref = CrossAttention(16, 2, seed=4, backend="numpy", dtype="float32")
+    auto = CrossAttention.from_weights(**ref.get_attention_weights(), dtype="float32")
+    rng = np.random.default_rng(5)
+    seq, struct = rng.standard_normal((3, 9, 16)), rng.standard_normal((3, 9, 16))
+    got, want = auto.fuse_representations(seq, struct), ref.fuse_representations(seq, struct)
+    for key in ("fused_sequential", "fused_structural", "bidirectional_fusion"):
+        assert got[key].dtype == want[key].dtype == np.float32
+        assert rel_err(got[key], want[key]) <= 1e-5
 
 
 def test_graphs_take_length_inputs_only_when_lengths_are_given(pair):
