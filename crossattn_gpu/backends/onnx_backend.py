@@ -1,9 +1,13 @@
 """ONNX backend: every operation runs as an exported ONNX graph in onnxruntime.
 
 It lets the conformance tests treat the deployed model as one more backend, and ``auto`` takes it for
-float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays out (like the NumPy backend). The graphs come from ``crossattn_gpu.export`` (opset 17, the
-portable decomposition) and are built once per weights, dtype and variant (mask or not, probabilities
-or not, similarities or not); assigning new weights rebuilds them.
+float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays out (like the NumPy backend).
+The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition) and are built once
+per weights, dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
+weights rebuilds them. Each variant's session keeps its own copy of the weights, prepacked for
+onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32 weights) took ~200 MB of resident memory
+a variant on this project's CPU. Handing every session one shared copy
+(``SessionOptions.add_initializer``) saved nothing there.
 """
 
 from __future__ import annotations

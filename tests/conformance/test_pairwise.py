@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference
-from runnable import BACKENDS, NOT_RUN, model_for, to_backend, to_numpy
+from runnable import BACKENDS, NOT_RUN, as_received, model_for, to_backend, to_numpy
 from crossattn_gpu import CrossAttention
 from plain_yardstick import fuse_yardstick, plain_attention
 from tolerances import RECORDS, allowed, check, relative_error
@@ -37,6 +37,7 @@ def run(model, dtype, xs, xt, mask, s_len, t_len):
 def test_fuse_against_float64_reference(backend, dtype, width, heads):
     ref = CrossAttention(width, heads, seed=width, backend="numpy")
     xs, xt, mask, s_len, t_len = case(width, width=width, heads=heads)
+    xs, xt = as_received(xs, dtype), as_received(xt, dtype)
     want = ref.fuse_representations(xs, xt, mask=mask, sequential_lengths=s_len, structural_lengths=t_len,
                                     bidirectional=False, need_weights=True)
     got = run(model_for(backend, ref), dtype, xs, xt, mask, s_len, t_len)
@@ -55,7 +56,7 @@ def test_attention_methods_against_float64_reference(backend, dtype):
     ref = CrossAttention(16, 2, seed=1, backend="numpy")
     model = model_for(backend, ref)
     rng = np.random.default_rng(1)
-    q, k, v = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 7, 16)), rng.standard_normal((2, 7, 16))
+    q, k, v = (as_received(rng.standard_normal(shape), dtype) for shape in ((2, 5, 16), (2, 7, 16), (2, 7, 16)))
     mask = rng.random((5, 7)) > 0.4
     mask[1] = False
     kw = dict(mask=mask, query_lengths=[5, 2], key_lengths=[7, 1], need_weights=True)

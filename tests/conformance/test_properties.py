@@ -18,7 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 import reference  # noqa: E402
 from crossattn_gpu import CrossAttention  # noqa: E402
 from plain_yardstick import fuse_yardstick  # noqa: E402
-from runnable import BACKENDS, model_for, to_backend, to_numpy  # noqa: E402
+from runnable import BACKENDS, as_received, model_for, to_backend, to_numpy  # noqa: E402
 from tolerances import check  # noqa: E402
 
 EXAMPLES = int(os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200"))
@@ -61,6 +61,7 @@ def test_drawn_fusions_match_the_reference(backend, dtype):
         ref = CrossAttention(case["width"], case["heads"], seed=case["seed"], backend="numpy")
         kwargs = dict(mask=case["mask"], sequential_lengths=case["s_len"], structural_lengths=case["t_len"],
                       bidirectional=False, need_weights=True)
+        case["xs"], case["xt"] = as_received(case["xs"], dtype), as_received(case["xt"], dtype)
         want = ref.fuse_representations(case["xs"], case["xt"], **kwargs)
         got = model_for(backend, ref).fuse_representations(to_backend(case["xs"], dtype), to_backend(case["xt"], dtype), **kwargs)
         def yardstick():

@@ -1,7 +1,8 @@
 """The accuracy rules of the conformance suite, in one place.
 
 Errors are relative: the largest absolute difference over the largest absolute reference value,
-against the float64 NumPy reference (itself checked against a literal float64 seed).
+against the float64 NumPy reference (itself checked against a literal float64 seed) evaluated on the
+inputs as the backend under test receives them, rounded to its dtype (``runnable.as_received``).
 
 * float64: at most 1e-10.
 * float32: at most 1e-5 (float64 inputs on a float32-only backend count as float32), or, for an
@@ -9,12 +10,16 @@ against the float64 NumPy reference (itself checked against a literal float64 se
   softmax: the score's rounding error is amplified by the score's size), twice the plain error.
 * float16 and bfloat16: at most twice the error of the same computation written plainly, the seed's
   per-head loops in NumPy (float16) or torch (bfloat16) in that dtype, plus 4 units in the last
-  place of the dtype: where the plain computation happens to be exact (L = 1), rounding the result
-  once must still pass.
+  place of the dtype at the reference's size: where the plain computation happens to be exact
+  (L = 1), rounding the result once must still pass. A unit is 2**-10 (float16) or 2**-7 (bfloat16)
+  relative, more below the dtype's smallest normal number, where its spacing stays fixed: a float16
+  result of 7e-6 is spaced 2**-24, 8.6e-3 of itself, and one rounding of it may cost 4.3e-3.
 * NaN or Inf never passes.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,6 +30,7 @@ CURRENT = {"label": "unlabelled"}
 
 FIXED = {"float64": 1e-10, "float32": 1e-5}
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+MIN_NORMAL_EXPONENT = {"float16": -14, "bfloat16": -126}
 
 
 def relative_error(got, want) -> float:
@@ -34,10 +40,19 @@ def relative_error(got, want) -> float:
     return float(np.abs(got - want).max() / scale) if scale > 0 else float(np.abs(got).max())
 
 
-def allowed(dtype: str, plain_error: float | None = None) -> float:
+def unit_in_last_place(dtype: str, scale: float | None = None) -> float:
+    """The spacing of 16-bit ``dtype`` at ``scale``, relative to ``scale`` (``EPS`` without a scale)."""
+    if not scale or not np.isfinite(scale):
+        return EPS[dtype]
+    exponent = max(math.floor(math.log2(scale)), MIN_NORMAL_EXPONENT[dtype])
+    return max(EPS[dtype], 2.0**exponent * EPS[dtype] / scale)
+
+
+def allowed(dtype: str, plain_error: float | None = None, scale: float | None = None) -> float:
+    """The largest error the rules allow; ``scale`` is the reference's largest absolute value."""
     if dtype in FIXED:
         return FIXED[dtype] if plain_error is None else max(FIXED[dtype], 2 * plain_error)
-    return 2 * plain_error + 4 * EPS[dtype]
+    return 2 * plain_error + 4 * unit_in_last_place(dtype, scale)
 
 
 def check(got, want, dtype: str, plain_error=None, what: str = "") -> float:
@@ -51,7 +66,7 @@ def check(got, want, dtype: str, plain_error=None, what: str = "") -> float:
     err = relative_error(values, want)
     if callable(plain_error):
         plain_error = plain_error() if dtype not in FIXED or err > FIXED[dtype] else None
-    limit = allowed(dtype, plain_error)
+    limit = allowed(dtype, plain_error, float(np.abs(np.asarray(want, dtype=np.float64)).max()))
     RECORDS.append({"pair": f"{CURRENT['label']} vs numpy-float64", "error": err, "limit": limit})
     assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.3e} ({dtype})"
     return err
