@@ -24,10 +24,16 @@ def fold_weights(query, key, value, output) -> np.ndarray:
     """
     query, key, value, output = (np.asarray(w, dtype=np.float64) for w in (query, key, value, output))
     heads, width, _ = query.shape
-    fold_q = np.matmul(query, key.transpose(0, 2, 1)) / np.sqrt(width)  # (H, D, D)
-    fold_v = np.matmul(value, output.reshape(heads, width, width))  # Wo_h is rows h*D..(h+1)*D
-    side_by_side = [f.transpose(1, 0, 2).reshape(width, heads * width) for f in (fold_q, fold_v)]
-    return np.concatenate(side_by_side, axis=1)
+    folded = np.empty((width, 2 * heads * width))
+    # Each product is written straight into its columns (BLAS takes the row stride), without the
+    # per-head stacks, transposes and concatenation, whose fresh pages made a process's first fold
+    # cost as much again: D = 1280, H = 8 (67 GFLOP in float64) on this project's 2-core CPU, first
+    # call 1.69 -> 0.64 s, later calls 0.62 -> 0.58 s; bit for bit the same result.
+    for h in range(heads):
+        np.matmul(query[h], key[h].T, out=folded[:, h * width : (h + 1) * width])
+        np.matmul(value[h], output[h * width : (h + 1) * width], out=folded[:, (heads + h) * width : (heads + h + 1) * width])
+    folded[:, : heads * width] /= np.sqrt(width)
+    return folded
 
 
 def fold_named(arrays: dict) -> np.ndarray:

@@ -170,5 +170,5 @@ def weights_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in WEIGHT_NAMES:
         data = np.ascontiguousarray(arrays[name], dtype="<f8")
         digest.update(f"{name}{data.shape}".encode())
-        digest.update(data.tobytes())
+        digest.update(memoryview(data))  # the bytes tobytes() would give, without a copy of them
     return digest.hexdigest()

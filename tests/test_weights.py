@@ -121,3 +121,37 @@ def test_header_with_wrong_dtype_or_offsets(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         CrossAttention.load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.npz"])
+def test_load_checks_each_array_once_and_names_the_file(tmp_path, model, monkeypatch, name):
+    from crossattn_gpu import attention, weights
+
+    checked = []
+    monkeypatch.setattr(attention, "check_weight_set", lambda arrays, source="": checked.append(source)
+                        or weights.check_weight_set(arrays, source))
+    path = tmp_path / name
+    model.save(path)
+    CrossAttention.load(path)
+    assert checked == [str(path)]  # a load had checked (and copied) every array twice: 0.47 s at D = 1280, H = 8
+    bad = model.get_attention_weights()
+    bad["value_weights"] = bad["value_weights"].copy()
+    bad["value_weights"][1, 2, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", **bad)
+    with pytest.raises(ValueError, match=r"value_weights in .*nan.npz contains NaN or Inf"):
+        CrossAttention.load(tmp_path / "nan.npz")
+
+
+def test_weights_digest_is_sha256_of_names_shapes_and_float64_bytes(model):
+    import hashlib
+
+    from crossattn_gpu.weights import WEIGHT_NAMES, weights_digest
+
+    weights = model.get_attention_weights()
+    want = hashlib.sha256()
+    for name in WEIGHT_NAMES:
+        data = np.ascontiguousarray(weights[name], dtype="<f8")
+        want.update(f"{name}{data.shape}".encode() + data.tobytes())
+    assert weights_digest(weights) == want.hexdigest()  # exported models carry it: the format must not drift
+    other_layouts = {k: np.asfortranarray(v).astype(">f8") for k, v in weights.items()}
+    assert weights_digest(other_layouts) == want.hexdigest()

@@ -16,6 +16,7 @@ import numpy as np
 
 from .._optional import require
 from ..folding import fold_named
+from ..weights import weights_digest
 from .numpy_backend import NumpyBackend
 
 OPSET = 17
@@ -26,7 +27,7 @@ class OnnxPrepared:
 
     def __init__(self, arrays: dict, dtype: str):
         self.arrays, self.dtype, self.sessions = arrays, dtype, {}
-        self._folded = None
+        self._folded = self._digest = None
 
     @property
     def folded(self):
@@ -34,6 +35,13 @@ class OnnxPrepared:
         if self._folded is None and self.arrays:
             self._folded = fold_named(self.arrays)
         return self._folded
+
+    @property
+    def digest(self):
+        """``weights_digest`` of the weights, for every graph's metadata, computed once."""
+        if self._digest is None and self.arrays:
+            self._digest = weights_digest(self.arrays)
+        return self._digest
 
     def session(self, key: tuple, build):
         if key not in self.sessions:
@@ -60,7 +68,8 @@ class OnnxBackend(NumpyBackend):
 
         Its MLAS GEMMs ran the folded fusion about twice as fast as NumPy's OpenBLAS on this project's
         2-core CPU (through ``CrossAttention``, float32: W2c 68 against 144 ms, W3c 310 against 574 ms;
-        each kind of call's first run builds a session: +60 ms at D = 128, +0.85 s at D = 1280). Only
+        each kind of call's first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.45 s for
+        the first, which also folds the weights, and +0.65 s for each further kind). Only
         when the caller fixed float32: with the dtype following the inputs, float64 inputs would be
         computed in float32; float16 on a CPU is left to NumPy, unmeasured by the harness.
         """
@@ -90,7 +99,7 @@ class OnnxBackend(NumpyBackend):
         key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width, lengths)
         session = weights.session(key, lambda: build_attention_model(
             arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
-            folded=None if sdpa else weights.folded, lengths=lengths))
+            folded=None if sdpa else weights.folded, digest=None if sdpa else weights.digest, lengths=lengths))
         feeds = _feeds(
             {"query_seq": xq, "key_seq": xk, "value_seq": xv},
             {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
@@ -115,7 +124,8 @@ class OnnxBackend(NumpyBackend):
         key = ("fuse", masked is not None, need_weights, need_similarity, lengths)
         session = weights.session(key, lambda: build_fusion_model(
             weights.arrays, opset=OPSET, dtype=weights.dtype, lengths=lengths, mask=masked is not None,
-            similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded))
+            similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded,
+            digest=weights.digest))
         feeds = _feeds(
             {"sequential_repr": xs, "structural_repr": xt},
             {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},

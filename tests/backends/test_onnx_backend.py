@@ -143,3 +143,22 @@ def test_batches_run_in_slices_with_every_output(pair, small_runs):
     kw = dict(key_lengths=[6, 1, 2, 5, 3], need_weights=True)
     got, want = onnx_model.scaled_dot_product_attention(q, k, v, **kw), ref.scaled_dot_product_attention(q, k, v, **kw)
     assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+
+
+def test_every_graph_names_its_weights_digest_computed_once_per_weights(pair, monkeypatch):
+    from crossattn_gpu.weights import weights_digest
+
+    _, onnx_model = pair
+    calls = []
+    monkeypatch.setattr(onnx_backend, "weights_digest", lambda arrays: calls.append(1) or weights_digest(arrays))
+    x = np.random.default_rng(5).standard_normal((2, 4, 12))
+    for _ in range(2):
+        onnx_model.fuse_representations(x, x)
+        onnx_model.fuse_representations(x, x, sequential_lengths=[4, 2], structural_lengths=[4, 2])
+        onnx_model.multi_head_attention(x, x, x)
+        (prepared,) = onnx_model._prepared.values()
+        assert len(prepared.sessions) == 3
+        digests = {session.metadata["weights_sha256"] for session in prepared.sessions.values()}
+        assert digests == {weights_digest(onnx_model.get_attention_weights())}
+        onnx_model.key_weights = onnx_model.key_weights + 1  # new weights: new graphs, a new digest
+    assert len(calls) == 2
