@@ -35,13 +35,24 @@ MIN_OPSET = 14
 ATTENTION_OPSET = 23
 
 
-class GraphBuilder:
-    """Accumulates nodes, initializers, inputs and outputs, with unique names."""
+#: The external-data location of weights kept out of the model (``GraphBuilder(external=...)``): no file
+#: of that name is ever read, since the session receives the arrays themselves.
+IN_MEMORY = "crossattn_gpu-in-memory"
 
-    def __init__(self, dtype: str):
+
+class GraphBuilder:
+    """Accumulates nodes, initializers, inputs and outputs, with unique names.
+
+    With ``external`` (a dict), the weights stay out of the model: each one's initializer refers to
+    external data at ``IN_MEMORY``, and ``external`` receives its array (name -> C-contiguous array in
+    the model's dtype) for ``OnnxSession(..., initializers=external)``.
+    """
+
+    def __init__(self, dtype: str, external: dict | None = None):
         self.dtype = dtype
         self.elem = _ELEM[dtype]
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.external = external
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -61,7 +72,17 @@ class GraphBuilder:
         return name
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=self.dtype), name))
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if self.external is None:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        tensor = TensorProto(name=name, data_type=self.elem, dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        self.external[name] = array
         return name
 
     def add_input(self, name: str, elem, shape) -> str:

@@ -94,13 +94,15 @@ def build_fusion_model(
     bidirectional: bool = True,
     folded: np.ndarray | None = None,
     digest: str | None = None,
+    external: dict | None = None,
 ) -> onnx.ModelProto:
     """The whole fusion as an ONNX model (see :func:`to_onnx` for the inputs and outputs). ``folded``
     and ``digest``: ``fold_weights`` and ``weights_digest`` of ``arrays``, when the caller builds
-    several graphs from one set of weights (D = 1280, H = 8: ~0.6 s and ~0.4 s on this project's CPU)."""
+    several graphs from one set of weights (D = 1280, H = 8: ~0.6 s and ~0.4 s on this project's CPU).
+    ``external``: a dict that receives the weights, which then stay out of the model (``GraphBuilder``)."""
     _check_options(opset, dtype)
     heads, width, _ = arrays["query_weights"].shape
-    g = GraphBuilder(dtype)
+    g = GraphBuilder(dtype, external)
     xs = g.add_input("sequential_repr", g.elem, ["batch", "len_s", width])
     xt = g.add_input("structural_repr", g.elem, ["batch", "len_t", width])
     keep = _lengths_and_mask(g, ("sequential_lengths", "structural_lengths"), lengths, mask)
@@ -139,17 +141,17 @@ def build_fusion_model(
 
 def build_attention_model(
     arrays: dict | None, width: int, *, opset: int, dtype: str, mask: bool, attention_weights: bool,
-    folded: np.ndarray | None = None, digest: str | None = None, lengths: bool = True,
+    folded: np.ndarray | None = None, digest: str | None = None, lengths: bool = True, external: dict | None = None,
 ) -> onnx.ModelProto:
     """``multi_head_attention`` (with ``arrays``) or ``scaled_dot_product_attention`` (``arrays=None``).
-    ``folded`` and ``digest`` as in :func:`build_fusion_model`.
+    ``folded``, ``digest`` and ``external`` as in :func:`build_fusion_model`.
 
     Inputs: query_seq (B, Lq, D), key_seq (B, Lk, D), value_seq (B, Lk, Dv), with ``lengths``
     query_lengths and key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False
     where masked. Outputs: ``output`` (B, Lq, D or Dv) and, with ``attention_weights``, (B, H, Lq, Lk).
     """
     _check_options(opset, dtype)
-    g = GraphBuilder(dtype)
+    g = GraphBuilder(dtype, external)
     xq = g.add_input("query_seq", g.elem, ["batch", "len_q", width])
     xk = g.add_input("key_seq", g.elem, ["batch", "len_k", width])
     xv = g.add_input("value_seq", g.elem, ["batch", "len_k", "width_v" if arrays is None else width])

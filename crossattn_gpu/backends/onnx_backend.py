@@ -4,10 +4,12 @@ It lets the conformance tests treat the deployed model as one more backend, and 
 float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays out (like the NumPy backend).
 The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition) and are built once
 per weights, dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
-weights rebuilds them. Each variant's session keeps its own copy of the weights, prepacked for
-onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32 weights) took ~200 MB of resident memory
-a variant on this project's CPU. Handing every session one shared copy
-(``SessionOptions.add_initializer``) saved nothing there.
+weights rebuilds them. The weights reach onnxruntime as arrays, outside the graph (``OnnxSession``'s
+``initializers``), so no size of weights meets protobuf's 2 GiB cap. Each variant's session keeps its
+own copy of them, prepacked for onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32
+weights) took ~110 MB of resident memory a variant on this project's CPU (~210 MB when the weights went
+through the graph). Handing every session one shared copy (``SessionOptions.add_initializer``) saved
+nothing there.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ class OnnxPrepared:
         return self._digest
 
     def session(self, key: tuple, build):
+        """The session of ``key``, made once from ``build(external)``, a graph whose weights go to the
+        dict ``external`` instead of into the model (``OnnxSession``'s ``initializers``)."""
         if key not in self.sessions:
             from ..export.runner import OnnxSession
 
-            self.sessions[key] = OnnxSession(build())
+            external = {}
+            self.sessions[key] = OnnxSession(build(external), initializers=external)
         return self.sessions[key]
 
 
@@ -68,8 +73,8 @@ class OnnxBackend(NumpyBackend):
 
         Its MLAS GEMMs ran the folded fusion about twice as fast as NumPy's OpenBLAS on this project's
         2-core CPU (through ``CrossAttention``, float32: W2c 68 against 144 ms, W3c 310 against 574 ms;
-        each kind of call's first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.45 s for
-        the first, which also folds the weights, and +0.65 s for each further kind). Only when the
+        each kind of call's first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.0 s for
+        the first, which also folds the weights, and +0.23 s for each further kind). Only when the
         caller fixed float32: with the dtype following the inputs, float64 inputs would be computed in
         float32. float16 stays with NumPy, which computes it in float32: the float16 graphs ran 1.8-2x
         faster (W2c 71.6 against 148.0 ms, W3c 303.4 against 544.4 ms) at up to 6x NumPy's error
@@ -99,9 +104,10 @@ class OnnxBackend(NumpyBackend):
         arrays = None if sdpa else weights.arrays
         lengths = q_lengths is not None or k_lengths is not None
         key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width, lengths)
-        session = weights.session(key, lambda: build_attention_model(
+        session = weights.session(key, lambda external: build_attention_model(
             arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
-            folded=None if sdpa else weights.folded, digest=None if sdpa else weights.digest, lengths=lengths))
+            folded=None if sdpa else weights.folded, digest=None if sdpa else weights.digest, lengths=lengths,
+            external=external))
         feeds = _feeds(
             {"query_seq": xq, "key_seq": xk, "value_seq": xv},
             {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
@@ -124,10 +130,10 @@ class OnnxBackend(NumpyBackend):
 
         lengths = s_lengths is not None or t_lengths is not None
         key = ("fuse", masked is not None, need_weights, need_similarity, lengths)
-        session = weights.session(key, lambda: build_fusion_model(
+        session = weights.session(key, lambda external: build_fusion_model(
             weights.arrays, opset=OPSET, dtype=weights.dtype, lengths=lengths, mask=masked is not None,
             similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded,
-            digest=weights.digest))
+            digest=weights.digest, external=external))
         feeds = _feeds(
             {"sequential_repr": xs, "structural_repr": xt},
             {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},

@@ -16,7 +16,10 @@ from crossattn_gpu.export.runner import OnnxSession  # noqa: E402
 from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.weights import weights_digest  # noqa: E402
 
-FLAVOURS = [17, 18, 23]  # 18: reductions take their axes as an input
+# 18: reductions take their axes as an input; 23: the Attention operator, which onnx releases before
+# 1.18 do not know (the extra allows onnx 1.16).
+FLAVOURS = [17, 18, pytest.param(23, marks=pytest.mark.skipif(
+    onnx.defs.onnx_opset_version() < 23, reason="this onnx release predates opset 23"))]
 
 
 def rel_err(got, want):

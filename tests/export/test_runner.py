@@ -133,3 +133,27 @@ def test_sliced_runs_equal_one_run(tmp_path, monkeypatch):
         assert set(got) == set(want) and "attention_weights_seq_to_struct" in got
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_weights_handed_over_in_memory_stay_out_of_the_model(dtype):
+    from crossattn_gpu.export.onnx_export import build_fusion_model
+    from crossattn_gpu.export.runner import OnnxSession
+
+    weights = CrossAttention(48, 3, seed=2).get_attention_weights()
+    embedded = build_fusion_model(weights, dtype=dtype, lengths=False)
+    external = {}
+    lean = build_fusion_model(weights, dtype=dtype, lengths=False, external=external)
+    assert sorted(external) == ["folded_query_weights", "folded_value_weights"]
+    assert all(a.dtype == np.dtype(dtype) and a.flags.c_contiguous for a in external.values())
+    weight_bytes = sum(a.nbytes for a in external.values())  # 2 x 3 x 48 x 48 elements
+    # No weight bytes in the model, so protobuf's 2 GiB cap no longer bounds the weights.
+    assert len(lean.SerializeToString()) < len(embedded.SerializeToString()) - weight_bytes + 1024
+    rng = np.random.default_rng(1)
+    feeds = {name: rng.standard_normal((2, 5, 48)).astype(dtype) for name in ("sequential_repr", "structural_repr")}
+    want = OnnxSession(embedded).run(feeds)
+    got = OnnxSession(lean, initializers=external).run(feeds)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(ValueError, match="onnxruntime cannot load the model"):
+        OnnxSession(lean)  # the weights are not in the model: without them there is no session
