@@ -98,7 +98,7 @@ def build_fusion_model(
 ) -> onnx.ModelProto:
     """The whole fusion as an ONNX model (see :func:`to_onnx` for the inputs and outputs). ``folded``
     and ``digest``: ``fold_weights`` and ``weights_digest`` of ``arrays``, when the caller builds
-    several graphs from one set of weights (D = 1280, H = 8: ~0.6 s and ~0.4 s on this project's CPU).
+    several graphs from one set of weights (D = 1280, H = 8: ~0.6 s and ~0.2 s on this project's CPU).
     ``external``: a dict that receives the weights, which then stay out of the model (``GraphBuilder``)."""
     _check_options(opset, dtype)
     heads, width, _ = arrays["query_weights"].shape
