@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-oldest test-slow bench clean
 
 # The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
 # interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
@@ -16,11 +16,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton,onnx]'
 	touch $(STAMP)
 
+# The oldest releases pyproject.toml allows, and no torch or triton: the floors are tested, not only
+# declared, and so is an install without the GPU extras (whose absence once broke the conformance suite).
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet 'numpy==1.24.4' 'onnx==1.16.2' 'onnxruntime==1.18.1' \
+		'pytest==8.0.0' 'hypothesis==6.100.0' 'safetensors==0.4.0' 'threadpoolctl==3.0.0'
+	$(OLDEST)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(OLDEST_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
 
-test: $(STAMP)
+test: $(STAMP) test-oldest
 	$(PY) -m pytest
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # The conformance suite's property tests with 2000 drawn cases per backend instead of 200.
 test-slow: $(STAMP)
@@ -30,4 +44,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info
