@@ -178,6 +178,15 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
     code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
                  "--out", str(tmp_path / "out.npz"), "--quiet"])
     assert code == 0
-    assert f"on backend {get_backend('auto').name}" in capsys.readouterr().out  # never onnx: it computes float32
+    captured = capsys.readouterr()
+    assert f"on backend {get_backend('auto').name}" in captured.out  # never onnx: it computes float32
+    faster = get_backend("auto", dtype="float32").name
+    tip = f"note: the files hold float64, which backend numpy computes in float64; --dtype float32 computes in " \
+          f"float32 (backend {faster})"
+    assert (tip in captured.err) == (get_backend("auto").name == "numpy")
     with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
         assert out["ab000/fused_sequential"].dtype == np.float64
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--quiet"]
+    for extra in (["--dtype", "float64"], ["--dtype", "float32"]):  # a dtype asked for gets no advice
+        assert main([*args, "--out", str(tmp_path / f"out{extra[1]}.npz"), *extra]) == 0
+        assert "note:" not in capsys.readouterr().err
