@@ -121,8 +121,8 @@ class OnnxSession:
         self.providers = choose_providers(providers)
         options = ort.SessionOptions()
         if initializers:
-            names = list(initializers)
-            options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names])
+            options.add_external_initializers(
+                list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
         try:
             if isinstance(model_or_path, onnx.ModelProto):
                 self.session = ort.InferenceSession(model_or_path.SerializeToString(), options, providers=self.providers)

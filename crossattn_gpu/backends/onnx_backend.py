@@ -14,6 +14,8 @@ nothing there.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from .._optional import require
@@ -29,21 +31,16 @@ class OnnxPrepared:
 
     def __init__(self, arrays: dict, dtype: str):
         self.arrays, self.dtype, self.sessions = arrays, dtype, {}
-        self._folded = self._digest = None
 
-    @property
+    @cached_property
     def folded(self):
         """The folded weights (``crossattn_gpu.folding``), computed once for every graph built here."""
-        if self._folded is None and self.arrays:
-            self._folded = fold_named(self.arrays)
-        return self._folded
+        return fold_named(self.arrays)
 
-    @property
+    @cached_property
     def digest(self):
         """``weights_digest`` of the weights, for every graph's metadata, computed once."""
-        if self._digest is None and self.arrays:
-            self._digest = weights_digest(self.arrays)
-        return self._digest
+        return weights_digest(self.arrays)
 
     def session(self, key: tuple, build):
         """The session of ``key``, made once from ``build(external)``, a graph whose weights go to the
