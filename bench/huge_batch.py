@@ -33,7 +33,7 @@ def measure(batch: int, length: int, width: int, heads: int, dtype: str, bound: 
     pair = [torch.randn(batch, length, width, device=device, generator=generator).to(getattr(torch, dtype))
             for _ in range(2)]
     kwargs = dict(need_similarity=False, bidirectional=False)
-    weights = device_common.DeviceFoldedWeights(heads=heads, width=width, query_value=None)
+    weights = device_common.DeviceFoldedWeights(heads=heads, width=width, query_value=None, magnitudes=None)
     results, outputs = {"batch": batch, "length": length, "width": width, "heads": heads, "dtype": dtype}, {}
     before = device_common.DEVICE_BLOCK_ELEMENTS
     try:

@@ -3,20 +3,24 @@
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a
 message that names the argument and the problem, before any result is returned. The checks work on
 the backend's own arrays (NumPy, torch or CuPy) through five methods every backend has: ``native``,
-``host``, ``dtype_name``, ``all_finite`` and ``finite_verdict``. Shapes, dtypes, masks and lengths are
-checked before any kernel runs. On a GPU, reading a verdict from the device is a synchronisation, so
-the finiteness of all inputs is one verdict, read once the call's kernels are queued
-(``check_finite``): kernels index memory by shapes and lengths, never by the float inputs, so NaN or
-Inf there cannot make them misbehave.
+``host``, ``dtype_name``, ``all_finite`` and ``largest_magnitude``. Shapes, dtypes, masks and lengths
+are checked before any kernel runs. On a GPU, reading a value from the device is a synchronisation, so
+the finiteness of all inputs is one value, their largest magnitude, read once the call's kernels are
+queued (``check_values``): kernels index memory by shapes and lengths, never by the float inputs, so
+NaN or Inf there cannot make them misbehave. The same magnitude bounds the computation against
+overflow (``crossattn_gpu._overflow``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from ._overflow import StageDtypes
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -63,7 +67,7 @@ def is_device_array(x) -> bool:
 
 
 def check_input(arr, name: str, backend) -> None:
-    """A floating array of rank 2 or 3 with no empty axis (its values: ``check_finite``)."""
+    """A floating array of rank 2 or 3 with no empty axis (its values: ``check_values``)."""
     dtype = backend.dtype_name(arr)
     if dtype.startswith("complex"):
         raise TypeError(f"{name} must be real floating point; got complex dtype {dtype}")
@@ -77,32 +81,30 @@ def check_input(arr, name: str, backend) -> None:
         raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); sequences need L >= 1")
 
 
-def check_finite(arrays: dict, backend) -> Callable[[], None]:
-    """No NaN or Inf in any of the named arrays, from one verdict for all of them.
+def check_values(arrays: dict, backend) -> Callable[[], float]:
+    """No NaN or Inf in any of the named arrays, from one value for all of them: their largest magnitude.
 
-    Returns the function that finishes the check. ``backend.finite_verdict`` gives either the verdict
-    itself (the check ends here, and raises here) or a function that reads it later: on a GPU that read
-    is a synchronisation, so the front end calls the returned function only once the call's work is
-    queued, and the read no longer leaves the device idle while the host prepares that work.
+    Returns the function that finishes the check and returns that magnitude. ``backend.largest_magnitude``
+    gives either the value itself (the check ends here, and raises here) or a function that reads it
+    later: on a GPU that read is a synchronisation, so the front end calls the returned function only
+    once the call's work is queued, and the read no longer leaves the device idle while the host
+    prepares that work.
     """
-    verdict = backend.finite_verdict(*arrays.values())
-    if callable(verdict):
-        return lambda: _raise_unless_finite(verdict(), arrays, backend)
-    _raise_unless_finite(verdict, arrays, backend)
-    return _checked
+    magnitude = backend.largest_magnitude(*arrays.values())
+    if callable(magnitude):
+        return lambda: _finite_magnitude(magnitude(), arrays, backend)
+    magnitude = _finite_magnitude(magnitude, arrays, backend)
+    return lambda: magnitude
 
 
-def _checked() -> None:
-    """The end of a check that has already ended."""
-
-
-def _raise_unless_finite(finite: bool, arrays: dict, backend) -> None:
-    if finite:
-        return
+def _finite_magnitude(magnitude: float, arrays: dict, backend) -> float:
+    if math.isfinite(magnitude):
+        return magnitude
     for name, arr in arrays.items():  # the rare failing call pays one read per array to name it
         if not backend.all_finite(arr):
             bad = "NaN" if bool((arr != arr).any()) else "Inf"  # NaN is the one value unequal to itself
             raise ValueError(f"{name} contains {bad}; inputs must be finite")
+    raise AssertionError(f"largest magnitude {magnitude}, but every input is finite")  # a backend's bug
 
 
 def check_same_rank(arrays: dict) -> bool:
@@ -179,7 +181,8 @@ class Batch:
     batched: bool  # False when the caller gave (L, D) arrays
     out_dtype: str  # dtype name of the results
     caller_kind: object  # how to hand results back (the backend's token)
-    finish_checks: Callable[[], None] = _checked  # raises if a deferred check failed (``check_finite``)
+    stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
+    finish_checks: Callable[[], float]  # raises if a deferred check failed, else the inputs' largest magnitude
 
     def unbatch(self, x):
         """Drop the leading batch axis that the front end added to unbatched inputs."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _overflow
 from .backends import get_backend
 from .weights import WEIGHT_NAMES, check_weight, check_weight_set, load_weights, random_weights, save_weights
 
@@ -64,7 +64,10 @@ class CrossAttention:
         float32_precision: as given.
 
     Raises:
-        TypeError / ValueError: on a bad argument, with a message naming it.
+        TypeError / ValueError: on a bad argument, with a message naming it (the methods: on a bad
+            input, including NaN or Inf, or a value or folded weight past the compute dtype's range).
+        OverflowError (the methods): when finite inputs overflow the dtype a stage is computed in; the
+            message names the result and the dtype. Never Inf or NaN handed back instead.
         ImportError / RuntimeError: when the named backend cannot run here.
     """
 
@@ -181,11 +184,14 @@ class CrossAttention:
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"keys and values must have the same length; got {k.shape[1]} and {v.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, q.shape[1], k.shape[1], query_lengths, key_lengths)
+        scale = 1.0 / np.sqrt(self.embedding_dim)
         out, probs = self._backend.scaled_dot_product_attention(
-            q, k, v, scale=1.0 / np.sqrt(self.embedding_dim), masked=masked, q_lengths=q_len, k_lengths=k_len,
+            q, k, v, scale=scale, masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
-        batch.finish_checks()
+        magnitude = batch.finish_checks()
+        bounds = _overflow.Bounds.attention(magnitude, q.shape[-1], scale)
+        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
         return self._out(out, batch), self._out(probs, batch)
 
     def multi_head_attention(
@@ -206,11 +212,15 @@ class CrossAttention:
         if xk.shape[1] != xv.shape[1]:
             raise ValueError(f"key_seq and value_seq must have the same length; got {xk.shape[1]} and {xv.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, xq.shape[1], xk.shape[1], query_lengths, key_lengths)
+        weights = self._projection(xq.dtype)
+        _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         out, probs = self._backend.multi_head_attention(
-            xq, xk, xv, self._projection(xq.dtype), masked=masked, q_lengths=q_len, k_lengths=k_len,
+            xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len,
             need_weights=_default_need_weights(need_weights, batch),
         )
-        batch.finish_checks()
+        magnitude = batch.finish_checks()
+        bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes)
+        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
         return self._out(out, batch), self._head_list(probs, batch)
 
     def fuse_representations(
@@ -250,18 +260,27 @@ class CrossAttention:
             batch, mask, xs.shape[1], xt.shape[1], sequential_lengths, structural_lengths,
             names=("sequential_lengths", "structural_lengths"),
         )
+        bidirectional = _flag(bidirectional, "bidirectional")
         if bidirectional:
             _check_bidirectional(xs.shape[0], xs.shape[1], xt.shape[1], s_len, t_len)
+        weights = self._projection(xs.dtype)
+        _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         parts = self._backend.fuse(
-            xs, xt, self._projection(xs.dtype), masked=masked, s_lengths=s_len, t_lengths=t_len,
-            need_weights=_default_need_weights(need_weights, batch), need_similarity=need_similarity,
+            xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
+            need_weights=_default_need_weights(need_weights, batch),
+            need_similarity=_flag(need_similarity, "need_similarity"),
         )
-        batch.finish_checks()
         fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
+        both = fused_s + fused_t if bidirectional else None
+        magnitude = batch.finish_checks()
+        bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes,
+                                         terms=2 if bidirectional else 1)
+        results = {"fused_sequential": fused_s, "fused_structural": fused_t, "bidirectional_fusion": both}
+        _overflow.check_results(results, magnitude, bounds, batch.stages, self._backend)
         return {
             "fused_sequential": self._out(fused_s, batch),
             "fused_structural": self._out(fused_t, batch),
-            "bidirectional_fusion": self._out(fused_s + fused_t, batch) if bidirectional else None,
+            "bidirectional_fusion": self._out(both, batch),
             "attention_weights_seq_to_struct": self._head_list(parts["attention_weights_seq_to_struct"], batch),
             "attention_weights_struct_to_seq": self._head_list(parts["attention_weights_struct_to_seq"], batch),
             "seq_similarity": self._out(parts.get("seq_similarity"), batch),
@@ -314,14 +333,15 @@ class CrossAttention:
 
         Every input must be D wide except those named in ``free_width``. Results go back in the kind of
         the first input (NumPy, torch on its device, CuPy), as far as the backend hands out that kind.
-        On a GPU the finiteness verdict is read late: call ``finish_checks()`` on the result once the
-        work is queued, before handing anything back.
+        On a GPU the inputs' largest magnitude is read late: call ``finish_checks()`` on the result once
+        the work is queued, before handing anything back; it raises for NaN, Inf, or an input too large
+        for the compute dtype, and returns that magnitude (for ``_overflow.check_results``).
         """
         backend = self._backend
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)
-        finish_checks = _checks.check_finite(arrays, backend)
+        read_magnitude = _checks.check_values(arrays, backend)
         batched = _checks.check_same_rank(arrays)
         for name, arr in arrays.items():
             if name not in free_width:
@@ -329,10 +349,16 @@ class CrossAttention:
         out_dtype = self.dtype or _checks.result_dtype(backend.dtype_name(a) for a in arrays.values())
         if out_dtype not in backend.dtypes:
             raise TypeError(f"backend {backend.name!r} supports dtypes {', '.join(backend.dtypes)}; got {out_dtype}")
-        compute = backend.compute_dtype(out_dtype)
+        compute, stages = backend.compute_dtype(out_dtype), backend.stage_dtypes(out_dtype)
         cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
         caller_kind = backend.caller_kind(next(iter(named_inputs.values())))
-        return _checks.Batch(cast, batched, out_dtype, caller_kind, finish_checks)
+
+        def finish_checks() -> float:
+            magnitude = read_magnitude()
+            _overflow.check_cast(arrays, magnitude, stages.projections, backend)
+            return magnitude
+
+        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_checks)
 
     def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths")):
         size, backend = batch.arrays[0].shape[0], self._backend
@@ -374,7 +400,14 @@ def _positive_int(value, name: str) -> int:
 
 
 def _default_need_weights(need_weights, batch: _checks.Batch) -> bool:
-    return (not batch.batched) if need_weights is None else bool(need_weights)
+    return (not batch.batched) if need_weights is None else _flag(need_weights, "need_weights")
+
+
+def _flag(value, name: str) -> bool:
+    """A bool (Python's or NumPy's); anything else is a TypeError, since bool("no") would be True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
 
 
 def _check_bidirectional(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:

@@ -201,6 +201,6 @@ def main(argv=None) -> int:
         parser.error("export: give --out, --serving-repo or both")
     try:
         return args.run(args)
-    except (ValueError, TypeError, ImportError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, OverflowError, ImportError, RuntimeError, OSError) as exc:
         print(f"crossattn-gpu {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ implementation of the seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -40,3 +42,24 @@ def fold_named(arrays: dict) -> np.ndarray:
     """``fold_weights`` of a dict holding ``query_weights``, ``key_weights``, ``value_weights`` and
     ``output_weights`` (as ``CrossAttention.get_attention_weights`` returns them)."""
     return fold_weights(*(arrays[f"{part}_weights"] for part in ("query", "key", "value", "output")))
+
+
+@dataclass(frozen=True)
+class FoldMagnitudes:
+    """What ``crossattn_gpu._overflow`` bounds the computation with: every entry of a projection
+    ``x @ A_h`` is at most ``max|x| * query_gain`` in magnitude, of ``x @ U_h`` ``max|x| * value_gain``."""
+
+    query_gain: float  # the largest l1 norm of a column of the A_h
+    value_gain: float  # the same for the U_h
+    largest: float  # the largest magnitude of an entry: the weights must fit the compute dtype
+
+
+def fold_magnitudes(folded: np.ndarray, heads: int, width: int) -> FoldMagnitudes:
+    """``FoldMagnitudes`` of ``fold_weights``' result, one head's block at a time, so that the absolute
+    values never take more than a D x D temporary."""
+    sums, largest = [], 0.0
+    for h in range(2 * heads):
+        block = np.abs(folded[:, h * width : (h + 1) * width])
+        sums.append(float(block.sum(axis=0).max()))
+        largest = max(largest, float(block.max()))
+    return FoldMagnitudes(max(sums[:heads]), max(sums[heads:]), largest)

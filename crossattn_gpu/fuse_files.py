@@ -227,7 +227,7 @@ def fuse_collections(
                 xs, xt, sequential_lengths=s_len, structural_lengths=t_len,
                 bidirectional=bidirectional, need_weights=False, need_similarity=False,
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise type(exc)(f"in the batch with ids {batch_ids[0]!r}..{batch_ids[-1]!r}: {exc}") from exc
         for row, key in enumerate(batch_ids):
             lengths = {"fused_sequential": s_len[row], "fused_structural": t_len[row], "bidirectional_fusion": s_len[row]}

@@ -253,12 +253,29 @@ def zero_prob_rows(g: GraphBuilder, probs, q_valid):
     return g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])
 
 
-def cosine_similarity(g: GraphBuilder, a: str, b: str) -> str:
-    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) float32; a zero row gives 0 (its norm is floored)."""
+def cosine_similarity(g: GraphBuilder, a: str, b: str, opset: int) -> str:
+    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) float32; a zero row gives 0.
+
+    Each row is divided by its largest magnitude first (floored at the smallest positive float32, so a
+    zero row stays zero), so that its squares neither overflow nor underflow: unscaled, rows of
+    magnitude 1e-20 lost precision to subnormal squares and rows of 1e-30 or 1e20 came out wrong. A
+    scaled row that is not zero has a norm of at least 1, so flooring the norm at 1 changes only zero
+    rows.
+    """
+    def along_rows(op: str, x: str) -> str:
+        # Before opset 18 these reductions take their axes as an attribute, from it as an input.
+        if opset < 18:
+            return g.op(op, [x], axes=[-1], keepdims=1)
+        return g.op(op, [x, g.const([-1], np.int64)], keepdims=1)
 
     def unit_rows(x):
         x = g.to_float32(x)
-        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [x, x]), g.const([-1], np.int64)], keepdims=1)])
-        return g.op("Div", [x, g.op("Max", [norm, g.const(1e-30, np.float32)])])
+        # The largest magnitude from a max and a min (no temporary), and ReduceSumSquare for the norm.
+        # The similarities of W2c's (64, 256, 128) pair, medians of 60 alternating runs, two sessions
+        # each: unscaled 13.6 / 14.7 ms, scaled this way 13.5 / 13.3 (with Abs and Mul: 16.0 / 13.6).
+        top = g.op("Max", [along_rows("ReduceMax", x), g.op("Neg", [along_rows("ReduceMin", x)])])
+        x = g.op("Div", [x, g.op("Max", [top, g.const(np.finfo(np.float32).smallest_subnormal, np.float32)])])
+        norm = g.op("Sqrt", [along_rows("ReduceSumSquare", x)])
+        return g.op("Div", [x, g.op("Max", [norm, g.const(1.0, np.float32)])])
 
     return g.op("MatMul", [unit_rows(a), g.op("Transpose", [unit_rows(b)], perm=[0, 2, 1])])

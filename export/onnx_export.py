@@ -129,7 +129,7 @@ def build_fusion_model(
             ("seq_similarity", xs, fused_s, s_valid, "len_s"),
             ("struct_similarity", xt, fused_t, t_valid, "len_t"),
         ):
-            sims = cosine_similarity(g, g.zero_rows(x, valid), fused)
+            sims = cosine_similarity(g, g.zero_rows(x, valid), fused, opset)
             g.add_output(name, g.to_model_dtype(sims), g.elem, ["batch", length, length])
     if attention_weights:
         g.add_output("attention_weights_seq_to_struct", g.to_model_dtype(probs_st), g.elem, ["batch", heads, "len_s", "len_t"])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import check_lengths
+from .. import _overflow
+from .._checks import check_input, check_lengths, check_values
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
 
@@ -202,7 +203,9 @@ class OnnxFusion:
     Call it with NumPy arrays: ``fusion(sequential_repr, structural_repr, sequential_lengths=None,
     structural_lengths=None, mask=None)`` returns a dict of the model's outputs. Inputs are cast to
     the model's float dtype; lengths default to the full lengths and the mask (the seed's: 0 = masked)
-    to none masked, when the model takes them. On the CPU provider a large batch runs in slices of a
+    to none masked, when the model takes them. As ``CrossAttention`` does, it raises ValueError for
+    inputs holding NaN or Inf or too large for the model's dtype, and OverflowError when finite inputs
+    overflow that dtype inside the model (the fused outputs are checked: a pass over each). On the CPU provider a large batch runs in slices of a
     few examples (``cpu_examples_per_run``), whose intermediates stay in cache: 64 antibodies of L =
     120, D = 1280, H = 8 took 1.96 s instead of 2.38 s on this project's 2-core CPU.
     """
@@ -222,12 +225,18 @@ class OnnxFusion:
         self.output_names = self._session.output_names
 
     def __call__(self, sequential_repr, structural_repr, *, sequential_lengths=None, structural_lengths=None, mask=None):
-        xs, xt = np.asarray(sequential_repr), np.asarray(structural_repr)
-        for name, x in (("sequential_repr", xs), ("structural_repr", xt)):
+        backend = NumpyBackend()
+        inputs = {"sequential_repr": backend.native(sequential_repr, "sequential_repr"),
+                  "structural_repr": backend.native(structural_repr, "structural_repr")}
+        for name, x in inputs.items():
             if x.ndim != 3:
                 raise ValueError(f"{name} must have shape (B, L, D); got {x.shape}")
+            check_input(x, name, backend)
             if x.shape[-1] != self.embedding_dim:
                 raise ValueError(f"{name} has width {x.shape[-1]}, but the model has D={self.embedding_dim}")
+        xs, xt = inputs.values()
+        magnitude = check_values(inputs, backend)()
+        _overflow.check_cast(inputs, magnitude, self.dtype, backend)
         if xs.shape[0] != xt.shape[0]:
             raise ValueError(f"batch sizes differ: sequential_repr has B={xs.shape[0]}, structural_repr B={xt.shape[0]}")
         if "bidirectional_fusion" in self.output_names and xs.shape[1] != xt.shape[1]:
@@ -246,7 +255,10 @@ class OnnxFusion:
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
         length = max(xs.shape[1], xt.shape[1])
-        return self._session.run(feeds, shape=(length, self.embedding_dim, self.attention_heads))
+        outputs = self._session.run(feeds, shape=(length, self.embedding_dim, self.attention_heads))
+        fused = {name: outputs.get(name) for name in ("fused_sequential", "fused_structural", "bidirectional_fusion")}
+        _overflow.check_finite_results(fused, magnitude, self.dtype, backend)
+        return outputs
 
 
 def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:

@@ -51,7 +51,10 @@ def scaled_masked(
     if HAS_MASK:
         m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
         masked = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-        s = tl.where(masked != 0, mask_fill, s)
+        # The fill, except that an Inf or NaN score stays NaN (s * 0): a query whose projection overflowed
+        # has no finite score, and with every unmasked one at -Inf the fill alone would hand back a
+        # finite, wrong row instead of the NaN that the front end's overflow check catches.
+        s = tl.where(masked != 0, mask_fill + s * 0.0, s)
     if not EVEN_N:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     return s

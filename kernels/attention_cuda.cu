@@ -105,7 +105,7 @@ __device__ void attention_forward(const T* __restrict__ q, const T* __restrict__
             float value = scores[i] * qk_scale;
             if (has_mask && row < s.len_q && key < k_len &&
                 mask[b * s.m_b + row * s.m_m + key * s.m_n] != 0) {
-                value = mask_fill;
+                value = mask_fill + value * 0.0f;  // the fill, but Inf or NaN (an overflow) stays NaN
             }
             scores[i] = key < k_len ? value : NEG_INF;
         }

@@ -119,21 +119,21 @@ def test_from_weights_checks_shapes_and_dtypes():
 
 
 def test_a_late_finiteness_verdict_is_read_after_the_work_and_before_any_result(model, monkeypatch):
-    """The Triton backend on a GPU hands back its finiteness verdict as a function to call later (the
-    read is a synchronisation). Every method must then queue its work first, read the verdict, and
-    raise the named error instead of returning results."""
+    """The Triton backend on a GPU hands back the inputs' largest magnitude (their finiteness verdict) as
+    a function to call later (the read is a synchronisation). Every method must then queue its work
+    first, read the verdict, and raise the named error instead of returning results."""
     backend, events = model._backend, []
 
-    def late_verdict(*arrays):
-        finite = type(backend).all_finite(*arrays)
+    def late_magnitude(*arrays):
+        magnitude = type(backend).largest_magnitude(*arrays)
 
         def read():
             events.append("verdict read")
-            return finite
+            return magnitude
 
         return read
 
-    monkeypatch.setattr(backend, "finite_verdict", late_verdict)
+    monkeypatch.setattr(backend, "largest_magnitude", late_magnitude)
     for work in ("fuse", "multi_head_attention", "scaled_dot_product_attention"):
         def logged(*args, _work=work, _original=getattr(backend, work), **kwargs):
             events.append(_work)

@@ -124,6 +124,19 @@ def test_fuse_that_fails_midway_leaves_no_output(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seq.npz", "struct.npz"]
 
 
+def test_fuse_reports_an_overflow_with_its_batch(tmp_path, capsys):
+    seq = write_collection(tmp_path / "seq.npz", [4, 6], 8, seed=0)
+    struct = write_collection(tmp_path / "struct.npz", [4, 6], 8, seed=1)
+    for path, arrays in (("seq.npz", seq), ("struct.npz", struct)):  # float32 scores of ~1e40
+        np.savez(tmp_path / path, **{key: x * 1e20 for key, x in arrays.items()})
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+                 "--out", str(tmp_path / "o.npz"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "in the batch with ids" in err and "overflowed float32" in err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def test_fuse_width_must_match_weights(tmp_path, capsys):
     write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
     write_collection(tmp_path / "struct.npz", [3], 8, seed=1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._checks import numpy_dtype_name
 from .._optional import require
-from ..folding import fold_weights
+from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
 
 _COMPUTE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float32"}
@@ -94,7 +94,11 @@ class CupyBackend(DeviceFusion):
         cupy = self.cupy
         return bool(cupy.stack([cupy.isfinite(arr).all() for arr in arrays]).all())
 
-    finite_verdict = all_finite  # read at once (the Triton backend defers its read)
+    def largest_magnitude(self, *arrays) -> float:
+        """The largest |x| over the arrays (NaN if one holds NaN, else Inf if one holds Inf), read at once
+        (the Triton backend defers its read)."""
+        cupy = self.cupy
+        return float(cupy.stack([cupy.abs(arr).max().astype(cupy.float64) for arr in arrays]).max())
 
     def to_caller(self, x, kind, dtype_name: str):
         x = x.astype(dtype_name, copy=False)
@@ -118,8 +122,9 @@ class CupyBackend(DeviceFusion):
 
     def prepare_weights(self, query, key, value, output, dtype) -> DeviceFoldedWeights:
         heads, width, _ = query.shape
-        folded = self.cupy.asarray(fold_weights(query, key, value, output).astype(np.float32)).astype(dtype)
-        return DeviceFoldedWeights(heads, width, folded)
+        folded = fold_weights(query, key, value, output)
+        on_device = self.cupy.asarray(folded.astype(np.float32)).astype(dtype)
+        return DeviceFoldedWeights(heads, width, on_device, fold_magnitudes(folded, heads, width))
 
     # --- primitives of DeviceFusion -----------------------------------------------------------------
 

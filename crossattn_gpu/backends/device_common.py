@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from .._overflow import StageDtypes, narrower
+from ..folding import FoldMagnitudes
 from .fusion import FoldedFusion
 
 #: A batch whose projections (B x L x 2*H*D elements per input) pass this bound runs in blocks of whole
@@ -36,6 +38,7 @@ class DeviceFoldedWeights:
     heads: int
     width: int
     query_value: object  # (D, 2*H*D) device array: [A_0 .. A_H-1 | U_0 .. U_H-1]
+    magnitudes: FoldMagnitudes  # of the float64 fold, for the overflow bounds
 
     @cached_property
     def _parts(self) -> dict:  # the slices, built once: three views cost ~3 us a call
@@ -53,6 +56,11 @@ class DeviceFusion(FoldedFusion):
 
     def cast(self, x, dtype):
         raise NotImplementedError
+
+    def stage_dtypes(self, dtype_name: str) -> StageDtypes:
+        """Projections and outputs in the compute dtype, scores accumulated in float32 by the kernels."""
+        compute = str(self.compute_dtype(dtype_name)).replace("torch.", "")
+        return StageDtypes(compute, "float32", narrower(compute, dtype_name))
 
     def _positions(self, length: int):
         raise NotImplementedError
@@ -135,12 +143,18 @@ class DeviceFusion(FoldedFusion):
         return out, probs
 
     def _cosine_similarity(self, a, b):
-        """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN."""
+        """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN.
+
+        Each row is divided by its largest magnitude first, so that its squares neither overflow nor
+        underflow (``numpy_backend.cosine_similarity``)."""
+        xp = self.xp
 
         def unit_rows(x):
             x = self.cast(x, self.float32)
-            norm = self.xp.sqrt((x * x).sum(-1))[..., None]
-            return x / (norm + (norm == 0))  # a zero row stays zero
+            top = xp.amax(xp.abs(x), axis=-1, keepdims=True)
+            x = x / (top + (top == 0))  # a zero row stays zero
+            norm = xp.sqrt((x * x).sum(-1))[..., None]
+            return x / (norm + (norm == 0))
 
         return self.xp.matmul(unit_rows(a), unit_rows(b).swapaxes(-1, -2))
 

@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from .._optional import require
-from ..folding import fold_named
+from ..folding import FoldMagnitudes, fold_magnitudes, fold_named
 from ..weights import weights_digest
 from .numpy_backend import NumpyBackend
 
@@ -36,6 +36,12 @@ class OnnxPrepared:
     def folded(self):
         """The folded weights (``crossattn_gpu.folding``), computed once for every graph built here."""
         return fold_named(self.arrays)
+
+    @cached_property
+    def magnitudes(self) -> FoldMagnitudes:
+        """``folding.fold_magnitudes`` of the folded weights, for the overflow bounds."""
+        heads, width, _ = self.arrays["query_weights"].shape
+        return fold_magnitudes(self.folded, heads, width)
 
     @cached_property
     def digest(self):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from crossattn_gpu.backends.numpy_backend import MASK_FILL, attention
+from crossattn_gpu.backends.numpy_backend import MASK_FILL, attention, cosine_similarity
 
 
 def direct(q, k, v, scale, masked=None, k_lengths=None):
@@ -87,7 +87,7 @@ def test_example_blocks_share_the_workers_evenly(monkeypatch):
     from crossattn_gpu.backends.numpy_backend import FoldedWeights, _example_blocks
 
     monkeypatch.setattr(numpy_backend, "cpu_count", lambda: 2)
-    w2c, wide = FoldedWeights(4, 128, None), FoldedWeights(8, 1280, None)
+    w2c, wide = FoldedWeights(4, 128, None, None), FoldedWeights(8, 1280, None, None)
     for batch, length, weights, sizes in [
         (64, 256, w2c, [2] * 32),  # 2**19 elements of projections a block
         (64, 120, wide, [2] * 2 + [3] * 20),  # at least 256 rows a block, 22 blocks (a multiple of 2 workers)
@@ -127,7 +127,7 @@ def test_fusion_in_example_blocks_equals_one_block(monkeypatch, dtype):
     whole = calls()
     monkeypatch.setattr(numpy_backend, "EXAMPLE_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(numpy_backend, "MIN_EXAMPLE_BLOCK_ROWS", 12)  # blocks of 2 examples: 4 blocks of 1 to 2
-    assert len(numpy_backend._example_blocks(7, 6, numpy_backend.FoldedWeights(3, 8, None))) == 4
+    assert len(numpy_backend._example_blocks(7, 6, numpy_backend.FoldedWeights(3, 8, None, None))) == 4
     blocked = calls()
     rtol = 1e-12 if dtype == np.float64 else 1e-5
     for got, want in zip(blocked[0], whole[0]):
@@ -139,3 +139,40 @@ def test_fusion_in_example_blocks_equals_one_block(monkeypatch, dtype):
                 assert got[key] == value
     np.testing.assert_allclose(blocked[1][0], whole[1][0], rtol=rtol, atol=rtol * 1e-2)
     np.testing.assert_allclose(np.stack(blocked[1][1]), np.stack(whole[1][1]), rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("dtype,scales", [
+    (np.float32, [1.0, 1e-20, 1e-30, 1e-40, 1e18, 0.0]),
+    (np.float64, [1.0, 1e-160, 1e-300, 1e150, 0.0]),
+])
+def test_cosine_similarity_of_rows_of_any_size(dtype, scales):
+    """Rows whose squares underflow, overflow or are zero (padding), beside ordinary ones: every
+    similarity as float64 gives it on the same rows scaled to size 1 first."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, len(scales), 16)) * np.array(scales)[None, :, None]
+    b = rng.standard_normal((2, 5, 16))
+    a, b = a.astype(dtype), b.astype(dtype)
+    got = cosine_similarity(a, b)
+
+    def unit(x):
+        x = x.astype(np.float64)
+        top = np.abs(x).max(-1, keepdims=True)
+        x = np.divide(x, top, out=np.zeros_like(x), where=top > 0)
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+    want = unit(a) @ unit(b).swapaxes(-1, -2)
+    # subnormal float32 rows (1e-40) hold only a few digits, but those are exact in the scaling
+    np.testing.assert_allclose(got, want, rtol=0, atol=20 * np.finfo(dtype).eps)
+    assert not got[:, -1].any()  # the zero row
+
+
+def test_cosine_similarity_of_ordinary_and_padded_rows_needs_no_rescaling(monkeypatch):
+    """The fast path: ordinary rows and rows of zeros are summed once, never scaled."""
+    calls = []
+    monkeypatch.setattr(np, "frexp", lambda *args: calls.append(1))
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((3, 7, 8)).astype(np.float32)
+    a[1, 5:] = 0
+    cosine_similarity(a, a)
+    assert calls == []

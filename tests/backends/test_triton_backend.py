@@ -1,5 +1,6 @@
 """backend='triton' against backend='numpy' (the reference), on the GPU or under Triton's interpreter."""
 
+import math
 import os
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):
     struct = torch.tensor(rng.standard_normal((5, 4, 8)), dtype=torch.float32, device=DEVICE)
     lengths = dict(sequential_lengths=np.array([6, 1, 3, 5, 2]), structural_lengths=np.array([4, 2, 1, 4, 3]))
     monkeypatch.setattr(device_common, "DEVICE_BLOCK_ELEMENTS", 2 * 6 * 2 * 2 * 8)
-    blocks = tri._backend._example_blocks(5, 6, device_common.DeviceFoldedWeights(heads=2, width=8, query_value=None))
+    blocks = tri._backend._example_blocks(5, 6, device_common.DeviceFoldedWeights(heads=2, width=8, query_value=None, magnitudes=None))
     assert [b.stop - b.start for b in blocks] == [2, 2, 1]
     for mask in (rng.random((5, 6, 4)) > 0.3, rng.random((6, 4)) > 0.3):
         kwargs = dict(mask=mask, bidirectional=False, need_weights=True, **lengths)
@@ -200,28 +201,30 @@ def test_bad_inputs_get_the_same_errors_as_numpy():
     assert tri.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))["fusion_complete"]
 
 
-def late_verdict(backend, *arrays) -> bool:
-    """``finite_verdict``'s answer: a function to call on a GPU (read late), the verdict itself here."""
-    verdict = backend.finite_verdict(*arrays)
-    assert callable(verdict) == ON_GPU
-    return verdict() if ON_GPU else verdict
+def late_magnitude(backend, *arrays) -> float:
+    """``largest_magnitude``'s answer: a function to call on a GPU (read late), the value itself here."""
+    magnitude = backend.largest_magnitude(*arrays)
+    assert callable(magnitude) == ON_GPU
+    return magnitude() if ON_GPU else magnitude
 
 
-@pytest.mark.parametrize("way", ["all_finite", "finite_verdict"])
-def test_finiteness_verdict_is_exact_when_the_sum_overflows(way):
+def test_largest_magnitude_is_exact_and_flags_nan_and_inf():
     _, tri = models(8, 1)
     backend = tri._backend
-    all_finite = backend.all_finite if way == "all_finite" else lambda *arrays: late_verdict(backend, *arrays)
-    huge = torch.full((2, 5, 8), 3e38, device=DEVICE)  # finite; the sum of its elements overflows
-    assert all_finite(huge, torch.ones(2, 5, 8, device=DEVICE))
-    assert all_finite(torch.full((4, 8), 6e4, dtype=torch.float16, device=DEVICE))
+    huge = torch.full((2, 5, 8), 3e38, device=DEVICE)  # finite; a sum of its elements would overflow
+    huge[0, 0, 0] = -3.25e38
+    assert late_magnitude(backend, huge, torch.ones(2, 5, 8, device=DEVICE)) == np.float32(3.25e38)
+    assert backend.all_finite(huge)
+    assert late_magnitude(backend, torch.full((4, 8), -6e4, dtype=torch.float16, device=DEVICE)) == 60000.0
     for bad in (float("nan"), float("inf"), float("-inf")):
         arr = torch.ones(2, 5, 8, device=DEVICE)
         arr[1, 3, 7] = bad
-        assert not all_finite(huge, arr)
+        magnitude = late_magnitude(backend, huge, arr)
+        assert math.isnan(magnitude) if bad != bad else magnitude == math.inf
+        assert not backend.all_finite(huge, arr)
     both = torch.ones(6, device=DEVICE)
-    both[0], both[1] = float("inf"), float("-inf")  # their sum is NaN, not Inf
-    assert not all_finite(both)
+    both[0], both[1] = float("inf"), float("nan")
+    assert math.isnan(late_magnitude(backend, both))
 
 
 def test_a_ragged_fusion_reads_from_the_device_once():

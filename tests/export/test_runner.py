@@ -35,11 +35,28 @@ def fusion(exported):
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [4]}, ValueError, "must lie in 1..3"),
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [1.5]}, TypeError, "integer array"),
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"mask": np.ones((3, 3))}, TypeError, "unknown input"),
+        ((np.ones((1, 0, 8)), np.ones((1, 3, 8))), {}, ValueError, "sequential_repr has an empty axis L"),
+        ((np.ones((1, 3, 8)), np.full((1, 3, 8), np.nan)), {}, ValueError, "structural_repr contains NaN"),
+        ((np.full((1, 3, 8), 1e39), np.ones((1, 3, 8))), {}, ValueError, "sequential_repr reaches 1e\\+39 in magnitude, past float32"),
     ],
 )
 def test_bad_inputs(fusion, args, kwargs, error, message):
     with pytest.raises(error, match=message):
         fusion(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype,scale,value_scale", [("float32", 1e20, 1.0), ("float16", 1e3, 1e3)])
+def test_an_overflow_inside_the_model_is_named(tmp_path, dtype, scale, value_scale):
+    """float32 overflows in the scores, float16 in the values (folded value weights up to ~80, inputs of
+    ~1e3: values of ~1e5)."""
+    w = CrossAttention(8, 2, seed=0).get_attention_weights()
+    model = CrossAttention.from_weights(**{**w, "value_weights": w["value_weights"] * value_scale})
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx", dtype=dtype))
+    rng = np.random.default_rng(0)
+    xs, xt = rng.standard_normal((2, 5, 8)) * scale, rng.standard_normal((2, 5, 8)) * scale
+    with np.errstate(all="ignore"), pytest.raises(OverflowError, match=f"came out past {dtype}'s largest value"):
+        fusion(xs, xt)
+    assert np.isfinite(fusion(xs / scale, xt / scale)["fused_sequential"]).all()
 
 
 def test_float64_inputs_are_cast(fusion):

@@ -1,11 +1,17 @@
-"""kernels/attention_common.py: the launchers' integer helpers agree with Triton's own."""
+"""kernels/attention_common.py: the launchers' integer helpers agree with Triton's own, and the masked
+scores keep an overflow visible."""
 
+import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
+from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
+from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+from crossattn_gpu.kernels.attention import attention  # noqa: E402
 from crossattn_gpu.kernels.attention_common import block_at_least_16, cdiv  # noqa: E402
+from crossattn_gpu.kernels.attention_two_pass import attention_two_pass  # noqa: E402
 
 SIZES = list(range(1, 600)) + [1023, 1024, 1025, 1280, 2560, 4096, 4097, 2**20 + 1]
 
@@ -19,3 +25,26 @@ def test_block_at_least_16_is_triton_power_of_two_floored_at_16():
 def test_cdiv_matches_triton(divisor):
     for n in SIZES:
         assert cdiv(n, divisor) == triton.cdiv(n, divisor), n
+
+
+@pytest.mark.skipif(not interpreter_mode() and not torch.cuda.is_available(), reason="needs a GPU or the interpreter")
+@pytest.mark.parametrize("operator", [attention, attention_two_pass], ids=["fused", "two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_query_with_no_finite_score_stays_nan_under_a_mask(operator, dtype):
+    """A query whose projection overflowed scores -Inf on every key whose entry there is positive. Were
+    the masked keys' fill taken as it is, they alone would weigh, and the row would come out finite and
+    wrong; it must come out NaN, as the NumPy reference's does, for the front end to catch."""
+    device = "cuda" if torch.cuda.is_available() and not interpreter_mode() else "cpu"
+    rng = np.random.default_rng(0)
+    q, v = rng.standard_normal((1, 1, 3, 16)), rng.standard_normal((1, 1, 5, 16))
+    k = np.abs(rng.standard_normal((1, 1, 5, 16))) + 0.1
+    q[0, 0, 1, 4] = -np.inf
+    masked = np.zeros((1, 3, 5), dtype=bool)
+    masked[:, :, :2] = True  # the first two keys masked for every query
+    want, _, _ = reference(q, k, v, scale=0.25, masked=masked)
+    as_tensor = lambda x: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    out, _ = operator(as_tensor(q), as_tensor(k), as_tensor(v), scale=0.25,
+                      masked=torch.tensor(masked, device=device), out_dtype=torch.float32)
+    out = out.cpu().double().numpy()
+    assert np.isnan(want[0, 0, 1]).all() and np.isnan(out[0, 0, 1]).all()
+    np.testing.assert_allclose(out[0, 0, [0, 2]], want[0, 0, [0, 2]], rtol=2e-3, atol=2e-3)
