@@ -66,6 +66,26 @@ def is_device_array(x) -> bool:
     return False
 
 
+def host_array(x, name: str) -> np.ndarray:
+    """``x`` (a NumPy array, an array-like or a CPU tensor) as a NumPy array of numbers.
+
+    TypeError for what does not convert, for object arrays (ragged nested lists), and for a masked array
+    with masked entries, whose mask ``np.asarray`` would drop without a word.
+    """
+    if np.ma.is_masked(x):
+        raise TypeError(
+            f"{name} is a masked array with masked entries, and the mask would be ignored; fill them, and "
+            "give padded lengths as sequential_lengths / structural_lengths (or key_lengths) instead"
+        )
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # e.g. a torch tensor that requires grad, or a bfloat16 tensor
+        raise TypeError(f"{name} could not be read as a NumPy array: {exc}") from exc
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
+    return arr
+
+
 def check_input(arr, name: str, backend) -> None:
     """A floating array of rank 2 or 3 with no empty axis (its values: ``check_values``)."""
     dtype = backend.dtype_name(arr)

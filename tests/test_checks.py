@@ -155,3 +155,10 @@ def test_a_late_finiteness_verdict_is_read_after_the_work_and_before_any_result(
     events.clear()
     assert model.fuse_representations(good(3, D), good(3, D))["fusion_complete"]
     assert events == ["fuse", "verdict read"]
+
+
+def test_a_masked_array_without_masked_entries_is_its_data(model):
+    xs, xt = good(4, D), good(5, D)
+    plain = model.fuse_representations(xs, xt, bidirectional=False)["fused_sequential"]
+    unmasked = model.fuse_representations(np.ma.masked_array(xs), xt, bidirectional=False)["fused_sequential"]
+    np.testing.assert_array_equal(unmasked, plain)

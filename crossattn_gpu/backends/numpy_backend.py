@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .._checks import is_device_array, numpy_dtype_name
+from .._checks import host_array, is_device_array, numpy_dtype_name
 from .._overflow import StageDtypes, narrower
 from .._threads import cpu_count, run_in_parallel
 from ..folding import FoldMagnitudes, fold_magnitudes, fold_weights
@@ -334,13 +334,7 @@ class NumpyBackend(FoldedFusion):
                 f"{name} is a {type(x).__module__}.{type(x).__name__} on a GPU, but backend 'numpy' runs "
                 "on the CPU; move it to the host or use a GPU backend ('triton' or 'cupy')"
             )
-        try:
-            arr = np.asarray(x)
-        except Exception as exc:  # e.g. a torch tensor that requires grad, or a bfloat16 tensor
-            raise TypeError(f"{name} could not be read as a NumPy array: {exc}") from exc
-        if arr.dtype == object:
-            raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
-        return arr
+        return host_array(x, name)
 
     host = native
 

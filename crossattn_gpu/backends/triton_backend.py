@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from .._checks import host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -87,9 +88,7 @@ class TritonBackend(DeviceFusion):
             if self.device.type != "cuda":
                 raise TypeError(f"{name} is a CuPy array, but backend 'triton' runs on the CPU here (interpreter)")
             return torch.from_dlpack(x)
-        arr = np.asarray(x)
-        if arr.dtype == object:
-            raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
+        arr = host_array(x, name)
         if arr.dtype.kind not in "biufc":
             raise TypeError(f"{name} must be numeric; got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)

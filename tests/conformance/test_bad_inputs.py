@@ -58,6 +58,7 @@ CATALOGUE = [
     ("lengths-unbatched", "fuse_representations", (S[0], T[0]), {"sequential_lengths": [5]}, ValueError, "applies to batched"),
     ("lengths-differ-bidirectional", "fuse_representations", (S, T), {"sequential_lengths": [5, 4]}, ValueError, "example 1 has 4 and 5"),
     ("device-array", "fuse_representations", (DeviceArray(), T[0]), {}, TypeError, "on a GPU|CuPy|numeric"),
+    ("masked-array", "fuse_representations", (np.ma.masked_greater(S, 1.0), T), {}, TypeError, "masked array with masked entries"),
     ("need-weights-string", "fuse_representations", (S, T), {"need_weights": "no"}, TypeError, "need_weights must be True or False"),
     ("bidirectional-none", "fuse_representations", (S, T), {"bidirectional": None}, TypeError, "bidirectional must be True or False"),
     ("need-similarity-int", "fuse_representations", (S, T), {"need_similarity": 0}, TypeError, "need_similarity must be True or False"),
