@@ -86,6 +86,18 @@ def host_array(x, name: str) -> np.ndarray:
     return arr
 
 
+def transferable_host_array(x, name: str) -> np.ndarray:
+    """``host_array(x)`` ready for a device library (torch, CuPy): numbers of a dtype it has, in native
+    byte order and C order, with the rank kept (``np.ascontiguousarray`` makes a 0-d array 1-d). Neither
+    library takes big-endian arrays or long doubles, and their own errors name no argument."""
+    arr = host_array(x, name)
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be numeric; got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and numpy_dtype_name(arr.dtype.newbyteorder("=")) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be floating point ({', '.join(FLOAT_DTYPES)}); got dtype {arr.dtype}")
+    return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
+
+
 def check_input(arr, name: str, backend) -> None:
     """A floating array of rank 2 or 3 with no empty axis (its values: ``check_values``)."""
     dtype = backend.dtype_name(arr)

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .._checks import host_array, numpy_dtype_name
+from .._checks import numpy_dtype_name, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -71,10 +71,7 @@ class CupyBackend(DeviceFusion):
             if x.device.type != "cuda":
                 x = x.cuda()
             return cupy.from_dlpack(x.detach())
-        arr = host_array(x, name)
-        if arr.dtype.kind not in "biufc":
-            raise TypeError(f"{name} must be numeric; got dtype {arr.dtype}")
-        return cupy.asarray(arr)
+        return cupy.asarray(transferable_host_array(x, name))
 
     def host(self, x, name: str) -> np.ndarray:
         if isinstance(x, self.cupy.ndarray):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .._checks import host_array
+from .._checks import transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -88,10 +88,7 @@ class TritonBackend(DeviceFusion):
             if self.device.type != "cuda":
                 raise TypeError(f"{name} is a CuPy array, but backend 'triton' runs on the CPU here (interpreter)")
             return torch.from_dlpack(x)
-        arr = host_array(x, name)
-        if arr.dtype.kind not in "biufc":
-            raise TypeError(f"{name} must be numeric; got dtype {arr.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
+        return torch.from_numpy(transferable_host_array(x, name)).to(self.device)
 
     def host(self, x, name: str) -> np.ndarray:
         if isinstance(x, self.torch.Tensor):

@@ -33,6 +33,7 @@ class DeviceArray:  # anything that says it lives on a GPU
 # (id, method, args, kwargs, exception, message)
 CATALOGUE = [
     ("rank-1", "fuse_representations", (S[0, 0], T[0]), {}, ValueError, "rank 1"),
+    ("rank-0", "fuse_representations", (np.float64(1.0), T[0]), {}, ValueError, r"rank 0 with shape \(\)"),
     ("rank-4", "fuse_representations", (S[None], T[None]), {}, ValueError, "rank 4"),
     ("wrong-D", "fuse_representations", (S[..., :7], T), {}, ValueError, "last dimension 7"),
     ("int-dtype", "fuse_representations", (S.astype(np.int32), T), {}, TypeError, "floating point"),
@@ -66,6 +67,9 @@ CATALOGUE = [
     ("keys-values-length", "multi_head_attention", (S, T, T[:, :4]), {}, ValueError, "same length"),
     ("sdpa-keys-width", "scaled_dot_product_attention", (S, T[..., :3], T), {}, ValueError, "keys has last dimension 3"),
 ]
+if np.dtype(np.longdouble).itemsize > 8:  # x86's 80-bit long double (elsewhere it may be float64 itself)
+    CATALOGUE.append(("long-double", "fuse_representations", (S.astype(np.longdouble), T), {}, TypeError,
+                      "floating point .* got dtype float(96|128)"))
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)

@@ -95,3 +95,16 @@ def test_strided_and_non_contiguous_inputs_are_read_correctly(setup):
     got = model.fuse_representations(seq, struct, bidirectional=False)
     want = model.fuse_representations(contiguous(seq), contiguous(struct), bidirectional=False)
     check_same(to_numpy(got["fused_sequential"]), to_numpy(want["fused_sequential"]), dtype, "strided inputs")
+
+
+def test_byte_order_and_memory_layout_change_nothing(setup):
+    model, dtype = setup
+    if dtype == "bfloat16":
+        pytest.skip("bfloat16 inputs are torch tensors: no byte order to choose")
+    s, t = inputs(2, 7, D).astype(dtype), inputs(2, 7, D, seed=1).astype(dtype)
+    want = model.fuse_representations(s, t)["fused_sequential"]
+    swapped = s.astype(s.dtype.newbyteorder())  # the same values, big-endian on this machine
+    strided = np.asfortranarray(t)
+    got = model.fuse_representations(swapped, strided)["fused_sequential"]
+    # a BLAS may sum a Fortran-ordered operand in another order: rounding, nothing more
+    check_same(to_numpy(got), to_numpy(want), dtype, "byte order and layout")
