@@ -25,7 +25,10 @@ def random_weights(embedding_dim: int, attention_heads: int, seed=None) -> dict[
     With ``seed=None`` the draws come from NumPy's global generator, as in the seed, so
     ``np.random.seed(s); CrossAttention(...)`` and ``CrossAttention(..., seed=s)`` agree.
     """
-    rng = np.random if seed is None else np.random.RandomState(seed)
+    try:
+        rng = np.random if seed is None else np.random.RandomState(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"seed must be None or an integer in 0..2**32 - 1 (or an array of them); got {seed!r}") from exc
     heads, width = attention_heads, embedding_dim
     shapes = [(heads, width, width)] * 3 + [(heads * width, width)]
     return {name: rng.randn(*shape) * 0.1 for name, shape in zip(WEIGHT_NAMES, shapes)}

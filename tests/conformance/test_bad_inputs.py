@@ -91,6 +91,12 @@ def test_the_catalogue_is_large_enough():
     assert len(CATALOGUE) >= 20
 
 
+@pytest.mark.parametrize("seed,error", [("abc", TypeError), (-1, ValueError), (2**32, ValueError), (1.5, TypeError)])
+def test_bad_seeds_are_named(seed, error):
+    with pytest.raises(error, match=r"seed must be None or an integer in 0\.\.2\*\*32 - 1"):
+        CrossAttention(D, 2, seed=seed, backend="numpy")
+
+
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_bad_weights_files(tmp_path, backend, dtype):
     np.savez(tmp_path / "short.npz", query_weights=np.zeros((2, D, D)))
