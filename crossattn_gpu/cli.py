@@ -62,7 +62,7 @@ def _fuse(args) -> int:
                   f"computes in float32 (backend {get_backend('auto', dtype='float32').name}), several times faster",
                   file=sys.stderr)
         start = time.perf_counter()
-        with NpzWriter(args.out) as out:
+        with NpzWriter(args.out, keep={"sequence file": args.seq, "structure file": args.struct}) as out:
             for key, array in fuse_collections(
                 model, seq, struct, batch_size=args.batch_size, bidirectional=not args.no_bidirectional,
                 progress=not args.quiet,

@@ -96,11 +96,19 @@ class EmbeddingFile(Mapping):
 class NpzWriter:
     """Writes arrays into an npz file one at a time (the format of ``np.savez``, without holding them
     all). It writes ``<path>.partial`` and renames it to ``path`` at the end of the ``with`` block, or
-    removes it if the block raised. Like ``np.savez``, it adds ``.npz`` to a path without it."""
+    removes it if the block raised. Like ``np.savez``, it adds ``.npz`` to a path without it.
 
-    def __init__(self, path):
+    ``keep``: files the output must not replace (the inputs): ValueError naming the one it would.
+    """
+
+    def __init__(self, path, keep: dict | None = None):
         path = Path(os.fspath(path))
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; name the output npz file")
         self.path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        for what, kept in (keep or {}).items():
+            if self.path.exists() and os.path.samefile(self.path, kept):
+                raise ValueError(f"the output {self.path} is the {what} itself; writing it would replace it")
         self._partial = self.path.with_name(self.path.name + ".partial")
 
     def __enter__(self) -> "NpzWriter":
@@ -208,6 +216,8 @@ def fuse_collections(
         for name, shape in (("sequence", seq_shapes[key]), ("structure", struct_shapes[key])):
             if len(shape) != 2:
                 raise ValueError(f"id {key!r}: {name} embedding has shape {shape}; each id needs an (L, D) array")
+            if shape[0] == 0:
+                raise ValueError(f"id {key!r}: {name} embedding is empty (shape {shape}); each id needs L >= 1")
             if shape[1] != model.embedding_dim:
                 raise ValueError(
                     f"id {key!r}: {name} embedding has width {shape[1]}, but the model has D={model.embedding_dim}"

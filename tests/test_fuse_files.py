@@ -132,3 +132,18 @@ def test_fuse_collections_checks_every_shape_before_running():
         next(fuse_collections(model, seq, struct))
     with pytest.raises(ValueError, match="id 'a': structure embedding has width 5, but the model has D=4"):
         next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((3, 5))}))
+    with pytest.raises(ValueError, match=re.escape("id 'a': structure embedding is empty (shape (0, 4)); each id needs L >= 1")):
+        next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((0, 4))}, bidirectional=False))
+
+
+def test_npz_writer_refuses_a_directory_and_the_inputs(tmp_path):
+    from crossattn_gpu.fuse_files import NpzWriter
+
+    with pytest.raises(ValueError, match="is a directory; name the output npz file"):
+        NpzWriter(tmp_path)
+    np.savez(tmp_path / "seq.npz", a=np.ones((2, 3)))
+    for given in ("seq.npz", "seq"):  # the suffix added, it is the input again
+        with pytest.raises(ValueError, match="the output .*seq.npz is the sequence file itself"):
+            NpzWriter(tmp_path / given, keep={"sequence file": tmp_path / "seq.npz"})
+    NpzWriter(tmp_path / "out.npz", keep={"sequence file": tmp_path / "seq.npz"})  # not yet there: fine
+    np.testing.assert_array_equal(np.load(tmp_path / "seq.npz")["a"], np.ones((2, 3)))
