@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -77,6 +78,8 @@ def _fuse(args) -> int:
 def _export(args) -> int:
     from .export.onnx_export import to_onnx
 
+    if args.out and os.path.exists(args.out) and os.path.samefile(args.out, args.weights):
+        raise ValueError(f"--out {args.out} is the weights file itself; writing the model would replace it")
     model = CrossAttention.load(args.weights, backend="numpy")
     if args.serving_repo:
         from .export.serving import write_serving_repository

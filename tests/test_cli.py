@@ -137,6 +137,14 @@ def test_fuse_reports_an_overflow_with_its_batch(tmp_path, capsys):
     assert not (tmp_path / "o.npz").exists()
 
 
+def test_export_refuses_to_write_over_its_weights(tmp_path, capsys):
+    CrossAttention(8, 2, seed=0).save(tmp_path / "w.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+    assert main(["export", "--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert "is the weights file itself" in capsys.readouterr().err
+    assert (tmp_path / "w.safetensors").read_bytes() == before
+
+
 def test_fuse_width_must_match_weights(tmp_path, capsys):
     write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
     write_collection(tmp_path / "struct.npz", [3], 8, seed=1)
