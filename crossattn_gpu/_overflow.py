@@ -38,6 +38,16 @@ LARGEST = {
     "float16": 65504.0,
 }
 
+#: The magnitude from which a value rounds to Inf in each dtype: its largest value plus half a unit in
+#: the last place there (round to nearest even; the largest value's last bit is odd, so the tie goes up).
+_ROUNDS_TO_INF = {
+    "float64": math.inf,
+    "float32": 2.0**128 - 2.0**103,
+    "bfloat16": 2.0**128 - 2.0**119,
+    "float16": 65520.0,
+}
+
+
 #: Rounding can take a computed value a few units in the last place past its exact bound; a stage counts
 #: as safe only while its bound stays below half its dtype's largest value.
 MARGIN = 2.0
@@ -134,16 +144,6 @@ def check_finite_results(results: dict, magnitude: float, dtype: str, backend) -
         f"reaching {magnitude:.3g} in magnitude: the computation overflowed {dtype}; scale the inputs "
         f"down{_wider_hint(dtype)}"
     )
-
-
-#: The magnitude from which a value rounds to Inf in each dtype: its largest value plus half a unit in
-#: the last place there (round to nearest even; the largest value's last bit is odd, so the tie goes up).
-_ROUNDS_TO_INF = {
-    "float64": math.inf,
-    "float32": 2.0**128 - 2.0**103,
-    "bfloat16": 2.0**128 - 2.0**119,
-    "float16": 65520.0,
-}
 
 
 def _in_range(backend, arrays, dtype: str) -> bool:

@@ -23,6 +23,9 @@ import onnx  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
+#: The NumPy backend's checks, for the host arrays this runner takes (it has no state).
+_HOST = NumpyBackend()
+
 _FLOAT_ELEMS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
@@ -205,9 +208,10 @@ class OnnxFusion:
     the model's float dtype; lengths default to the full lengths and the mask (the seed's: 0 = masked)
     to none masked, when the model takes them. As ``CrossAttention`` does, it raises ValueError for
     inputs holding NaN or Inf or too large for the model's dtype, and OverflowError when finite inputs
-    overflow that dtype inside the model (the fused outputs are checked: a pass over each). On the CPU provider a large batch runs in slices of a
-    few examples (``cpu_examples_per_run``), whose intermediates stay in cache: 64 antibodies of L =
-    120, D = 1280, H = 8 took 1.96 s instead of 2.38 s on this project's 2-core CPU.
+    overflow that dtype inside the model (the fused outputs are checked: a pass over each). On the CPU
+    provider a large batch runs in slices of a few examples (``cpu_examples_per_run``), whose
+    intermediates stay in cache: 64 antibodies of L = 120, D = 1280, H = 8 took 1.96 s instead of
+    2.38 s on this project's 2-core CPU.
     """
 
     def __init__(self, path, providers=None):
@@ -225,18 +229,17 @@ class OnnxFusion:
         self.output_names = self._session.output_names
 
     def __call__(self, sequential_repr, structural_repr, *, sequential_lengths=None, structural_lengths=None, mask=None):
-        backend = NumpyBackend()
-        inputs = {"sequential_repr": backend.native(sequential_repr, "sequential_repr"),
-                  "structural_repr": backend.native(structural_repr, "structural_repr")}
+        inputs = {"sequential_repr": _HOST.native(sequential_repr, "sequential_repr"),
+                  "structural_repr": _HOST.native(structural_repr, "structural_repr")}
         for name, x in inputs.items():
             if x.ndim != 3:
                 raise ValueError(f"{name} must have shape (B, L, D); got {x.shape}")
-            check_input(x, name, backend)
+            check_input(x, name, _HOST)
             if x.shape[-1] != self.embedding_dim:
                 raise ValueError(f"{name} has width {x.shape[-1]}, but the model has D={self.embedding_dim}")
         xs, xt = inputs.values()
-        magnitude = check_values(inputs, backend)()
-        _overflow.check_cast(inputs, magnitude, self.dtype, backend)
+        magnitude = check_values(inputs, _HOST)()
+        _overflow.check_cast(inputs, magnitude, self.dtype, _HOST)
         if xs.shape[0] != xt.shape[0]:
             raise ValueError(f"batch sizes differ: sequential_repr has B={xs.shape[0]}, structural_repr B={xt.shape[0]}")
         if "bidirectional_fusion" in self.output_names and xs.shape[1] != xt.shape[1]:
@@ -257,7 +260,7 @@ class OnnxFusion:
         length = max(xs.shape[1], xt.shape[1])
         outputs = self._session.run(feeds, shape=(length, self.embedding_dim, self.attention_heads))
         fused = {name: outputs.get(name) for name in ("fused_sequential", "fused_structural", "bidirectional_fusion")}
-        _overflow.check_finite_results(fused, magnitude, self.dtype, backend)
+        _overflow.check_finite_results(fused, magnitude, self.dtype, _HOST)
         return outputs
 
 
@@ -266,4 +269,4 @@ def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:
     batch, length = shape[0], shape[1]
     if lengths is None:
         return np.full(batch, length, dtype=np.int64)
-    return check_lengths(lengths, name, batch, length, True, NumpyBackend())
+    return check_lengths(lengths, name, batch, length, True, _HOST)
