@@ -5,6 +5,10 @@ then use a single-threaded BLAS, or BLAS's own threads oversubscribe the cores (
 2-core CPU: attention 76 ms serial with 2 BLAS threads, 48 ms on 2 workers with 1 BLAS thread each,
 152 ms on 2 workers with 2 BLAS threads each). Capping BLAS threads needs ``threadpoolctl``; without
 it the chunks run serially in the calling thread (``pip install 'crossattn_gpu[cpu]'``).
+
+Safe to call from several threads at once, and in a forked child (``multiprocessing``'s default on
+Linux before Python 3.14, PyTorch's DataLoader workers): every call in flight shares one BLAS limit,
+and a child starts a pool of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 
 _worker = threading.local()
@@ -40,6 +45,58 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+def _release_openblas_control() -> None:
+    """Let the next thread set OpenBLAS's limit.
+
+    threadpoolctl 3.8 lets only the first thread that sets a limit on a pthreads OpenBLAS set the
+    next one, and silently ignores the others, until that thread leaves a ``with`` block. Calls from
+    a thread other than the first then ran their workers on 2 BLAS threads each (measured on this
+    2-core CPU: other results in the last bits, and the cores oversubscribed). Our limit is set and
+    lifted under one lock, by whichever call comes first and whichever leaves last.
+    """
+    from threadpoolctl import OpenBLASController
+
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)  # threadpoolctl < 3.8: none
+    if clear is not None:
+        clear(force=True)
+
+
+class _SharedBlasLimit:
+    """A limit of one BLAS thread, held while any call's chunks run.
+
+    A limit per call would not do: threadpoolctl's limit restores what it found on entry, so of two
+    overlapping calls the first to finish lifted the limit under the other's workers, and the other
+    then restored its own limit for good (measured: three threads of four calls each left OpenBLAS
+    at 1 thread).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.limiter = None  # threadpoolctl's limiter while holders > 0
+
+    @contextmanager
+    def held(self):
+        with self.lock:
+            if self.holders == 0:
+                _release_openblas_control()
+                self.limiter = _blas_controller().limit(limits=1, user_api="blas")
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.holders -= 1
+                if self.holders == 0:
+                    _release_openblas_control()
+                    self.limiter.restore_original_limits()
+                    _release_openblas_control()
+                    self.limiter = None
+
+
+_blas_limit = _SharedBlasLimit()
+
+
 def parallel_available() -> bool:
     """True when chunks can run on several threads (several cores and threadpoolctl installed)."""
     return cpu_count() > 1 and _blas_controller() is not None
@@ -55,7 +112,7 @@ def run_in_parallel(work, chunks: list) -> None:
         for chunk in chunks:
             work(chunk)
         return
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _blas_limit.held():
         for future in [_pool().submit(_as_worker, work, chunk) for chunk in chunks]:
             future.result()  # re-raises a worker's exception here
 
@@ -63,3 +120,18 @@ def run_in_parallel(work, chunks: list) -> None:
 def _as_worker(work, chunk) -> None:
     _worker.busy = True  # only this module's pool runs this
     work(chunk)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: it gets a pool and a BLAS limit of its own.
+
+    A limit held by a call in flight in another of the parent's threads stays on in the child (its
+    BLAS keeps 1 thread): lifting it here would call threadpoolctl, whose lock that thread may have
+    held at the fork.
+    """
+    global _blas_limit
+    _pool.cache_clear()  # the parent's workers are not in the child: its chunks would wait for ever
+    _blas_limit = _SharedBlasLimit()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -23,8 +23,11 @@ class _Parameter:
         return self if obj is None else obj._weights[self.name]
 
     def __set__(self, obj, value):
-        obj._weights[self.name] = check_weight(self.name, value, obj._weights[self.name].shape)
-        obj._prepared.clear()
+        checked = check_weight(self.name, value, obj._weights[self.name].shape)
+        # New dicts, the weights' first: a build from the old weights that is running in another
+        # thread then stores into the old cache, never into the one that later calls read.
+        obj._weights = {**obj._weights, self.name: checked}
+        obj._prepared = {}
 
 
 class CrossAttention:
@@ -369,9 +372,10 @@ class CrossAttention:
 
     def _projection(self, dtype):
         """The backend's prepared form of the weights in ``dtype``, built once per assignment."""
-        if dtype not in self._prepared:
-            self._prepared[dtype] = self._backend.prepare_weights(*(self._weights[n] for n in WEIGHT_NAMES), dtype=dtype)
-        return self._prepared[dtype]
+        cache, weights = self._prepared, self._weights  # in this order: see _Parameter.__set__
+        if dtype not in cache:
+            cache[dtype] = self._backend.prepare_weights(*(weights[n] for n in WEIGHT_NAMES), dtype=dtype)
+        return cache[dtype]
 
     def _out(self, x, batch: _checks.Batch):
         """A backend result in the caller's kind and dtype, without the batch axis the front end added."""

@@ -259,6 +259,27 @@ def test_assigning_weights_takes_effect_on_next_call():
         model.value_weights = np.zeros((2, 8, 7))
 
 
+def test_weights_assigned_while_a_build_runs_are_the_ones_later_calls_use(monkeypatch):
+    """Another thread assigning weights while a call folds the old ones: the old fold once landed in
+    the cleared cache, and every later call used the old weights."""
+    rng = np.random.default_rng(12)
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    seq, struct = rand(rng, 5, 8), rand(rng, 5, 8)
+    doubled = model.value_weights * 2
+    build = model._backend.prepare_weights
+
+    def build_while_another_thread_assigns(*args, **kwargs):
+        prepared = build(*args, **kwargs)
+        model.value_weights = doubled  # as if in another thread, during the build
+        return prepared
+
+    monkeypatch.setattr(model._backend, "prepare_weights", build_while_another_thread_assigns)
+    first = model.fuse_representations(seq, struct)["fused_sequential"]  # the old weights: it began first
+    monkeypatch.undo()
+    later = model.fuse_representations(seq, struct)["fused_sequential"]
+    np.testing.assert_allclose(later, 2 * first, rtol=1e-12)
+
+
 def test_from_weights_round_trips_parameters():
     base = CrossAttention(6, 2, seed=3, backend="numpy")
     clone = CrossAttention.from_weights(**base.get_attention_weights(), backend="numpy")

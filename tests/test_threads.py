@@ -1,5 +1,7 @@
 """Chunks on worker threads: same results as serial, errors propagate, BLAS limit restored."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,88 @@ def test_nested_calls_run_inside_the_worker(monkeypatch):
 
     _threads.run_in_parallel(outer, list(range(6)))
     assert sorted(seen) == [(c, i, True) for c in range(6) for i in range(3)]
+
+
+def _blas_threads(threadpoolctl) -> list[int]:
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch):
+    """threadpoolctl 3.8 ignored limits set from any thread but the first to set one: calls from a
+    second thread ran their workers on a BLAS with every core's threads."""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    before = _blas_threads(threadpoolctl)
+    seen = {}
+
+    def call(caller):
+        _threads.run_in_parallel(lambda chunk: seen.setdefault(caller, []).append(_blas_threads(threadpoolctl)),
+                                 [0, 1, 2, 3])
+
+    call("main")
+    for name in ("thread", "another thread"):
+        thread = threading.Thread(target=call, args=(name,))
+        thread.start()
+        thread.join()
+    call("main again")
+    assert seen == {caller: [[1] * len(before)] * 4 for caller in ("main", "thread", "another thread", "main again")}
+    assert _blas_threads(threadpoolctl) == before
+
+
+def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_blas(monkeypatch):
+    """Each call once took a limit of its own: the first to finish lifted it under the others' workers,
+    and the last restored the limit it had found (1 thread) for good."""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    rng = np.random.default_rng(1)
+    model = CrossAttention(64, 4, seed=0)
+    seq, struct = rng.standard_normal((32, 96, 64), np.float32), rng.standard_normal((32, 96, 64), np.float32)
+    alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
+    before = _blas_threads(threadpoolctl)
+    results, start = [], threading.Barrier(3)
+
+    def calls():
+        start.wait()
+        for _ in range(3):
+            results.append(model.fuse_representations(seq, struct)["bidirectional_fusion"])
+
+    threads = [threading.Thread(target=calls) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 9
+    for result in results:
+        np.testing.assert_array_equal(result, alone)
+    assert _blas_threads(threadpoolctl) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_fuses_with_a_pool_of_its_own(monkeypatch):
+    """The parent's workers do not exist in a forked child; the child once queued its chunks for them
+    and waited for ever (multiprocessing's default start on Linux, PyTorch's DataLoader workers)."""
+    import multiprocessing
+
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    rng = np.random.default_rng(2)
+    model = CrossAttention(32, 2, seed=0)
+    seq, struct = rng.standard_normal((16, 64, 32)), rng.standard_normal((16, 64, 32))
+    in_parent = model.fuse_representations(seq, struct)["bidirectional_fusion"]  # starts the parent's pool
+
+    def in_child():
+        same = np.array_equal(model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
+        os._exit(0 if same else 3)
+
+    child = multiprocessing.get_context("fork").Process(target=in_child)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child's fusion did not finish in 60 s")
+    assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
