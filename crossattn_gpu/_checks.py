@@ -82,7 +82,11 @@ def host_array(x, name: str) -> np.ndarray:
     except Exception as exc:  # e.g. a torch tensor that requires grad, or a bfloat16 tensor
         raise TypeError(f"{name} could not be read as a NumPy array: {exc}") from exc
     if arr.dtype == object:
-        raise TypeError(f"{name} must be a numeric array; got an object array (ragged nested lists?)")
+        if arr.ndim == 0:  # None, a dict, an int past 64 bits...
+            raise TypeError(f"{name} must be a numeric array; got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a numeric array; got an object array (ragged nested lists, or numbers past 64 bits?)"
+        )
     return arr
 
 

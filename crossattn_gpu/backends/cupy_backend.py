@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .._checks import numpy_dtype_name, transferable_host_array
+from .._checks import host_array, numpy_dtype_name, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -78,7 +78,7 @@ class CupyBackend(DeviceFusion):
             return x.get()
         if type(x).__module__.split(".")[0] == "torch":
             return x.detach().cpu().numpy()
-        return np.asarray(x)
+        return host_array(x, name)
 
     @staticmethod
     def dtype_name(arr) -> str:

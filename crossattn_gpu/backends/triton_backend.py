@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .._checks import transferable_host_array
+from .._checks import host_array, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -95,7 +95,7 @@ class TritonBackend(DeviceFusion):
             return x.detach().cpu().numpy()
         if type(x).__module__.split(".")[0] == "cupy":
             return x.get()
-        return np.asarray(x)
+        return host_array(x, name)
 
     @staticmethod
     def dtype_name(arr) -> str:
