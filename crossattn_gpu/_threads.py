@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -113,8 +113,17 @@ def run_in_parallel(work, chunks: list) -> None:
             work(chunk)
         return
     with _blas_limit.held():
-        for future in [_pool().submit(_as_worker, work, chunk) for chunk in chunks]:
-            future.result()  # re-raises a worker's exception here
+        futures = [_pool().submit(_as_worker, work, chunk) for chunk in chunks]
+        try:
+            for future in futures:
+                future.result()  # re-raises a worker's exception here
+        except BaseException:  # a chunk's error, or Ctrl-C
+            # Chunks not started never run, and those running finish before the limit is lifted: the
+            # caller's next call would otherwise queue behind them, on BLAS threads they oversubscribe.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
 
 
 def _as_worker(work, chunk) -> None:

@@ -144,3 +144,31 @@ def test_a_forked_child_fuses_with_a_pool_of_its_own(monkeypatch):
         child.join()
         pytest.fail("the forked child's fusion did not finish in 60 s")
     assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
+
+
+def test_after_a_chunk_fails_no_other_chunk_starts_or_is_still_running(monkeypatch):
+    """The failed call's remaining chunks once kept the workers busy after the error reached the caller."""
+    import threading
+    import time
+
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    started, finished, lock = [], [], threading.Lock()
+
+    def work(chunk):
+        with lock:
+            started.append(chunk)
+        if chunk == 0:
+            raise ValueError("chunk 0 failed")
+        time.sleep(0.05)
+        with lock:
+            finished.append(chunk)
+
+    with pytest.raises(ValueError, match="chunk 0 failed"):
+        _threads.run_in_parallel(work, list(range(40)))
+    with lock:
+        started_then, finished_then = sorted(started), sorted(finished)
+    assert len(started_then) < 40  # the rest were cancelled
+    assert finished_then == [c for c in started_then if c != 0]  # nothing still running
+    time.sleep(0.2)
+    assert sorted(started) == started_then  # and nothing started later
