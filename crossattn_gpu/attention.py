@@ -117,6 +117,17 @@ class CrossAttention:
         self._prepared: dict = {}  # compute dtype -> the backend's prepared weights
         self.is_initialized = True
 
+    def __getstate__(self) -> dict:
+        """What pickle and ``copy`` keep: the weights and the settings, so a model can go to another
+        process (``multiprocessing`` with spawn or forkserver). The backend is built again there by
+        name, as :meth:`from_weights` would (an error if it cannot run there, never a fallback), and
+        its prepared weights on the first call: onnxruntime sessions and device arrays do not pickle."""
+        return {"weights": self._weights, "backend": self.backend, "dtype": self.dtype,
+                "float32_precision": self.float32_precision}
+
+    def __setstate__(self, state: dict) -> None:
+        self._setup(state["backend"], state["dtype"], state["float32_precision"], state["weights"])
+
     @property
     def backend(self) -> str:
         """The name of the backend that runs this object's computations."""

@@ -216,6 +216,7 @@ class OnnxFusion:
 
     def __init__(self, path, providers=None):
         load_checked(path)
+        self._path, self._providers = os.path.abspath(path), providers
         self._session = OnnxSession(path, providers)
         meta = self._session.metadata
         if "embedding_dim" not in meta:
@@ -227,6 +228,16 @@ class OnnxFusion:
         self.dtype = self._session.dtype
         self.input_names = list(self._session.inputs)
         self.output_names = self._session.output_names
+
+    def __getstate__(self) -> dict:
+        """Pickled as its file's path (an onnxruntime session does not pickle), for ``multiprocessing``:
+        the other process opens the file again and refuses it with ValueError if it has changed."""
+        return {"path": self._path, "providers": self._providers, "metadata": self.metadata}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["providers"])
+        if self.metadata != state["metadata"]:
+            raise ValueError(f"{state['path']} has changed since this OnnxFusion was pickled (its metadata differs)")
 
     def __call__(self, sequential_repr, structural_repr, *, sequential_lengths=None, structural_lengths=None, mask=None):
         inputs = {"sequential_repr": _HOST.native(sequential_repr, "sequential_repr"),

@@ -295,3 +295,36 @@ def test_inputs_are_never_modified():
     before = seq.copy(), struct.copy()
     model.fuse_representations(seq, struct, sequential_lengths=[5, 2], structural_lengths=[1, 4], bidirectional=False)
     assert np.array_equal(seq, before[0]) and np.array_equal(struct, before[1])
+
+
+def test_a_model_pickles_and_copies_with_its_weights_and_settings():
+    """The state is the weights and the settings; a copy's weights are its own."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(13)
+    model = CrossAttention(8, 2, seed=0, backend="numpy", dtype="float32")
+    seq, struct = rand(rng, 2, 5, 8), rand(rng, 2, 5, 8)
+    want = model.fuse_representations(seq, struct)["bidirectional_fusion"]  # prepared weights cached
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), copy.copy(model)):
+        assert repr(clone) == repr(model)
+        np.testing.assert_array_equal(clone.fuse_representations(seq, struct)["bidirectional_fusion"], want)
+        clone.value_weights = 2 * clone.value_weights
+        np.testing.assert_array_equal(model.fuse_representations(seq, struct)["bidirectional_fusion"], want)
+
+
+def _fuse_in_another_process(model, seq, struct):
+    return model.fuse_representations(seq, struct)["bidirectional_fusion"]
+
+
+def test_a_model_goes_to_a_spawned_process():
+    """``multiprocessing`` with spawn (the default on macOS and Windows, forkserver on Linux from
+    Python 3.14) pickles the model."""
+    import multiprocessing
+
+    rng = np.random.default_rng(14)
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    seq, struct = rand(rng, 2, 5, 8), rand(rng, 2, 5, 8)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        there = pool.apply(_fuse_in_another_process, (model, seq, struct))
+    np.testing.assert_array_equal(there, model.fuse_representations(seq, struct)["bidirectional_fusion"])

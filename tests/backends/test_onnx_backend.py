@@ -162,3 +162,17 @@ def test_every_graph_names_its_weights_digest_computed_once_per_weights(pair, mo
         assert digests == {weights_digest(onnx_model.get_attention_weights())}
         onnx_model.key_weights = onnx_model.key_weights + 1  # new weights: new graphs, a new digest
     assert len(calls) == 2
+
+
+def test_a_model_with_sessions_pickles(pair):
+    """onnxruntime sessions do not pickle: the model pickles its weights and settings, and the copy
+    builds its sessions on its first call."""
+    import pickle
+
+    _, model = pair
+    rng = np.random.default_rng(7)
+    seq, struct = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 5, 12))
+    want = model.fuse_representations(seq, struct)["bidirectional_fusion"]
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.backend == "onnx"
+    np.testing.assert_array_equal(clone.fuse_representations(seq, struct)["bidirectional_fusion"], want)

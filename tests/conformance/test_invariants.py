@@ -1,4 +1,4 @@
-"""Invariants every backend keeps: key order, batch independence, equal scores, masked rows, ragged."""
+"""Invariants every backend keeps: key order, batch independence, equal scores, masked rows, ragged, pickling."""
 
 from __future__ import annotations
 
@@ -108,3 +108,16 @@ def test_byte_order_and_memory_layout_change_nothing(setup):
     got = model.fuse_representations(swapped, strided)["fused_sequential"]
     # a BLAS may sum a Fortran-ordered operand in another order: rounding, nothing more
     check_same(to_numpy(got), to_numpy(want), dtype, "byte order and layout")
+
+
+def test_a_pickled_model_computes_what_the_model_computes(setup):
+    """Pickled (for ``multiprocessing``) after a call: the backend's sessions and device arrays stay
+    behind, and the copy prepares its own."""
+    import pickle
+
+    model, dtype = setup
+    s, t = to_backend(inputs(2, 6, D), dtype), to_backend(inputs(2, 6, D, seed=1), dtype)
+    want = to_numpy(model.fuse_representations(s, t)["bidirectional_fusion"])
+    clone = pickle.loads(pickle.dumps(model))
+    assert repr(clone) == repr(model)
+    check_same(to_numpy(clone.fuse_representations(s, t)["bidirectional_fusion"]), want, dtype, "pickled model")

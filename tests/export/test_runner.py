@@ -174,3 +174,18 @@ def test_weights_handed_over_in_memory_stay_out_of_the_model(dtype):
         np.testing.assert_array_equal(got[name], want[name])
     with pytest.raises(ValueError, match="onnxruntime cannot load the model"):
         OnnxSession(lean)  # the weights are not in the model: without them there is no session
+
+
+def test_pickles_as_its_path_and_refuses_a_changed_file(tmp_path):
+    import pickle
+
+    path = to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "fusion.onnx")
+    fusion = OnnxFusion(path)
+    x = np.random.default_rng(0).standard_normal((2, 4, 8))
+    clone = pickle.loads(pickle.dumps(fusion))
+    assert clone.provider == fusion.provider
+    np.testing.assert_array_equal(clone(x, x)["bidirectional_fusion"], fusion(x, x)["bidirectional_fusion"])
+    pickled = pickle.dumps(fusion)
+    to_onnx(CrossAttention(8, 2, seed=1), path)  # other weights under the same name
+    with pytest.raises(ValueError, match="has changed since this OnnxFusion was pickled"):
+        pickle.loads(pickled)
