@@ -78,7 +78,9 @@ class FoldedWeights:
     def build(cls, query, key, value, output, dtype) -> "FoldedWeights":
         heads, width, _ = query.shape
         folded = fold_weights(query, key, value, output)
-        return cls(heads, width, folded.astype(dtype), fold_magnitudes(folded, heads, width))
+        with np.errstate(over="ignore"):  # past the dtype: the front end names it (check_weights)
+            cast = folded.astype(dtype)
+        return cls(heads, width, cast, fold_magnitudes(folded, heads, width))
 
     def columns(self, part: str) -> np.ndarray:
         """The (D, H*D) block for part 'q' (the A_h) or 'v' (the U_h), or (D, 2*H*D) for 'qv'."""
