@@ -49,10 +49,10 @@ def _release_openblas_control() -> None:
     """Let the next thread set OpenBLAS's limit.
 
     threadpoolctl 3.8 lets only the first thread that sets a limit on a pthreads OpenBLAS set the
-    next one, and silently ignores the others, until that thread leaves a ``with`` block. Calls from
-    a thread other than the first then ran their workers on 2 BLAS threads each (measured on this
-    2-core CPU: other results in the last bits, and the cores oversubscribed). Our limit is set and
-    lifted under one lock, by whichever call comes first and whichever leaves last.
+    next one, and silently ignores the others, until that thread leaves a ``with`` block. Our limit
+    is set by whichever call comes first and lifted by whichever leaves last, under our own lock, so
+    it drops that claim each time; kept, it made a call from another thread run its workers on 2 BLAS
+    threads each (measured on this 2-core CPU: other results in the last bits, oversubscribed cores).
     """
     from threadpoolctl import OpenBLASController
 

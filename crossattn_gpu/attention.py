@@ -121,7 +121,8 @@ class CrossAttention:
         """What pickle and ``copy`` keep: the weights and the settings, so a model can go to another
         process (``multiprocessing`` with spawn or forkserver). The backend is built again there by
         name, as :meth:`from_weights` would (an error if it cannot run there, never a fallback), and
-        its prepared weights on the first call: onnxruntime sessions and device arrays do not pickle."""
+        its prepared weights on the first call: backends hold modules, onnxruntime sessions and device
+        arrays, none of which pickles."""
         return {"weights": self._weights, "backend": self.backend, "dtype": self.dtype,
                 "float32_precision": self.float32_precision}
 
