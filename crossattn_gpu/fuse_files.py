@@ -10,6 +10,7 @@ whatever the number of antibodies.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 import zipfile
@@ -95,8 +96,10 @@ class EmbeddingFile(Mapping):
 
 class NpzWriter:
     """Writes arrays into an npz file one at a time (the format of ``np.savez``, without holding them
-    all). It writes ``<path>.partial`` and renames it to ``path`` at the end of the ``with`` block, or
-    removes it if the block raised. Like ``np.savez``, it adds ``.npz`` to a path without it.
+    all). It writes ``<path>.<pid>.<random>.partial``, a name no other writer has, and renames it to
+    ``path`` at the end of the ``with`` block, or removes it if the block raised: two runs given the
+    same output each leave a whole file (the last to finish wins), never a mix of both. Like
+    ``np.savez``, it adds ``.npz`` to a path without it.
 
     ``keep``: files the output must not replace (the inputs): ValueError naming the one it would.
     """
@@ -109,10 +112,13 @@ class NpzWriter:
         for what, kept in (keep or {}).items():
             if self.path.exists() and os.path.samefile(self.path, kept):
                 raise ValueError(f"the output {self.path} is the {what} itself; writing it would replace it")
-        self._partial = self.path.with_name(self.path.name + ".partial")
 
     def __enter__(self) -> "NpzWriter":
-        self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        # O_EXCL: never another writer's file; mode 0o666 less the umask, as open() gives the output.
+        descriptor = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        self._file = os.fdopen(descriptor, "wb")
+        self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
         return self
 
     def write(self, key: str, array) -> None:
@@ -120,11 +126,15 @@ class NpzWriter:
             np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
     def __exit__(self, exc_type, *exc) -> None:
-        self._zip.close()
-        if exc_type is None:
-            os.replace(self._partial, self.path)
-        else:
-            self._partial.unlink(missing_ok=True)
+        try:
+            try:
+                self._zip.close()  # writes the zip's directory: a full disk fails here too
+            finally:
+                self._file.close()  # ZipFile leaves open a file object it was given
+            if exc_type is None:
+                os.replace(self._partial, self.path)
+        finally:
+            self._partial.unlink(missing_ok=True)  # renamed already, or never left behind
 
 
 def _shapes(collection: Mapping) -> dict[str, tuple]:

@@ -1,6 +1,7 @@
 """Length bucketing and the progress bar of crossattn_gpu.fuse_files."""
 
 import io
+import os
 import re
 
 import numpy as np
@@ -147,3 +148,52 @@ def test_npz_writer_refuses_a_directory_and_the_inputs(tmp_path):
             NpzWriter(tmp_path / given, keep={"sequence file": tmp_path / "seq.npz"})
     NpzWriter(tmp_path / "out.npz", keep={"sequence file": tmp_path / "seq.npz"})  # not yet there: fine
     np.testing.assert_array_equal(np.load(tmp_path / "seq.npz")["a"], np.ones((2, 3)))
+
+
+def test_two_writers_of_one_output_each_leave_a_whole_file(tmp_path):
+    """Two runs given the same --out once shared one `.partial` file: the second truncated the first's,
+    the first renamed a mix of both into place, and the second then failed."""
+    from crossattn_gpu.fuse_files import NpzWriter
+
+    first, second = NpzWriter(tmp_path / "out.npz"), NpzWriter(tmp_path / "out.npz")
+    with first:
+        first.write("a", np.arange(1000.0))
+        with second:
+            second.write("b", np.ones((3, 4), np.float32))
+            first.write("c", np.zeros(5))
+        with np.load(tmp_path / "out.npz", allow_pickle=False) as got:  # the second's, whole
+            assert got.files == ["b"]
+            np.testing.assert_array_equal(got["b"], np.ones((3, 4), np.float32))
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as got:  # then the first's, whole
+        assert got.files == ["a", "c"]
+        np.testing.assert_array_equal(got["a"], np.arange(1000.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_npz_writer_gives_the_output_the_usual_permissions(tmp_path):
+    from crossattn_gpu.fuse_files import NpzWriter
+
+    umask = os.umask(0o022)
+    try:
+        with NpzWriter(tmp_path / "out.npz") as out:
+            out.write("a", np.ones(2))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failure_closing_the_zip_leaves_no_partial_file(tmp_path):
+    from crossattn_gpu.fuse_files import NpzWriter
+
+    with pytest.raises(OSError, match="No space left"):
+        with NpzWriter(tmp_path / "out.npz") as out:
+            out.write("a", np.ones(2))
+            close = out._zip.close
+
+            def close_on_a_full_disk():
+                close()
+                raise OSError(28, "No space left on device")
+
+            out._zip.close = close_on_a_full_disk
+    del out._zip.close  # ZipFile.__del__ calls it again
+    assert list(tmp_path.iterdir()) == []
