@@ -54,7 +54,11 @@ def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None
     if name == "auto":
         # numpy is always usable; Triton and CuPy only on a real GPU (not under the interpreter).
         name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto(dtype))
-        logger.info("backend='auto' picked %r", name)
+        if name == "numpy" and dtype is None and OnnxBackend.usable_by_auto("float32"):
+            logger.info("backend='auto' picked 'numpy' (the dtype follows the inputs); with dtype='float32' it "
+                        "takes 'onnx', about twice as fast for float32 work on the CPUs measured")
+        else:
+            logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
     if float32_precision not in FLOAT32_PRECISIONS:

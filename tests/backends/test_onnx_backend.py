@@ -76,6 +76,11 @@ def test_auto_takes_onnx_for_float32_only_and_says_so(caplog):
     # The dtype following the inputs (float64 would be computed in float32 there), or another dtype.
     for dtype in (None, "float64", "float16"):
         assert CrossAttention(4, 1, dtype=dtype).backend == (gpu or "numpy")
+    if gpu is None:  # the log says how to get onnx
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
+            CrossAttention(4, 1)
+        assert "picked 'numpy' (the dtype follows the inputs); with dtype='float32' it takes 'onnx'" in caplog.text
 
 
 def test_auto_without_onnxruntime_takes_numpy_and_a_named_onnx_raises(monkeypatch):
