@@ -12,7 +12,7 @@ from crossattn_gpu.backends import numpy_backend
 def test_parallel_and_serial_results_are_identical(monkeypatch):
     pytest.importorskip("threadpoolctl")
     rng = np.random.default_rng(0)
-    model = CrossAttention(16, 2, seed=0)
+    model = CrossAttention(16, 2, seed=0, backend="numpy")
     seq, struct = rng.standard_normal((9, 7, 16)), rng.standard_normal((9, 5, 16))
     monkeypatch.setattr(numpy_backend, "SCORE_CHUNK_ELEMENTS", 2 * 7 * 5)  # one example per chunk
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
@@ -97,7 +97,7 @@ def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_bl
     threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     rng = np.random.default_rng(1)
-    model = CrossAttention(64, 4, seed=0)
+    model = CrossAttention(64, 4, seed=0, backend="numpy")
     seq, struct = rng.standard_normal((32, 96, 64), np.float32), rng.standard_normal((32, 96, 64), np.float32)
     alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
     before = _blas_threads(threadpoolctl)
@@ -128,7 +128,7 @@ def test_a_forked_child_fuses_with_a_pool_of_its_own(monkeypatch):
     pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     rng = np.random.default_rng(2)
-    model = CrossAttention(32, 2, seed=0)
+    model = CrossAttention(32, 2, seed=0, backend="numpy")
     seq, struct = rng.standard_normal((16, 64, 32)), rng.standard_normal((16, 64, 32))
     in_parent = model.fuse_representations(seq, struct)["bidirectional_fusion"]  # starts the parent's pool
 
