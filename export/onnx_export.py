@@ -185,6 +185,19 @@ def build_attention_model(
     return g.model(opset, meta)
 
 
+def build_similarity_model(width: int, *, opset: int, dtype: str) -> onnx.ModelProto:
+    """The seed's cosine similarities alone: ``rows`` (B, La, D) and ``fused`` (B, Lb, D) in, ``similarity``
+    (B, La, Lb) out, zero rows giving 0 (padded rows must come in zeroed). For the ``onnx`` backend's
+    fusions too long for one graph (``OnnxBackend.fuse``)."""
+    _check_options(opset, dtype)
+    g = GraphBuilder(dtype)
+    rows = g.add_input("rows", g.elem, ["batch", "len_a", width])
+    fused = g.add_input("fused", g.elem, ["batch", "len_b", width])
+    sims = g.to_model_dtype(cosine_similarity(g, rows, fused, opset))
+    g.add_output("similarity", sims, g.elem, ["batch", "len_a", "len_b"])
+    return g.model(opset, {"graph": "similarity", "embedding_dim": str(width)})
+
+
 def to_onnx(
     model,
     path,

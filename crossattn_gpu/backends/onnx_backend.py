@@ -25,6 +25,24 @@ from .numpy_backend import NumpyBackend
 
 OPSET = 17
 
+#: An onnxruntime run of one direction's attention holds its (b, H, Lq, Lk) scores and a few tensors
+#: of their size at once. Past this many score elements for one example (64 MiB in float32) the queries
+#: run in blocks (the keys whole), so memory stays bounded whatever L is: one example of L = 8192,
+#: D = 64, H = 4 had taken 4.4 GB of resident memory on this project's CPU, and longer ones could only
+#: run out of it.
+RUN_SCORE_ELEMENTS = 1 << 24
+
+#: ... blocks of at least this many queries: each run projects the whole of its keys' values again.
+MIN_QUERY_BLOCK = 256
+
+
+def query_blocks(heads: int, len_q: int, len_k: int) -> list[slice]:
+    """The blocks of queries one direction's attention runs in (one block while the scores fit)."""
+    if heads * len_q * len_k <= RUN_SCORE_ELEMENTS:
+        return [slice(0, len_q)]
+    rows = max(MIN_QUERY_BLOCK, RUN_SCORE_ELEMENTS // (heads * len_k))
+    return [slice(start, min(start + rows, len_q)) for start in range(0, len_q, rows)]
+
 
 class OnnxPrepared:
     """The weights of one CrossAttention in one dtype, and the sessions built from them."""
@@ -101,6 +119,7 @@ class OnnxBackend(NumpyBackend):
         return OnnxPrepared(arrays, np.dtype(dtype).name)
 
     def _attention(self, weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa: bool):
+        """One direction's attention, its queries in blocks (``query_blocks``) when they are many."""
         from ..export.onnx_export import build_attention_model
 
         width = xq.shape[-1]
@@ -111,14 +130,25 @@ class OnnxBackend(NumpyBackend):
             arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
             folded=None if sdpa else weights.folded, digest=None if sdpa else weights.digest, lengths=lengths,
             external=external))
-        feeds = _feeds(
-            {"query_seq": xq, "key_seq": xk, "value_seq": xv},
-            {"query_lengths": (xq, q_lengths), "key_lengths": (xk, k_lengths)},
-            masked,
-        )
         heads = 1 if sdpa else weights.arrays["query_weights"].shape[0]
-        result = session.run(feeds, shape=(max(xq.shape[1], xk.shape[1]), width, heads))
-        return result["output"], result.get("attention_weights")
+        outputs, probabilities = [], []
+        for rows in query_blocks(heads, xq.shape[1], xk.shape[1]):
+            block = xq[:, rows]
+            # A block's query lengths count from its first row; a block past an example's length gets
+            # 0, and its rows come out zero as padded rows do.
+            block_lengths = None if q_lengths is None else np.clip(q_lengths - rows.start, 0, block.shape[1])
+            block_masked = None if masked is None or masked.shape[1] == 1 else masked[:, rows]
+            feeds = _feeds(
+                {"query_seq": block, "key_seq": xk, "value_seq": xv},
+                {"query_lengths": (block, block_lengths), "key_lengths": (xk, k_lengths)},
+                masked if block_masked is None else block_masked,
+            )
+            result = session.run(feeds, shape=(max(block.shape[1], xk.shape[1]), width, heads))
+            outputs.append(result["output"])
+            probabilities.append(result.get("attention_weights"))
+        if len(outputs) == 1:
+            return outputs[0], probabilities[0]
+        return np.concatenate(outputs, axis=1), None if not need_weights else np.concatenate(probabilities, axis=2)
 
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
         prepared = self._sdpa.setdefault(q.dtype.name, OnnxPrepared({}, q.dtype.name))
@@ -131,6 +161,10 @@ class OnnxBackend(NumpyBackend):
     def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         from ..export.onnx_export import build_fusion_model
 
+        heads = weights.arrays["query_weights"].shape[0]
+        if heads * xs.shape[1] * xt.shape[1] > RUN_SCORE_ELEMENTS:  # both directions' queries in blocks
+            return self._fuse_by_direction(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
+                                           need_weights=need_weights, need_similarity=need_similarity)
         lengths = s_lengths is not None or t_lengths is not None
         key = ("fuse", masked is not None, need_weights, need_similarity, lengths)
         session = weights.session(key, lambda external: build_fusion_model(
@@ -152,6 +186,31 @@ class OnnxBackend(NumpyBackend):
             "seq_similarity": result.get("seq_similarity"),
             "struct_similarity": result.get("struct_similarity"),
         }
+
+    def _fuse_by_direction(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        """The fusion of examples too long for one graph: each direction through the multi-head graph,
+        whose queries run in blocks, and the similarities through a graph of their own."""
+        fused_s, probs_st = self._attention(weights, xs, xt, xt, masked, s_lengths, t_lengths, need_weights, sdpa=False)
+        masked_ts = None if masked is None else masked.swapaxes(-1, -2)
+        fused_t, probs_ts = self._attention(weights, xt, xs, xs, masked_ts, t_lengths, s_lengths, need_weights,
+                                            sdpa=False)
+        result = {
+            "fused_sequential": fused_s,
+            "fused_structural": fused_t,
+            "attention_weights_seq_to_struct": probs_st,
+            "attention_weights_struct_to_seq": probs_ts,
+        }
+        if need_similarity:
+            from ..export.onnx_export import build_similarity_model
+
+            session = weights.session(("similarity",), lambda external: build_similarity_model(
+                xs.shape[-1], opset=OPSET, dtype=weights.dtype))
+            for name, x, fused, x_lengths in (("seq_similarity", xs, fused_s, s_lengths),
+                                              ("struct_similarity", xt, fused_t, t_lengths)):
+                rows = self._zero_padded_rows(x, x_lengths, axis=1)  # padded rows must not show
+                shape = (max(x.shape[1], fused.shape[1]), x.shape[-1], 1)  # examples in slices on the CPU
+                result[name] = session.run({"rows": rows, "fused": fused}, shape=shape)["similarity"]
+        return result
 
 
 def _feeds(inputs: dict, lengths: dict, masked) -> dict:

@@ -150,6 +150,51 @@ def test_batches_run_in_slices_with_every_output(pair, small_runs):
     assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
 
 
+def test_query_blocks_bound_the_scores_of_one_run(monkeypatch):
+    assert onnx_backend.query_blocks(4, 2048, 2048) == [slice(0, 2048)]  # 2**24 scores: one run
+    monkeypatch.setattr(onnx_backend, "RUN_SCORE_ELEMENTS", 2 * 7 * 30)
+    monkeypatch.setattr(onnx_backend, "MIN_QUERY_BLOCK", 1)
+    assert onnx_backend.query_blocks(2, 100, 7) == [slice(0, 30), slice(30, 60), slice(60, 90), slice(90, 100)]
+    monkeypatch.setattr(onnx_backend, "MIN_QUERY_BLOCK", 40)
+    assert onnx_backend.query_blocks(2, 100, 7) == [slice(0, 40), slice(40, 80), slice(80, 100)]
+
+
+def test_long_examples_run_their_queries_in_blocks_with_every_output(pair, monkeypatch):
+    """Examples whose scores pass RUN_SCORE_ELEMENTS: each direction's queries in blocks (memory
+    bounded whatever L is), blocks past an example's length included; every output as in one run."""
+    ref, onnx_model = pair
+    rng = np.random.default_rng(8)
+    seq, struct = rng.standard_normal((3, 23, 12)), rng.standard_normal((3, 17, 12))
+    lengths = dict(sequential_lengths=[23, 4, 11], structural_lengths=[17, 9, 2])
+    calls = [
+        ("fuse_representations", (seq, struct), dict(mask=rng.random((3, 23, 17)) > 0.3, **lengths)),
+        ("fuse_representations", (seq, struct), dict(mask=rng.random((23, 17)) > 0.3)),
+        ("fuse_representations", (seq, struct), dict(mask=rng.random((1, 1, 17)) > 0.3, **lengths)),
+        ("multi_head_attention", (seq, struct, struct), dict(mask=rng.random((23, 17)) > 0.3, key_lengths=[17, 9, 2])),
+        ("scaled_dot_product_attention", (seq, struct, struct[..., :5]), dict(query_lengths=[23, 4, 11])),
+    ]
+    whole = [getattr(onnx_model, method)(*args, bidirectional=False, need_weights=True, **kw)
+             if method == "fuse_representations" else getattr(onnx_model, method)(*args, need_weights=True, **kw)
+             for method, args, kw in calls]
+    monkeypatch.setattr(onnx_backend, "RUN_SCORE_ELEMENTS", 2 * 5 * 23)  # blocks of 5 queries
+    monkeypatch.setattr(onnx_backend, "MIN_QUERY_BLOCK", 1)
+    for (method, args, kw), in_one in zip(calls, whole):
+        if method == "fuse_representations":
+            kw = dict(kw, bidirectional=False, need_weights=True)
+            got, want = onnx_model.fuse_representations(*args, **kw), ref.fuse_representations(*args, **kw)
+            keys = ["fused_sequential", "fused_structural", "seq_similarity", "struct_similarity",
+                    "attention_weights_seq_to_struct", "attention_weights_struct_to_seq"]
+            got, want, in_one = ([np.asarray(r[key]) for key in keys] for r in (got, want, in_one))
+        else:
+            got, want = getattr(onnx_model, method)(*args, need_weights=True, **kw), getattr(ref, method)(*args, need_weights=True, **kw)
+            got, want, in_one = ([np.asarray(x) for x in r] for r in (got, want, in_one))
+        for g, w, o in zip(got, want, in_one):
+            assert g.shape == w.shape and rel_err(g, w) <= 1e-5
+            np.testing.assert_allclose(g, o, rtol=1e-6, atol=1e-7)
+    (prepared,) = onnx_model._prepared.values()
+    assert ("similarity",) in prepared.sessions  # the fusions went by direction
+
+
 def test_every_graph_names_its_weights_digest_computed_once_per_weights(pair, monkeypatch):
     from crossattn_gpu.weights import weights_digest
 
