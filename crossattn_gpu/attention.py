@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks, _overflow
+from . import _checks, _memory, _overflow
 from .backends import get_backend
 from .weights import WEIGHT_NAMES, check_weight, check_weight_set, load_weights, random_weights, save_weights
 
@@ -199,10 +199,13 @@ class CrossAttention:
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"keys and values must have the same length; got {k.shape[1]} and {v.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, q.shape[1], k.shape[1], query_lengths, key_lengths)
+        need_weights = _default_need_weights(need_weights, batch)
+        (size, len_q, _), len_k = q.shape, k.shape[1]
+        self._check_outputs_fit(batch, {"output": size * len_q * v.shape[2],
+                                        "probabilities (need_weights)": need_weights and size * len_q * len_k})
         scale = 1.0 / np.sqrt(self.embedding_dim)
         out, probs = self._backend.scaled_dot_product_attention(
-            q, k, v, scale=scale, masked=masked, q_lengths=q_len, k_lengths=k_len,
-            need_weights=_default_need_weights(need_weights, batch),
+            q, k, v, scale=scale, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
         )
         magnitude = batch.finish_checks()
         bounds = _overflow.Bounds.attention(magnitude, q.shape[-1], scale)
@@ -227,11 +230,14 @@ class CrossAttention:
         if xk.shape[1] != xv.shape[1]:
             raise ValueError(f"key_seq and value_seq must have the same length; got {xk.shape[1]} and {xv.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, xq.shape[1], xk.shape[1], query_lengths, key_lengths)
+        need_weights = _default_need_weights(need_weights, batch)
+        (size, len_q, width), len_k, heads = xq.shape, xk.shape[1], self.attention_heads
+        self._check_outputs_fit(batch, {"output": size * len_q * width,
+                                        "probabilities (need_weights)": need_weights and size * heads * len_q * len_k})
         weights = self._projection(xq.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         out, probs = self._backend.multi_head_attention(
-            xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len,
-            need_weights=_default_need_weights(need_weights, batch),
+            xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
         )
         magnitude = batch.finish_checks()
         bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes)
@@ -278,12 +284,19 @@ class CrossAttention:
         bidirectional = _flag(bidirectional, "bidirectional")
         if bidirectional:
             _check_bidirectional(xs.shape[0], xs.shape[1], xt.shape[1], s_len, t_len)
+        need_weights = _default_need_weights(need_weights, batch)
+        need_similarity = _flag(need_similarity, "need_similarity")
+        (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
+        self._check_outputs_fit(batch, {
+            "fused outputs": size * (len_s * (1 + bidirectional) + len_t) * width,
+            "probabilities (need_weights)": need_weights and 2 * size * heads * len_s * len_t,
+            "similarities (need_similarity)": need_similarity and size * (len_s * len_s + len_t * len_t),
+        }, flags="need_weights=False or need_similarity=False")
         weights = self._projection(xs.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         parts = self._backend.fuse(
             xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
-            need_weights=_default_need_weights(need_weights, batch),
-            need_similarity=_flag(need_similarity, "need_similarity"),
+            need_weights=need_weights, need_similarity=need_similarity,
         )
         fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
         both = fused_s + fused_t if bidirectional else None
@@ -388,6 +401,12 @@ class CrossAttention:
         if dtype not in cache:
             cache[dtype] = self._backend.prepare_weights(*(weights[n] for n in WEIGHT_NAMES), dtype=dtype)
         return cache[dtype]
+
+    def _check_outputs_fit(self, batch: _checks.Batch, elements: dict, flags: str = "need_weights=False") -> None:
+        """MemoryError, before any work, for results handed back in host memory that cannot fit there.
+        ``elements``: what -> element count (0 or False for what was not asked for)."""
+        if self._backend.results_on_host(batch.caller_kind):
+            _memory.check_outputs_fit(elements, batch.out_dtype, flags)
 
     def _out(self, x, batch: _checks.Batch):
         """A backend result in the caller's kind and dtype, without the batch axis the front end added."""

@@ -63,6 +63,10 @@ class CupyBackend(DeviceFusion):
             return "torch"
         return "numpy"
 
+    @staticmethod
+    def results_on_host(kind) -> bool:
+        return kind == "numpy"
+
     def native(self, x, name: str):
         cupy = self.cupy
         if isinstance(x, cupy.ndarray):

@@ -366,6 +366,11 @@ class NumpyBackend(FoldedFusion):
         return None  # results are always NumPy arrays
 
     @staticmethod
+    def results_on_host(kind) -> bool:
+        """Whether results handed back in ``kind`` live in host memory (``_memory`` checks they fit)."""
+        return True
+
+    @staticmethod
     def to_caller(x, kind, dtype_name: str):
         return x.astype(dtype_name, copy=False)
 

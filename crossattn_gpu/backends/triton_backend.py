@@ -79,6 +79,11 @@ class TritonBackend(DeviceFusion):
             return ("cupy", None)
         return ("numpy", None)
 
+    @staticmethod
+    def results_on_host(kind) -> bool:
+        tag, device = kind
+        return tag == "numpy" or (tag == "torch" and device.type == "cpu")
+
     def native(self, x, name: str):
         """``x`` as a torch tensor on this backend's device (no copy for device tensors and CuPy)."""
         torch = self.torch

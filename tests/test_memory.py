@@ -1,0 +1,74 @@
+"""Outputs too large for the host's memory: a MemoryError before any work, never the OOM killer."""
+
+import os
+
+import numpy as np
+import pytest
+
+from crossattn_gpu import CrossAttention, _memory
+
+
+def test_small_outputs_are_never_checked(monkeypatch):
+    def unread():
+        raise AssertionError("memory figures read for a small call")
+
+    monkeypatch.setattr(_memory, "available_bytes", unread)
+    _memory.check_outputs_fit({"probabilities": _memory.CHECKED_FROM_BYTES // 8 - 1}, "float64", "less")
+
+
+def test_outputs_past_the_memory_available_are_refused_with_their_sizes(monkeypatch):
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 3 << 30)
+    elements = {"fused outputs": 1000, "probabilities (need_weights)": 1 << 30, "similarities": 0}
+    with pytest.raises(MemoryError, match=r"need 4.00 GiB of float32 \(probabilities \(need_weights\) 4.00 GiB\), "
+                                          r"more than the 3.00 GiB of memory available; pass less, or fewer examples per call"):
+        _memory.check_outputs_fit(elements, "float32", "less")
+    _memory.check_outputs_fit(elements, "float16", "less")  # 2 GiB: fits
+    monkeypatch.setattr(_memory, "available_bytes", lambda: None)  # unknown (not Linux): not refused
+    _memory.check_outputs_fit(elements, "float64", "less")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads /proc/meminfo")
+def test_available_memory_is_read_and_capped_by_a_cgroup_limit(tmp_path, monkeypatch):
+    available = _memory.available_bytes()
+    assert available is not None and 0 < available
+    (tmp_path / "max").write_text("1073741824\n")
+    (tmp_path / "current").write_text("268435456\n")
+    (tmp_path / "unlimited").write_text("max\n")
+    monkeypatch.setattr(_memory, "CGROUP_FILES", ((str(tmp_path / "unlimited"), str(tmp_path / "current")),
+                                                  (str(tmp_path / "max"), str(tmp_path / "current"))))
+    assert _memory.available_bytes() == min(available, 3 << 28)  # 1 GiB limit, 256 MiB used
+
+
+@pytest.fixture
+def tight_memory(monkeypatch):
+    monkeypatch.setattr(_memory, "CHECKED_FROM_BYTES", 0)
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 20_000)
+
+
+def test_each_method_refuses_outputs_that_cannot_fit(tight_memory):
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    x = np.random.default_rng(0).standard_normal((40, 8))  # (40, 40) probabilities: 12.8 kB per head
+    with pytest.raises(MemoryError, match=r"probabilities \(need_weights\).*pass need_weights=False or "
+                                          r"need_similarity=False, or fewer examples per call"):
+        model.fuse_representations(x, x)  # the seed's defaults: probabilities and similarities
+    with pytest.raises(MemoryError, match="similarities"):
+        model.fuse_representations(x, x, need_weights=False)
+    model.fuse_representations(x, x, need_weights=False, need_similarity=False)  # 3 x 2.6 kB
+    with pytest.raises(MemoryError, match=r"pass need_weights=False, or fewer"):
+        model.multi_head_attention(x, x, x)
+    model.multi_head_attention(x, x, x, need_weights=False)
+    with pytest.raises(MemoryError, match=r"probabilities"):
+        model.scaled_dot_product_attention(np.ones((80, 8)), np.ones((80, 8)), np.ones((80, 8)))
+    model.scaled_dot_product_attention(x, x, x, need_weights=False)
+
+
+def test_results_left_on_a_gpu_are_not_held_to_the_hosts_memory():
+    torch = pytest.importorskip("torch")
+    from crossattn_gpu.backends.cupy_backend import CupyBackend
+    from crossattn_gpu.backends.triton_backend import TritonBackend
+
+    assert TritonBackend.results_on_host(("numpy", None))
+    assert TritonBackend.results_on_host(("torch", torch.device("cpu")))
+    assert not TritonBackend.results_on_host(("torch", torch.device("cuda", 0)))
+    assert not TritonBackend.results_on_host(("cupy", None))
+    assert CupyBackend.results_on_host("numpy") and not CupyBackend.results_on_host("torch")
