@@ -54,9 +54,9 @@ def available_bytes() -> int | None:
     return kib * 1024 if room is None else min(kib * 1024, room)
 
 
-def check_outputs_fit(elements: dict[str, int], dtype: str, flags: str) -> None:
+def check_outputs_fit(elements: dict[str, int], dtype: str, remedy: str) -> None:
     """MemoryError when the outputs, ``elements`` (a description -> element count, 0 or False for one
-    not asked for) of ``dtype``, need more than the memory available; ``flags`` say how to ask for
+    not asked for) of ``dtype``, need more than the memory available; ``remedy`` says how to ask for
     less."""
     itemsize = _ITEMSIZE[dtype]
     total = sum(elements.values()) * itemsize
@@ -69,5 +69,5 @@ def check_outputs_fit(elements: dict[str, int], dtype: str, flags: str) -> None:
                       for what, count in elements.items() if count * itemsize >= total / 100)
     raise MemoryError(
         f"the outputs asked for need {total / 2**30:.2f} GiB of {dtype} ({parts}), more than the "
-        f"{available / 2**30:.2f} GiB of memory available; pass {flags}, or fewer examples per call"
+        f"{available / 2**30:.2f} GiB of memory available; {remedy}"
     )

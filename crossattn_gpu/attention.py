@@ -291,7 +291,7 @@ class CrossAttention:
             "fused outputs": size * (len_s * (1 + bidirectional) + len_t) * width,
             "probabilities (need_weights)": need_weights and 2 * size * heads * len_s * len_t,
             "similarities (need_similarity)": need_similarity and size * (len_s * len_s + len_t * len_t),
-        }, flags="need_weights=False or need_similarity=False")
+        }, remedy="pass need_weights=False or need_similarity=False, or fewer examples per call")
         weights = self._projection(xs.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         parts = self._backend.fuse(
@@ -402,11 +402,12 @@ class CrossAttention:
             cache[dtype] = self._backend.prepare_weights(*(weights[n] for n in WEIGHT_NAMES), dtype=dtype)
         return cache[dtype]
 
-    def _check_outputs_fit(self, batch: _checks.Batch, elements: dict, flags: str = "need_weights=False") -> None:
+    def _check_outputs_fit(self, batch: _checks.Batch, elements: dict,
+                           remedy: str = "pass need_weights=False, or fewer examples per call") -> None:
         """MemoryError, before any work, for results handed back in host memory that cannot fit there.
         ``elements``: what -> element count (0 or False for what was not asked for)."""
         if self._backend.results_on_host(batch.caller_kind):
-            _memory.check_outputs_fit(elements, batch.out_dtype, flags)
+            _memory.check_outputs_fit(elements, batch.out_dtype, remedy)
 
     def _out(self, x, batch: _checks.Batch):
         """A backend result in the caller's kind and dtype, without the batch axis the front end added."""

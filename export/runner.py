@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _overflow
+from .. import _memory, _overflow
 from .._checks import check_input, check_lengths, check_values
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
@@ -268,8 +268,15 @@ class OnnxFusion:
             feeds["mask"] = mask[None] if mask.ndim == 2 else mask  # the seed's mask: 0 = masked
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
-        length = max(xs.shape[1], xt.shape[1])
-        outputs = self._session.run(feeds, shape=(length, self.embedding_dim, self.attention_heads))
+        (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
+        per_output = {"fused_sequential": len_s * width, "fused_structural": len_t * width,
+                      "bidirectional_fusion": len_s * width, "seq_similarity": len_s * len_s,
+                      "struct_similarity": len_t * len_t, "attention_weights_seq_to_struct": heads * len_s * len_t,
+                      "attention_weights_struct_to_seq": heads * len_s * len_t}
+        _memory.check_outputs_fit({name: size * per_output[name] for name in self.output_names}, self.dtype,
+                                  "export the model without attention weights or similarities, or pass fewer "
+                                  "examples per call")
+        outputs = self._session.run(feeds, shape=(max(len_s, len_t), width, heads))
         fused = {name: outputs.get(name) for name in ("fused_sequential", "fused_structural", "bidirectional_fusion")}
         _overflow.check_finite_results(fused, magnitude, self.dtype, _HOST)
         return outputs

@@ -13,18 +13,18 @@ def test_small_outputs_are_never_checked(monkeypatch):
         raise AssertionError("memory figures read for a small call")
 
     monkeypatch.setattr(_memory, "available_bytes", unread)
-    _memory.check_outputs_fit({"probabilities": _memory.CHECKED_FROM_BYTES // 8 - 1}, "float64", "less")
+    _memory.check_outputs_fit({"probabilities": _memory.CHECKED_FROM_BYTES // 8 - 1}, "float64", "pass less")
 
 
 def test_outputs_past_the_memory_available_are_refused_with_their_sizes(monkeypatch):
     monkeypatch.setattr(_memory, "available_bytes", lambda: 3 << 30)
     elements = {"fused outputs": 1000, "probabilities (need_weights)": 1 << 30, "similarities": 0}
     with pytest.raises(MemoryError, match=r"need 4.00 GiB of float32 \(probabilities \(need_weights\) 4.00 GiB\), "
-                                          r"more than the 3.00 GiB of memory available; pass less, or fewer examples per call"):
-        _memory.check_outputs_fit(elements, "float32", "less")
-    _memory.check_outputs_fit(elements, "float16", "less")  # 2 GiB: fits
+                                          r"more than the 3.00 GiB of memory available; pass less"):
+        _memory.check_outputs_fit(elements, "float32", "pass less")
+    _memory.check_outputs_fit(elements, "float16", "pass less")  # 2 GiB: fits
     monkeypatch.setattr(_memory, "available_bytes", lambda: None)  # unknown (not Linux): not refused
-    _memory.check_outputs_fit(elements, "float64", "less")
+    _memory.check_outputs_fit(elements, "float64", "pass less")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads /proc/meminfo")
@@ -72,3 +72,15 @@ def test_results_left_on_a_gpu_are_not_held_to_the_hosts_memory():
     assert not TritonBackend.results_on_host(("torch", torch.device("cuda", 0)))
     assert not TritonBackend.results_on_host(("cupy", None))
     assert CupyBackend.results_on_host("numpy") and not CupyBackend.results_on_host("torch")
+
+
+def test_onnx_fusion_refuses_outputs_that_cannot_fit(tmp_path, tight_memory):
+    pytest.importorskip("onnxruntime")
+    from crossattn_gpu.export import OnnxFusion, to_onnx
+
+    path = to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "fusion.onnx", attention_weights=True)
+    x = np.random.default_rng(0).standard_normal((1, 40, 8)).astype(np.float32)
+    with pytest.raises(MemoryError, match=r"attention_weights_seq_to_struct .*export the model without attention "
+                                          r"weights or similarities, or pass fewer examples per call"):
+        OnnxFusion(path)(x, x)
+    OnnxFusion(path)(x[:, :10], x[:, :10])
