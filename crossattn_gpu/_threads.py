@@ -23,11 +23,40 @@ _worker = threading.local()
 
 
 def cpu_count() -> int:
-    """Cores this process may run on."""
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's
+    ``--cpus``, which affinity does not show: one worker per core of a 64-core host under a 2-CPU quota
+    would be 64 workers throttled onto 2 CPUs)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else min(cores, quota)
+
+
+#: (quota, period) files of this process's cgroup as a container sees it: v2 (``cpu.max`` holds both),
+#: then v1's cpu controller.
+CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max", None),
+                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+@lru_cache(maxsize=1)
+def cgroup_cpu_quota() -> int | None:
+    """CPUs a cgroup quota allows, rounded up (at least 1); None without a quota. Read once a process:
+    ``cpu_count`` runs in every call."""
+    for quota_file, period_file in CGROUP_CPU_FILES:
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields += f.read().split()
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, IndexError, ValueError):  # absent, or "max" (no quota)
+            continue
+        if quota > 0 and period > 0:  # v1 writes -1 for no quota
+            return max(1, -(-quota // period))
+    return None
 
 
 @lru_cache(maxsize=1)

@@ -172,3 +172,25 @@ def test_after_a_chunk_fails_no_other_chunk_starts_or_is_still_running(monkeypat
     assert finished_then == [c for c in started_then if c != 0]  # nothing still running
     time.sleep(0.2)
     assert sorted(started) == started_then  # and nothing started later
+
+
+@pytest.mark.parametrize("files,quota", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs, rounded up
+    ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota
+    ({"cfs_quota_us": "50000\n", "cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),  # v1 without a quota
+    ({}, None),  # no cgroup files
+])
+def test_a_cgroup_cpu_quota_caps_the_workers(tmp_path, monkeypatch, files, quota):
+    """A container's --cpus sets a quota that CPU affinity does not show."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(_threads, "CGROUP_CPU_FILES", ((str(tmp_path / "cpu.max"), None),
+                                                       (str(tmp_path / "cfs_quota_us"), str(tmp_path / "cfs_period_us"))))
+    _threads.cgroup_cpu_quota.cache_clear()
+    try:
+        assert _threads.cgroup_cpu_quota() == quota
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert _threads.cpu_count() == (cores if quota is None else min(cores, quota))
+    finally:
+        _threads.cgroup_cpu_quota.cache_clear()
