@@ -57,21 +57,26 @@ class FoldedFusion:
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
-        fused_s, probs_st = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
+        seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
-        fused_t, probs_ts = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
+        struct_to_seq = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
+        similarity = self._cosine_similarity if need_similarity else None
+        return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
+
+    def _fusion_result(self, xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity) -> dict:
+        """The fusion's outputs from its two directions' (output, probabilities), with the similarities
+        ``similarity(a, b)`` computes (None: none asked for)."""
+        (fused_s, probs_st), (fused_t, probs_ts) = seq_to_struct, struct_to_seq
         result = {
             "fused_sequential": fused_s,
             "fused_structural": fused_t,
             "attention_weights_seq_to_struct": probs_st,
             "attention_weights_struct_to_seq": probs_ts,
         }
-        if need_similarity:
+        if similarity is not None:
             # Padded input rows may hold anything; they must not show in the similarity.
-            xs = self._zero_padded_rows(xs, s_lengths, axis=1)
-            xt = self._zero_padded_rows(xt, t_lengths, axis=1)
-            result["seq_similarity"] = self._cosine_similarity(xs, fused_s)
-            result["struct_similarity"] = self._cosine_similarity(xt, fused_t)
+            result["seq_similarity"] = similarity(self._zero_padded_rows(xs, s_lengths, axis=1), fused_s)
+            result["struct_similarity"] = similarity(self._zero_padded_rows(xt, t_lengths, axis=1), fused_t)
         return result
 
     # --- blocks of examples ---------------------------------------------------------------------------

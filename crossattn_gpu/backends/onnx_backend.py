@@ -190,27 +190,25 @@ class OnnxBackend(NumpyBackend):
     def _fuse_by_direction(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         """The fusion of examples too long for one graph: each direction through the multi-head graph,
         whose queries run in blocks, and the similarities through a graph of their own."""
-        fused_s, probs_st = self._attention(weights, xs, xt, xt, masked, s_lengths, t_lengths, need_weights, sdpa=False)
+        seq_to_struct = self._attention(weights, xs, xt, xt, masked, s_lengths, t_lengths, need_weights, sdpa=False)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
-        fused_t, probs_ts = self._attention(weights, xt, xs, xs, masked_ts, t_lengths, s_lengths, need_weights,
-                                            sdpa=False)
-        result = {
-            "fused_sequential": fused_s,
-            "fused_structural": fused_t,
-            "attention_weights_seq_to_struct": probs_st,
-            "attention_weights_struct_to_seq": probs_ts,
-        }
-        if need_similarity:
-            from ..export.onnx_export import build_similarity_model
+        struct_to_seq = self._attention(weights, xt, xs, xs, masked_ts, t_lengths, s_lengths, need_weights, sdpa=False)
+        similarity = self._similarity_graph(weights, xs.shape[-1]) if need_similarity else None
+        return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
 
-            session = weights.session(("similarity",), lambda external: build_similarity_model(
-                xs.shape[-1], opset=OPSET, dtype=weights.dtype))
-            for name, x, fused, x_lengths in (("seq_similarity", xs, fused_s, s_lengths),
-                                              ("struct_similarity", xt, fused_t, t_lengths)):
-                rows = self._zero_padded_rows(x, x_lengths, axis=1)  # padded rows must not show
-                shape = (max(x.shape[1], fused.shape[1]), x.shape[-1], 1)  # examples in slices on the CPU
-                result[name] = session.run({"rows": rows, "fused": fused}, shape=shape)["similarity"]
-        return result
+    @staticmethod
+    def _similarity_graph(weights, width: int):
+        """``similarity(rows, fused)`` through ``build_similarity_model``'s graph, built once per weights."""
+        from ..export.onnx_export import build_similarity_model
+
+        session = weights.session(("similarity",), lambda external: build_similarity_model(
+            width, opset=OPSET, dtype=weights.dtype))
+
+        def similarity(rows, fused):
+            shape = (max(rows.shape[1], fused.shape[1]), width, 1)  # examples in slices on the CPU
+            return session.run({"rows": rows, "fused": fused}, shape=shape)["similarity"]
+
+        return similarity
 
 
 def _feeds(inputs: dict, lengths: dict, masked) -> dict:
