@@ -110,6 +110,30 @@ def cpu_examples_per_run(length: int, width: int, heads: int) -> int:
     return max(1, -(-CPU_RUN_MIN_ROWS // length), CPU_RUN_ELEMENTS // per_example)
 
 
+#: A run on the CPU provider whose work, examples x H x L x D x max(L, D) (``run``'s ``shape``), is at
+#: most this goes to a session without a thread pool: waking the pool's threads costs more than they
+#: save there. Fusion through the ``onnx`` backend on this project's 2-core CPU, B = 1, both
+#: directions, pooled (threads stopped after each run) against one thread (us): D = 64, H = 2, L = 10
+#: 73 / 59, L = 48 103 / 92, L = 96 146 / 153; D = 128, H = 4, L = 10 123 / 110, L = 24 164 / 160,
+#: L = 48 223 / 260.
+SERIAL_RUN_WORK = 1 << 20
+
+
+def _model_shape(metadata: dict, length: int) -> tuple[int, int, int] | None:
+    """(length, D, heads) from a model's metadata (``embedding_dim``, ``attention_heads``, default 1),
+    or None where it does not name them as positive integers."""
+    try:
+        shape = (length, int(metadata["embedding_dim"]), int(metadata.get("attention_heads", 1)))
+    except (KeyError, ValueError):
+        return None
+    return shape if min(shape) > 0 else None
+
+
+def _run_work(examples: int, shape: tuple[int, int, int]) -> int:
+    length, width, heads = shape
+    return examples * heads * length * width * max(length, width)
+
+
 class OnnxSession:
     """An onnxruntime session with checked inputs: names, ranks, widths and dtypes.
 
@@ -119,27 +143,44 @@ class OnnxSession:
     with 11), and the session is built without two copies of them: D = 1280, H = 8 (100 MB), on this
     project's CPU, a further kind of call's first run in the ``onnx`` backend took 0.23 s more than the
     next instead of 0.67 s, and its session ~110 MB instead of ~210 MB.
+
+    Threads: onnxruntime's pool threads spin for new work after a run, by default for long enough to
+    take the cores from whatever runs next: another session (the ``onnx`` backend has one per kind of
+    call) or the caller's own code. Here they stop when a run returns (``session.force_spinning_stop``).
+    On this project's 2-core CPU, float32, W2c-shaped calls through the ``onnx`` backend: fusion
+    alternating with and without similarities 95 / 111 ms -> 71 / 84 ms (each alone: 67 / 86 ms, either
+    way); the caller's 1024 x 1024 float32 GEMM right after a call 36 -> 9.5 ms (alone 8.8); one
+    example of L = 4096 with similarities (three sessions) 205 -> 175 ms. On the CPU provider, a model
+    whose metadata names its width and heads also gets a second, one-thread session for small runs
+    (``SERIAL_RUN_WORK``) when its smallest run (one example of L = 1) would be small.
     """
 
     def __init__(self, model_or_path, providers=None, initializers: dict | None = None):
         self.providers = choose_providers(providers)
-        options = ort.SessionOptions()
-        if initializers:
-            options.add_external_initializers(
-                list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
-        try:
-            if isinstance(model_or_path, onnx.ModelProto):
-                self.session = ort.InferenceSession(model_or_path.SerializeToString(), options, providers=self.providers)
-            else:
-                self.session = ort.InferenceSession(os.fspath(model_or_path), options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ValueError(f"onnxruntime cannot load the model: {exc}") from exc
+        source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
+        self.session = self._session(source, initializers)
         self.provider = self.session.get_providers()[0]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
         self.dtype = "float16" if any(i.type == "tensor(float16)" for i in self.inputs.values()) else "float32"
+        smallest = _model_shape(self.metadata, length=1)
+        self._serial = None
+        if self.provider == "CPUExecutionProvider" and smallest and _run_work(1, smallest) <= SERIAL_RUN_WORK:
+            self._serial = self._session(source, initializers, threads=1)
+
+    def _session(self, source, initializers: dict | None, threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if initializers:
+            options.add_external_initializers(
+                list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
+        try:
+            return ort.InferenceSession(source, options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ValueError(f"onnxruntime cannot load the model: {exc}") from exc
 
     def run(self, feeds: dict, *, shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
         """Run the model on checked ``feeds``; the outputs by name.
@@ -147,7 +188,8 @@ class OnnxSession:
         ``shape``: (longest sequence, D, heads) of a batched model, whose inputs and outputs all lead
         with the batch axis (a mask may lead with 1). On the CPU provider the batch then runs in
         slices of ``cpu_examples_per_run`` examples and the outputs are joined: every example is
-        computed on its own either way. Without ``shape``, or on a GPU, the batch runs at once.
+        computed on its own either way; small runs (``SERIAL_RUN_WORK``) take the one-thread session
+        when there is one. Without ``shape``, or on a GPU, the batch runs at once.
         """
         unknown = sorted(set(feeds) - set(self.inputs))
         if unknown:
@@ -157,20 +199,23 @@ class OnnxSession:
             raise TypeError(f"missing input(s) {', '.join(missing)}")
         prepared = {name: self._prepare(name, value) for name, value in feeds.items()}
         if shape is None or self.provider != "CPUExecutionProvider":
-            return self._run(prepared)
+            return self._run(self.session, prepared)
         batch = next(arr.shape[0] for name, arr in prepared.items() if self.inputs[name].type.startswith("tensor(float"))
         step = cpu_examples_per_run(*shape)
+        small = self._serial is not None and _run_work(min(batch, step), shape) <= SERIAL_RUN_WORK
+        session = self._serial if small else self.session
         if batch <= step:
-            return self._run(prepared)
+            return self._run(session, prepared)
         parts = [
-            self._run({name: arr[start : start + step] if arr.shape[0] == batch else arr for name, arr in prepared.items()})
+            self._run(session, {name: arr[start : start + step] if arr.shape[0] == batch else arr
+                                for name, arr in prepared.items()})
             for start in range(0, batch, step)
         ]
         return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
 
-    def _run(self, prepared: dict) -> dict[str, np.ndarray]:
+    def _run(self, session, prepared: dict) -> dict[str, np.ndarray]:
         try:
-            values = self.session.run(self.output_names, prepared)
+            values = session.run(self.output_names, prepared)
         except Exception as exc:
             raise ValueError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(self.output_names, values))

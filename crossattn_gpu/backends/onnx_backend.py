@@ -9,7 +9,8 @@ weights rebuilds them. The weights reach onnxruntime as arrays, outside the grap
 own copy of them, prepacked for onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32
 weights) took ~110 MB of resident memory a variant on this project's CPU (~210 MB when the weights went
 through the graph). Handing every session one shared copy (``SessionOptions.add_initializer``) saved
-nothing there.
+nothing there. Models small enough for one-thread runs (H x D**2 up to ``runner.SERIAL_RUN_WORK``,
+8 MiB of folded float32 weights) get a second session per variant for them.
 """
 
 from __future__ import annotations

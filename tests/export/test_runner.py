@@ -189,3 +189,49 @@ def test_pickles_as_its_path_and_refuses_a_changed_file(tmp_path):
     to_onnx(CrossAttention(8, 2, seed=1), path)  # other weights under the same name
     with pytest.raises(ValueError, match="has changed since this OnnxFusion was pickled"):
         pickle.loads(pickled)
+
+
+def test_pool_threads_stop_after_a_run_and_small_runs_take_one_thread(tmp_path, monkeypatch):
+    from crossattn_gpu.export import runner
+
+    fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx"))
+    pooled, serial = fusion._session.session, fusion._session._serial
+    for session in (pooled, serial):
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    assert serial.get_session_options().intra_op_num_threads == 1
+    assert pooled.get_session_options().intra_op_num_threads == 0  # onnxruntime's default: a thread a core
+    used = []
+    run = runner.OnnxSession._run
+    monkeypatch.setattr(runner.OnnxSession, "_run", lambda self, session, feeds: used.append(session) or run(self, session, feeds))
+    x = np.random.default_rng(0).standard_normal((3, 5, 8))
+    small = fusion(x, x)
+    monkeypatch.setattr(runner, "SERIAL_RUN_WORK", 3 * 2 * 5 * 8 * 8 - 1)  # one unit less than the run's work
+    large = fusion(x, x)
+    assert used == [serial, pooled]
+    for name in small:
+        np.testing.assert_allclose(small[name], large[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("metadata,serial", [
+    ({"embedding_dim": "1024", "attention_heads": "1"}, True),  # one example of L = 1: 2**20, the limit
+    ({"embedding_dim": "1025", "attention_heads": "1"}, False),
+    ({"embedding_dim": "8"}, True),  # heads default to 1 (the sdpa and similarity graphs)
+    ({"embedding_dim": "eight", "attention_heads": "2"}, False),
+    ({"embedding_dim": "0"}, False),
+    ({}, False),  # not one of this library's models: no shape to size a run by
+])
+def test_the_one_thread_session_is_built_only_where_a_run_can_be_small(metadata, serial):
+    from onnx import helper
+
+    from crossattn_gpu.export.runner import OnnxSession
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, metadata)
+    session = OnnxSession(model)
+    assert (session._serial is not None) == serial
+    x = np.ones((2, 4), dtype=np.float32)
+    np.testing.assert_array_equal(session.run({"x": x}, shape=(1, 8, 1))["y"], x)
