@@ -114,7 +114,8 @@ def check_input(arr, name: str, backend) -> None:
         raise ValueError(f"{name} must have shape (L, D) or (B, L, D); got rank {len(shape)} with shape {shape}")
     if 0 in shape:
         axis = ("B", "L", "D")[3 - len(shape) :][shape.index(0)]
-        raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); sequences need L >= 1")
+        need = {"B": "a batch needs B >= 1 examples", "L": "sequences need L >= 1", "D": "embeddings need D >= 1"}[axis]
+        raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); {need}")
 
 
 def check_values(arrays: dict, backend) -> Callable[[], float]:

@@ -43,7 +43,7 @@ CATALOGUE = [
     ("ragged-list", "fuse_representations", ([[1.0, 2.0], [3.0]], T[0]), {}, (TypeError, ValueError), "array|inhomogeneous|numeric"),
     ("none", "fuse_representations", (None, T[0]), {}, TypeError, "numeric array; got NoneType"),
     ("empty-L", "fuse_representations", (S[:, :0], T), {}, ValueError, "empty axis L"),
-    ("empty-B", "fuse_representations", (S[:0], T[:0]), {}, ValueError, "empty axis B"),
+    ("empty-B", "fuse_representations", (S[:0], T[:0]), {}, ValueError, "empty axis B .* needs B >= 1"),
     ("nan", "fuse_representations", (nan_at(S), T), {}, ValueError, "contains NaN"),
     ("inf", "fuse_representations", (S, inf_at(T)), {}, ValueError, "contains Inf"),
     ("mixed-rank", "fuse_representations", (S, T[0]), {}, ValueError, "all be"),
