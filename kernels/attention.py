@@ -51,8 +51,8 @@ import triton.language as tl
 
 from . import contract
 from .attention_common import (
-    block_at_least_16, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides,
-    scaled_masked,
+    block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
+    mask_strides, needs_wide_offsets, scaled_masked,
 )
 from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
@@ -87,6 +87,7 @@ def _attention_fwd(
     INPUT_PRECISION: tl.constexpr,
     SUM_HEADS: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     # Grid axis 0 is batch x heads, or the batch alone when SUM_HEADS (each program then loops over the
     # heads): up to 2**31 - 1, where axis 1 stops at 65535, which B * H can pass.
@@ -102,10 +103,11 @@ def _attention_fwd(
         first_head = pid_bh % num_heads
         head_count = 1
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    # Inside one example and head, 32-bit offsets unless one can pass 2**31 (``needs_wide_offsets``).
+    offs_m = block_offsets(pid_m * BLOCK_M, BLOCK_M, WIDE_OFFSETS)
+    offs_n = block_offsets(0, BLOCK_N, WIDE_OFFSETS)
+    offs_dk = block_offsets(0, BLOCK_DK, WIDE_OFFSETS)
+    offs_dv = block_offsets(0, BLOCK_DV, WIDE_OFFSETS)
     row_ok = offs_m < len_q
 
     # Keys at or past k_len are never read; clamping to len_k keeps a bad length in bounds.
@@ -148,7 +150,8 @@ def _attention_fwd(
             else:
                 s = chunked_scores(q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
                                    stride_qm, stride_qd, stride_kn, stride_kd,
-                                   BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION)
+                                   BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION,
+                                   WIDE_OFFSETS)
             s = scaled_masked(s, qk_scale, Mask + off_b * stride_mb, offs_m, cols, row_ok, col_ok,
                               stride_mm, stride_mn, mask_fill, HAS_MASK, EVEN_N)
 
@@ -335,6 +338,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     mask_arg = masked if masked is not None else q
     lse_arg = lse if lse is not None else q
 
+    wide = needs_wide_offsets(q, k, v, masked, out, None if single_dv else scratch)
+
     grid = (batch if sum_in_kernel else batch * heads, cdiv(len_q, block_m))
     _attention_fwd[grid](
         q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse_arg, scratch,
@@ -357,6 +362,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         EVEN_DV=dim_v % block_dv == 0,
         SUM_HEADS=sum_in_kernel,
         STORE_LSE=need_lse,
+        WIDE_OFFSETS=wide,
         **cfg,
     )
     if sum_heads and not sum_in_kernel:

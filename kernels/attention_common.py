@@ -10,6 +10,31 @@ import triton.language as tl
 from . import contract
 
 
+#: The largest element offset 32-bit index arithmetic holds. The kernels index the batch and head axes
+#: in 64 bits always, and the rows and columns inside one example and head in 32 bits, unless
+#: ``needs_wide_offsets`` says an offset there can pass this (WIDE_OFFSETS: one long example, a
+#: (Lq, Lk) mask of 2**31 elements at L = 46341, or strided views): 32-bit offsets would wrap and
+#: read or write outside the tensors.
+MAX_32BIT_OFFSET = 2**31 - 1
+
+
+def needs_wide_offsets(*tensors) -> bool:
+    """Whether an offset the kernels compute in 32 bits can pass ``MAX_32BIT_OFFSET``: from the last two
+    axes (rows and columns, inside one example and head) of each tensor a launch indexes (None: absent)."""
+    return any(sum((t.shape[axis] - 1) * abs(t.stride(axis)) for axis in (-2, -1)) > MAX_32BIT_OFFSET
+               for t in tensors if t is not None)
+
+
+@triton.jit
+def block_offsets(start, BLOCK: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+    """start + arange(BLOCK): int32, or int64 with WIDE_OFFSETS, so that every offset computed from
+    it is 64-bit too."""
+    offsets = start + tl.arange(0, BLOCK)
+    if WIDE_OFFSETS:
+        offsets = offsets.to(tl.int64)
+    return offsets
+
+
 @triton.jit
 def chunked_scores(
     q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
@@ -21,9 +46,10 @@ def chunked_scores(
     EVEN_N: tl.constexpr,
     EVEN_DK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     """Q[rows] @ K[cols]^T accumulated over Dk-chunks in float32: (BLOCK_M, BLOCK_N)."""
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dk = block_offsets(0, BLOCK_DK, WIDE_OFFSETS)
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start_d in range(0, dim_k, BLOCK_DK):
         dks = start_d + offs_dk

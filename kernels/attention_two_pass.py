@@ -45,8 +45,8 @@ import triton.language as tl
 
 from . import contract
 from .attention_common import (
-    block_at_least_16, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores, mask_strides,
-    scaled_masked,
+    block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
+    mask_strides, needs_wide_offsets, scaled_masked,
 )
 
 
@@ -70,14 +70,15 @@ def _attention_fwd_scores(
     EVEN_DK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     # Axis 0 is batch x heads (up to 2**31 - 1; axis 1 stops at 65535, which B * H can pass).
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * H * Lq * Lk can pass 2**31
     pid_m = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = block_offsets(pid_m * BLOCK_M, BLOCK_M, WIDE_OFFSETS)  # 64-bit where needed (needs_wide_offsets)
+    offs_n = block_offsets(0, BLOCK_N, WIDE_OFFSETS)
     row_ok = offs_m < len_q
 
     k_len = len_k
@@ -94,7 +95,7 @@ def _attention_fwd_scores(
         col_ok = cols < k_len
         s = chunked_scores(q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
                            stride_qm, stride_qd, stride_kn, stride_kd,
-                           BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION)
+                           BLOCK_M, BLOCK_N, BLOCK_DK, EVEN_M, EVEN_N, EVEN_DK, INPUT_PRECISION, WIDE_OFFSETS)
         s = scaled_masked(s, qk_scale, Mask + off_b * stride_mb, offs_m, cols, row_ok, col_ok,
                           stride_mm, stride_mn, mask_fill, HAS_MASK, EVEN_N)
         # Every program's rows and this block's columns lie inside the padded scratch.
@@ -131,6 +132,7 @@ def _attention_fwd_probs_values(
     EVEN_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SUM_HEADS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     # One axis, Dv chunk fastest, then query block, then batch (x head): the programs that re-read one
     # block of scores are launched side by side.
@@ -147,9 +149,9 @@ def _attention_fwd_probs_values(
         first_head = pid_bh % num_heads
         head_count = 1
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_m = block_offsets(pid_m * BLOCK_M, BLOCK_M, WIDE_OFFSETS)
+    offs_n = block_offsets(0, BLOCK_N, WIDE_OFFSETS)
+    offs_dv = block_offsets(pid_dv * BLOCK_DV, BLOCK_DV, WIDE_OFFSETS)
     row_ok = offs_m < len_q
     dv_ok = offs_dv < dim_v
 
@@ -281,6 +283,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=dtype)
         out_strides = out.stride()
     even_n = len_k % block_n == 0 and k_lengths is None
+    wide = needs_wide_offsets(q, k, v, masked, scores, out)
     programs_per_example = blocks_dv * blocks_m * (1 if sum_heads else heads)
     if programs_per_example * step >= 2**31:
         raise ValueError(f"this call needs {programs_per_example * step} programs per launch, more than a grid "
@@ -305,7 +308,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
             HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
             EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
-            INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=need_lse, **launch,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=need_lse, WIDE_OFFSETS=wide, **launch,
         )
         _attention_fwd_probs_values[(programs_per_example * count,)](
             scores, row_max, row_inv_sum, v[rows_b], lengths_arg, out[rows_b],
@@ -316,6 +319,6 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
             HAS_KLEN=k_lengths is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv,
             EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DV=dim_v % block_dv == 0,
-            INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, **launch,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, WIDE_OFFSETS=wide, **launch,
         )
     return out, lse

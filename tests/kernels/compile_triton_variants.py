@@ -44,6 +44,9 @@ TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 PROJECTION_SHAPES = {"tiny": (3, 17, 5), "W2": (131072, 128, 1024)}
 #: Triton's name of each dtype, its size, and the float32 dot precision.
 DTYPES = [("fp32", 4, "ieee"), ("fp32", 4, "tf32x3"), ("fp32", 4, "tf32"), ("fp16", 2, "ieee"), ("bf16", 2, "ieee")]
+#: The fused shapes and the dtypes compiled with 64-bit offsets too (WIDE_OFFSETS).
+WIDE_SHAPES = ("W2", "D256", "W3")
+WIDE_DTYPES = [("fp32", 4, "ieee"), ("bf16", 2, "ieee")]
 #: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -81,7 +84,7 @@ def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -
     return compiled.metadata.shared, registers, spills
 
 
-def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
+def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: bool = False) -> list:
     """(kernel, constexprs) of the fused kernel as the launcher would use them."""
     len_q, len_k, dim_k, dim_v = shape
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
@@ -91,16 +94,16 @@ def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
                       EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
                       # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths,
                       # and without the lse, as the fusion launches it when no probabilities are asked.
-                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"], STORE_LSE=not extras)
+                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"], STORE_LSE=not extras, WIDE_OFFSETS=wide)
     return [(kernel_module._attention_fwd, constexprs)]
 
 
-def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool) -> list:
+def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: bool = False) -> list:
     """(kernel, constexprs) of both passes as the launcher would use them (heads summed with extras)."""
     len_q, len_k, dim_k, dim_v = shape
     even = {"EVEN_M": len_q % cfg["BLOCK_M"] == 0, "EVEN_N": len_k % cfg["BLOCK_N"] == 0 and not extras}
     common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "INPUT_PRECISION": cfg["INPUT_PRECISION"],
-              "HAS_KLEN": extras, **even}
+              "HAS_KLEN": extras, "WIDE_OFFSETS": wide, **even}
     scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0,
               "STORE_LSE": not extras}
     values = {**common, "BLOCK_DV": cfg["BLOCK_DV"], "EVEN_DV": dim_v % cfg["BLOCK_DV"] == 0, "SUM_HEADS": extras}
@@ -135,13 +138,20 @@ def main() -> int:
             failures += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
-    for (module, shapes, variants), (dtype, itemsize, precision), arch, extras in itertools.product(
-            plans, DTYPES, [80, 90], [False, True]):
+    runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
+        plans, DTYPES, [80, 90], [False, True])]
+    # 64-bit offsets inside an example (WIDE_OFFSETS, for examples whose rows pass 2**31 elements), with mask
+    # and lengths, on sm_90: they compile, and how far they spill is reported.
+    wide_plans = [(kernel_module, {k: SHAPES[k] for k in WIDE_SHAPES}, fused_variants),
+                  (two_pass_module, {"W3": TWO_PASS_SHAPES["W3"]}, two_pass_variants)]
+    runs += [(plan, dtype, 90, True, True) for plan, dtype in itertools.product(wide_plans, WIDE_DTYPES)]
+    for (module, shapes, variants), (dtype, itemsize, precision), arch, extras, wide in runs:
         for name, shape in shapes.items():
             cfg = module.launch_config(*shape, itemsize, precision=precision)
             options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-            for fn, constexprs in variants(dtype, cfg, shape, extras):
-                label = f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
+            for fn, constexprs in variants(dtype, cfg, shape, extras, wide):
+                label = (f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
+                         + " 64-bit offsets" * wide)
                 try:
                     shared, registers, spills = compile_kernel(fn, dtype, constexprs, options, arch)
                     if shared > SHARED_LIMIT[arch]:
