@@ -317,6 +317,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
+    contract.check_query_blocks(len_q, block_m)
     single_dv = dim_v <= block_dv
     sum_in_kernel = sum_heads and single_dv
     dtype = out_dtype or q.dtype

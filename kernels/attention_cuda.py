@@ -64,6 +64,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         if not isinstance(t, cupy.ndarray):
             raise TypeError(f"{name} must be a cupy.ndarray; got {type(t).__name__}")
     batch, heads, len_q, len_k, dim_k, dim_v = contract.check_qkv(q, k, v)
+    contract.check_query_blocks(len_q, BLOCK_M)
     out_dtype = np.dtype(out_dtype or q.dtype)
     if out_dtype not in (q.dtype, np.dtype(np.float32)):
         raise TypeError(f"out_dtype must be q's dtype or float32; got {out_dtype}")

@@ -266,6 +266,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
+    contract.check_query_blocks(len_q, block_m)  # pass 1's grid
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     blocks_m, blocks_dv = cdiv(len_q, block_m), cdiv(dim_v, block_dv)
     rows, cols = blocks_m * block_m, cdiv(len_k, block_n) * block_n

@@ -18,6 +18,18 @@ LOG2E = 1.4426950408889634
 FLOAT32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+#: The most blocks a CUDA grid takes on its y axis, where every launcher puts the query blocks.
+MAX_GRID_Y = 65535
+
+
+def check_query_blocks(len_q: int, block_m: int) -> None:
+    """ValueError when Lq needs more query blocks of ``block_m`` rows than a grid's y axis takes."""
+    blocks = -(-len_q // block_m)
+    if blocks > MAX_GRID_Y:
+        raise ValueError(f"Lq = {len_q} needs {blocks} query blocks of {block_m} rows, more than a GPU grid axis "
+                         f"takes ({MAX_GRID_Y}); run the queries in slices of at most {MAX_GRID_Y * block_m} rows")
+
+
 def dtype_name(t) -> str:
     return str(t.dtype).replace("torch.", "")
 

@@ -96,3 +96,12 @@ def test_rows_past_31_bits_of_offset_are_read_where_they_lie(operator):
     want, _, _ = reference(q.cpu().double().numpy(), as_tensor(k).cpu().double().numpy(),
                            as_tensor(v).cpu().double().numpy(), scale=0.25)
     np.testing.assert_allclose(out.cpu().double().numpy(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("operator", [attention, attention_two_pass], ids=["fused", "two-pass"])
+def test_more_query_blocks_than_a_grid_axis_takes_is_named(operator):
+    len_q = 65535 * 128 + 1  # past the y axis for blocks of up to 128 rows
+    q = torch.zeros(1, 1, 1, 16).expand(1, 1, len_q, 16)  # no memory: a stride of 0
+    k = v = torch.zeros(1, 1, 5, 16)
+    with pytest.raises(ValueError, match=f"Lq = {len_q} needs .* query blocks .* slices of at most"):
+        operator(q, k, v, scale=1.0)

@@ -110,3 +110,14 @@ def test_matches_reference_and_triton_on_gpu(shape, masked_and_ragged, dtype):
                                     k_lengths=None if lengths is None else torch.tensor(lengths, device="cuda"))
         between = np.abs(t_out.double().cpu().numpy() - got).max() / np.abs(want).max()
         assert between <= 2 * TOLERANCE[dtype], between
+
+
+@gpu_only
+def test_more_query_blocks_than_a_grid_axis_takes_is_named():
+    from crossattn_gpu.kernels.attention_cuda import BLOCK_M, attention
+
+    len_q = 65535 * BLOCK_M + 1
+    q = cupy.broadcast_to(cupy.zeros((1, 1, 1, 16), dtype=cupy.float32), (1, 1, len_q, 16))  # no memory
+    k = v = cupy.zeros((1, 1, 5, 16), dtype=cupy.float32)
+    with pytest.raises(ValueError, match=f"Lq = {len_q} needs .* query blocks"):
+        attention(q, k, v, scale=1.0)
