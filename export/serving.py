@@ -9,6 +9,7 @@ reshaped to scalars. Triton batches requests of equal lengths together.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .onnx_export import to_onnx
@@ -25,8 +26,13 @@ def write_serving_repository(model, root, *, name: str = "crossattn_fusion", max
                              opset: int = 17, dtype: str = "float32", mask: bool = False) -> Path:
     """Export ``model`` into a Triton Inference Server model repository; returns the model's folder.
 
-    The model has the length inputs and the three fused outputs (see ``to_onnx``).
+    The model has the length inputs and the three fused outputs (see ``to_onnx``). ``name`` is the
+    model's folder and its name in the config: letters, digits, ``_``, ``.`` and ``-``, not starting
+    with ``.`` or ``-`` (no path separators, which would place the folder elsewhere, and no quotes,
+    which would break the config). ValueError otherwise, or for ``max_batch_size`` below 1.
     """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"name must be letters, digits, '_', '.' and '-', not starting with '.' or '-'; got {name!r}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
     folder = Path(os.fspath(root)) / name

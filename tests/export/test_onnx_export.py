@@ -167,6 +167,15 @@ def test_serving_repository_layout(tmp_path, model):
     assert config.count("{ name:") == len(fusion.input_names) + len(fusion.output_names)
 
 
+@pytest.mark.parametrize("name", ["../outside", "a/b", "", ".hidden", 'quo"te', "-flag", None])
+def test_serving_repository_names_stay_one_plain_folder(tmp_path, model, name):
+    from crossattn_gpu.export.serving import write_serving_repository
+
+    with pytest.raises(ValueError, match="name must be letters, digits"):
+        write_serving_repository(model, tmp_path / "repo", name=name)
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "repo").exists()
+
+
 def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch):
     """Past EXTERNAL_DATA_BYTES (1 GiB; protobuf caps a file at 2 GiB) the weights are written beside
     the model; here the limit is lowered so that a small model takes that path."""
