@@ -144,7 +144,7 @@ class OnnxBackend(NumpyBackend):
                 {"query_lengths": (block, block_lengths), "key_lengths": (xk, k_lengths)},
                 masked if block_masked is None else block_masked,
             )
-            result = session.run(feeds, shape=(max(block.shape[1], xk.shape[1]), width, heads))
+            result = session.run(feeds, shape=(max(block.shape[1], xk.shape[1]), width, heads), checked=True)
             outputs.append(result["output"])
             probabilities.append(result.get("attention_weights"))
         if len(outputs) == 1:
@@ -178,7 +178,7 @@ class OnnxBackend(NumpyBackend):
             masked,
         )
         heads, width = weights.arrays["query_weights"].shape[:2]
-        result = session.run(feeds, shape=(max(xs.shape[1], xt.shape[1]), width, heads))
+        result = session.run(feeds, shape=(max(xs.shape[1], xt.shape[1]), width, heads), checked=True)
         return {
             "fused_sequential": result["fused_sequential"],
             "fused_structural": result["fused_structural"],
@@ -207,7 +207,7 @@ class OnnxBackend(NumpyBackend):
 
         def similarity(rows, fused):
             shape = (max(rows.shape[1], fused.shape[1]), width, 1)  # examples in slices on the CPU
-            return session.run({"rows": rows, "fused": fused}, shape=shape)["similarity"]
+            return session.run({"rows": rows, "fused": fused}, shape=shape, checked=True)["similarity"]
 
         return similarity
 
