@@ -52,13 +52,19 @@ def test_a_query_with_no_finite_score_stays_nan_under_a_mask(operator, dtype):
 
 
 class _Strided:
-    """Only what ``needs_wide_offsets`` reads: a shape and strides (no memory)."""
+    """Only what ``needs_wide_offsets`` reads of a view into a large storage: shape and strides."""
 
     def __init__(self, shape, strides):
         self.shape, self._strides = shape, strides
 
-    def stride(self, axis):
-        return self._strides[axis]
+    def stride(self):
+        return self._strides
+
+    def untyped_storage(self):
+        return self
+
+    def nbytes(self):
+        return 2**40
 
 
 @pytest.mark.parametrize("shape,strides,wide", [
@@ -73,6 +79,12 @@ class _Strided:
 ])
 def test_wide_offsets_where_an_offset_inside_an_example_passes_31_bits(shape, strides, wide):
     assert needs_wide_offsets(None, _Strided(shape, strides)) is wide
+
+
+def test_tensors_of_storages_under_2_gib_need_no_wide_offsets():
+    assert not needs_wide_offsets(torch.empty(2, 3, 17, 8), None, torch.empty(1, 5, 5, dtype=torch.uint8))
+    transposed = torch.empty(2**16, 2**15 + 1, dtype=torch.uint8).t()  # 2 GiB, never touched
+    assert needs_wide_offsets(transposed)  # its last offset: 2**15 + (2**16 - 1) * (2**15 + 1) > 2**31 - 1
 
 
 @pytest.mark.skipif(not interpreter_mode() and not torch.cuda.is_available(), reason="needs a GPU or the interpreter")
