@@ -251,3 +251,35 @@ def test_the_backend_feeds_its_graphs_without_the_runner_checks_again(pair, monk
         for name, value in want.items():
             if isinstance(value, np.ndarray):
                 assert rel_err(got[name], value) < 1e-5, name
+
+
+def test_threads_calling_at_once_build_each_session_once(monkeypatch):
+    import threading
+    import time
+
+    from crossattn_gpu.export import runner
+
+    built = []
+    original = runner.OnnxSession.__init__
+
+    def slow_init(self, *args, **kwargs):
+        built.append(threading.get_ident())
+        time.sleep(0.2)  # every thread arrives while the first build runs
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.OnnxSession, "__init__", slow_init)
+    model = CrossAttention(8, 2, seed=0, backend="onnx")
+    x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    start, results = threading.Barrier(4), []
+
+    def call():
+        start.wait()
+        results.append(model.fuse_representations(x, x, need_similarity=False)["bidirectional_fusion"])
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(results) == 4
+    assert all(np.array_equal(r, results[0]) for r in results)
