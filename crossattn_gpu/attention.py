@@ -398,9 +398,12 @@ class CrossAttention:
     def _projection(self, dtype):
         """The backend's prepared form of the weights in ``dtype``, built once per assignment."""
         cache, weights = self._prepared, self._weights  # in this order: see _Parameter.__set__
-        if dtype not in cache:
-            cache[dtype] = self._backend.prepare_weights(*(weights[n] for n in WEIGHT_NAMES), dtype=dtype)
-        return cache[dtype]
+        prepared = cache.get(dtype)
+        if prepared is None:
+            # Threads that race here all take the first one stored (its onnxruntime sessions, its device copy).
+            built = self._backend.prepare_weights(*(weights[n] for n in WEIGHT_NAMES), dtype=dtype)
+            prepared = cache.setdefault(dtype, built)
+        return prepared
 
     def _check_outputs_fit(self, batch: _checks.Batch, elements: dict,
                            remedy: str = "pass need_weights=False, or fewer examples per call") -> None:

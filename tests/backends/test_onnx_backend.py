@@ -268,6 +268,13 @@ def test_threads_calling_at_once_build_each_session_once(monkeypatch):
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(runner.OnnxSession, "__init__", slow_init)
+    prepare = onnx_backend.OnnxBackend.prepare_weights
+
+    def slow_prepare(self, *args, **kwargs):
+        time.sleep(0.1)  # every thread prepares the weights: they must still share one prepared form
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "prepare_weights", slow_prepare)
     model = CrossAttention(8, 2, seed=0, backend="onnx")
     x = np.random.default_rng(0).standard_normal((2, 5, 8))
     start, results = threading.Barrier(4), []
