@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _memory, _overflow
+from .. import _memory, _overflow, _threads
 from .._checks import check_input, check_lengths, check_values
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
@@ -129,6 +129,17 @@ def _model_shape(metadata: dict, length: int) -> tuple[int, int, int] | None:
     return shape if min(shape) > 0 else None
 
 
+def pool_threads() -> int:
+    """Threads of a pooled session: 0 (onnxruntime's choice, a thread per physical core, each pinned
+    to its core) unless this process may use fewer CPUs than the machine has, by its CPU affinity or a
+    container's CPU quota (``_threads.cpu_count``, as the NumPy backend's workers): then that many.
+    onnxruntime's own choice heeds neither: under ``taskset -c 0`` on this project's 2-core CPU its pool
+    still ran a thread on the other core (W2c 65 ms; 122 ms on the one core it was given), and under a
+    2-CPU quota on a 64-core host it would start a thread per host core."""
+    allowed = _threads.cpu_count()
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
+
+
 def _run_work(examples: int, shape: tuple[int, int, int]) -> int:
     length, width, heads = shape
     return examples * heads * length * width * max(length, width)
@@ -170,9 +181,9 @@ class OnnxSession:
         if self.provider == "CPUExecutionProvider" and smallest and _run_work(1, smallest) <= SERIAL_RUN_WORK:
             self._serial = self._session(source, initializers, threads=1)
 
-    def _session(self, source, initializers: dict | None, threads: int = 0):
+    def _session(self, source, initializers: dict | None, threads: int | None = None):
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = pool_threads() if threads is None else threads
         options.add_session_config_entry("session.force_spinning_stop", "1")
         if initializers:
             options.add_external_initializers(

@@ -194,6 +194,7 @@ def test_pickles_as_its_path_and_refuses_a_changed_file(tmp_path):
 def test_pool_threads_stop_after_a_run_and_small_runs_take_one_thread(tmp_path, monkeypatch):
     from crossattn_gpu.export import runner
 
+    monkeypatch.setattr(runner._threads, "cpu_count", lambda: os.cpu_count())  # every CPU usable
     fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx"))
     pooled, serial = fusion._session.session, fusion._session._serial
     for session in (pooled, serial):
@@ -235,3 +236,17 @@ def test_the_one_thread_session_is_built_only_where_a_run_can_be_small(metadata,
     assert (session._serial is not None) == serial
     x = np.ones((2, 4), dtype=np.float32)
     np.testing.assert_array_equal(session.run({"x": x}, shape=(1, 8, 1))["y"], x)
+
+
+def test_pool_threads_follow_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """onnxruntime's own thread count ignores CPU affinity and a container's CPU quota."""
+    from crossattn_gpu.export import runner
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runner._threads, "cpu_count", lambda: 64)
+    assert runner.pool_threads() == 0  # unrestricted: onnxruntime's choice
+    monkeypatch.setattr(runner._threads, "cpu_count", lambda: 2)  # e.g. docker --cpus=2 on a 64-core host
+    assert runner.pool_threads() == 2
+    fusion = OnnxFusion(to_onnx(CrossAttention(48, 3, seed=0), tmp_path / "m.onnx"))
+    assert fusion._session.session.get_session_options().intra_op_num_threads == 2
+    assert fusion._session._serial.get_session_options().intra_op_num_threads == 1
