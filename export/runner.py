@@ -161,7 +161,8 @@ class OnnxSession:
     On this project's 2-core CPU, float32, W2c-shaped calls through the ``onnx`` backend: fusion
     alternating with and without similarities 95 / 111 ms -> 71 / 84 ms (each alone: 67 / 86 ms, either
     way); the caller's 1024 x 1024 float32 GEMM right after a call 36 -> 9.5 ms (alone 8.8); one
-    example of L = 4096 with similarities (three sessions) 205 -> 175 ms. On the CPU provider, a model
+    example of L = 4096 with similarities (three sessions) 205 -> 175 ms. A pool has ``pool_threads``
+    threads, no more than the CPUs this process may use. On the CPU provider, a model
     whose metadata names its width and heads also gets a second, one-thread session for small runs
     (``SERIAL_RUN_WORK``) when its smallest run (one example of L = 1) would be small.
     """
