@@ -14,6 +14,7 @@ overflow (``crossattn_gpu._overflow``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,12 +67,54 @@ def is_device_array(x) -> bool:
     return False
 
 
-def host_array(x, name: str) -> np.ndarray:
-    """``x`` (a NumPy array, an array-like or a CPU tensor) as a NumPy array of numbers.
+def is_torch_tensor(x) -> bool:
+    """True for a torch tensor (without importing torch: a tensor means torch is loaded already)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
-    TypeError for what does not convert, for object arrays (ragged nested lists), and for a masked array
-    with masked entries, whose mask ``np.asarray`` would drop without a word.
+
+def check_no_grad(x, name: str) -> None:
+    """TypeError for a torch tensor that requires grad: no backend computes gradients, so its results
+    would be cut from the autograd graph without a word (and NumPy cannot read such a tensor at all)."""
+    if is_torch_tensor(x) and x.requires_grad:
+        raise TypeError(
+            f"{name} is a torch tensor that requires grad, but crossattn_gpu computes no gradients (its results "
+            f"would not be connected to the autograd graph); pass {name}.detach(), or compute it under "
+            "torch.no_grad()"
+        )
+
+
+def input_dtype_name(x, arr, backend) -> str:
+    """The dtype the caller gave ``x`` in, given its backend array ``arr``: a torch bfloat16 tensor reaches
+    the host backends as float32 (NumPy has no bfloat16), and its results go back in bfloat16."""
+    if is_torch_tensor(x) and x.dtype is sys.modules["torch"].bfloat16:
+        return "bfloat16"
+    return backend.dtype_name(arr)
+
+
+def check_result_kind(first_input, out_dtype: str) -> None:
+    """TypeError, before any work, for bfloat16 results that would be handed back as NumPy arrays (the
+    kind of results follows the first input; NumPy has no bfloat16)."""
+    if out_dtype == "bfloat16" and not (is_torch_tensor(first_input) or type(first_input).__module__.split(".")[0] == "cupy"):
+        raise TypeError(
+            "bfloat16 results cannot be returned as NumPy arrays (results come back in the kind of the first "
+            "input, and NumPy has no bfloat16); pass torch tensors or CuPy arrays, or choose dtype='float32'"
+        )
+
+
+def host_array(x, name: str) -> np.ndarray:
+    """``x`` (a NumPy array, an array-like or a CPU tensor) as a NumPy array of numbers, without a copy
+    where NumPy can share the memory. A torch bfloat16 tensor becomes float32 (``input_dtype_name``).
+
+    TypeError for what does not convert, for object arrays (ragged nested lists), for a masked array
+    with masked entries, whose mask ``np.asarray`` would drop without a word, and for a tensor that
+    requires grad (``check_no_grad``).
     """
+    if is_torch_tensor(x):
+        check_no_grad(x, name)
+        x = x.resolve_conj().resolve_neg()  # views with these bits set: NumPy cannot read them
+        if x.dtype is sys.modules["torch"].bfloat16:
+            x = x.float()
     if np.ma.is_masked(x):
         raise TypeError(
             f"{name} is a masked array with masked entries, and the mask would be ignored; fill them, and "
@@ -79,7 +122,7 @@ def host_array(x, name: str) -> np.ndarray:
         )
     try:
         arr = np.asarray(x)
-    except Exception as exc:  # e.g. a torch tensor that requires grad, or a bfloat16 tensor
+    except Exception as exc:  # e.g. a torch tensor on the meta device, or a sparse one
         raise TypeError(f"{name} could not be read as a NumPy array: {exc}") from exc
     if arr.dtype == object:
         if arr.ndim == 0:  # None, a dict, an int past 64 bits...
@@ -190,6 +233,7 @@ def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend)
     """
     if mask is None:
         return None
+    check_no_grad(mask, "mask")
     arr = backend.native(mask, "mask")
     dtype = backend.dtype_name(arr)
     if dtype != "bool" and not (dtype.startswith(("int", "uint")) or dtype in FLOAT_DTYPES):

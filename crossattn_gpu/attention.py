@@ -49,8 +49,12 @@ class CrossAttention:
             generator like the seed implementation, so ``np.random.seed(s)`` before construction
             reproduces ``seed=s``.
         dtype: ``None`` computes in the inputs' dtype (float64 in, float64 out; float32 in, float32 out;
-            float16 is stored as float16 and accumulated in float32). A dtype name (``"float32"``,
-            ``"float64"``, ``"float16"``) casts every input to it and returns it.
+            float16 and bfloat16 are stored in their dtype and accumulated in float32; the CPU backends
+            compute bfloat16 torch tensors in float32 and hand back bfloat16). A dtype name
+            (``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``) casts every input to it and
+            returns it. Results come back in the kind of the first input: NumPy arrays (array-likes
+            too), torch tensors on that tensor's device, or CuPy arrays; bfloat16 results need torch or
+            CuPy inputs.
         float32_precision: how float32 GEMMs may run on a GPU: ``"ieee"`` (default: IEEE float32),
             ``"tf32x3"`` (three TF32 tensor-core products per product, about float32's accuracy: the
             conformance suite holds it to the float32 rules) or ``"tf32"`` (one product, ~1e-3
@@ -68,7 +72,8 @@ class CrossAttention:
 
     Raises:
         TypeError / ValueError: on a bad argument, with a message naming it (the methods: on a bad
-            input, including NaN or Inf, or a value or folded weight past the compute dtype's range).
+            input, including NaN or Inf, or a value or folded weight past the compute dtype's range,
+            and a torch tensor that requires grad: no backend computes gradients).
         OverflowError (the methods): when finite inputs overflow the dtype a stage is computed in; the
             message names the result and the dtype. Never Inf or NaN handed back instead.
         ImportError / RuntimeError: when the named backend cannot run here.
@@ -360,12 +365,14 @@ class CrossAttention:
         """Validate the inputs and return them batched, as backend arrays in the compute dtype.
 
         Every input must be D wide except those named in ``free_width``. Results go back in the kind of
-        the first input (NumPy, torch on its device, CuPy), as far as the backend hands out that kind.
+        the first input (NumPy, torch on its device, CuPy).
         On a GPU the inputs' largest magnitude is read late: call ``finish_checks()`` on the result once
         the work is queued, before handing anything back; it raises for NaN, Inf, or an input too large
         for the compute dtype, and returns that magnitude (for ``_overflow.check_results``).
         """
         backend = self._backend
+        for name, x in named_inputs.items():
+            _checks.check_no_grad(x, name)
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)
@@ -374,12 +381,16 @@ class CrossAttention:
         for name, arr in arrays.items():
             if name not in free_width:
                 _checks.check_width(arr, name, self.embedding_dim)
-        out_dtype = self.dtype or _checks.result_dtype(backend.dtype_name(a) for a in arrays.values())
+        out_dtype = self.dtype or _checks.result_dtype(
+            _checks.input_dtype_name(named_inputs[n], a, backend) for n, a in arrays.items()
+        )
         if out_dtype not in backend.dtypes:
             raise TypeError(f"backend {backend.name!r} supports dtypes {', '.join(backend.dtypes)}; got {out_dtype}")
+        first = next(iter(named_inputs.values()))
+        _checks.check_result_kind(first, out_dtype)
         compute, stages = backend.compute_dtype(out_dtype), backend.stage_dtypes(out_dtype)
         cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
-        caller_kind = backend.caller_kind(next(iter(named_inputs.values())))
+        caller_kind = backend.caller_kind(first)
 
         def finish_checks() -> float:
             magnitude = read_magnitude()

@@ -88,7 +88,6 @@ def test_bad_attention_inputs(model):
         ({"backend": "tpu"}, ValueError, "unknown backend 'tpu'"),
         ({"backend": None}, TypeError, "backend must be a string"),
         ({"dtype": "int8"}, ValueError, "dtype must be one of"),
-        ({"dtype": "bfloat16", "backend": "numpy"}, ValueError, "backend 'numpy' supports dtypes"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):

@@ -67,11 +67,11 @@ def test_results_left_on_a_gpu_are_not_held_to_the_hosts_memory():
     from crossattn_gpu.backends.cupy_backend import CupyBackend
     from crossattn_gpu.backends.triton_backend import TritonBackend
 
-    assert TritonBackend.results_on_host(("numpy", None))
-    assert TritonBackend.results_on_host(("torch", torch.device("cpu")))
-    assert not TritonBackend.results_on_host(("torch", torch.device("cuda", 0)))
-    assert not TritonBackend.results_on_host(("cupy", None))
-    assert CupyBackend.results_on_host("numpy") and not CupyBackend.results_on_host("torch")
+    for backend in (TritonBackend, CupyBackend):
+        assert backend.results_on_host(("numpy", None))
+        assert backend.results_on_host(("torch", torch.device("cpu")))
+        assert not backend.results_on_host(("torch", torch.device("cuda", 0)))
+        assert not backend.results_on_host(("cupy", None))
 
 
 def test_onnx_fusion_refuses_outputs_that_cannot_fit(tmp_path, tight_memory):

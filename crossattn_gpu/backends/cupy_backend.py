@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .._checks import host_array, numpy_dtype_name, transferable_host_array
+from .._checks import host_array, is_torch_tensor, numpy_dtype_name, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -58,14 +58,15 @@ class CupyBackend(DeviceFusion):
 
     def caller_kind(self, x):
         if isinstance(x, self.cupy.ndarray):
-            return "cupy"
-        if type(x).__module__.split(".")[0] == "torch":
-            return "torch"
-        return "numpy"
+            return ("cupy", None)
+        if is_torch_tensor(x):
+            return ("torch", x.device)  # results go back to the tensor's device, the CPU included
+        return ("numpy", None)
 
     @staticmethod
     def results_on_host(kind) -> bool:
-        return kind == "numpy"
+        tag, device = kind
+        return tag == "numpy" or (tag == "torch" and device.type == "cpu")
 
     def native(self, x, name: str):
         cupy = self.cupy
@@ -101,15 +102,12 @@ class CupyBackend(DeviceFusion):
 
     def to_caller(self, x, kind, dtype_name: str):
         x = x.astype(dtype_name, copy=False)
-        if kind == "cupy":
+        tag, device = kind
+        if tag == "cupy":
             return x
-        if kind == "torch":
-            import torch
-
-            return torch.from_dlpack(x)
-        if dtype_name == "bfloat16":
-            raise TypeError("bfloat16 results cannot be returned as NumPy arrays; pass CuPy or torch inputs")
-        return x.get()
+        if tag == "torch":
+            return sys.modules["torch"].from_dlpack(x).to(device)
+        return x.get()  # not bfloat16: _checks.check_result_kind refused that before any work
 
     @staticmethod
     def compute_dtype(dtype_name: str) -> str:

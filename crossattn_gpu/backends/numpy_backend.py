@@ -23,12 +23,13 @@ masked row is uniform); keys past an example's length get exactly zero weight (t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from .._checks import host_array, is_device_array, numpy_dtype_name
+from .._checks import host_array, is_device_array, is_torch_tensor, numpy_dtype_name
 from .._overflow import StageDtypes, narrower
 from .._threads import cpu_count, run_in_parallel
 from ..folding import FoldMagnitudes, fold_magnitudes, fold_weights
@@ -317,10 +318,11 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class NumpyBackend(FoldedFusion):
     """Runs on the CPU with NumPy; takes host arrays (NumPy, array-likes, torch CPU tensors) and
-    returns NumPy arrays."""
+    returns NumPy arrays, or torch CPU tensors when the first input is one (sharing the memory of
+    NumPy's results). float16 and bfloat16 (torch tensors only: NumPy has none) are computed in float32."""
 
     name = "numpy"
-    dtypes = ("float64", "float32", "float16")
+    dtypes = ("float64", "float32", "float16", "bfloat16")
     prepare_weights = FoldedWeights.build
 
     @staticmethod
@@ -362,8 +364,8 @@ class NumpyBackend(FoldedFusion):
         return max(tops)
 
     @staticmethod
-    def caller_kind(x):
-        return None  # results are always NumPy arrays
+    def caller_kind(x) -> str:
+        return "torch" if is_torch_tensor(x) else "numpy"
 
     @staticmethod
     def results_on_host(kind) -> bool:
@@ -371,8 +373,13 @@ class NumpyBackend(FoldedFusion):
         return True
 
     @staticmethod
-    def to_caller(x, kind, dtype_name: str):
-        return x.astype(dtype_name, copy=False)
+    def to_caller(x, kind: str, dtype_name: str):
+        if kind == "numpy":
+            return x.astype(dtype_name, copy=False)
+        torch = sys.modules["torch"]  # loaded: the first input is a tensor
+        if dtype_name == "bfloat16":
+            return torch.from_numpy(x).to(torch.bfloat16)
+        return torch.from_numpy(x.astype(dtype_name, copy=False))
 
     @staticmethod
     def compute_dtype(dtype_name: str) -> np.dtype:

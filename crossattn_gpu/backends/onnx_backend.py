@@ -1,7 +1,8 @@
 """ONNX backend: every operation runs as an exported ONNX graph in onnxruntime.
 
 It lets the conformance tests treat the deployed model as one more backend, and ``auto`` takes it for
-float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays out (like the NumPy backend).
+float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays (or torch CPU tensors) out,
+as with the NumPy backend.
 The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition) and are built once
 per weights, dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
 weights rebuilds them. The weights reach onnxruntime as arrays, outside the graph (``OnnxSession``'s
@@ -89,7 +90,7 @@ class OnnxBackend(NumpyBackend):
     """Runs the seed's operations as ONNX graphs in onnxruntime (CUDA provider when offered, else CPU)."""
 
     name = "onnx"
-    dtypes = ("float64", "float32", "float16")
+    dtypes = ("float64", "float32", "float16", "bfloat16")
 
     def __init__(self):
         require("onnx", "backend 'onnx'")
@@ -119,7 +120,7 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def compute_dtype(dtype_name: str) -> np.dtype:
-        # The exported graphs run in float32 or float16; float64 inputs are computed in float32.
+        # The exported graphs run in float32 or float16; float64 and bfloat16 inputs are computed in float32.
         return np.dtype(np.float16 if dtype_name == "float16" else np.float32)
 
     def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
