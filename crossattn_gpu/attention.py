@@ -92,7 +92,9 @@ class CrossAttention:
 
     @classmethod
     def from_weights(cls, query_weights, key_weights, value_weights, output_weights, **kwargs) -> "CrossAttention":
-        """Build from given parameters: Wq, Wk, Wv (H, D, D) and Wo (H*D, D), any float dtype.
+        """Build from given parameters: Wq, Wk, Wv (H, D, D) and Wo (H*D, D), any float dtype, as NumPy
+        arrays, torch tensors on any device (``nn.Parameter`` included) or CuPy arrays. The model keeps a
+        float64 copy of their values, a snapshot: later changes to the tensors do not reach it.
 
         ``kwargs`` are ``backend``, ``dtype`` and ``float32_precision`` as for the constructor. Raises
         ValueError when the shapes do not fit together and TypeError for non-float arrays.

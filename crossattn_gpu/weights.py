@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import zipfile
 
 import numpy as np
@@ -34,10 +35,27 @@ def random_weights(embedding_dim: int, attention_heads: int, seed=None) -> dict[
     return {name: rng.randn(*shape) * 0.1 for name, shape in zip(WEIGHT_NAMES, shapes)}
 
 
+def host_values(value, name: str, where: str = "") -> np.ndarray:
+    """The values of a weight array as a NumPy array: array-likes, torch tensors on any device (a
+    parameter that requires grad included: the model keeps a copy of its values, a snapshot, as
+    ``load_state_dict`` would; bfloat16 widened to float32 exactly), and CuPy arrays."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            if value.dtype == torch.bfloat16:
+                value = value.float()
+        elif type(value).__module__.split(".")[0] == "cupy":
+            value = value.get()
+        return np.asarray(value)
+    except Exception as exc:  # a meta or sparse tensor, say
+        raise TypeError(f"{name}{where} could not be read as an array: {exc}") from exc
+
+
 def check_weight(name: str, value, expected_shape: tuple | None, source: str = "") -> np.ndarray:
     """``value`` as a read-only float64 copy, after checking dtype, shape and finiteness."""
     where = f" in {source}" if source else ""
-    arr = np.asarray(value)
+    arr = host_values(value, name, where)
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{name}{where} must be a real floating-point array; got dtype {arr.dtype}")
     if expected_shape is not None and arr.shape != tuple(expected_shape):
@@ -61,7 +79,7 @@ def check_weight_set(arrays: dict, source: str = "") -> tuple[int, int, dict[str
         if extra:
             parts.append(f"unexpected {', '.join(extra)}")
         raise ValueError(f"weights{where}: {'; '.join(parts)} (expected exactly {', '.join(WEIGHT_NAMES)})")
-    query = np.asarray(arrays["query_weights"])
+    query = host_values(arrays["query_weights"], "query_weights", where)
     if query.ndim != 3 or query.shape[1] != query.shape[2] or 0 in query.shape:
         raise ValueError(f"query_weights{where} must have shape (H, D, D) with H, D >= 1; got {query.shape}")
     heads, width = query.shape[0], query.shape[1]

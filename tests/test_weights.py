@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from crossattn_gpu import CrossAttention
+from crossattn_gpu.weights import WEIGHT_NAMES
 
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_load_checks_each_array_once_and_names_the_file(tmp_path, model, monkeyp
 def test_weights_digest_is_sha256_of_names_shapes_and_float64_bytes(model):
     import hashlib
 
-    from crossattn_gpu.weights import WEIGHT_NAMES, weights_digest
+    from crossattn_gpu.weights import weights_digest
 
     weights = model.get_attention_weights()
     want = hashlib.sha256()
@@ -155,3 +156,20 @@ def test_weights_digest_is_sha256_of_names_shapes_and_float64_bytes(model):
     assert weights_digest(weights) == want.hexdigest()  # exported models carry it: the format must not drift
     other_layouts = {k: np.asfortranarray(v).astype(">f8") for k, v in weights.items()}
     assert weights_digest(other_layouts) == want.hexdigest()
+
+
+def test_torch_tensors_give_their_values_parameters_included(model):
+    """``from_weights`` and assignment take torch tensors, parameters that require grad too: the model
+    keeps a float64 copy of their values (bfloat16 widened exactly); what cannot be read is named."""
+    torch = pytest.importorskip("torch")
+    arrays = model.get_attention_weights()
+    params = [torch.nn.Parameter(torch.from_numpy(np.array(arrays[n]))) for n in WEIGHT_NAMES]
+    copy = CrossAttention.from_weights(*params, backend="numpy")
+    for name in WEIGHT_NAMES:
+        np.testing.assert_array_equal(getattr(copy, name), arrays[name])
+    halves = CrossAttention.from_weights(*(p.detach().bfloat16() for p in params), backend="numpy")
+    np.testing.assert_array_equal(halves.key_weights, params[1].detach().bfloat16().double().numpy())
+    copy.value_weights = params[2] * 2  # a result that requires grad
+    np.testing.assert_array_equal(copy.value_weights, 2 * arrays["value_weights"])
+    with pytest.raises(TypeError, match="query_weights could not be read as an array: .*meta"):
+        CrossAttention.from_weights(params[0].to("meta"), *params[1:], backend="numpy")
