@@ -42,3 +42,14 @@ def test_cupy_in_cupy_out_matches_numpy():
     assert isinstance(got["fused_sequential"], cupy.ndarray)
     for key in ("fused_sequential", "fused_structural", "seq_similarity"):
         np.testing.assert_allclose(got[key].get(), want[key], rtol=1e-5, atol=1e-5 * np.abs(want[key]).max())
+
+
+@gpu_only
+def test_weights_from_device_arrays_are_copied_to_the_host():
+    import cupy
+
+    ref = CrossAttention(8, 2, seed=1, backend="numpy")
+    arrays = ref.get_attention_weights()
+    model = CrossAttention.from_weights(*(cupy.asarray(arrays[n]) for n in arrays), backend="cupy")
+    for name in arrays:
+        np.testing.assert_array_equal(getattr(model, name), arrays[name])
