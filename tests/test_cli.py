@@ -82,6 +82,16 @@ def test_fuse_reports_mismatched_ids(tmp_path, capsys):
     assert "same antibody ids" in err and "'ab001'" in err and "'other'" in err
 
 
+def test_fuse_dtype_is_one_an_npz_file_holds(tmp_path, capsys):
+    write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
+    with pytest.raises(SystemExit) as stop:
+        main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--out",
+              str(tmp_path / "o.npz"), "--dtype", "bfloat16"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def test_fuse_unequal_lengths_need_no_bidirectional(tmp_path, capsys):
     np.savez(tmp_path / "seq.npz", a=np.ones((3, 4)), b=np.ones((2, 4)))
     np.savez(tmp_path / "struct.npz", a=np.ones((5, 4)), b=np.ones((2, 4)))
