@@ -92,7 +92,7 @@ class OursPeer(Peer):
         self.device = "gpu" if backend in ("triton", "cupy") else "cpu"
         # tf32x3: float32 inputs, float32_precision="tf32x3" (the Triton backend's TF32 kernels).
         self.dtypes = {"numpy": ("float64", "float32"), "triton": ("float32", "tf32x3", "bfloat16"),
-                       "onnx": ("float32",)}.get(backend, ("float32", "bfloat16"))
+                       "onnx": ("float64", "float32")}.get(backend, ("float32", "bfloat16"))
 
     def unavailable(self):
         from crossattn_gpu.backends import backend_status
@@ -256,7 +256,7 @@ def all_peers() -> list[Peer]:
         TorchPeer("sdpa", "cpu"),
         OnnxRuntimePeer("cpu"),
         OursPeer("numpy"),
-        OursPeer("onnx"),  # what `auto` takes for float32 on a CPU when onnxruntime is installed
+        OursPeer("onnx"),  # what `auto` takes for float32 and float64 on a CPU when onnxruntime is installed
         TorchPeer("eager", "gpu"),
         TorchPeer("sdpa", "gpu"),
         OnnxRuntimePeer("gpu"),

@@ -42,9 +42,9 @@ class CrossAttention:
         attention_heads: H, the number of heads. Must be >= 1.
         backend: ``"auto"`` (the fastest available; the choice is in ``.backend`` and the report) or a
             backend name such as ``"numpy"``. An unavailable backend raises; it never falls back.
-            ``auto`` takes Triton on a CUDA GPU, else CuPy there, else, for ``dtype="float32"`` with
-            the ``onnx`` extra installed, ``"onnx"`` (onnxruntime: about twice NumPy's speed on the
-            CPUs measured), else ``"numpy"``.
+            ``auto`` takes Triton on a CUDA GPU, else CuPy there, else, for ``dtype="float32"`` or
+            ``"float64"`` with the ``onnx`` extra installed, ``"onnx"`` (onnxruntime: about twice
+            NumPy's speed in float32 on the CPUs measured, 1.2 to 1.8 times in float64), else ``"numpy"``.
         seed: seeds the initial weights (standard normal times 0.1). ``None`` draws from NumPy's global
             generator like the seed implementation, so ``np.random.seed(s)`` before construction
             reproduces ``seed=s``.

@@ -45,9 +45,10 @@ def _fuse(args) -> int:
     from .fuse_files import EmbeddingFile, NpzWriter, fuse_collections
 
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
-        # float32 files computed in float32, as the inputs' dtype would be, but named: `auto` weighs it.
+        # float32 or float64 files computed in their dtype, as the inputs' dtype would be, but named:
+        # `auto` weighs it.
         file_dtypes = seq.dtypes | struct.dtypes
-        dtype = args.dtype or ("float32" if file_dtypes == {"float32"} else None)
+        dtype = args.dtype or (next(iter(file_dtypes)) if file_dtypes in ({"float32"}, {"float64"}) else None)
         if args.weights:
             model = CrossAttention.load(args.weights, backend=args.backend, dtype=dtype,
                                         float32_precision=args.float32_precision)
@@ -56,11 +57,11 @@ def _fuse(args) -> int:
             print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
             model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=dtype,
                                    float32_precision=args.float32_precision)
-        if dtype is None and "float64" in file_dtypes and model.backend == "numpy":
-            # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64, 18 s with
-            # --dtype float32 (onnx backend).
-            print(f"note: the files hold float64, which backend numpy computes in float64; --dtype float32 "
-                  f"computes in float32 (backend {get_backend('auto', dtype='float32').name}), several times faster",
+        if args.dtype is None and "float64" in file_dtypes and model.backend in ("numpy", "onnx"):
+            # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
+            # 18 s with --dtype float32 (onnx backend).
+            print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
+                  f"computes in float32 (backend {get_backend('auto', dtype='float32').name}), faster",
                   file=sys.stderr)
         start = time.perf_counter()
         with NpzWriter(args.out, keep={"sequence file": args.seq, "structure file": args.struct}) as out:
@@ -103,7 +104,8 @@ def _info(args) -> int:
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"auto takes: {get_backend('auto').name} (dtype following the inputs), "
-          f"{get_backend('auto', dtype='float32').name} (dtype float32)")
+          f"{get_backend('auto', dtype='float32').name} (dtype float32), {get_backend('auto', dtype='float64').name} "
+          "(dtype float64)")
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="the .onnx file to write")
     export.add_argument("--serving-repo", help="also (or only) write a Triton Inference Server model repository here")
     export.add_argument("--opset", type=int, default=17, help="below 23: MatMul/Softmax; 23+: Attention op (default 17)")
-    export.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="model dtype (default float32)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"],
+                        help="model dtype (default float32)")
     export.add_argument("--no-lengths", action="store_true", help="no sequential_lengths/structural_lengths inputs")
     export.add_argument("--mask", action="store_true", help="add a bool mask input (B, Ls, Lt), False = masked")
     export.add_argument("--similarity", action="store_true", help="add the similarity outputs")

@@ -8,15 +8,16 @@ could specialise to the example shapes. The same builder also emits the ``Attent
 opset 23.
 
 Two flavours of the attention core:
-* opset < 23: MatMul / Softmax decomposition. Scores are cast to float32 before the mask fill and the
-  softmax, so a float16 model applies the seed's -1e9 (which float16 cannot hold) without Inf or NaN.
+* opset < 23: MatMul / Softmax decomposition. A float16 model's scores are cast to float32 before the
+  mask fill and the softmax, so it applies the seed's -1e9 (which float16 cannot hold) without Inf or
+  NaN; float32 and float64 models keep their own dtype throughout.
 * opset >= 23: the ``Attention`` operator with an additive float mask (-1e9, or -3e4 in float16, for
   masked scores; -inf for padded keys). An additive fill is the seed's replacement only when a row
   keeps a key; rows whose every valid key is masked are uniform in the seed, so they are set to the
   mean of the values over the valid keys.
 The projections are folded (SPEC section 4, ``crossattn_gpu.folding``) when the model is built:
 queries take A_h = Wq[h] Wk[h]^T / sqrt(D), the raw inputs are every head's keys, values take
-U_h = Wv[h] Wo_h, and the output is the sum of the heads' outputs (taken in float32). That is half
+U_h = Wv[h] Wo_h, and the output is the sum of the heads' outputs (taken in float32, or float64). That is half
 the projection FLOPs of the direct formulation, with no output MatMul: onnxruntime on this project's
 2-core CPU, float32, W3c (D = 1280) 543 -> 296 ms, W2c 151 -> 131 ms. The Attention operator wants
 as many key heads as value heads, so there the raw keys are expanded over the heads.
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 MASK_FILL = -1e9
 _FLOAT16_MASK_FILL = -3e4  # finite in float16 and far below any real score
-_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_ELEM = {"float64": TensorProto.DOUBLE, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 MIN_OPSET = 14
 ATTENTION_OPSET = 23
 
@@ -51,6 +52,10 @@ class GraphBuilder:
     def __init__(self, dtype: str, external: dict | None = None):
         self.dtype = dtype
         self.elem = _ELEM[dtype]
+        # Softmax, the heads' sum and the similarities run in float32 for float16 models, else in the
+        # model's dtype.
+        self.acc = "float64" if dtype == "float64" else "float32"
+        self.acc_elem = _ELEM[self.acc]
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self.external = external
         self._count = 0
@@ -129,23 +134,25 @@ class GraphBuilder:
         shaped = self.op("Reshape", [x, self.const([0, 0, heads, width], np.int64)])
         return self.op("Transpose", [shaped], perm=[0, 2, 1, 3])
 
-    def to_float32(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.op("Cast", [x], to=TensorProto.FLOAT)
+    def to_acc(self, x: str) -> str:
+        """x in the accumulation dtype ``acc``."""
+        return x if self.dtype == self.acc else self.op("Cast", [x], to=self.acc_elem)
 
     def to_model_dtype(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.op("Cast", [x], to=self.elem)
+        """x, in the accumulation dtype, back in the model's dtype."""
+        return x if self.dtype == self.acc else self.op("Cast", [x], to=self.elem)
 
 
 def attention_core(g: GraphBuilder, q, k, v, *, scale: float, keep, k_valid, opset: int, need_probs: bool):
     """softmax(scale q k^T, masked) v for q (B, H, Lq, W), k and v (B, H, Lk, W').
 
     ``keep``: bool (Bm, 1, Lq, Lk) or None, False where the seed's mask is 0. ``k_valid``: bool (B, Lk)
-    or None. Returns (output (B, H, Lq, W'), probabilities (B, H, Lq, Lk) float32 or None).
+    or None. Returns (output (B, H, Lq, W'), probabilities (B, H, Lq, Lk) in ``g.acc`` or None).
     """
     key_ok = None if k_valid is None else g.unsqueeze(k_valid, [1, 2])  # (B, 1, 1, Lk)
 
     def scores():
-        """The scaled scores, float32, with the seed's fill where masked and -inf past the key lengths.
+        """The scaled scores, in ``g.acc``, with the seed's fill where masked and -inf past the key lengths.
 
         The fills are a Mul by the mask (1 or 0) and an Add of a bias without the heads' axis (0, the
         seed's -1e9, or -inf past the length): for finite scores that is exactly the replacement,
@@ -153,17 +160,17 @@ def attention_core(g: GraphBuilder, q, k, v, *, scale: float, keep, k_valid, ops
         (64 x 4 x 256 x 256 float32 scores on this project's CPU: Where 14.4 ms, Add 2.8 ms).
         """
         raw = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
-        raw = g.op("Mul", [g.to_float32(raw), g.const(scale, np.float32)])
+        raw = g.op("Mul", [g.to_acc(raw), g.const(scale, g.acc)])
         bias = None
         if key_ok is not None:
-            bias = g.op("Where", [key_ok, g.const(0.0, np.float32), g.const(-np.inf, np.float32)])
+            bias = g.op("Where", [key_ok, g.const(0.0, g.acc), g.const(-np.inf, g.acc)])
         if keep is not None:
-            raw = g.op("Mul", [raw, g.op("Cast", [keep], to=TensorProto.FLOAT)])
-            fill = g.op("Where", [keep, g.const(0.0, np.float32), g.const(MASK_FILL, np.float32)])
+            raw = g.op("Mul", [raw, g.op("Cast", [keep], to=g.acc_elem)])
+            fill = g.op("Where", [keep, g.const(0.0, g.acc), g.const(MASK_FILL, g.acc)])
             bias = fill if bias is None else g.op("Add", [fill, bias])
         return raw if bias is None else g.op("Add", [raw, bias])
 
-    if opset < ATTENTION_OPSET and g.dtype == "float32":
+    if opset < ATTENTION_OPSET and g.dtype == g.acc:
         # The product (Lq x W') is normalised rather than the weights (Lq x Lk), as the NumPy backend
         # does: the weights are not rounded before the product. On a drawn case whose heads nearly
         # cancel (D = 1, H = 2) that took the error from 2.4e-5 to 1.9e-5 (the plain float32 seed:
@@ -181,7 +188,7 @@ def attention_core(g: GraphBuilder, q, k, v, *, scale: float, keep, k_valid, ops
     if opset < ATTENTION_OPSET:
         return g.op("MatMul", [g.to_model_dtype(probs), v]), probs
 
-    fill = MASK_FILL if g.dtype == "float32" else _FLOAT16_MASK_FILL
+    fill = _FLOAT16_MASK_FILL if g.dtype == "float16" else MASK_FILL
     inputs = [q, k, v]
     if keep is not None or key_ok is not None:
         additive = g.const(0.0)
@@ -241,8 +248,8 @@ def folded_multi_head(g: GraphBuilder, q, xk, v, *, heads: int, width: int, keep
     if opset >= ATTENTION_OPSET:  # the Attention operator wants as many key heads as value heads
         k = g.op("Expand", [k, g.const([1, heads, 1, 1], np.int64)])
     out, probs = attention_core(g, q, k, v, scale=1.0, keep=keep, k_valid=k_valid, opset=opset, need_probs=need_probs)
-    # The output projection is inside the values: the output is the heads' sum (in float32).
-    out = g.to_model_dtype(g.op("ReduceSum", [g.to_float32(out), g.const([1], np.int64)], keepdims=0))
+    # The output projection is inside the values: the output is the heads' sum (in ``g.acc``).
+    out = g.to_model_dtype(g.op("ReduceSum", [g.to_acc(out), g.const([1], np.int64)], keepdims=0))
     return g.zero_rows(out, q_valid), zero_prob_rows(g, probs, q_valid)
 
 
@@ -250,13 +257,13 @@ def zero_prob_rows(g: GraphBuilder, probs, q_valid):
     """Probabilities (B, H, Lq, Lk) with the rows of padded queries set to zero (``q_valid`` (B, Lq))."""
     if probs is None or q_valid is None:
         return probs
-    return g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, np.float32)])
+    return g.op("Where", [g.unsqueeze(q_valid, [1, 3]), probs, g.const(0.0, g.acc)])
 
 
 def cosine_similarity(g: GraphBuilder, a: str, b: str, opset: int) -> str:
-    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) float32; a zero row gives 0.
+    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in ``g.acc``; a zero row gives 0.
 
-    Each row is divided by its largest magnitude first (floored at the smallest positive float32, so a
+    Each row is divided by its largest magnitude first (floored at the smallest positive number, so a
     zero row stays zero), so that its squares neither overflow nor underflow: unscaled, rows of
     magnitude 1e-20 lost precision to subnormal squares and rows of 1e-30 or 1e20 came out wrong. A
     scaled row that is not zero has a norm of at least 1, so flooring the norm at 1 changes only zero
@@ -269,13 +276,13 @@ def cosine_similarity(g: GraphBuilder, a: str, b: str, opset: int) -> str:
         return g.op(op, [x, g.const([-1], np.int64)], keepdims=1)
 
     def unit_rows(x):
-        x = g.to_float32(x)
+        x = g.to_acc(x)
         # The largest magnitude from a max and a min (no temporary), and ReduceSumSquare for the norm.
         # The similarities of W2c's (64, 256, 128) pair, medians of 60 alternating runs, two sessions
         # each: unscaled 13.6 / 14.7 ms, scaled this way 13.5 / 13.3 (with Abs and Mul: 16.0 / 13.6).
         top = g.op("Max", [along_rows("ReduceMax", x), g.op("Neg", [along_rows("ReduceMin", x)])])
-        x = g.op("Div", [x, g.op("Max", [top, g.const(np.finfo(np.float32).smallest_subnormal, np.float32)])])
+        x = g.op("Div", [x, g.op("Max", [top, g.const(np.finfo(g.acc).smallest_subnormal, g.acc)])])
         norm = g.op("Sqrt", [along_rows("ReduceSumSquare", x)])
-        return g.op("Div", [x, g.op("Max", [norm, g.const(1.0, np.float32)])])
+        return g.op("Div", [x, g.op("Max", [norm, g.const(1.0, g.acc)])])
 
     return g.op("MatMul", [unit_rows(a), g.op("Transpose", [unit_rows(b)], perm=[0, 2, 1])])

@@ -36,8 +36,8 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def _check_options(opset: int, dtype: str) -> None:
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+    if dtype not in ("float64", "float32", "float16"):
+        raise ValueError(f"dtype must be 'float64', 'float32' or 'float16'; got {dtype!r}")
     newest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest}; got {opset!r}")
@@ -215,8 +215,8 @@ def to_onnx(
         model: the CrossAttention whose weights become initializers.
         path: the .onnx file to write.
         opset: below 23, a portable MatMul/Softmax decomposition; 23 or more, the Attention operator.
-        dtype: "float32" or "float16" for inputs, weights and outputs (softmax always in float32 in the
-            decomposition; mask constants never overflow float16).
+        dtype: "float32", "float16" or "float64" for inputs, weights and outputs (softmax in float32
+            for float16 models, in float64 for float64 ones; mask constants never overflow float16).
         lengths: add the inputs ``sequential_lengths`` and ``structural_lengths`` (B,) int64.
         mask: add the input ``mask`` (Bm, Ls, Lt) bool, Bm in {1, B}: False where the seed's mask is 0
             (score -> -1e9 in the sequential -> structural direction; transposed for the other one).

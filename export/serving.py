@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .onnx_export import to_onnx
 
-_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+_TYPES = {"float64": "TYPE_FP64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
 
 def _tensor(name: str, data_type: str, dims: list[int], reshape_to_scalar: bool = False) -> str:

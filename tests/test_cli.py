@@ -38,7 +38,8 @@ def test_info_lists_backends_and_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
-    want = f"auto takes: {get_backend('auto').name} (dtype following the inputs), {get_backend('auto', dtype='float32').name}"
+    want = (f"auto takes: {get_backend('auto').name} (dtype following the inputs), {get_backend('auto', dtype='float32').name}"
+            f" (dtype float32), {get_backend('auto', dtype='float64').name} (dtype float64)")
     assert want in out
 
 
@@ -167,7 +168,8 @@ def test_fuse_width_must_match_weights(tmp_path, capsys):
     assert "has width 8, but the model has D=6" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [[], ["--opset", "23", "--dtype", "float16", "--mask", "--similarity"]])
+@pytest.mark.parametrize("extra", [[], ["--opset", "23", "--dtype", "float16", "--mask", "--similarity"],
+                                   ["--dtype", "float64"]])
 def test_export_writes_a_model_onnxruntime_serves(tmp_path, capsys, extra):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -183,8 +185,9 @@ def test_export_writes_a_model_onnxruntime_serves(tmp_path, capsys, extra):
     x = np.random.default_rng(0).standard_normal((2, 5, 8))
     got = fusion(x, x)["fused_sequential"]
     want = model.fuse_representations(x, x)["fused_sequential"]
-    np.testing.assert_allclose(got, want, rtol=1e-2 if extra else 1e-5, atol=1e-2 if extra else 1e-6)
-    assert ("seq_similarity" in fusion.output_names) == bool(extra)
+    rtol, atol = {"float16": (1e-2, 1e-2), "float64": (1e-13, 1e-14)}.get(fusion.dtype, (1e-5, 1e-6))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    assert ("seq_similarity" in fusion.output_names) == ("--similarity" in extra)
 
 
 def test_export_needs_weights(tmp_path, capsys):
@@ -210,13 +213,20 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
                  "--out", str(tmp_path / "out.npz"), "--quiet"])
     assert code == 0
     captured = capsys.readouterr()
-    assert f"on backend {get_backend('auto').name}" in captured.out  # never onnx: it computes float32
+    backend = get_backend("auto", dtype="float64").name  # named for auto: onnx computes float64 in float64
+    assert f"on backend {backend}" in captured.out
     faster = get_backend("auto", dtype="float32").name
-    tip = f"note: the files hold float64, which backend numpy computes in float64; --dtype float32 computes in " \
-          f"float32 (backend {faster})"
-    assert (tip in captured.err) == (get_backend("auto").name == "numpy")
-    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
-        assert out["ab000/fused_sequential"].dtype == np.float64
+    tip = f"note: the files hold float64, which backend {backend} computes in float64; --dtype float32 computes " \
+          f"in float32 (backend {faster})"
+    assert (tip in captured.err) == (backend in ("numpy", "onnx"))
+    model = CrossAttention(8, 1, seed=0)  # the command's random weights without --weights
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out, np.load(tmp_path / "seq.npz") as seq, \
+            np.load(tmp_path / "struct.npz") as struct:
+        for key in seq.files:
+            want = reference.fuse(*reference.params(model), seq[key], struct[key])
+            got = out[f"{key}/bidirectional_fusion"]
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got, want["bidirectional_fusion"], rtol=1e-12, atol=1e-13)
     args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--quiet"]
     for extra in (["--dtype", "float64"], ["--dtype", "float32"]):  # a dtype asked for gets no advice
         assert main([*args, "--out", str(tmp_path / f"out{extra[1]}.npz"), *extra]) == 0

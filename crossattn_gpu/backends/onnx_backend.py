@@ -99,18 +99,21 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def usable_by_auto(dtype: str | None = None) -> bool:
-        """``auto`` takes onnxruntime for float32 work (behind the GPU backends) when it is installed.
+        """``auto`` takes onnxruntime for float32 and float64 work (behind the GPU backends) when it is
+        installed.
 
-        Its MLAS GEMMs ran the folded fusion about twice as fast as NumPy's OpenBLAS on this project's
-        2-core CPU (through ``CrossAttention``, float32: W2c 68 against 144 ms, W3c 310 against 574 ms;
-        each kind of call's first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.0 s for
-        the first, which also folds the weights, and +0.23 s for each further kind). Only when the
-        caller fixed float32: with the dtype following the inputs, float64 inputs would be computed in
-        float32. float16 stays with NumPy, which computes it in float32: the float16 graphs ran 1.8-2x
-        faster (W2c 71.6 against 148.0 ms, W3c 303.4 against 544.4 ms) at up to 6x NumPy's error
-        against float64 (W2c 4.7e-4 against 3.0e-4, W3c 2.2e-3 against 3.7e-4).
+        Its MLAS GEMMs ran the folded fusion faster than NumPy's OpenBLAS on this project's 2-core CPU,
+        through ``CrossAttention``: float32 about twice as fast (W2c 68 against 144 ms, W3c 310 against
+        574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B = 16, L =
+        120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms). Each kind of call's
+        first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.0 s for the first, which
+        also folds the weights, and +0.23 s for each further kind. Only when the caller fixed the
+        dtype: with the dtype following the inputs, float16 inputs would run the float16 graphs, which
+        ran 1.8-2x faster than NumPy (which computes float16 in float32: W2c 71.6 against 148.0 ms,
+        W3c 303.4 against 544.4 ms) at up to 6x its error against float64 (W2c 4.7e-4 against 3.0e-4,
+        W3c 2.2e-3 against 3.7e-4).
         """
-        if dtype != "float32":
+        if dtype not in ("float32", "float64"):
             return False
         try:
             OnnxBackend()
@@ -120,8 +123,8 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def compute_dtype(dtype_name: str) -> np.dtype:
-        # The exported graphs run in float32 or float16; float64 and bfloat16 inputs are computed in float32.
-        return np.dtype(np.float16 if dtype_name == "float16" else np.float32)
+        # The exported graphs run in float64, float32 or float16; bfloat16 inputs are computed in float32.
+        return np.dtype(np.float32 if dtype_name == "bfloat16" else dtype_name)
 
     def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
         arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}

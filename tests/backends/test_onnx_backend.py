@@ -28,10 +28,11 @@ def test_fuse_2d_seed_semantics(pair):
     seq, struct = rng.standard_normal((6, 12)), rng.standard_normal((6, 12))
     got, want = onnx_model.fuse_representations(seq, struct), ref.fuse_representations(seq, struct)
     assert onnx_model.backend == "onnx" and got["fused_sequential"].dtype == np.float64
+    # float64 inputs are computed in float64 graphs
     for key in ("fused_sequential", "fused_structural", "bidirectional_fusion", "seq_similarity", "struct_similarity"):
-        assert rel_err(got[key], want[key]) <= 1e-5
+        assert rel_err(got[key], want[key]) <= 1e-13
     for g, w in zip(got["attention_weights_seq_to_struct"], want["attention_weights_seq_to_struct"]):
-        assert rel_err(g, w) <= 1e-5
+        assert rel_err(g, w) <= 1e-13
 
 
 def test_ragged_masked_mha_and_sdpa(pair):
@@ -43,10 +44,10 @@ def test_ragged_masked_mha_and_sdpa(pair):
     mask[0] = False
     kw = dict(mask=mask, query_lengths=[5, 1, 3], key_lengths=[9, 2, 1], need_weights=True)
     got, want = onnx_model.multi_head_attention(q, k, k, **kw), ref.multi_head_attention(q, k, k, **kw)
-    assert rel_err(got[0], want[0]) <= 1e-5
-    assert rel_err(np.stack(got[1]), np.stack(want[1])) <= 1e-5
+    assert rel_err(got[0], want[0]) <= 1e-13
+    assert rel_err(np.stack(got[1]), np.stack(want[1])) <= 1e-13
     got, want = onnx_model.scaled_dot_product_attention(q, k, v, **kw), ref.scaled_dot_product_attention(q, k, v, **kw)
-    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+    assert rel_err(got[0], want[0]) <= 1e-13 and rel_err(got[1], want[1]) <= 1e-13
 
 
 def test_new_weights_rebuild_the_graphs(pair):
@@ -66,21 +67,24 @@ def gpu_backend_for_auto():
     return next((b.name for b in (TritonBackend, CupyBackend) if b.usable_by_auto()), None)
 
 
-def test_auto_takes_onnx_for_float32_only_and_says_so(caplog):
+def test_auto_takes_onnx_for_float32_and_float64_only_and_says_so(caplog):
     gpu = gpu_backend_for_auto()
-    with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
-        model = CrossAttention(4, 1, dtype="float32")
-    assert model.backend == (gpu or "onnx")
-    assert f"backend='auto' picked {model.backend!r}" in caplog.text
-    assert f"Backend: {model.backend}" in model.generate_report()["summary"]
-    # The dtype following the inputs (float64 would be computed in float32 there), or another dtype.
-    for dtype in (None, "float64", "float16"):
+    for dtype in ("float32", "float64"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
+            model = CrossAttention(4, 1, dtype=dtype)
+        assert model.backend == (gpu or "onnx")
+        assert f"backend='auto' picked {model.backend!r}" in caplog.text
+        assert f"Backend: {model.backend}" in model.generate_report()["summary"]
+    # The dtype following the inputs (float16 inputs would run the float16 graphs), or another dtype.
+    for dtype in (None, "float16", "bfloat16"):
         assert CrossAttention(4, 1, dtype=dtype).backend == (gpu or "numpy")
     if gpu is None:  # the log says how to get onnx
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
             CrossAttention(4, 1)
-        assert "picked 'numpy' (the dtype follows the inputs); with dtype='float32' it takes 'onnx'" in caplog.text
+        assert "picked 'numpy' (the dtype follows the inputs); with dtype='float32' or 'float64' it takes 'onnx'" \
+            in caplog.text
 
 
 def test_auto_without_onnxruntime_takes_numpy_and_a_named_onnx_raises(monkeypatch):
@@ -96,15 +100,16 @@ def test_auto_without_onnxruntime_takes_numpy_and_a_named_onnx_raises(monkeypatc
         CrossAttention(4, 1, dtype="float32", backend="onnx")
 
 
-def test_auto_with_onnx_computes_what_numpy_computes():
-    ref = CrossAttention(16, 2, seed=4, backend="numpy", dtype="float32")
-    auto = CrossAttention.from_weights(**ref.get_attention_weights(), dtype="float32")
+@pytest.mark.parametrize("dtype,limit", [("float32", 1e-5), ("float64", 1e-13)])
+def test_auto_with_onnx_computes_what_numpy_computes(dtype, limit):
+    ref = CrossAttention(16, 2, seed=4, backend="numpy", dtype=dtype)
+    auto = CrossAttention.from_weights(**ref.get_attention_weights(), dtype=dtype)
     rng = np.random.default_rng(5)
     seq, struct = rng.standard_normal((3, 9, 16)), rng.standard_normal((3, 9, 16))
     got, want = auto.fuse_representations(seq, struct), ref.fuse_representations(seq, struct)
     for key in ("fused_sequential", "fused_structural", "bidirectional_fusion"):
-        assert got[key].dtype == want[key].dtype == np.float32
-        assert rel_err(got[key], want[key]) <= 1e-5
+        assert got[key].dtype == want[key].dtype == np.dtype(dtype)
+        assert rel_err(got[key], want[key]) <= limit
 
 
 def test_graphs_take_length_inputs_only_when_lengths_are_given(pair):
@@ -113,7 +118,7 @@ def test_graphs_take_length_inputs_only_when_lengths_are_given(pair):
     seq, struct = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 7, 12))
     plain = onnx_model.fuse_representations(seq, struct, bidirectional=False)
     ragged = onnx_model.fuse_representations(seq, struct, bidirectional=False, structural_lengths=[7, 3])
-    (prepared,) = onnx_model._prepared.values()  # float64 inputs, computed in float32
+    (prepared,) = onnx_model._prepared.values()  # float64 inputs, computed in float64
     inputs = {key[-1]: set(session.inputs) for key, session in prepared.sessions.items()}
     assert inputs[False] == {"sequential_repr", "structural_repr"}
     assert inputs[True] == {"sequential_repr", "structural_repr", "sequential_lengths", "structural_lengths"}

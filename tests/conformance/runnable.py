@@ -24,6 +24,7 @@ _CANDIDATES = [
     ("cupy", "float32"),
     ("cupy", "float16"),
     ("cupy", "bfloat16"),
+    ("onnx", "float64"),
     ("onnx", "float32"),
     ("onnx", "float16"),
 ]

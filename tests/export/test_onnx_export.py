@@ -69,6 +69,28 @@ def test_unequal_lengths_without_bidirectional_output(tmp_path, model, opset):
 
 
 @pytest.mark.parametrize("opset", FLAVOURS)
+def test_float64_model_computes_in_float64(tmp_path, model, opset):
+    """Inputs, weights, softmax, the heads' sum and the similarities in float64: the NumPy backend's
+    float64 results, masked rows, padding and the seed's -1e9 fill included."""
+    path = to_onnx(model, tmp_path / "m64.onnx", opset=opset, dtype="float64", mask=True, similarity=True,
+                   attention_weights=True)
+    fusion = OnnxFusion(path)
+    assert fusion.dtype == "float64"
+    rng = np.random.default_rng(4)
+    xs, xt = rng.standard_normal((3, 17, 24)), rng.standard_normal((3, 17, 24))
+    lengths = np.array([17, 1, 9])
+    mask = rng.random((3, 17, 17)) > 0.3
+    mask[:, 0] = False
+    got = fusion(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask)
+    want = model.fuse_representations(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask,
+                                      need_weights=True)
+    for key in ("fused_sequential", "fused_structural", "bidirectional_fusion", "seq_similarity", "struct_similarity"):
+        assert got[key].dtype == np.float64
+        assert rel_err(got[key], want[key]) <= 1e-13, key
+    assert rel_err(got["attention_weights_seq_to_struct"], np.stack(want["attention_weights_seq_to_struct"], axis=1)) <= 1e-13
+
+
+@pytest.mark.parametrize("opset", FLAVOURS)
 def test_float16_model_has_no_nan_or_inf_and_plain_accuracy(tmp_path, model, opset):
     path = to_onnx(model, tmp_path / "m16.onnx", opset=opset, dtype="float16", mask=True, similarity=True)
     fusion = OnnxFusion(path)
@@ -147,7 +169,7 @@ def test_bidirectional_output_refuses_unequal_lengths(tmp_path, model):
 
 
 def test_bad_options(tmp_path, model):
-    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float16'"):
+    with pytest.raises(ValueError, match="dtype must be 'float64', 'float32' or 'float16'"):
         to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
     with pytest.raises(ValueError, match="opset must be an integer from 14"):
         to_onnx(model, tmp_path / "m.onnx", opset=12)
@@ -165,6 +187,8 @@ def test_serving_repository_layout(tmp_path, model):
     fusion = OnnxFusion(folder / "1" / "model.onnx")
     assert fusion.output_names == ["fused_sequential", "fused_structural", "bidirectional_fusion"]
     assert config.count("{ name:") == len(fusion.input_names) + len(fusion.output_names)
+    folder = write_serving_repository(model, tmp_path / "repo64", dtype="float64")
+    assert 'name: "bidirectional_fusion" data_type: TYPE_FP64' in (folder / "config.pbtxt").read_text()
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/b", "", ".hidden", 'quo"te', "-flag", None])

@@ -250,3 +250,38 @@ def test_pool_threads_follow_the_cpus_this_process_may_use(tmp_path, monkeypatch
     fusion = OnnxFusion(to_onnx(CrossAttention(48, 3, seed=0), tmp_path / "m.onnx"))
     assert fusion._session.session.get_session_options().intra_op_num_threads == 2
     assert fusion._session._serial.get_session_options().intra_op_num_threads == 1
+
+
+def test_float64_models_load_where_the_transpose_fusion_lacks_float64(tmp_path, monkeypatch):
+    """Where onnxruntime's MatmulTransposeFusion has no float64 kernel (1.18, the extra's floor), a model
+    that fails to load is loaded again without that fusion; a model that fails either way still gives
+    the ValueError. Here the old onnxruntime's refusal is played by a stand-in for InferenceSession."""
+    from crossattn_gpu.export import runner
+
+    real = runner.ort.InferenceSession
+    tries = []
+
+    def old_onnxruntime(*args, disabled_optimizers=None, **kwargs):
+        tries.append(disabled_optimizers)
+        if not disabled_optimizers:
+            raise RuntimeError("NOT_IMPLEMENTED : Failed to find kernel for com.microsoft.FusedMatMul(1)")
+        return real(*args, disabled_optimizers=disabled_optimizers, **kwargs)
+
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    path = to_onnx(model, tmp_path / "m64.onnx", dtype="float64")
+    monkeypatch.setattr(runner.ort, "InferenceSession", old_onnxruntime)
+    monkeypatch.setattr(runner, "fusion_takes_float64", lambda: False)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    got = OnnxFusion(path)(x, x)["fused_sequential"]
+    assert [None, ["MatmulTransposeFusion"]] == tries[:2]
+    np.testing.assert_allclose(got, model.fuse_representations(x, x)["fused_sequential"], rtol=1e-13, atol=1e-15)
+
+    def refuses(*args, disabled_optimizers=None, **kwargs):
+        tries.append(disabled_optimizers)
+        raise RuntimeError(f"refused with {disabled_optimizers}")
+
+    tries.clear()
+    monkeypatch.setattr(runner.ort, "InferenceSession", refuses)
+    with pytest.raises(ValueError, match=r"onnxruntime cannot load the model: refused with None$"):
+        OnnxFusion(path)
+    assert tries == [None, ["MatmulTransposeFusion"]]
