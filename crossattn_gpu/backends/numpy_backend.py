@@ -316,6 +316,15 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(unit_rows(a), unit_rows(b).swapaxes(-1, -2))
 
 
+def _float16_largest_magnitude(arr: np.ndarray) -> float:
+    """The largest |x| of a float16 array (NaN if it holds one, else Inf if it holds one) from its bit
+    patterns: with the sign bit cleared, IEEE half magnitudes order as the integers that hold them,
+    Inf is 0x7C00 and NaNs lie above it. NumPy reduces float16 in software: W2c's (64, 256, 128) input
+    took 22.9 ms for a max and a min, 0.24 ms this way (this project's CPU)."""
+    bits = arr.view(np.dtype(np.uint16).newbyteorder(arr.dtype.byteorder))
+    return float(np.uint16(int((bits & 0x7FFF).max())).view(np.float16))
+
+
 class NumpyBackend(FoldedFusion):
     """Runs on the CPU with NumPy; takes host arrays (NumPy, array-likes, torch CPU tensors) and
     returns NumPy arrays, or torch CPU tensors when the first input is one (sharing the memory of
@@ -357,6 +366,12 @@ class NumpyBackend(FoldedFusion):
         min, no temporaries: W2c's 2M-element inputs 0.16 ms each in float32 (``isfinite(x).all()``: 0.15)."""
         tops = []
         for arr in arrays:
+            if arr.dtype.char == "e":  # float16
+                top = _float16_largest_magnitude(arr)
+                if top != top:
+                    return top
+                tops.append(top)
+                continue
             high, low = float(arr.max()), float(arr.min())
             if high != high:  # NaN: the max and the min of an array holding one are both NaN
                 return high

@@ -176,3 +176,23 @@ def test_cosine_similarity_of_ordinary_and_padded_rows_needs_no_rescaling(monkey
     a[1, 5:] = 0
     cosine_similarity(a, a)
     assert calls == []
+
+
+@pytest.mark.parametrize("order", ["=", "S"])  # native and swapped byte order
+def test_float16_largest_magnitude_from_bit_patterns(order):
+    """The largest |x| of float16 arrays, read from their bits, equals float64's answer on every kind of
+    value (subnormals, signed zeros, the largest finite) and is NaN or Inf as the array holds them."""
+    from crossattn_gpu.backends.numpy_backend import NumpyBackend
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        arr = rng.choice(finite, size=rng.integers(1, 50)).astype(np.dtype(np.float16).newbyteorder(order))
+        want = float(np.abs(arr.astype(np.float64)).max())
+        assert NumpyBackend.largest_magnitude(arr) == want
+        strided = float(np.abs(arr[::-2].astype(np.float64)).max())
+        assert NumpyBackend.largest_magnitude(arr[::-2], np.float32([want / 2])) == max(strided, float(np.float32(want / 2)))
+    nan_bits = every[np.isnan(every)]
+    assert np.isnan(NumpyBackend.largest_magnitude(np.float16([1.0, np.inf]), nan_bits[:5].astype(np.float16)))
+    assert NumpyBackend.largest_magnitude(np.float16([-np.inf, 2.0]).astype(np.dtype(np.float16).newbyteorder(order))) == np.inf
