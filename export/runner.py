@@ -221,7 +221,7 @@ class OnnxSession:
         try:
             return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            if not fusion_takes_float64():  # a float64 model on an onnxruntime before 1.26, say
+            if not fusion_takes_float64():  # a float64 model on onnxruntime 1.18, say
                 try:
                     return ort.InferenceSession(source, options, providers=self.providers,
                                                 disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION])
