@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tolerances import EPS, check, unit_in_last_place
+from tolerances import EPS, allowed, check, term_scale, unit_in_last_place
 
 
 @pytest.mark.parametrize("dtype,tiny", [("float16", 7e-6), ("bfloat16", 1e-39)])
@@ -19,3 +19,23 @@ def test_one_float16_rounding_of_the_result_passes_and_nine_units_fail(want):
     off = rounded + 9 * float(np.spacing(np.float16(rounded)))
     with pytest.raises(AssertionError, match="relative error"):
         check(np.array([off]), np.array([want]), "float16", plain_error=0.0)
+
+
+def test_fixed_limits_of_cancelling_sums_are_relative_to_their_terms():
+    """A weighted mean of values that cancel, 1e4 times smaller than its terms: errors of float32 rounding
+    of the terms pass, errors of a tenth of a percent of them (a wrong weight, float16 by mistake) fail,
+    and an output as large as its terms keeps the fixed limit relative to itself."""
+    probs = [np.full((1, 4), 0.25)]
+    values = [np.array([[1e-3], [-1e-3], [1.0004e-3], [-1e-3]])]
+    want = probs[0] @ values[0]  # 1e-7
+    terms = term_scale(probs, values)
+    assert terms == pytest.approx(1.0001e-3)
+    rounding = want + 8 * 2.0**-24 * 1e-3  # a few float32 roundings of a term
+    assert check(rounding, want, "float32", terms=terms) > 1e-5
+    with pytest.raises(AssertionError, match="relative error"):
+        check(rounding, want, "float32")  # relative to the output alone
+    with pytest.raises(AssertionError, match="relative error"):
+        check(want + 1e-3 * 1e-3, want, "float32", terms=terms)
+    plain = [np.full((1, 2), 0.5)], [np.array([[1.0], [1.0]])]
+    assert allowed("float32", None, 1.0, term_scale(*plain)) == 1e-5
+    assert allowed("float64", None, 1e-7, terms) == pytest.approx(1e-10 * 1.0001e-3 / 1e-7)
