@@ -233,7 +233,6 @@ def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend)
     """
     if mask is None:
         return None
-    check_no_grad(mask, "mask")
     arr = backend.native(mask, "mask")
     dtype = backend.dtype_name(arr)
     if dtype != "bool" and not (dtype.startswith(("int", "uint")) or dtype in FLOAT_DTYPES):

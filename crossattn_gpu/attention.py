@@ -373,8 +373,6 @@ class CrossAttention:
         for the compute dtype, and returns that magnitude (for ``_overflow.check_results``).
         """
         backend = self._backend
-        for name, x in named_inputs.items():
-            _checks.check_no_grad(x, name)
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)

@@ -14,6 +14,8 @@ import zipfile
 
 import numpy as np
 
+from ._checks import is_torch_tensor
+
 WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
@@ -39,11 +41,10 @@ def host_values(value, name: str, where: str = "") -> np.ndarray:
     """The values of a weight array as a NumPy array: array-likes, torch tensors on any device (a
     parameter that requires grad included: the model keeps a copy of its values, a snapshot, as
     ``load_state_dict`` would; bfloat16 widened to float32 exactly), and CuPy arrays."""
-    torch = sys.modules.get("torch")
     try:
-        if torch is not None and isinstance(value, torch.Tensor):
+        if is_torch_tensor(value):
             value = value.detach().cpu()
-            if value.dtype == torch.bfloat16:
+            if value.dtype == sys.modules["torch"].bfloat16:
                 value = value.float()
         elif type(value).__module__.split(".")[0] == "cupy":
             value = value.get()
@@ -89,6 +90,7 @@ def check_weight_set(arrays: dict, source: str = "") -> tuple[int, int, dict[str
         "value_weights": (heads, width, width),
         "output_weights": (heads * width, width),
     }
+    arrays = {**arrays, "query_weights": query}  # read once (a device tensor is copied to the host)
     checked = {n: check_weight(n, arrays[n], expected[n], source) for n in WEIGHT_NAMES}
     return width, heads, checked
 

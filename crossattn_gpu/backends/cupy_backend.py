@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .._checks import host_array, is_torch_tensor, numpy_dtype_name, transferable_host_array
+from .._checks import check_no_grad, host_array, is_torch_tensor, numpy_dtype_name, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -72,10 +72,11 @@ class CupyBackend(DeviceFusion):
         cupy = self.cupy
         if isinstance(x, cupy.ndarray):
             return x
-        if type(x).__module__.split(".")[0] == "torch":
+        if is_torch_tensor(x):
+            check_no_grad(x, name)
             if x.device.type != "cuda":
                 x = x.cuda()
-            return cupy.from_dlpack(x.detach())
+            return cupy.from_dlpack(x)
         return cupy.asarray(transferable_host_array(x, name))
 
     def host(self, x, name: str) -> np.ndarray:

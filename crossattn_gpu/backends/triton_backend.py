@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .._checks import host_array, transferable_host_array
+from .._checks import check_no_grad, host_array, transferable_host_array
 from .._optional import require
 from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
@@ -88,6 +88,7 @@ class TritonBackend(DeviceFusion):
         """``x`` as a torch tensor on this backend's device (no copy for device tensors and CuPy)."""
         torch = self.torch
         if isinstance(x, torch.Tensor):
+            check_no_grad(x, name)
             return x.to(self.device)
         if type(x).__module__.split(".")[0] == "cupy":
             if self.device.type != "cuda":
