@@ -256,7 +256,7 @@ def all_peers() -> list[Peer]:
         TorchPeer("sdpa", "cpu"),
         OnnxRuntimePeer("cpu"),
         OursPeer("numpy"),
-        OursPeer("onnx"),  # what `auto` takes for float32 and float64 on a CPU when onnxruntime is installed
+        OursPeer("onnx"),  # what `auto` takes on a CPU when onnxruntime is installed
         TorchPeer("eager", "gpu"),
         TorchPeer("sdpa", "gpu"),
         OnnxRuntimePeer("gpu"),

@@ -45,19 +45,15 @@ def _fuse(args) -> int:
     from .fuse_files import EmbeddingFile, NpzWriter, fuse_collections
 
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
-        # float32 or float64 files computed in their dtype, as the inputs' dtype would be, but named:
-        # `auto` weighs it.
-        file_dtypes = seq.dtypes | struct.dtypes
-        dtype = args.dtype or (next(iter(file_dtypes)) if file_dtypes in ({"float32"}, {"float64"}) else None)
         if args.weights:
-            model = CrossAttention.load(args.weights, backend=args.backend, dtype=dtype,
+            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype,
                                         float32_precision=args.float32_precision)
         else:
             width = next(iter(seq.shapes.values()))[1]
             print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
-            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=dtype,
+            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype,
                                    float32_precision=args.float32_precision)
-        if args.dtype is None and "float64" in file_dtypes and model.backend in ("numpy", "onnx"):
+        if args.dtype is None and "float64" in seq.dtypes | struct.dtypes and model.backend in ("numpy", "onnx"):
             # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
             # 18 s with --dtype float32 (onnx backend).
             print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
@@ -103,9 +99,7 @@ def _info(args) -> int:
     print("backends:")
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"auto takes: {get_backend('auto').name} (dtype following the inputs), "
-          f"{get_backend('auto', dtype='float32').name} (dtype float32), {get_backend('auto', dtype='float64').name} "
-          "(dtype float64)")
+    print(f"auto takes: {get_backend('auto').name} ({get_backend('auto', dtype='float16').name} for dtype float16)")
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():

@@ -13,7 +13,7 @@ from .triton_backend import TritonBackend
 logger = logging.getLogger("crossattn_gpu")
 
 #: Every backend the library knows, fastest first: ``auto`` takes the first one usable here for the
-#: compute dtype (onnx only for float32 and float64, see ``OnnxBackend.usable_by_auto``; numpy always).
+#: compute dtype (onnx unless it is fixed to float16, see ``OnnxBackend.usable_by_auto``; numpy always).
 _FACTORIES = {"triton": TritonBackend, "cupy": CupyBackend, "onnx": OnnxBackend, "numpy": NumpyBackend}
 KNOWN_BACKENDS = tuple(_FACTORIES)
 
@@ -39,7 +39,8 @@ def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None
     """The backend called ``name``, or the fastest available one for ``"auto"``; a new instance.
 
     ``dtype``: the compute dtype the caller fixed (``"float32"`` ...), or None when it follows the
-    inputs; ``auto`` weighs it (onnxruntime only for float32 and float64). A named backend ignores it.
+    inputs; ``auto`` weighs it (onnxruntime unless it is float16), and the ``onnx`` backend runs its
+    float16 graphs only for ``"float16"`` (float16 inputs otherwise in float32). Other backends ignore it.
 
     ``float32_precision`` (``"ieee"``, ``"tf32x3"`` or ``"tf32"``) permits float32 GEMMs on TF32 tensor
     cores where the backend has such kernels (Triton on a GPU); the others compute IEEE float32.
@@ -54,9 +55,10 @@ def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None
     if name == "auto":
         # numpy is always usable; Triton and CuPy only on a real GPU (not under the interpreter).
         name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto(dtype))
-        if name == "numpy" and dtype is None and OnnxBackend.usable_by_auto("float32"):
-            logger.info("backend='auto' picked 'numpy' (the dtype follows the inputs); with dtype='float32' or "
-                        "'float64' it takes 'onnx', faster on the CPUs measured (float32 about 2x, float64 1.2-1.8x)")
+        if name == "numpy" and dtype == "float16" and OnnxBackend.usable_by_auto():
+            logger.info("backend='auto' picked 'numpy' for dtype='float16' (computed in float32); backend='onnx' "
+                        "would run float16 graphs, faster at up to 6x the error; with dtype=None auto takes "
+                        "'onnx', which computes float16 inputs in float32 graphs")
         else:
             logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
@@ -65,4 +67,6 @@ def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None
         raise ValueError(f"float32_precision must be one of {', '.join(FLOAT32_PRECISIONS)}; got {float32_precision!r}")
     backend = _FACTORIES[name]()
     backend.float32_precision = float32_precision
+    if name == "onnx":  # its float16 graphs only when asked for by name (OnnxBackend.compute_dtype)
+        backend.float16_graphs = dtype == "float16"
     return backend

@@ -1,10 +1,11 @@
 """ONNX backend: every operation runs as an exported ONNX graph in onnxruntime.
 
-It lets the conformance tests treat the deployed model as one more backend, and ``auto`` takes it for
-float32 work on a CPU (``usable_by_auto``). Host arrays in, NumPy arrays (or torch CPU tensors) out,
+It lets the conformance tests treat the deployed model as one more backend, and ``auto`` takes it on a
+CPU (``usable_by_auto``). Host arrays in, NumPy arrays (or torch CPU tensors) out,
 as with the NumPy backend.
-The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition) and are built once
-per weights, dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
+The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition), in float64 or
+float32, or float16 for a dtype fixed to float16 (``compute_dtype``), and are built once per weights,
+dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
 weights rebuilds them. The weights reach onnxruntime as arrays, outside the graph (``OnnxSession``'s
 ``initializers``), so no size of weights meets protobuf's 2 GiB cap. Each variant's session keeps its
 own copy of them, prepacked for onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32
@@ -96,24 +97,27 @@ class OnnxBackend(NumpyBackend):
         require("onnx", "backend 'onnx'")
         require("onnxruntime", "backend 'onnx'")
         self._sdpa = {}  # dtype name -> OnnxPrepared without weights, for its sessions
+        # Set by ``get_backend`` when the caller fixed dtype="float16": only then do float16 inputs run
+        # the float16 graphs (``compute_dtype``).
+        self.float16_graphs = False
 
     @staticmethod
     def usable_by_auto(dtype: str | None = None) -> bool:
-        """``auto`` takes onnxruntime for float32 and float64 work (behind the GPU backends) when it is
-        installed.
+        """``auto`` takes onnxruntime (behind the GPU backends) when it is installed, unless the caller
+        fixed dtype="float16".
 
         Its MLAS GEMMs ran the folded fusion faster than NumPy's OpenBLAS on this project's 2-core CPU,
         through ``CrossAttention``: float32 about twice as fast (W2c 68 against 144 ms, W3c 310 against
         574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B = 16, L =
         120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms). Each kind of call's
         first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.0 s for the first, which
-        also folds the weights, and +0.23 s for each further kind. Only when the caller fixed the
-        dtype: with the dtype following the inputs, float16 inputs would run the float16 graphs, which
-        ran 1.8-2x faster than NumPy (which computes float16 in float32: W2c 71.6 against 148.0 ms,
-        W3c 303.4 against 544.4 ms) at up to 6x its error against float64 (W2c 4.7e-4 against 3.0e-4,
-        W3c 2.2e-3 against 3.7e-4).
+        also folds the weights, and +0.23 s for each further kind. float16 inputs with the dtype
+        following them run float32 graphs (``compute_dtype``), as NumPy computes them. Not for
+        dtype="float16", which runs the float16 graphs: 1.8-2x faster than NumPy (W2c 71.6 against
+        148.0 ms, W3c 303.4 against 544.4 ms) at up to 6x its error against float64 (W2c 4.7e-4
+        against 3.0e-4, W3c 2.2e-3 against 3.7e-4).
         """
-        if dtype not in ("float32", "float64"):
+        if dtype == "float16":
             return False
         try:
             OnnxBackend()
@@ -121,10 +125,14 @@ class OnnxBackend(NumpyBackend):
             return False
         return True
 
-    @staticmethod
-    def compute_dtype(dtype_name: str) -> np.dtype:
-        # The exported graphs run in float64, float32 or float16; bfloat16 inputs are computed in float32.
-        return np.dtype(np.float32 if dtype_name == "bfloat16" else dtype_name)
+    def compute_dtype(self, dtype_name: str) -> np.dtype:
+        """The dtype of the graphs that compute ``dtype_name``: float64 and float32 their own; float16
+        the float16 graphs (the exported float16 model: float16 GEMMs, softmax in float32) only when the
+        caller fixed dtype="float16", else float32 graphs, the results then cast to float16, as the NumPy
+        backend computes float16; bfloat16 float32."""
+        if dtype_name == "float16" and self.float16_graphs:
+            return np.dtype(np.float16)
+        return np.dtype(np.float64 if dtype_name == "float64" else np.float32)
 
     def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
         arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}

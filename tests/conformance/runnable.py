@@ -2,7 +2,10 @@
 
 A backend may carry an option after a "+": "triton+tf32x3" is the Triton backend with
 ``float32_precision="tf32x3"`` (TF32 tensor cores, three products; emulated under the interpreter by
-tests/tensor_cores.py), held to the same float32 rules as IEEE float32.
+tests/tensor_cores.py), held to the same float32 rules as IEEE float32. "onnx+float16" is the onnx
+backend with ``dtype="float16"``: its float16 graphs, which it runs only for a dtype fixed to float16
+(float16 inputs with the dtype following them are computed in float32 graphs, as NumPy computes them,
+and like NumPy's float16 they are not in this matrix, whose float16 rules are for float16 arithmetic).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import pytest
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.backends import backend_status
+from crossattn_gpu.kernels.contract import FLOAT32_PRECISIONS
 
 _STATUS = backend_status()
 _CANDIDATES = [
@@ -26,7 +30,7 @@ _CANDIDATES = [
     ("cupy", "bfloat16"),
     ("onnx", "float64"),
     ("onnx", "float32"),
-    ("onnx", "float16"),
+    ("onnx+float16", "float16"),
 ]
 
 
@@ -43,9 +47,11 @@ def _cupy_has_bfloat16() -> bool:
 
 def backend_options(label: str) -> dict:
     """The CrossAttention keyword arguments of a backend label: "triton+tf32x3" -> backend="triton",
-    float32_precision="tf32x3"."""
-    backend, _, precision = label.partition("+")
-    return {"backend": backend, "float32_precision": precision or "ieee"}
+    float32_precision="tf32x3"; "onnx+float16" -> backend="onnx", dtype="float16"."""
+    backend, _, option = label.partition("+")
+    if option in FLOAT32_PRECISIONS or not option:
+        return {"backend": backend, "float32_precision": option or "ieee"}
+    return {"backend": backend, "dtype": option}
 
 
 def _why_not(label: str, dtype: str) -> str | None:

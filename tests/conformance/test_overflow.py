@@ -60,7 +60,7 @@ def test_weights_past_the_compute_dtype_are_named(backend, dtype):
 
 
 def test_an_input_the_cast_takes_past_its_dtype_is_named(backend, dtype):
-    model = CrossAttention.from_weights(**weights(), **backend_options(backend), dtype=dtype)
+    model = CrossAttention.from_weights(**weights(), **{**backend_options(backend), "dtype": dtype})
     compute = model._backend.stage_dtypes(dtype).projections
     if compute == "float64":
         pytest.skip("float64 inputs computed in float64: no cast")
