@@ -1,6 +1,7 @@
 """backend='onnx': every operation through exported graphs, against backend='numpy'."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -315,3 +316,60 @@ def test_threads_calling_at_once_build_each_session_once(monkeypatch):
         t.join()
     assert len(built) == 1 and len(results) == 4
     assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def _pooled_model_and_inputs():
+    """A model and inputs whose runs take the pooled session (more than ``SERIAL_RUN_WORK``)."""
+    from crossattn_gpu.export import runner
+
+    model = CrossAttention(64, 4, seed=0, backend="onnx")
+    rng = np.random.default_rng(8)
+    seq, struct = rng.standard_normal((8, 96, 64), np.float32), rng.standard_normal((8, 96, 64), np.float32)
+    shape = (96, 64, 4)
+    assert runner._run_work(runner.cpu_examples_per_run(*shape), shape) > runner.SERIAL_RUN_WORK
+    return model, seq, struct
+
+
+def test_overlapping_calls_from_threads_give_a_lone_calls_results():
+    import threading
+
+    model, seq, struct = _pooled_model_and_inputs()
+    alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
+    results, start = [], threading.Barrier(3)
+
+    def calls():
+        start.wait()
+        for _ in range(3):
+            results.append(model.fuse_representations(seq, struct)["bidirectional_fusion"])
+
+    threads = [threading.Thread(target=calls) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 9
+    for result in results:
+        np.testing.assert_array_equal(result, alone)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_fuses_through_the_parents_sessions():
+    """A child forked after the parent's sessions ran (their pools' threads are not in the child), as
+    multiprocessing's default start on Linux and PyTorch's DataLoader workers do."""
+    import multiprocessing
+
+    model, seq, struct = _pooled_model_and_inputs()
+    in_parent = model.fuse_representations(seq, struct)["bidirectional_fusion"]
+
+    def in_child():
+        same = np.array_equal(model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
+        os._exit(0 if same else 3)
+
+    child = multiprocessing.get_context("fork").Process(target=in_child)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child's fusion did not finish in 60 s")
+    assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
