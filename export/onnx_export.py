@@ -198,6 +198,16 @@ def build_similarity_model(width: int, *, opset: int, dtype: str) -> onnx.ModelP
     return g.model(opset, {"graph": "similarity", "embedding_dim": str(width)})
 
 
+def build_cast_model(source: str, target: str) -> onnx.ModelProto:
+    """One ``Cast`` from ``source`` to ``target`` (float dtype names), any shape: the ``onnx`` backend's
+    float16 conversions (``onnx_backend.HalfCasts``)."""
+    elem = {name: GraphBuilder(name).elem for name in (source, target)}
+    g = GraphBuilder(target)
+    x = g.add_input("x", elem[source], None)
+    g.add_output("y", g.op("Cast", [x], to=elem[target]), elem[target], None)
+    return g.model(MIN_OPSET, {"graph": "cast"})
+
+
 def to_onnx(
     model,
     path,
