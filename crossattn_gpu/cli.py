@@ -105,6 +105,10 @@ def _info(args) -> int:
     if _openblas_misses_avx512():
         print("  tip: NumPy's OpenBLAS runs AVX2 kernels on this AVX-512 CPU; export OPENBLAS_CORETYPE=SKYLAKEX "
               "before starting Python to use AVX-512 (float32 GEMMs 1.8x faster on this project's AMD EPYC machines)")
+    if get_backend("auto").name == "onnx" and _openblas_spins():
+        print("  tip: NumPy's OpenBLAS threads spin on after each of its GEMMs and slow the onnx backend's next run "
+              "(one NumPy GEMM just before a call: +27 to +33 ms on this project's 2-core CPU); export "
+              "OPENBLAS_THREAD_TIMEOUT=4 before starting Python to have them sleep at once")
     print("packages:")
     for module in ("numpy", "threadpoolctl", "torch", "triton", "cupy", "onnx", "onnxruntime"):
         print(f"  {module:14s} {version_of(module) or 'not installed'}")
@@ -115,14 +119,29 @@ def _info(args) -> int:
 def _openblas_misses_avx512() -> bool:
     """True when NumPy's OpenBLAS chose pre-AVX-512 kernels on a CPU that has AVX-512 (Linux only)."""
     try:
-        from threadpoolctl import threadpool_info
-
         with open("/proc/cpuinfo") as f:
             has_avx512 = "avx512f" in f.read()
-    except (ImportError, OSError):
+    except OSError:
         return False
-    kernels = {lib.get("architecture") for lib in threadpool_info() if lib.get("internal_api") == "openblas"}
+    kernels = {lib.get("architecture") for lib in _openblas_libraries()}
     return has_avx512 and bool(kernels & {"Haswell", "Zen", "Sandybridge"})
+
+
+def _openblas_spins() -> bool:
+    """True when an OpenBLAS with more than one thread is loaded and keeps its default spin after a GEMM
+    (OpenBLAS reads OPENBLAS_THREAD_TIMEOUT, or GOTO_THREAD_TIMEOUT, when it loads)."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ or "GOTO_THREAD_TIMEOUT" in os.environ:
+        return False
+    return any(lib.get("num_threads", 1) > 1 for lib in _openblas_libraries())
+
+
+def _openblas_libraries() -> list[dict]:
+    """threadpoolctl's records of the OpenBLAS libraries loaded in this process (none without it)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
 
 
 def _gpu_name() -> str | None:

@@ -230,3 +230,31 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
     for extra in (["--dtype", "float64"], ["--dtype", "float32"]):  # a dtype asked for gets no advice
         assert main([*args, "--out", str(tmp_path / f"out{extra[1]}.npz"), *extra]) == 0
         assert "note:" not in capsys.readouterr().err
+
+
+def test_info_tips_on_openblas(capsys, monkeypatch):
+    from crossattn_gpu import cli
+
+    spin_tip, avx_tip = "export OPENBLAS_THREAD_TIMEOUT=4", "export OPENBLAS_CORETYPE=SKYLAKEX"
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    monkeypatch.delenv("GOTO_THREAD_TIMEOUT", raising=False)
+    for libraries, spins in (([{"internal_api": "openblas", "num_threads": 2, "architecture": "SkylakeX"}], True),
+                             ([{"internal_api": "openblas", "num_threads": 1, "architecture": "SkylakeX"}], False),
+                             ([], False)):
+        monkeypatch.setattr(cli, "_openblas_libraries", lambda: libraries)
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert (spin_tip in out) == (spins and get_backend("auto").name == "onnx")
+        assert avx_tip not in out  # SkylakeX kernels: AVX-512 in use
+    monkeypatch.setattr(cli, "_openblas_libraries", lambda: [{"internal_api": "openblas", "architecture": "Haswell"}])
+    assert main(["info"]) == 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_avx512 = "avx512f" in f.read()
+    except OSError:
+        has_avx512 = False
+    assert (avx_tip in capsys.readouterr().out) == has_avx512
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS read it when it loaded
+    monkeypatch.setattr(cli, "_openblas_libraries", lambda: [{"internal_api": "openblas", "num_threads": 2}])
+    assert main(["info"]) == 0
+    assert spin_tip not in capsys.readouterr().out
