@@ -200,7 +200,7 @@ def build_similarity_model(width: int, *, opset: int, dtype: str) -> onnx.ModelP
 
 def build_cast_model(source: str, target: str) -> onnx.ModelProto:
     """One ``Cast`` from ``source`` to ``target`` (float dtype names), any shape: the ``onnx`` backend's
-    float16 conversions (``onnx_backend.HalfCasts``)."""
+    float16 conversions (``runner.host_cast``)."""
     elem = {name: GraphBuilder(name).elem for name in (source, target)}
     g = GraphBuilder(target)
     x = g.add_input("x", elem[source], None)

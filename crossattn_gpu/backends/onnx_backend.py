@@ -48,48 +48,6 @@ def query_blocks(heads: int, len_q: int, len_k: int) -> list[slice]:
     return [slice(start, min(start + rows, len_q)) for start in range(0, len_q, rows)]
 
 
-#: float16 <-> float32 conversions of at least this many elements run as onnxruntime's ``Cast``
-#: (``HalfCasts``). NumPy 2.3 converts float16 one element at a time, ~1.45 ns an element on this
-#: project's CPU: a W2c-sized input 3.2 ms, its (64, 256, 256) similarities 6.3 ms, ~24 ms of a W2c call
-#: with float16 inputs; onnxruntime's vectorised Cast took 0.12 and 0.49 ms, the same bits (every
-#: finite float16 up; 20M random float32 bit patterns, the float16 ties and the overflow edge down).
-#: Below it NumPy's cast beats a run's overhead.
-CAST_ELEMENTS = 1 << 15
-
-
-class HalfCasts:
-    """float16 -> float32 and float32 -> float16 through onnxruntime's ``Cast`` on the CPU provider,
-    one session each, built on first use and shared by every model; exact, as NumPy's ``astype``."""
-
-    def __init__(self):
-        self._sessions = {}
-        self._building = threading.Lock()
-
-    def __call__(self, x: np.ndarray, dtype) -> np.ndarray:
-        source, target = x.dtype.name, np.dtype(dtype).name
-        session = self._sessions.get((source, target))
-        if session is None:
-            with self._building:
-                session = self._sessions.get((source, target))
-                if session is None:
-                    from ..export.onnx_export import build_cast_model
-                    from ..export.runner import OnnxSession
-
-                    session = OnnxSession(build_cast_model(source, target), providers=["CPUExecutionProvider"])
-                    self._sessions[(source, target)] = session
-        return session.run({"x": np.ascontiguousarray(x)}, checked=True)["y"]
-
-    @staticmethod
-    def takes(x: np.ndarray, dtype) -> bool:
-        """Whether converting ``x`` (a host array) to ``dtype`` goes through onnxruntime."""
-        pair = (x.dtype, np.dtype(dtype))
-        return pair in _HALF_PAIRS and x.size >= CAST_ELEMENTS
-
-
-_HALF_PAIRS = {(np.dtype(np.float16), np.dtype(np.float32)), (np.dtype(np.float32), np.dtype(np.float16))}
-_HALF_CASTS = HalfCasts()
-
-
 class OnnxPrepared:
     """The weights of one CrossAttention in one dtype, and the sessions built from them."""
 
@@ -178,13 +136,15 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def cast(x, dtype):
-        return _HALF_CASTS(x, dtype) if HalfCasts.takes(x, dtype) else x.astype(dtype, copy=False)
+        from ..export.runner import host_cast  # large float16 conversions: exact, 13-26x NumPy's speed
+
+        return host_cast(x, dtype)
 
     @staticmethod
     def to_caller(x, kind: str, dtype_name: str):
-        if HalfCasts.takes(x, dtype_name):
-            x = _HALF_CASTS(x, dtype_name)
-        return NumpyBackend.to_caller(x, kind, dtype_name)
+        from ..export.runner import host_cast
+
+        return NumpyBackend.to_caller(host_cast(x, dtype_name), kind, dtype_name)
 
     def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
         arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}

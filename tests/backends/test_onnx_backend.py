@@ -375,42 +375,23 @@ def test_a_forked_child_fuses_through_the_parents_sessions():
     assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
 
 
-def test_half_casts_give_numpys_bits():
-    """onnxruntime's Cast, which the backend uses for large float16 conversions, against NumPy's astype:
-    every finite float16 up; random float32 bit patterns, the float16 ties and the overflow edge down."""
-    casts = onnx_backend.HalfCasts()
-    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    finite = every_half[np.isfinite(every_half)]
-    np.testing.assert_array_equal(casts(finite, np.float32).view(np.uint32), finite.astype(np.float32).view(np.uint32))
-    patterns = np.random.default_rng(9).integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
-    singles = patterns.view(np.float32)
-    singles = singles[np.isfinite(singles)]
-    ties = ((finite[:-1].astype(np.float64) + finite[1:].astype(np.float64)) / 2).astype(np.float32)
-    edge = np.array([65504, 65519.99, 65520, 1e5, -65520, 2.0**-25, 1.5 * 2.0**-24, 2.0**-26, -0.0], np.float32)
-    for values in (singles, ties, edge):
-        with np.errstate(over="ignore"):
-            want = values.astype(np.float16)
-        np.testing.assert_array_equal(casts(values, np.float16).view(np.uint16), want.view(np.uint16))
-    # a view that is not contiguous, in a 3-D shape
-    strided = finite[: 2 * 3 * 40].reshape(2, 3, 40)[:, :, ::2]
-    np.testing.assert_array_equal(casts(strided, np.float32), strided.astype(np.float32))
-
-
 def test_large_float16_conversions_go_through_onnxruntime_with_the_same_results(monkeypatch):
     model = CrossAttention(16, 2, seed=7, backend="onnx")
     rng = np.random.default_rng(10)
     seq, struct = (rng.standard_normal((3, 40, 16)).astype(np.float16) for _ in range(2))
+    from crossattn_gpu.export import runner
+
     runs = []
-    original = onnx_backend.HalfCasts.__call__
+    original = runner.HalfCasts.__call__
 
     def counted(self, x, dtype):
         runs.append((x.dtype.name, np.dtype(dtype).name))
         return original(self, x, dtype)
 
-    monkeypatch.setattr(onnx_backend.HalfCasts, "__call__", counted)
+    monkeypatch.setattr(runner.HalfCasts, "__call__", counted)
     with_numpy = model.fuse_representations(seq, struct)
     assert runs == []  # 1920 elements an input: below CAST_ELEMENTS
-    monkeypatch.setattr(onnx_backend, "CAST_ELEMENTS", 1)
+    monkeypatch.setattr(runner, "CAST_ELEMENTS", 1)
     with_onnxruntime = model.fuse_representations(seq, struct)
     assert runs.count(("float16", "float32")) == 2 and runs.count(("float32", "float16")) == 5
     for key, value in with_numpy.items():

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto  # noqa: E402
 
 from crossattn_gpu import CrossAttention  # noqa: E402
-from crossattn_gpu.export import OnnxFusion, to_onnx  # noqa: E402
+from crossattn_gpu.export import OnnxFusion, runner, to_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +285,39 @@ def test_float64_models_load_where_the_transpose_fusion_lacks_float64(tmp_path, 
     with pytest.raises(ValueError, match=r"onnxruntime cannot load the model: refused with None$"):
         OnnxFusion(path)
     assert tries == [None, ["MatmulTransposeFusion"]]
+
+
+def test_half_casts_give_numpys_bits():
+    """onnxruntime's Cast, which ``host_cast`` uses for large float16 conversions, against NumPy's astype:
+    every finite float16 up; random float32 bit patterns, the float16 ties and the overflow edge down."""
+    casts = runner.HalfCasts()
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = every_half[np.isfinite(every_half)]
+    np.testing.assert_array_equal(casts(finite, np.float32).view(np.uint32), finite.astype(np.float32).view(np.uint32))
+    patterns = np.random.default_rng(9).integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    singles = patterns.view(np.float32)
+    singles = singles[np.isfinite(singles)]
+    ties = ((finite[:-1].astype(np.float64) + finite[1:].astype(np.float64)) / 2).astype(np.float32)
+    edge = np.array([65504, 65519.99, 65520, 1e5, -65520, 2.0**-25, 1.5 * 2.0**-24, 2.0**-26, -0.0], np.float32)
+    for values in (singles, ties, edge):
+        with np.errstate(over="ignore"):
+            want = values.astype(np.float16)
+        np.testing.assert_array_equal(casts(values, np.float16).view(np.uint16), want.view(np.uint16))
+    # a view that is not contiguous, in a 3-D shape
+    strided = finite[: 2 * 3 * 40].reshape(2, 3, 40)[:, :, ::2]
+    np.testing.assert_array_equal(casts(strided, np.float32), strided.astype(np.float32))
+
+
+def test_a_float16_model_takes_float32_inputs_converted_by_onnxruntime(tmp_path, monkeypatch):
+    path = to_onnx(CrossAttention(8, 2, seed=3), tmp_path / "half.onnx", dtype="float16")
+    rng = np.random.default_rng(11)
+    seq, struct = rng.standard_normal((4, 9, 8)), rng.standard_normal((4, 9, 8))
+    want = OnnxFusion(path)(seq.astype(np.float16), struct.astype(np.float16))
+    monkeypatch.setattr(runner, "CAST_ELEMENTS", 1)
+    runs = []
+    original = runner.HalfCasts.__call__
+    monkeypatch.setattr(runner.HalfCasts, "__call__", lambda self, x, dtype: runs.append(x.dtype) or original(self, x, dtype))
+    got = OnnxFusion(path)(seq.astype(np.float32), struct.astype(np.float32))
+    assert runs == [np.float32, np.float32]
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)
