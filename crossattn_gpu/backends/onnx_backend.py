@@ -142,9 +142,11 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def to_caller(x, kind: str, dtype_name: str):
-        from ..export.runner import host_cast
+        if dtype_name == "float16":  # (bfloat16 goes through torch: np.dtype("bfloat16") may be ml_dtypes')
+            from ..export.runner import host_cast
 
-        return NumpyBackend.to_caller(host_cast(x, dtype_name), kind, dtype_name)
+            x = host_cast(x, np.float16)
+        return NumpyBackend.to_caller(x, kind, dtype_name)
 
     def prepare_weights(self, query, key, value, output, dtype) -> OnnxPrepared:
         arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}
