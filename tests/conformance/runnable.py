@@ -3,9 +3,9 @@
 A backend may carry an option after a "+": "triton+tf32x3" is the Triton backend with
 ``float32_precision="tf32x3"`` (TF32 tensor cores, three products; emulated under the interpreter by
 tests/tensor_cores.py), held to the same float32 rules as IEEE float32. "onnx+float16" is the onnx
-backend with ``dtype="float16"``: its float16 graphs, which it runs only for a dtype fixed to float16
-(float16 inputs with the dtype following them are computed in float32 graphs, as NumPy computes them,
-and like NumPy's float16 they are not in this matrix, whose float16 rules are for float16 arithmetic).
+backend with ``dtype="float16"``: its float16 graphs, which it runs only for a dtype fixed to float16.
+"numpy-float16" and "onnx-float16" store float16 and compute in float32 (the default path for float16
+inputs on a CPU), held to the float16 rules.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _STATUS = backend_status()
 _CANDIDATES = [
     ("numpy", "float64"),
     ("numpy", "float32"),
+    ("numpy", "float16"),
     ("triton", "float32"),
     ("triton+tf32x3", "float32"),
     ("triton", "float16"),
@@ -30,6 +31,7 @@ _CANDIDATES = [
     ("cupy", "bfloat16"),
     ("onnx", "float64"),
     ("onnx", "float32"),
+    ("onnx", "float16"),
     ("onnx+float16", "float16"),
 ]
 
