@@ -54,9 +54,9 @@ class CrossAttention:
             compute float16 arrays and bfloat16 torch tensors in float32 and hand back their dtype).
             A dtype name (``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``) casts every input
             to it and returns it; ``"float16"`` on the ``onnx`` backend runs its float16 graphs (the
-            exported float16 model: float16 GEMMs, softmax in float32). Results come back in the kind of the first input: NumPy arrays (array-likes
-            too), torch tensors on that tensor's device, or CuPy arrays; bfloat16 results need torch or
-            CuPy inputs.
+            exported float16 model: float16 GEMMs, softmax in float32). Results come back in the kind
+            of the first input: NumPy arrays (array-likes too), torch tensors on that tensor's device,
+            or CuPy arrays; bfloat16 results need torch or CuPy inputs.
         float32_precision: how float32 GEMMs may run on a GPU: ``"ieee"`` (default: IEEE float32),
             ``"tf32x3"`` (three TF32 tensor-core products per product, about float32's accuracy: the
             conformance suite holds it to the float32 rules) or ``"tf32"`` (one product, ~1e-3

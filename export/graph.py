@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 MASK_FILL = -1e9
 _FLOAT16_MASK_FILL = -3e4  # finite in float16 and far below any real score
-_ELEM = {"float64": TensorProto.DOUBLE, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+ELEMENT_TYPES = {"float64": TensorProto.DOUBLE, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 MIN_OPSET = 14
 ATTENTION_OPSET = 23
 
@@ -51,11 +51,11 @@ class GraphBuilder:
 
     def __init__(self, dtype: str, external: dict | None = None):
         self.dtype = dtype
-        self.elem = _ELEM[dtype]
+        self.elem = ELEMENT_TYPES[dtype]
         # Softmax, the heads' sum and the similarities run in float32 for float16 models, else in the
         # model's dtype.
         self.acc = "float64" if dtype == "float64" else "float32"
-        self.acc_elem = _ELEM[self.acc]
+        self.acc_elem = ELEMENT_TYPES[self.acc]
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self.external = external
         self._count = 0

@@ -21,8 +21,8 @@ import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
 from .graph import (  # noqa: E402
-    ATTENTION_OPSET, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head, head_weights,
-    project_heads, zero_prob_rows,
+    ATTENTION_OPSET, ELEMENT_TYPES, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head,
+    head_weights, project_heads, zero_prob_rows,
 )
 
 _INT64 = TensorProto.INT64
@@ -201,10 +201,9 @@ def build_similarity_model(width: int, *, opset: int, dtype: str) -> onnx.ModelP
 def build_cast_model(source: str, target: str) -> onnx.ModelProto:
     """One ``Cast`` from ``source`` to ``target`` (float dtype names), any shape: the ``onnx`` backend's
     float16 conversions (``runner.host_cast``)."""
-    elem = {name: GraphBuilder(name).elem for name in (source, target)}
     g = GraphBuilder(target)
-    x = g.add_input("x", elem[source], None)
-    g.add_output("y", g.op("Cast", [x], to=elem[target]), elem[target], None)
+    x = g.add_input("x", ELEMENT_TYPES[source], None)
+    g.add_output("y", g.op("Cast", [x], to=g.elem), g.elem, None)
     return g.model(MIN_OPSET, {"graph": "cast"})
 
 
