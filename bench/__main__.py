@@ -39,15 +39,23 @@ SDPA_DTYPE = {"tf32x3": "float32"}
 ROTATION_BYTES = 256 << 20  # rotate through at least this many input bytes (beyond any cache)
 
 
+#: Environment variables that change the peers' speed (BLAS kernels and threads, OpenBLAS's spinning
+#: threads, OpenMP's), recorded with every run that sets them.
+SPEED_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                   "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
+
+
 def machine(device: str) -> dict:
     cores = os.cpu_count()
+    environment = {name: os.environ[name] for name in SPEED_VARIABLES if name in os.environ}
     if device == "gpu":
         import torch
 
         name = torch.cuda.get_device_name(0)
-        return {"device_name": name, "description": f"{name}, host with {cores} cores"}
+        return {"device_name": name, "description": f"{name}, host with {cores} cores", "environment": environment}
     cpu = platform.processor() or platform.machine()
-    return {"device_name": f"CPU ({cores} cores)", "description": f"{cpu}, {cores} cores, Python {platform.python_version()}"}
+    return {"device_name": f"CPU ({cores} cores)", "environment": environment,
+            "description": f"{cpu}, {cores} cores, Python {platform.python_version()}"}
 
 
 def valid_rows_error(got, want, lengths) -> float:

@@ -19,7 +19,8 @@ def markdown(report: dict) -> str:
         f"# crossattn_gpu benchmark, {report['date']}, {machine['device_name']}",
         "",
         f"Machine: {machine['description']}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + "."
+        + "".join(f" {k}={v}" for k, v in machine.get("environment", {}).items()),
         f"Ceilings measured in this run: GEMM {gemm}; copy {ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s.",
         "Times are medians of repeated calls, peers timed round-robin, inputs rotated. FLOPs are those of",
         "the direct formulation for every peer, so an algorithm that does fewer (this library's folded",

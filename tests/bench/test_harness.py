@@ -8,7 +8,8 @@ import bench.__main__ as harness
 from bench import peers
 
 
-def test_small_run_writes_json_markdown_and_plot(tmp_path, capsys):
+def test_small_run_writes_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # recorded: it changes the peers' speed
     code = harness.main(["--device", "cpu", "--workloads", "W1", "--peers", "seed,numpy,SDPA", "--repeats", "5",
                          "--budget", "0.2", "--out-dir", str(tmp_path)])
     assert code == 0
@@ -17,7 +18,9 @@ def test_small_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {"seed (loops, NumPy)", "crossattn_gpu numpy"} <= {r["peer"] for r in ran}
     assert all(r["ok"] and r["median_s"] > 0 and r["repeats"] >= 5 for r in ran)
     assert report["ceilings"]["gemm_flops"]["float32"] > 0 and report["versions"]["numpy"] == np.__version__
-    assert "| W1 | crossattn_gpu numpy | float32 |" in next(tmp_path.glob("*.md")).read_text()
+    assert report["machine"]["environment"]["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "| W1 | crossattn_gpu numpy | float32 |" in table and " OPENBLAS_THREAD_TIMEOUT=4" in table
     if any(r["peer"].startswith("torch batched") for r in ran):  # the plot compares with torch SDPA
         assert list(tmp_path.glob("*.png"))
 
