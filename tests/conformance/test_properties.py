@@ -20,7 +20,7 @@ import reference  # noqa: E402
 from crossattn_gpu import CrossAttention  # noqa: E402
 from plain_yardstick import fuse_yardstick  # noqa: E402
 from runnable import BACKENDS, as_received, model_for, to_backend, to_numpy  # noqa: E402
-from tolerances import check, term_scale  # noqa: E402
+from tolerances import check, score_scale, term_scale  # noqa: E402
 
 EXAMPLES = int(os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200"))
 SEED = os.environ.get("CROSSATTN_HYPOTHESIS_SEED")
@@ -85,11 +85,13 @@ def test_drawn_fusions_match_the_reference(backend, dtype):
 
         # float64 has a fixed limit; float32 measures the plain error only when the fixed one is missed.
         yard = None if dtype == "float64" else yardstick if dtype == "float32" else yardstick()
-        for key, probs, values in (("fused_sequential", "attention_weights_seq_to_struct", received[1]),
-                                   ("fused_structural", "attention_weights_struct_to_seq", received[0])):
-            terms = term_scale(want[probs], head_values(ref, values))
-            check(to_numpy(got[key]), want[key], dtype, yard, what=key, terms=terms)
+        wq, wk = reference.params(ref)[:2]
+        scores = {"seq_to_struct": score_scale(wq, wk, *received), "struct_to_seq": score_scale(wq, wk, *received[::-1])}
+        for key, direction, values in (("fused_sequential", "seq_to_struct", received[1]),
+                                       ("fused_structural", "struct_to_seq", received[0])):
+            terms = term_scale(want[f"attention_weights_{direction}"], head_values(ref, values))
+            check(to_numpy(got[key]), want[key], dtype, yard, what=key, terms=terms, scores=scores[direction])
         for g, w in zip(to_numpy(got["attention_weights_seq_to_struct"]), want["attention_weights_seq_to_struct"]):
-            check(g, w, dtype, yard, what="attention_weights_seq_to_struct")
+            check(g, w, dtype, yard, what="attention_weights_seq_to_struct", scores=scores["seq_to_struct"])
 
     (property_holds if SEED is None else seed(int(SEED))(property_holds))()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tolerances import EPS, allowed, check, term_scale, unit_in_last_place
+from tolerances import EPS, allowed, check, score_scale, term_scale, unit_in_last_place
 
 
 @pytest.mark.parametrize("dtype,tiny", [("float16", 7e-6), ("bfloat16", 1e-39)])
@@ -39,3 +39,21 @@ def test_fixed_limits_of_cancelling_sums_are_relative_to_their_terms():
     plain = [np.full((1, 2), 0.5)], [np.array([[1.0], [1.0]])]
     assert allowed("float32", None, 1.0, term_scale(*plain)) == 1e-5
     assert allowed("float64", None, 1e-7, terms) == pytest.approx(1e-10 * 1.0001e-3 / 1e-7)
+
+
+def test_fixed_limits_of_probabilities_grow_with_their_scores_sums_of_magnitudes():
+    """A probability inherits its score's absolute error: with scores whose sums of magnitudes reach 157
+    (seed 20261204's case), an error of a unit of that sum passes in float32, ten units fail, and small
+    scores keep the fixed limit; float64 keeps its limit."""
+    rng = np.random.default_rng(0)
+    wq, wk = rng.standard_normal((2, 2, 4, 4)) * 0.1
+    xq, xk = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    want = np.abs(xq @ wq[0]) @ np.abs(xk @ wk[0]).T / 2.0
+    assert score_scale(wq, wk, xq, xk) == pytest.approx(max(want.max(), (np.abs(xq @ wq[1]) @ np.abs(xk @ wk[1]).T / 2).max()))
+    probs = np.array([0.6, 0.3, 0.1])
+    unit = 2.0**-23 * 157
+    check(probs + np.array([unit, -unit, 0.0]), probs, "float32", scores=157.0)
+    with pytest.raises(AssertionError, match="relative error"):
+        check(probs + np.array([10 * unit, 0.0, 0.0]), probs, "float32", scores=157.0)
+    assert allowed("float32", None, 1.0, None, 3.0) == 1e-5
+    assert allowed("float64", None, 1.0, None, 157.0) == 1e-10
