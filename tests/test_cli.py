@@ -1,5 +1,6 @@
 """The crossattn-gpu command: demo, fuse and info, on temporary files."""
 
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,8 @@ def test_demo_runs_the_seed_example(capsys):
     assert f"Backend: {get_backend('auto').name}" in out  # the best available (onnx without a GPU, when installed)
     assert "Fused sequential shape: (10, 64)" in out
     assert "Average sequential similarity:" in out
-    assert "Cross-Attention Report" in out and "ms" in out
+    assert "Cross-Attention Report" in out and "ms (first call, including set-up), then" in out
+    assert re.search(r"then \d+\.\d{3} ms a call \(median of \d+\)", out)
 
 
 def test_module_entry_point_and_help():
