@@ -107,13 +107,14 @@ def _info(args) -> int:
     print("backends:")
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"auto takes: {get_backend('auto').name} ({get_backend('auto', dtype='float16').name} for dtype float16)")
+    auto = get_backend("auto").name
+    print(f"auto takes: {auto} ({get_backend('auto', dtype='float16').name} for dtype float16)")
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():
         print("  tip: NumPy's OpenBLAS runs AVX2 kernels on this AVX-512 CPU; export OPENBLAS_CORETYPE=SKYLAKEX "
               "before starting Python to use AVX-512 (float32 GEMMs 1.8x faster on this project's AMD EPYC machines)")
-    if get_backend("auto").name == "onnx" and _openblas_spins():
+    if auto == "onnx" and _openblas_spins():
         print("  tip: NumPy's OpenBLAS threads spin on after each of its GEMMs and slow the onnx backend's next run "
               "(one NumPy GEMM just before a call: +27 to +33 ms on this project's 2-core CPU); export "
               "OPENBLAS_THREAD_TIMEOUT=4 before starting Python to have them sleep at once")

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from concurrency import assert_a_forked_child_gets, overlapping_results
 from crossattn_gpu import CrossAttention, _threads
 from crossattn_gpu.backends import numpy_backend
 
@@ -92,8 +93,6 @@ def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch):
 def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_blas(monkeypatch):
     """Each call once took a limit of its own: the first to finish lifted it under the others' workers,
     and the last restored the limit it had found (1 thread) for good."""
-    import threading
-
     threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     rng = np.random.default_rng(1)
@@ -101,20 +100,7 @@ def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_bl
     seq, struct = rng.standard_normal((32, 96, 64), np.float32), rng.standard_normal((32, 96, 64), np.float32)
     alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
     before = _blas_threads(threadpoolctl)
-    results, start = [], threading.Barrier(3)
-
-    def calls():
-        start.wait()
-        for _ in range(3):
-            results.append(model.fuse_representations(seq, struct)["bidirectional_fusion"])
-
-    threads = [threading.Thread(target=calls) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 9
-    for result in results:
+    for result in overlapping_results(lambda: model.fuse_representations(seq, struct)["bidirectional_fusion"]):
         np.testing.assert_array_equal(result, alone)
     assert _blas_threads(threadpoolctl) == before
 
@@ -123,27 +109,13 @@ def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_bl
 def test_a_forked_child_fuses_with_a_pool_of_its_own(monkeypatch):
     """The parent's workers do not exist in a forked child; the child once queued its chunks for them
     and waited for ever (multiprocessing's default start on Linux, PyTorch's DataLoader workers)."""
-    import multiprocessing
-
     pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     rng = np.random.default_rng(2)
     model = CrossAttention(32, 2, seed=0, backend="numpy")
     seq, struct = rng.standard_normal((16, 64, 32)), rng.standard_normal((16, 64, 32))
     in_parent = model.fuse_representations(seq, struct)["bidirectional_fusion"]  # starts the parent's pool
-
-    def in_child():
-        same = np.array_equal(model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
-        os._exit(0 if same else 3)
-
-    child = multiprocessing.get_context("fork").Process(target=in_child)
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the forked child's fusion did not finish in 60 s")
-    assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
+    assert_a_forked_child_gets(lambda: model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
 
 
 def test_after_a_chunk_fails_no_other_chunk_starts_or_is_still_running(monkeypatch):

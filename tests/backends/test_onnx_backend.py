@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from concurrency import assert_a_forked_child_gets, overlapping_results  # noqa: E402
 from crossattn_gpu import CrossAttention  # noqa: E402
 from crossattn_gpu.backends import onnx_backend  # noqa: E402
 
@@ -331,24 +332,9 @@ def _pooled_model_and_inputs():
 
 
 def test_overlapping_calls_from_threads_give_a_lone_calls_results():
-    import threading
-
     model, seq, struct = _pooled_model_and_inputs()
     alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
-    results, start = [], threading.Barrier(3)
-
-    def calls():
-        start.wait()
-        for _ in range(3):
-            results.append(model.fuse_representations(seq, struct)["bidirectional_fusion"])
-
-    threads = [threading.Thread(target=calls) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 9
-    for result in results:
+    for result in overlapping_results(lambda: model.fuse_representations(seq, struct)["bidirectional_fusion"]):
         np.testing.assert_array_equal(result, alone)
 
 
@@ -356,23 +342,9 @@ def test_overlapping_calls_from_threads_give_a_lone_calls_results():
 def test_a_forked_child_fuses_through_the_parents_sessions():
     """A child forked after the parent's sessions ran (their pools' threads are not in the child), as
     multiprocessing's default start on Linux and PyTorch's DataLoader workers do."""
-    import multiprocessing
-
     model, seq, struct = _pooled_model_and_inputs()
     in_parent = model.fuse_representations(seq, struct)["bidirectional_fusion"]
-
-    def in_child():
-        same = np.array_equal(model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
-        os._exit(0 if same else 3)
-
-    child = multiprocessing.get_context("fork").Process(target=in_child)
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the forked child's fusion did not finish in 60 s")
-    assert child.exitcode == 0, "the forked child's fusion differs from the parent's"
+    assert_a_forked_child_gets(lambda: model.fuse_representations(seq, struct)["bidirectional_fusion"], in_parent)
 
 
 def test_large_float16_conversions_go_through_onnxruntime_with_the_same_results(monkeypatch):
