@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import lru_cache
 
+import numpy as np
+
 _worker = threading.local()
 
 
@@ -134,15 +136,17 @@ def parallel_available() -> bool:
 def run_in_parallel(work, chunks: list) -> None:
     """Call ``work(chunk)`` for every chunk, on up to one thread per core; results go via side effects.
 
-    Called from inside a worker, it runs the chunks there, one after another: the outer call already
-    keeps every core busy, and a worker waiting on the pool it belongs to could deadlock it.
+    Workers run under the calling thread's NumPy floating-point settings (``np.errstate``: each thread
+    has its own). Called from inside a worker, it runs the chunks there, one after another: the outer
+    call already keeps every core busy, and a worker waiting on the pool it belongs to could deadlock it.
     """
     if len(chunks) < 2 or not parallel_available() or getattr(_worker, "busy", False):
         for chunk in chunks:
             work(chunk)
         return
     with _blas_limit.held():
-        futures = [_pool().submit(_as_worker, work, chunk) for chunk in chunks]
+        errors = np.geterr()
+        futures = [_pool().submit(_as_worker, work, chunk, errors) for chunk in chunks]
         try:
             for future in futures:
                 future.result()  # re-raises a worker's exception here
@@ -155,9 +159,10 @@ def run_in_parallel(work, chunks: list) -> None:
             raise
 
 
-def _as_worker(work, chunk) -> None:
+def _as_worker(work, chunk, errors: dict) -> None:
     _worker.busy = True  # only this module's pool runs this
-    work(chunk)
+    with np.errstate(**errors):
+        work(chunk)
 
 
 def _after_fork_in_child() -> None:

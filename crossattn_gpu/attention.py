@@ -185,6 +185,7 @@ class CrossAttention:
 
     # --- the seed's methods ---------------------------------------------------------------------------
 
+    @_overflow.named_not_warned
     def scaled_dot_product_attention(
         self, queries, keys, values, mask=None, *, query_lengths=None, key_lengths=None, need_weights=None
     ):
@@ -221,6 +222,7 @@ class CrossAttention:
         _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
         return self._out(out, batch), self._out(probs, batch)
 
+    @_overflow.named_not_warned
     def multi_head_attention(
         self, query_seq, key_seq, value_seq, mask=None, *, query_lengths=None, key_lengths=None, need_weights=None
     ):
@@ -253,6 +255,7 @@ class CrossAttention:
         _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
         return self._out(out, batch), self._head_list(probs, batch)
 
+    @_overflow.named_not_warned
     def fuse_representations(
         self,
         sequential_repr,

@@ -109,6 +109,7 @@ def test_results_are_read_again_only_when_a_stage_may_overflow(monkeypatch, dtyp
     assert calls == [3, 1, 3, 1]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the named error, not NumPy's overflow warnings before it
 @pytest.mark.parametrize(
     "dtype,scale,overflowed,hint",
     [(None, 1e160, "float64", r"scale the inputs down$"),
@@ -129,16 +130,17 @@ def test_an_overflow_is_named_with_its_dtype_and_a_way_out(dtype, scale, overflo
     if dtype != "float16":  # the attention alone (no weights) keeps float16 outputs within the values
         calls.append((lambda: model.scaled_dot_product_attention(xs, xt, xt), "output"))
     for call, name in calls:
-        with np.errstate(all="ignore"), pytest.raises(OverflowError, match=f"^{name} came out past") as info:
+        with pytest.raises(OverflowError, match=f"^{name} came out past") as info:
             call()
         assert f"overflowed {overflowed}" in str(info.value)
         assert info.match(hint)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_an_input_past_the_compute_dtype_is_named_before_the_cast_hides_it():
     model = CrossAttention(8, 2, seed=0, backend="numpy", dtype="float32")
     xs = np.ones((5, 8))
     xt = np.ones((5, 8))
     xt[2, 3] = -1e39  # float32 stops at 3.4e38: the cast would make it -Inf
-    with np.errstate(all="ignore"), pytest.raises(ValueError, match=r"structural_repr reaches 1e\+39 in magnitude, past float32"):
+    with pytest.raises(ValueError, match=r"structural_repr reaches 1e\+39 in magnitude, past float32"):
         model.fuse_representations(xs, xt)

@@ -1,6 +1,8 @@
 """Chunks on worker threads: same results as serial, errors propagate, BLAS limit restored."""
 
 import os
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +41,26 @@ def test_worker_errors_propagate_and_blas_threads_are_restored(monkeypatch):
     assert before == after
 
 
+@pytest.mark.parametrize("setting,raised", [("raise", FloatingPointError), ("ignore", None)])
+def test_workers_take_the_calling_threads_floating_point_settings(monkeypatch, setting, raised):
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    worker_threads = set()
+
+    def overflow(chunk):
+        worker_threads.add(threading.get_ident())
+        np.full(4, 1e38, np.float32) * np.float32(10)
+
+    with warnings.catch_warnings(), np.errstate(over=setting):
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the call
+        if raised is None:
+            _threads.run_in_parallel(overflow, list(range(8)))
+        else:
+            with pytest.raises(raised, match="overflow"):
+                _threads.run_in_parallel(overflow, list(range(8)))
+    assert threading.get_ident() not in worker_threads  # the settings reached other threads
+
+
 def test_every_chunk_runs_once():
     done = []
     _threads.run_in_parallel(done.append, list(range(20)))
@@ -47,8 +69,6 @@ def test_every_chunk_runs_once():
 
 def test_nested_calls_run_inside_the_worker(monkeypatch):
     """A chunk that runs chunks of its own runs them in its own thread: no worker waits on the pool."""
-    import threading
-
     pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     seen = []
@@ -69,8 +89,6 @@ def _blas_threads(threadpoolctl) -> list[int]:
 def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch):
     """threadpoolctl 3.8 ignored limits set from any thread but the first to set one: calls from a
     second thread ran their workers on a BLAS with every core's threads."""
-    import threading
-
     threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     before = _blas_threads(threadpoolctl)
@@ -120,7 +138,6 @@ def test_a_forked_child_fuses_with_a_pool_of_its_own(monkeypatch):
 
 def test_after_a_chunk_fails_no_other_chunk_starts_or_is_still_running(monkeypatch):
     """The failed call's remaining chunks once kept the workers busy after the error reached the caller."""
-    import threading
     import time
 
     pytest.importorskip("threadpoolctl")

@@ -35,13 +35,14 @@ def weights(value_scale: float = 1.0) -> dict:
     return {**w, "value_weights": w["value_weights"] * value_scale}
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the named error, not NumPy's overflow warnings before it
 def test_an_overflow_raises_a_named_error(backend, dtype):
     scale, value_scale, named = OVERFLOWS[dtype]
     model = CrossAttention.from_weights(**weights(value_scale), **backend_options(backend))
     xs, xt = to_backend(S * scale, dtype), to_backend(T * scale, dtype)
     for call, name in ((lambda: model.fuse_representations(xs, xt), "fused_sequential"),
                        (lambda: model.multi_head_attention(xt, xs, xs), "output")):
-        with np.errstate(all="ignore"), pytest.raises(OverflowError, match=f"^{name} came out past") as info:
+        with pytest.raises(OverflowError, match=f"^{name} came out past") as info:
             call()
         assert f"overflowed {named}" in str(info.value)
     # no poisoned state: inputs small enough for the weights go through
@@ -61,6 +62,7 @@ def test_weights_past_the_compute_dtype_are_named(backend, dtype):
             call()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_an_input_the_cast_takes_past_its_dtype_is_named(backend, dtype):
     model = CrossAttention.from_weights(**weights(), **{**backend_options(backend), "dtype": dtype})
     compute = model._backend.stage_dtypes(dtype).projections
@@ -74,7 +76,7 @@ def test_an_input_the_cast_takes_past_its_dtype_is_named(backend, dtype):
         xs, xt = (torch.tensor(x, device="cuda") for x in (S, xt))
     else:
         xs = S
-    with np.errstate(all="ignore"), pytest.raises(ValueError, match=f"structural_repr reaches .* past {compute}"):
+    with pytest.raises(ValueError, match=f"structural_repr reaches .* past {compute}"):
         model.fuse_representations(xs, xt)
 
 
