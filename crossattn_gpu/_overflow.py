@@ -177,5 +177,5 @@ def _wider_hint(dtype: str) -> str:
     wider = _WIDER.get(dtype)
     if wider is None:
         return ""
-    where = " on the 'numpy' backend" if wider == "float64" else ""
+    where = " on the 'numpy' or 'onnx' backend" if wider == "float64" else ""
     return f", or compute in {wider} (dtype='{wider}'{where})"

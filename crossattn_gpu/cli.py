@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--weights", help="weights file (safetensors or npz) written by CrossAttention.save")
     fuse.add_argument("--seed", type=int, default=0, help="seed of random weights when --weights is absent")
     fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
-    fuse.add_argument("--backend", default="auto", help="backend name, or auto (default: the fastest here; for "
-                      "float32 or float64 files without a GPU, onnx when the onnx extra is installed, else numpy)")
+    fuse.add_argument("--backend", default="auto", help="backend name, or auto (default: the fastest here; without a GPU, "
+                      "onnx when the onnx extra is installed, numpy for --dtype float16 or without the extra)")
     fuse.add_argument("--dtype", default=None, choices=("float64", "float32", "float16"),
                       help="compute dtype (default: the inputs' dtype; npz files hold no bfloat16)")
     fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,

@@ -248,10 +248,24 @@ def fuse_collections(
                 bidirectional=bidirectional, need_weights=False, need_similarity=False,
             )
         except (ValueError, TypeError, OverflowError) as exc:
-            raise type(exc)(f"in the batch with ids {batch_ids[0]!r}..{batch_ids[-1]!r}: {exc}") from exc
+            where = _culprits(batch_ids, xs, xt)
+            raise type(exc)(f"in the batch with ids {batch_ids[0]!r}..{batch_ids[-1]!r}{where}: {exc}") from exc
         for row, key in enumerate(batch_ids):
             lengths = {"fused_sequential": s_len[row], "fused_structural": t_len[row], "bidirectional_fusion": s_len[row]}
             for out_name in OUTPUT_KEYS:
                 if result[out_name] is not None:
                     yield f"{key}/{out_name}", result[out_name][row, : lengths[out_name]]
         bar.advance(len(batch_ids))
+
+
+def _culprits(batch_ids: list, xs: np.ndarray, xt: np.ndarray, shown: int = 5) -> str:
+    """Which antibodies of a failed batch to look at: those whose embeddings hold NaN or Inf, else the
+    one of the largest magnitude (an input past the dtype, or an overflow), as " (...)"."""
+    finite = np.isfinite(xs).all(axis=(1, 2)) & np.isfinite(xt).all(axis=(1, 2))
+    if not finite.all():
+        bad = [batch_ids[row] for row in np.flatnonzero(~finite)]
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        return f" (NaN or Inf in {', '.join(map(repr, bad[:shown]))}{more})"
+    magnitudes = np.maximum(np.abs(xs).max(axis=(1, 2)), np.abs(xt).max(axis=(1, 2)))
+    row = int(np.argmax(magnitudes))
+    return f" (largest magnitude {float(magnitudes[row]):.3g}, in {batch_ids[row]!r})"

@@ -137,6 +137,28 @@ def test_fuse_collections_checks_every_shape_before_running():
         next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((0, 4))}, bidirectional=False))
 
 
+
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_a_failed_batch_names_the_antibodies_to_look_at(backend):
+    """Among thousands of antibodies, the error names those whose embeddings hold NaN or Inf (at most
+    five, then a count), or the one of the largest magnitude for an input past the dtype."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = CrossAttention(4, 1, seed=0, backend=backend, dtype="float32")
+    rng = np.random.default_rng(0)
+    ids = [f"ab{i}" for i in range(9)]
+    seq = {key: rng.standard_normal((3 + i % 3, 4)) for i, key in enumerate(ids)}
+    struct = {key: rng.standard_normal((3 + i % 3, 4)) for i, key in enumerate(ids)}
+    broken = dict(struct, ab4=np.where(np.eye(4) > 0, np.nan, struct["ab4"]))
+    with pytest.raises(ValueError, match=r"in the batch with ids .* \(NaN or Inf in 'ab4'\): structural_repr contains NaN"):
+        list(fuse_collections(model, seq, broken))
+    everywhere = {key: np.full_like(x, np.inf) for key, x in seq.items()}
+    with pytest.raises(ValueError, match=r"\(NaN or Inf in ('ab\d', ){4}'ab\d' and 4 more\)"):
+        list(fuse_collections(model, everywhere, struct))
+    large = dict(seq, ab7=seq["ab7"] * 1e39)
+    with pytest.raises(ValueError, match=r"\(largest magnitude .*e\+39, in 'ab7'\): sequential_repr reaches"):
+        list(fuse_collections(model, large, struct))
+
 def test_npz_writer_refuses_a_directory_and_the_inputs(tmp_path):
     from crossattn_gpu.fuse_files import NpzWriter
 

@@ -113,7 +113,7 @@ def test_results_are_read_again_only_when_a_stage_may_overflow(monkeypatch, dtyp
 @pytest.mark.parametrize(
     "dtype,scale,overflowed,hint",
     [(None, 1e160, "float64", r"scale the inputs down$"),
-     ("float32", 1e20, "float32", r"compute in float64 \(dtype='float64' on the 'numpy' backend\)"),
+     ("float32", 1e20, "float32", r"compute in float64 \(dtype='float64' on the 'numpy' or 'onnx' backend\)"),
      ("float16", 1.0, "float16", r"compute in float32 \(dtype='float32'\)")],
 )
 def test_an_overflow_is_named_with_its_dtype_and_a_way_out(dtype, scale, overflowed, hint):
