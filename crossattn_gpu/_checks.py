@@ -226,6 +226,13 @@ def check_lengths(lengths, name: str, batch: int, max_len: int, batched: bool, b
     return arr.astype(np.int64)
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool (Python's or NumPy's); anything else is a TypeError, since bool("no") would be True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend):
     """The positions where ``mask == 0``, as a bool array of rank 3 broadcastable to (B, Lq, Lk).
 

@@ -293,11 +293,11 @@ class CrossAttention:
             batch, mask, xs.shape[1], xt.shape[1], sequential_lengths, structural_lengths,
             names=("sequential_lengths", "structural_lengths"),
         )
-        bidirectional = _flag(bidirectional, "bidirectional")
+        bidirectional = _checks.check_flag(bidirectional, "bidirectional")
         if bidirectional:
             _check_bidirectional(xs.shape[0], xs.shape[1], xt.shape[1], s_len, t_len)
         need_weights = _default_need_weights(need_weights, batch)
-        need_similarity = _flag(need_similarity, "need_similarity")
+        need_similarity = _checks.check_flag(need_similarity, "need_similarity")
         (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
         self._check_outputs_fit(batch, {
             "fused outputs": size * (len_s * (1 + bidirectional) + len_t) * width,
@@ -455,14 +455,7 @@ def _positive_int(value, name: str) -> int:
 
 
 def _default_need_weights(need_weights, batch: _checks.Batch) -> bool:
-    return (not batch.batched) if need_weights is None else _flag(need_weights, "need_weights")
-
-
-def _flag(value, name: str) -> bool:
-    """A bool (Python's or NumPy's); anything else is a TypeError, since bool("no") would be True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return bool(value)
+    return (not batch.batched) if need_weights is None else _checks.check_flag(need_weights, "need_weights")
 
 
 def _check_bidirectional(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import check_flag
 from .._optional import require
 from ..folding import fold_named
 from ..weights import weights_digest
@@ -35,7 +36,8 @@ _BOOL = TensorProto.BOOL
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def _check_options(opset: int, dtype: str) -> None:
+def check_options(opset: int, dtype: str) -> None:
+    """ValueError for a dtype or an opset that the export does not support."""
     if dtype not in ("float64", "float32", "float16"):
         raise ValueError(f"dtype must be 'float64', 'float32' or 'float16'; got {dtype!r}")
     newest = onnx.defs.onnx_opset_version()
@@ -100,7 +102,7 @@ def build_fusion_model(
     and ``digest``: ``fold_weights`` and ``weights_digest`` of ``arrays``, when the caller builds
     several graphs from one set of weights (D = 1280, H = 8: ~0.6 s and ~0.2 s on this project's CPU).
     ``external``: a dict that receives the weights, which then stay out of the model (``GraphBuilder``)."""
-    _check_options(opset, dtype)
+    check_options(opset, dtype)
     heads, width, _ = arrays["query_weights"].shape
     g = GraphBuilder(dtype, external)
     xs = g.add_input("sequential_repr", g.elem, ["batch", "len_s", width])
@@ -150,7 +152,7 @@ def build_attention_model(
     query_lengths and key_lengths (B,) int64, and with ``mask`` a bool ``mask`` (Bm, Lq, Lk), False
     where masked. Outputs: ``output`` (B, Lq, D or Dv) and, with ``attention_weights``, (B, H, Lq, Lk).
     """
-    _check_options(opset, dtype)
+    check_options(opset, dtype)
     g = GraphBuilder(dtype, external)
     xq = g.add_input("query_seq", g.elem, ["batch", "len_q", width])
     xk = g.add_input("key_seq", g.elem, ["batch", "len_k", width])
@@ -189,7 +191,7 @@ def build_similarity_model(width: int, *, opset: int, dtype: str) -> onnx.ModelP
     """The seed's cosine similarities alone: ``rows`` (B, La, D) and ``fused`` (B, Lb, D) in, ``similarity``
     (B, La, Lb) out, zero rows giving 0 (padded rows must come in zeroed). For the ``onnx`` backend's
     fusions too long for one graph (``OnnxBackend.fuse``)."""
-    _check_options(opset, dtype)
+    check_options(opset, dtype)
     g = GraphBuilder(dtype)
     rows = g.add_input("rows", g.elem, ["batch", "len_a", width])
     fused = g.add_input("fused", g.elem, ["batch", "len_b", width])
@@ -240,8 +242,12 @@ def to_onnx(
     Weights over ``EXTERNAL_DATA_BYTES`` (1 GiB) are written beside the model as ``<path>.data``, which
     must stay in the same folder (``OnnxFusion`` refuses locations outside it).
 
-    Returns the path written. Raises ValueError for an unsupported opset or dtype.
+    Returns the path written. Raises ValueError for an unsupported opset or dtype, TypeError for a flag
+    that is not a bool.
     """
+    for name, value in (("lengths", lengths), ("mask", mask), ("similarity", similarity),
+                        ("attention_weights", attention_weights)):
+        check_flag(value, name)
     arrays = model.get_attention_weights()
     onnx_model = build_fusion_model(
         arrays, opset=opset, dtype=dtype, lengths=lengths, mask=mask, similarity=similarity,

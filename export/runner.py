@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _memory, _overflow, _threads
-from .._checks import check_input, check_lengths, check_values
+from .._checks import check_input, check_lengths, check_mask, check_values
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
 
@@ -405,9 +405,9 @@ class OnnxFusion:
             feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape)
         elif sequential_lengths is not None or structural_lengths is not None:
             raise TypeError("this model was exported without length inputs (lengths=False)")
-        if mask is not None:
-            mask = np.asarray(mask)
-            feeds["mask"] = mask[None] if mask.ndim == 2 else mask  # the seed's mask: 0 = masked
+        if mask is not None:  # the seed's mask: 0 = masked; the graph's: False = masked, (1 or B, Ls, Lt)
+            masked = check_mask(mask, xs.shape[0], xs.shape[1], xt.shape[1], True, _HOST)
+            feeds["mask"] = np.broadcast_to(~masked, (masked.shape[0], xs.shape[1], xt.shape[1]))
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
         (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads

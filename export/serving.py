@@ -12,7 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from .onnx_export import to_onnx
+import numpy as np
+
+from .._checks import check_flag
+from .onnx_export import check_options, to_onnx
 
 _TYPES = {"float64": "TYPE_FP64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
@@ -33,8 +36,12 @@ def write_serving_repository(model, root, *, name: str = "crossattn_fusion", max
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise ValueError(f"name must be letters, digits, '_', '.' and '-', not starting with '.' or '-'; got {name!r}")
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
+    check_flag(mask, "mask")
+    check_options(opset, dtype)  # before any folder is made
+    check_flag(mask, "mask")
+    check_options(opset, dtype)  # before any folder is made
     folder = Path(os.fspath(root)) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     to_onnx(model, folder / "1" / "model.onnx", opset=opset, dtype=dtype, mask=mask)

@@ -173,6 +173,10 @@ def test_bad_options(tmp_path, model):
         to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
     with pytest.raises(ValueError, match="opset must be an integer from 14"):
         to_onnx(model, tmp_path / "m.onnx", opset=12)
+    for flag in ("lengths", "mask", "similarity", "attention_weights"):  # bool("no") would be True
+        with pytest.raises(TypeError, match=f"^{flag} must be True or False; got 'no'"):
+            to_onnx(model, tmp_path / "m.onnx", **{flag: "no"})
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_serving_repository_layout(tmp_path, model):
@@ -199,6 +203,20 @@ def test_serving_repository_names_stay_one_plain_folder(tmp_path, model, name):
         write_serving_repository(model, tmp_path / "repo", name=name)
     assert not (tmp_path / "outside").exists() and not (tmp_path / "repo").exists()
 
+
+
+@pytest.mark.parametrize("options,error,message", [
+    *(({"max_batch_size": size}, ValueError, "max_batch_size must be an integer >= 1") for size in (0, 2.5, "64", True)),
+    ({"dtype": "bfloat16"}, ValueError, "dtype must be"),
+    ({"opset": 12}, ValueError, "opset must be"),
+    ({"mask": "yes"}, TypeError, "mask must be True or False"),
+])
+def test_serving_repository_refuses_bad_options_before_making_folders(tmp_path, model, options, error, message):
+    from crossattn_gpu.export.serving import write_serving_repository
+
+    with pytest.raises(error, match=message):
+        write_serving_repository(model, tmp_path / "repo", **options)
+    assert not (tmp_path / "repo").exists()
 
 def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch):
     """Past EXTERNAL_DATA_BYTES (1 GiB; protobuf caps a file at 2 GiB) the weights are written beside

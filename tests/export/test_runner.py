@@ -135,6 +135,26 @@ def test_examples_per_run_on_the_cpu():
     assert cpu_examples_per_run(4096, 256, 4) == 1
 
 
+
+def test_masks_broadcast_as_the_front_end_takes_them(tmp_path):
+    """Any mask that broadcasts to (B, Ls, Lt), of any real dtype, gives the front end's results; one that
+    does not is named (it had reached onnxruntime's Add, whose error names neither mask nor shape)."""
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx", mask=True))
+    rng = np.random.default_rng(0)
+    xs, xt = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+    for mask in (np.tri(5, dtype=bool), np.tri(5), (rng.random((2, 1, 5)) > 0.3).astype(np.int8),
+                 rng.random((1, 5, 1)) > 0.3, np.ones(5, dtype=np.float32)):
+        want = model.fuse_representations(xs, xt, mask=mask, need_similarity=False)
+        got = fusion(xs, xt, mask=mask)
+        for key in ("fused_sequential", "fused_structural"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{mask.shape} {key}")
+    for mask, message in ((np.ones((3, 5, 5), bool), r"mask of shape \(3, 5, 5\) does not broadcast to \(2, 5, 5\)"),
+                          (np.ones((1, 2, 5, 5), bool), "mask has rank 4"),
+                          (np.full((5, 5), np.nan), "mask contains NaN")):
+        with pytest.raises(ValueError, match=message):
+            fusion(xs, xt, mask=mask)
+
 def test_sliced_runs_equal_one_run(tmp_path, monkeypatch):
     from crossattn_gpu.export import runner
 
