@@ -129,14 +129,14 @@ def named_not_warned(method):
     backend's worker threads too (they take the calling thread's settings: ``_threads.run_in_parallel``).
     An overflow from finite inputs in it is named by ``check_cast`` or ``check_results``; the warnings
     would only come before that error (six of them for a NumPy call whose scores overflowed). Cost: a
-    context switch of NumPy's settings, ~1 us of W1's ~55 us on this project's CPU."""
+    switch of NumPy's settings, 1 to 2.4 us of W1's ~55 us on this project's CPU (NOTES)."""
 
     @functools.wraps(method)
-    def quiet(*args, **kwargs):
+    def without_numpy_overflow_warnings(*args, **kwargs):  # (the name shows in tracebacks)
         with np.errstate(over="ignore", invalid="ignore"):
             return method(*args, **kwargs)
 
-    return quiet
+    return without_numpy_overflow_warnings
 
 
 def check_results(results: dict, magnitude: float, bounds: Bounds, dtypes: StageDtypes, backend) -> None:
