@@ -118,7 +118,7 @@ class CrossAttention:
         # H = 8 on this project's CPU, which ``load`` had paid twice.
         self.embedding_dim, self.attention_heads, self._weights = check_weight_set(arrays, source)
         self.dtype = _checks.normalize_dtype(dtype)
-        self._backend = get_backend(backend, float32_precision=float32_precision, dtype=self.dtype)
+        self._backend = get_backend(backend, float32_precision=float32_precision)
         if self.dtype is not None and self.dtype not in self._backend.dtypes:
             raise ValueError(
                 f"backend {self._backend.name!r} supports dtypes {', '.join(self._backend.dtypes)}; got {self.dtype!r}"

@@ -65,7 +65,7 @@ def _fuse(args) -> int:
             # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
             # 18 s with --dtype float32 (onnx backend).
             print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
-                  f"computes in float32 (backend {get_backend('auto', dtype='float32').name}), faster",
+                  f"computes in float32, faster",
                   file=sys.stderr)
         start = time.perf_counter()
         with NpzWriter(args.out, keep={"sequence file": args.seq, "structure file": args.struct}) as out:
@@ -108,7 +108,7 @@ def _info(args) -> int:
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
     auto = get_backend("auto").name
-    print(f"auto takes: {auto} ({get_backend('auto', dtype='float16').name} for dtype float16)")
+    print(f"auto takes: {auto}")
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--seed", type=int, default=0, help="seed of random weights when --weights is absent")
     fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
     fuse.add_argument("--backend", default="auto", help="backend name, or auto (default: the fastest here; without a GPU, "
-                      "onnx when the onnx extra is installed, numpy for --dtype float16 or without the extra)")
+                      "onnx when the onnx extra is installed, else numpy)")
     fuse.add_argument("--dtype", default=None, choices=("float64", "float32", "float16"),
                       help="compute dtype (default: the inputs' dtype; npz files hold no bfloat16)")
     fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,

@@ -40,8 +40,7 @@ def test_info_lists_backends_and_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
-    want = f"auto takes: {get_backend('auto').name} ({get_backend('auto', dtype='float16').name} for dtype float16)"
-    assert want in out
+    assert f"auto takes: {get_backend('auto').name}\n" in out
 
 
 @pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3"), ("auto", "ieee")])
@@ -216,9 +215,8 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
     captured = capsys.readouterr()
     backend = get_backend("auto").name  # onnx computes float64 in float64
     assert f"on backend {backend}" in captured.out
-    faster = get_backend("auto", dtype="float32").name
     tip = f"note: the files hold float64, which backend {backend} computes in float64; --dtype float32 computes " \
-          f"in float32 (backend {faster})"
+          "in float32, faster"
     assert (tip in captured.err) == (backend in ("numpy", "onnx"))
     model = CrossAttention(8, 1, seed=0)  # the command's random weights without --weights
     with np.load(tmp_path / "out.npz", allow_pickle=False) as out, np.load(tmp_path / "seq.npz") as seq, \

@@ -12,8 +12,8 @@ from .triton_backend import TritonBackend
 
 logger = logging.getLogger("crossattn_gpu")
 
-#: Every backend the library knows, fastest first: ``auto`` takes the first one usable here for the
-#: compute dtype (onnx unless it is fixed to float16, see ``OnnxBackend.usable_by_auto``; numpy always).
+#: Every backend the library knows, fastest first: ``auto`` takes the first one usable here (onnx when
+#: its extra is installed, see ``OnnxBackend.usable_by_auto``; numpy always).
 _FACTORIES = {"triton": TritonBackend, "cupy": CupyBackend, "onnx": OnnxBackend, "numpy": NumpyBackend}
 KNOWN_BACKENDS = tuple(_FACTORIES)
 
@@ -35,12 +35,8 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None = None):
+def get_backend(name: str, *, float32_precision: str = "ieee"):
     """The backend called ``name``, or the fastest available one for ``"auto"``; a new instance.
-
-    ``dtype``: the compute dtype the caller fixed (``"float32"`` ...), or None when it follows the
-    inputs; ``auto`` weighs it (onnxruntime unless it is float16), and the ``onnx`` backend runs its
-    float16 graphs only for ``"float16"`` (float16 inputs otherwise in float32). Other backends ignore it.
 
     ``float32_precision`` (``"ieee"``, ``"tf32x3"`` or ``"tf32"``) permits float32 GEMMs on TF32 tensor
     cores where the backend has such kernels (Triton on a GPU); the others compute IEEE float32.
@@ -54,19 +50,12 @@ def get_backend(name: str, *, float32_precision: str = "ieee", dtype: str | None
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
     if name == "auto":
         # numpy is always usable; Triton and CuPy only on a real GPU (not under the interpreter).
-        name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto(dtype))
-        if name == "numpy" and dtype == "float16" and OnnxBackend.usable_by_auto():
-            logger.info("backend='auto' picked 'numpy' for dtype='float16' (computed in float32); backend='onnx' "
-                        "would run float16 graphs, faster at up to 6x the error; with dtype=None auto takes "
-                        "'onnx', which computes float16 inputs in float32 graphs")
-        else:
-            logger.info("backend='auto' picked %r", name)
+        name = next(n for n in KNOWN_BACKENDS if _FACTORIES[n].usable_by_auto())
+        logger.info("backend='auto' picked %r", name)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
     if float32_precision not in FLOAT32_PRECISIONS:
         raise ValueError(f"float32_precision must be one of {', '.join(FLOAT32_PRECISIONS)}; got {float32_precision!r}")
     backend = _FACTORIES[name]()
     backend.float32_precision = float32_precision
-    if name == "onnx":  # its float16 graphs only when asked for by name (OnnxBackend.compute_dtype)
-        backend.float16_graphs = dtype == "float16"
     return backend

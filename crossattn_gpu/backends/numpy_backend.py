@@ -335,7 +335,7 @@ class NumpyBackend(FoldedFusion):
     prepare_weights = FoldedWeights.build
 
     @staticmethod
-    def usable_by_auto(dtype: str | None = None) -> bool:
+    def usable_by_auto() -> bool:
         return True
 
     # --- arrays -----------------------------------------------------------------------------------

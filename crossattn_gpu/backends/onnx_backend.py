@@ -1,18 +1,26 @@
 """ONNX backend: every operation runs as an exported ONNX graph in onnxruntime.
 
 It lets the conformance tests treat the deployed model as one more backend, and ``auto`` takes it on a
-CPU (``usable_by_auto``). Host arrays in, NumPy arrays (or torch CPU tensors) out,
-as with the NumPy backend.
+CPU (``usable_by_auto``). Host arrays in, NumPy arrays (or torch CPU tensors) out, as with the NumPy
+backend.
+
 The graphs come from ``crossattn_gpu.export`` (opset 17, the portable decomposition), in float64 or
-float32, or float16 for a dtype fixed to float16 (``compute_dtype``), and are built once per weights,
-dtype and variant (mask or not, probabilities or not, similarities or not); assigning new
-weights rebuilds them. The weights reach onnxruntime as arrays, outside the graph (``OnnxSession``'s
-``initializers``), so no size of weights meets protobuf's 2 GiB cap. Each variant's session keeps its
-own copy of them, prepacked for onnxruntime's GEMMs: D = 1280, H = 8 (100 MB of folded float32
-weights) took ~110 MB of resident memory a variant on this project's CPU (~210 MB when the weights went
-through the graph). Handing every session one shared copy (``SessionOptions.add_initializer``) saved
-nothing there. Models small enough for one-thread runs (H x D**2 up to ``runner.SERIAL_RUN_WORK``,
-8 MiB of folded float32 weights) get a second session per variant for them.
+float32: float16 and bfloat16 are computed in float32 graphs and the results cast back, as NumPy
+computes them (``NumpyBackend.compute_dtype``). The exported float16 model's graphs
+(``to_onnx(dtype="float16")``: float16 GEMMs, softmax in float32) were slower and less accurate on
+onnxruntime's CPU provider: W2c with dtype="float16", medians of 9, 69.8 / 78.9 ms at 6.1e-4 from
+float64, against 68.9 / 70.4 ms at 3.0e-4 in float32 graphs (W3c: 330 / 338 ms at 2.2e-3 against
+308 / 288 ms at 3.7e-4); the conformance suite runs them through ``OnnxFusion``.
+
+The graphs are built once per weights, dtype and variant (mask or not, probabilities or not,
+similarities or not); assigning new weights rebuilds them. The weights reach onnxruntime as arrays,
+outside the graph (``OnnxSession``'s ``initializers``), so no size of weights meets protobuf's 2 GiB
+cap. Each variant's session keeps its own copy of them, prepacked for onnxruntime's GEMMs: D = 1280,
+H = 8 (100 MB of folded float32 weights) took ~110 MB of resident memory a variant on this project's
+CPU (~210 MB when the weights went through the graph). Handing every session one shared copy
+(``SessionOptions.add_initializer``) saved nothing there. Models small enough for one-thread runs
+(H x D**2 up to ``runner.SERIAL_RUN_WORK``, 8 MiB of folded float32 weights) get a second session per
+variant for them.
 """
 
 from __future__ import annotations
@@ -97,42 +105,25 @@ class OnnxBackend(NumpyBackend):
         require("onnx", "backend 'onnx'")
         require("onnxruntime", "backend 'onnx'")
         self._sdpa = {}  # dtype name -> OnnxPrepared without weights, for its sessions
-        # Set by ``get_backend`` when the caller fixed dtype="float16": only then do float16 inputs run
-        # the float16 graphs (``compute_dtype``).
-        self.float16_graphs = False
 
     @staticmethod
-    def usable_by_auto(dtype: str | None = None) -> bool:
-        """``auto`` takes onnxruntime (behind the GPU backends) when it is installed, unless the caller
-        fixed dtype="float16".
+    def usable_by_auto() -> bool:
+        """``auto`` takes onnxruntime (behind the GPU backends) when it is installed.
 
         Its MLAS GEMMs ran the folded fusion faster than NumPy's OpenBLAS on this project's 2-core CPU,
         through ``CrossAttention``: float32 about twice as fast (W2c 68 against 144 ms, W3c 310 against
         574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B = 16, L =
-        120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms). Each kind of call's
-        first run builds a session: +60 ms at D = 128; at D = 1280, H = 8 +1.0 s for the first, which
-        also folds the weights, and +0.23 s for each further kind. float16 inputs with the dtype
-        following them run float32 graphs (``compute_dtype``), as NumPy computes them. Not for
-        dtype="float16", which runs the float16 graphs: 1.8-2x faster than NumPy (W2c 71.6 against
-        148.0 ms, W3c 303.4 against 544.4 ms) at up to 6x its error against float64 (W2c 4.7e-4
-        against 3.0e-4, W3c 2.2e-3 against 3.7e-4).
+        120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms), float16 (computed in
+        float32 graphs) 2.2x (W2c 69-70 against 155-161 ms, W3c 288-308 against
+        561-573 ms, dtype="float16"). Each kind of call's first run builds a session: +60 ms at D = 128;
+        at D = 1280, H = 8 +1.0 s for the first, which also folds the weights, and +0.23 s for each
+        further kind.
         """
-        if dtype == "float16":
-            return False
         try:
             OnnxBackend()
         except ImportError:
             return False
         return True
-
-    def compute_dtype(self, dtype_name: str) -> np.dtype:
-        """The dtype of the graphs that compute ``dtype_name``: float64 and float32 their own; float16
-        the float16 graphs (the exported float16 model: float16 GEMMs, softmax in float32) only when the
-        caller fixed dtype="float16", else float32 graphs, the results then cast to float16, as the NumPy
-        backend computes float16; bfloat16 float32."""
-        if dtype_name == "float16" and self.float16_graphs:
-            return np.dtype(np.float16)
-        return np.dtype(np.float64 if dtype_name == "float64" else np.float32)
 
     @staticmethod
     def cast(x, dtype):

@@ -55,7 +55,7 @@ class TritonBackend(DeviceFusion):
         self.kernel, self.projection = kernel, projection
 
     @staticmethod
-    def usable_by_auto(dtype: str | None = None) -> bool:
+    def usable_by_auto() -> bool:
         """``auto`` takes Triton only on a real GPU, never under the (slow) interpreter.
 
         Cheap checks first, so that ``auto`` on a machine without an NVIDIA driver never imports torch.
