@@ -65,7 +65,7 @@ def _fuse(args) -> int:
             # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
             # 18 s with --dtype float32 (onnx backend).
             print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
-                  f"computes in float32, faster",
+                  "computes in float32, faster",
                   file=sys.stderr)
         start = time.perf_counter()
         with NpzWriter(args.out, keep={"sequence file": args.seq, "structure file": args.struct}) as out:

@@ -10,7 +10,8 @@ computes them (``NumpyBackend.compute_dtype``). The exported float16 model's gra
 (``to_onnx(dtype="float16")``: float16 GEMMs, softmax in float32) were slower and less accurate on
 onnxruntime's CPU provider: W2c with dtype="float16", medians of 9, 69.8 / 78.9 ms at 6.1e-4 from
 float64, against 68.9 / 70.4 ms at 3.0e-4 in float32 graphs (W3c: 330 / 338 ms at 2.2e-3 against
-308 / 288 ms at 3.7e-4); the conformance suite runs them through ``OnnxFusion``.
+308 / 288 ms at 3.7e-4). The conformance suite runs them as a test backend of its own
+(``tests/conformance/runnable.py``).
 
 The graphs are built once per weights, dtype and variant (mask or not, probabilities or not,
 similarities or not); assigning new weights rebuilds them. The weights reach onnxruntime as arrays,
@@ -114,8 +115,8 @@ class OnnxBackend(NumpyBackend):
         through ``CrossAttention``: float32 about twice as fast (W2c 68 against 144 ms, W3c 310 against
         574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B = 16, L =
         120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms), float16 (computed in
-        float32 graphs) 2.2x (W2c 69-70 against 155-161 ms, W3c 288-308 against
-        561-573 ms, dtype="float16"). Each kind of call's first run builds a session: +60 ms at D = 128;
+        float32 graphs) 2.2x (dtype="float16": W2c 69-70 against 155-161 ms, W3c 288-308 against
+        561-573 ms). Each kind of call's first run builds a session: +60 ms at D = 128;
         at D = 1280, H = 8 +1.0 s for the first, which also folds the weights, and +0.23 s for each
         further kind.
         """
