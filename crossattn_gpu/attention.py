@@ -157,7 +157,8 @@ class CrossAttention:
     # --- files ---------------------------------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write the four parameters to ``path``: safetensors, or npz when the name ends in ``.npz``."""
+        """Write the four parameters to ``path``: safetensors, or npz when the name ends in ``.npz``.
+        The file appears whole: a save interrupted (Ctrl-C, a full disk) leaves the previous one as it was."""
         from . import __version__
 
         metadata = {

@@ -10,7 +10,6 @@ whatever the number of antibodies.
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
 import zipfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import whole_file
 from .attention import CrossAttention
 
 OUTPUT_KEYS = ("fused_sequential", "fused_structural", "bidirectional_fusion")
@@ -96,10 +96,9 @@ class EmbeddingFile(Mapping):
 
 class NpzWriter:
     """Writes arrays into an npz file one at a time (the format of ``np.savez``, without holding them
-    all). It writes ``<path>.<pid>.<random>.partial``, a name no other writer has, and renames it to
-    ``path`` at the end of the ``with`` block, or removes it if the block raised: two runs given the
-    same output each leave a whole file (the last to finish wins), never a mix of both. Like
-    ``np.savez``, it adds ``.npz`` to a path without it.
+    all). The file appears at the end of the ``with`` block, whole, or not at all if the block raised
+    (``_files.whole_file``): two runs given the same output each leave a whole file, never a mix of
+    both. Like ``np.savez``, it adds ``.npz`` to a path without it.
 
     ``keep``: files the output must not replace (the inputs): ValueError naming the one it would.
     """
@@ -114,27 +113,22 @@ class NpzWriter:
                 raise ValueError(f"the output {self.path} is the {what} itself; writing it would replace it")
 
     def __enter__(self) -> "NpzWriter":
-        self._partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-        # O_EXCL: never another writer's file; mode 0o666 less the umask, as open() gives the output.
-        descriptor = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        self._file = os.fdopen(descriptor, "wb")
-        self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._whole = whole_file(self.path)
+        self._zip = zipfile.ZipFile(self._whole.__enter__(), "w", zipfile.ZIP_STORED, allowZip64=True)
         return self
 
     def write(self, key: str, array) -> None:
         with self._zip.open(key + ".npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, *exc) -> None:
         try:
-            try:
-                self._zip.close()  # writes the zip's directory: a full disk fails here too
-            finally:
-                self._file.close()  # ZipFile leaves open a file object it was given
-            if exc_type is None:
-                os.replace(self._partial, self.path)
-        finally:
-            self._partial.unlink(missing_ok=True)  # renamed already, or never left behind
+            self._zip.close()  # writes the zip's directory: a full disk fails here too
+        except BaseException:
+            if not self._whole.__exit__(*sys.exc_info()):
+                raise
+            return
+        self._whole.__exit__(*exc)
 
 
 def _shapes(collection: Mapping) -> dict[str, tuple]:

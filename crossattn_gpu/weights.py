@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 
 from ._checks import is_torch_tensor
+from ._files import whole_file
 
 WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
 
@@ -99,11 +100,16 @@ def check_weight_set(arrays: dict, source: str = "") -> tuple[int, int, dict[str
 
 
 def save_weights(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write the parameters to ``path``: npz when it ends in ``.npz``, else safetensors."""
-    path = os.fspath(path)
-    if path.endswith(".npz"):
-        np.savez(path, **arrays)
-        return
+    """Write the parameters to ``path``: npz when it ends in ``.npz``, else safetensors. The file
+    appears whole (``_files.whole_file``): an interrupted save leaves the previous one as it was."""
+    with whole_file(path) as f:
+        if os.fspath(path).endswith(".npz"):
+            np.savez(f, **arrays)
+        else:
+            _write_safetensors(f, arrays, metadata)
+
+
+def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     header, offset = {"__metadata__": dict(metadata)}, 0
     blobs = []
     for name in WEIGHT_NAMES:
@@ -113,11 +119,10 @@ def save_weights(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) 
         offset += data.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for blob in blobs:
-            f.write(blob)
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for blob in blobs:
+        f.write(blob)
 
 
 def load_weights(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import check_flag
+from .._files import whole_file
 from .._optional import require
 from ..folding import fold_named
 from ..weights import weights_digest
@@ -256,7 +257,8 @@ def to_onnx(
     path = Path(os.fspath(path))
     if sum(len(t.raw_data) for t in onnx_model.graph.initializer) <= EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(onnx_model, full_check=True)
-        onnx.save_model(onnx_model, path)
+        with whole_file(path) as f:  # an interrupted export leaves a previous model as it was
+            f.write(onnx_model.SerializeToString())
         return path
     data = path.with_name(f"{path.name}.data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file: a re-export would grow it
