@@ -137,7 +137,6 @@ def test_fuse_collections_checks_every_shape_before_running():
         next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((0, 4))}, bidirectional=False))
 
 
-
 @pytest.mark.parametrize("backend", ["numpy", "onnx"])
 def test_a_failed_batch_names_the_antibodies_to_look_at(backend):
     """Among thousands of antibodies, the error names those whose embeddings hold NaN or Inf (at most
@@ -158,6 +157,7 @@ def test_a_failed_batch_names_the_antibodies_to_look_at(backend):
     large = dict(seq, ab7=seq["ab7"] * 1e39)
     with pytest.raises(ValueError, match=r"\(largest magnitude .*e\+39, in 'ab7'\): sequential_repr reaches"):
         list(fuse_collections(model, large, struct))
+
 
 def test_npz_writer_refuses_a_directory_and_the_inputs(tmp_path):
     from crossattn_gpu.fuse_files import NpzWriter
