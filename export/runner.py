@@ -45,11 +45,32 @@ def fusion_takes_float64() -> bool:
     which stays on elsewhere: the float64 fusion of four W2c-shaped examples ran 9% faster with it on
     onnxruntime 1.32 (13.2 against 14.4 ms, this project's 2-core CPU)."""
     double = TensorProto.DOUBLE
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Transpose", ["b"], ["bt"]), onnx.helper.make_node("MatMul", ["a", "bt"], ["c"])],
-        "probe", [onnx.helper.make_tensor_value_info(n, double, [2, 2]) for n in "ab"],
-        [onnx.helper.make_tensor_value_info("c", double, [2, 2])])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 14)])
+    return _loads([onnx.helper.make_node("Transpose", ["b"], ["bt"]), onnx.helper.make_node("MatMul", ["a", "bt"], ["c"])],
+                  [onnx.helper.make_tensor_value_info(n, double, [2, 2]) for n in "ab"],
+                  onnx.helper.make_tensor_value_info("c", double, [2, 2]), opset=14)
+
+
+@lru_cache(maxsize=1)
+def attention_float64_mask_fails() -> bool:
+    """Whether this onnxruntime runs the Attention operator (opset 23) on float64, but not with a float64
+    mask: 1.23 failed to load that ("Type parameter (T) of Optype (Add) bound to different types"),
+    1.24 and later load it, and releases before 1.23 have no opset 23. The float64 export at opset 23
+    passes its masks so; ``OnnxSession`` names the way out when such a model fails to load."""
+    double = TensorProto.DOUBLE
+
+    def loads_attention(mask_type) -> bool:
+        inputs = [onnx.helper.make_tensor_value_info(n, double, [1, 1, 2, 2]) for n in "qkv"]
+        inputs.append(onnx.helper.make_tensor_value_info("m", mask_type, [1, 1, 2, 2]))
+        return _loads([onnx.helper.make_node("Attention", ["q", "k", "v", "m"], ["o"])], inputs,
+                      onnx.helper.make_tensor_value_info("o", double, [1, 1, 2, 2]), opset=23)
+
+    return loads_attention(TensorProto.BOOL) and not loads_attention(double)
+
+
+def _loads(nodes: list, inputs: list, output, opset: int) -> bool:
+    """Whether this onnxruntime loads the graph of ``nodes`` (one output) on its CPU provider."""
+    graph = onnx.helper.make_graph(nodes, "probe", inputs, [output])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 10)
     try:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -228,7 +249,11 @@ class OnnxSession:
                                                 disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION])
                 except Exception:
                     pass
-            raise ValueError(f"onnxruntime cannot load the model: {exc}") from exc
+            hint = ""
+            if "tensor(double)" in str(exc) and attention_float64_mask_fails():
+                hint = ("; onnxruntime 1.23 cannot run the Attention operator (opset 23 and later) on float64 "
+                        "with a mask: export with an opset below 23, or use onnxruntime 1.24 or later")
+            raise ValueError(f"onnxruntime cannot load the model: {exc}{hint}") from exc
 
     def run(self, feeds: dict, *, shape: tuple[int, int, int] | None = None, checked: bool = False) -> dict[str, np.ndarray]:
         """Run the model on checked ``feeds``; the outputs by name.

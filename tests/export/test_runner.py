@@ -308,6 +308,25 @@ def test_float64_models_load_where_the_transpose_fusion_lacks_float64(tmp_path, 
     assert tries == [None, ["MatmulTransposeFusion"]]
 
 
+def test_onnxruntime_1_23s_float64_attention_failure_names_the_way_out(tmp_path, monkeypatch):
+    """onnxruntime 1.23 loads the Attention operator on float64 but not with a float64 mask, and says so
+    as a type error in an Add that the model does not have (``attention_float64_mask_fails``)."""
+    path = to_onnx(CrossAttention(8, 2, seed=0, backend="numpy"), tmp_path / "m64.onnx", dtype="float64")
+    message = "Type parameter (T) of Optype (Add) bound to different types (tensor(double) and tensor(float) in node ()."
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(runner.ort, "InferenceSession", fails)
+    for on_1_23, hint in ((True, "; onnxruntime 1.23 cannot run the Attention operator (opset 23 and later) on float64 "
+                                 "with a mask: export with an opset below 23, or use onnxruntime 1.24 or later"),
+                          (False, "")):
+        monkeypatch.setattr(runner, "attention_float64_mask_fails", lambda: on_1_23)
+        with pytest.raises(ValueError) as info:
+            OnnxFusion(path)
+        assert str(info.value) == f"onnxruntime cannot load the model: {message}{hint}"
+
+
 def test_half_casts_give_numpys_bits():
     """onnxruntime's Cast, which ``host_cast`` uses for large float16 conversions, against NumPy's astype:
     every finite float16 up; random float32 bit patterns, the float16 ties and the overflow edge down."""
