@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ def assert_a_forked_child_gets(call, want, timeout: float = 60) -> None:
         os._exit(0 if np.array_equal(call(), want) else 3)
 
     child = multiprocessing.get_context("fork").Process(target=in_child)
-    child.start()
+    with warnings.catch_warnings():  # Python 3.12 on: forking a process that has threads is what is tested
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded, use of fork", DeprecationWarning)
+        child.start()
     child.join(timeout=timeout)
     if child.is_alive():
         child.kill()
