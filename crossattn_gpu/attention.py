@@ -340,7 +340,7 @@ class CrossAttention:
         ``dtype``, ``float32_precision``, ``parameter_count``, ``weight_norms``, ``summary`` (readable
         multi-line text) and ``report_complete`` (True).
         """
-        norms = {name: float(np.linalg.norm(w)) for name, w in self._weights.items()}
+        norms = {name: _frobenius_norm(w) for name, w in self._weights.items()}
         count = sum(w.size for w in self._weights.values())
         lines = [
             "Cross-Attention Report",
@@ -351,7 +351,7 @@ class CrossAttention:
             f"Backend: {self.backend}",
             f"Compute dtype: {self.dtype or 'same as the inputs'}",
             f"float32 GEMMs: {_PRECISION_TEXT[self.float32_precision]}",
-            "Weight norms (Frobenius): " + ", ".join(f"{n.split('_')[0]} {v:.3f}" for n, v in norms.items()),
+            "Weight norms (Frobenius): " + ", ".join(f"{n.split('_')[0]} {v:.4g}" for n, v in norms.items()),
             f"Initialized: {self.is_initialized}",
         ]
         return {
@@ -445,6 +445,13 @@ _PRECISION_TEXT = {
     "tf32x3": "three TF32 tensor-core products (tf32x3) where the backend has them, else IEEE float32",
     "tf32": "one TF32 tensor-core product (tf32) where the backend has it, else IEEE float32",
 }
+
+
+def _frobenius_norm(w: np.ndarray) -> float:
+    """||w||_F computed on w / max|w|: the squares of weights past 1e154 overflowed float64 (an Inf norm and
+    a RuntimeWarning), and those of weights below 1e-162 underflowed (a norm of 0)."""
+    top = float(np.abs(w).max())
+    return 0.0 if top == 0 else top * float(np.linalg.norm(w / top))
 
 
 def _positive_int(value, name: str) -> int:

@@ -55,6 +55,19 @@ def test_seed_example_runs():
     assert model.backend in report["summary"] and report["backend"] == model.backend
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("scale", [1.0, 1e300, 1e-300])
+def test_the_report_gives_the_weights_frobenius_norms_at_any_scale(scale):
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    want = {name: float(np.linalg.norm(w)) for name, w in model.get_attention_weights().items()}
+    model.query_weights = model.query_weights * scale
+    norms = model.generate_report()["weight_norms"]
+    assert norms.keys() == want.keys()
+    for name, norm in norms.items():
+        assert norm == pytest.approx(want[name] * (scale if name == "query_weights" else 1.0), rel=1e-14), name
+    assert f"query {want['query_weights'] * scale:.4g}" in model.generate_report()["summary"]
+
+
 def test_seed_none_draws_from_the_global_generator_like_the_seed():
     np.random.seed(7)
     implicit = CrossAttention(16, 2, backend="numpy")
