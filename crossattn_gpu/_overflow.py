@@ -159,8 +159,8 @@ def check_finite_results(results: dict, magnitude: float, dtype: str, backend) -
     name = next(name for name, arr in arrays.items() if not _in_range(backend, [arr], dtype))
     raise OverflowError(
         f"{name} came out past {dtype}'s largest value {LARGEST[dtype]:.5g} (Inf or NaN) from finite inputs "
-        f"reaching {magnitude:.3g} in magnitude: the computation overflowed {dtype}; scale the inputs "
-        f"down{_wider_hint(dtype)}"
+        f"reaching {magnitude:.3g} in magnitude: the computation overflowed {dtype}; scale the inputs or "
+        f"the weights down{_wider_hint(dtype)}"
     )
 
 

@@ -112,7 +112,7 @@ def test_results_are_read_again_only_when_a_stage_may_overflow(monkeypatch, dtyp
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the named error, not NumPy's overflow warnings before it
 @pytest.mark.parametrize(
     "dtype,scale,overflowed,hint",
-    [(None, 1e160, "float64", r"scale the inputs down$"),
+    [(None, 1e160, "float64", r"scale the inputs or the weights down$"),
      ("float32", 1e20, "float32", r"compute in float64 \(dtype='float64' on the 'numpy' or 'onnx' backend\)"),
      ("float16", 1.0, "float16", r"compute in float32 \(dtype='float32'\)")],
 )
@@ -135,6 +135,19 @@ def test_an_overflow_is_named_with_its_dtype_and_a_way_out(dtype, scale, overflo
         assert f"overflowed {overflowed}" in str(info.value)
         assert info.match(hint)
 
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_weights_that_overflow_the_scores_of_small_inputs_are_named_too(backend):
+    """Folded weights that fit float64 (~1e307) but take the scores of inputs of 1 past it: the error had
+    said to scale the inputs down."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = CrossAttention(8, 2, seed=0, backend=backend)
+    model.query_weights = np.full((2, 8, 8), 1e308)
+    with pytest.raises(OverflowError, match="reaching 1 in magnitude: .* scale the inputs or the weights down$"):
+        model.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_an_input_past_the_compute_dtype_is_named_before_the_cast_hides_it():
