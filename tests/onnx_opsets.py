@@ -10,16 +10,10 @@ from functools import lru_cache
 def runtime_has_opset(opset: int) -> bool:
     """Whether onnx knows ``opset`` and onnxruntime loads a model of it on its CPU provider."""
     import onnx
-    import onnxruntime
+
+    from crossattn_gpu.export.runner import _loads
 
     if onnx.defs.onnx_opset_version() < opset:
         return False
     x, y = (onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1]) for name in "xy")
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 10)
-    try:
-        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception:
-        return False
-    return True
+    return _loads([onnx.helper.make_node("Identity", ["x"], ["y"])], [x], y, opset=opset)
