@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 
 from crossattn_gpu import CrossAttention
-from crossattn_gpu.fuse_files import Progress, fuse_collections, length_batches
-
-
-def test_batches_group_similar_lengths():
-    lengths = {"a": 50, "b": 3, "c": 49, "d": 4, "e": 48}
-    seq = {k: np.zeros((n, 2)) for k, n in lengths.items()}
-    shapes = {k: v.shape for k, v in seq.items()}
-    assert length_batches(sorted(seq), shapes, shapes, 2) == [["a", "c"], ["e", "d"], ["b"]]  # longest first
+from crossattn_gpu.fuse_files import Progress, fuse_collections
 
 
 def test_progress_bar_draws_and_finishes_with_a_newline():
@@ -133,7 +126,7 @@ def test_fuse_collections_checks_every_shape_before_running():
         next(fuse_collections(model, seq, struct))
     with pytest.raises(ValueError, match="id 'a': structure embedding has width 5, but the model has D=4"):
         next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((3, 5))}))
-    with pytest.raises(ValueError, match=re.escape("id 'a': structure embedding is empty (shape (0, 4)); each id needs L >= 1")):
+    with pytest.raises(ValueError, match=re.escape("id 'a': structure embedding is empty (shape (0, 4)); each embedding needs L >= 1")):
         next(fuse_collections(model, {"a": np.ones((3, 4))}, {"a": np.ones((0, 4))}, bidirectional=False))
 
 
@@ -149,13 +142,13 @@ def test_a_failed_batch_names_the_antibodies_to_look_at(backend):
     seq = {key: rng.standard_normal((3 + i % 3, 4)) for i, key in enumerate(ids)}
     struct = {key: rng.standard_normal((3 + i % 3, 4)) for i, key in enumerate(ids)}
     broken = dict(struct, ab4=np.where(np.eye(4) > 0, np.nan, struct["ab4"]))
-    with pytest.raises(ValueError, match=r"in the batch with ids .* \(NaN or Inf in 'ab4'\): structural_repr contains NaN"):
+    with pytest.raises(ValueError, match=r"in the batch with ids .* \(NaN or Inf in id 'ab4'\): structural_repr contains NaN"):
         list(fuse_collections(model, seq, broken))
     everywhere = {key: np.full_like(x, np.inf) for key, x in seq.items()}
-    with pytest.raises(ValueError, match=r"\(NaN or Inf in ('ab\d', ){4}'ab\d' and 4 more\)"):
+    with pytest.raises(ValueError, match=r"\(NaN or Inf in ids ('ab\d', ){4}'ab\d' and 4 more\)"):
         list(fuse_collections(model, everywhere, struct))
     large = dict(seq, ab7=seq["ab7"] * 1e39)
-    with pytest.raises(ValueError, match=r"\(largest magnitude .*e\+39, in 'ab7'\): sequential_repr reaches"):
+    with pytest.raises(ValueError, match=r"\(largest magnitude .*e\+39, in id 'ab7'\): sequential_repr reaches"):
         list(fuse_collections(model, large, struct))
 
 

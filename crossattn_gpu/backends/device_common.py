@@ -53,6 +53,10 @@ class DeviceFusion(FoldedFusion):
     xp = None
     float32 = None
     kernel = None
+    #: A call's fixed cost in FLOPs of fusion work (``ragged.length_batches``): W1 took 0.64 ms on an
+    #: H200 (Triton, 2026-11-28), where the fusion's GEMMs run at tens (float32) to hundreds (16-bit) of
+    #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
+    call_flops = 5e10
 
     def cast(self, x, dtype):
         raise NotImplementedError

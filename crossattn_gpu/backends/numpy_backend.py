@@ -333,6 +333,11 @@ class NumpyBackend(FoldedFusion):
     name = "numpy"
     dtypes = ("float64", "float32", "float16", "bfloat16")
     prepare_weights = FoldedWeights.build
+    #: What a call of its own is worth, in FLOPs of fusion work: ``ragged.length_batches`` pads an antibody
+    #: into the previous one's call while the padding adds less. Set from ``fuse_collection`` timings on
+    #: this project's 2-core CPU (bench/NOTES.md), not from a call's fixed cost alone (W1, 55-70 us, is
+    #: ~2e7 FLOPs here): a batch costs more than its padding's FLOPs (length masks, uneven blocks).
+    call_flops = 2e6
 
     @staticmethod
     def usable_by_auto() -> bool:

@@ -45,6 +45,23 @@ def test_cupy_in_cupy_out_matches_numpy():
 
 
 @gpu_only
+def test_fuse_collection_pads_cupy_arrays_with_cupy():
+    import cupy
+
+    ref = CrossAttention(24, 3, seed=0, backend="numpy")
+    model = CrossAttention.from_weights(**ref.get_attention_weights(), backend="cupy")
+    rng = np.random.default_rng(1)
+    seq = [rng.standard_normal((n, 24)).astype(np.float32) for n in (17, 1, 3)]
+    struct = [rng.standard_normal((n, 24)).astype(np.float32) for n in (17, 1, 3)]
+    got = model.fuse_collection([cupy.asarray(x) for x in seq], [cupy.asarray(x) for x in struct], batch_size=2)
+    for result, xs, xt in zip(got, seq, struct):
+        want = ref.fuse_representations(xs, xt, need_weights=False, need_similarity=False)
+        assert isinstance(result["bidirectional_fusion"], cupy.ndarray)
+        for key in ("fused_sequential", "fused_structural", "bidirectional_fusion"):
+            np.testing.assert_allclose(result[key].get(), want[key], rtol=1e-5, atol=1e-5 * np.abs(want[key]).max())
+
+
+@gpu_only
 def test_weights_from_device_arrays_are_copied_to_the_host():
     import cupy
 

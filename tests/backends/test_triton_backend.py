@@ -77,6 +77,24 @@ def test_ragged_masked_batch_torch_in_torch_out(width, heads):
         close(got["attention_weights_struct_to_seq"][h], want["attention_weights_struct_to_seq"][h], 1e-5)
 
 
+def test_fuse_collection_pads_on_the_device():
+    """Antibodies of lengths 1, 3 and 17 as tensors on the device: padded there, results there, each
+    the reference's result for its own two arrays."""
+    rng = np.random.default_rng(2)
+    ref, tri = models(24, 3)
+    seq = [rng.standard_normal((n, 24)).astype(np.float32) for n in (17, 1, 3, 17)]
+    struct = [rng.standard_normal((n, 24)).astype(np.float32) for n in (5, 3, 1, 17)]
+    on_device = [[torch.tensor(x, device=DEVICE) for x in side] for side in (seq, struct)]
+    got = tri.fuse_collection(*on_device, batch_size=3, bidirectional=False, need_weights=True, need_similarity=True)
+    for result, xs, xt in zip(got, seq, struct):
+        want = ref.fuse_representations(xs, xt, bidirectional=False)
+        assert result["fused_sequential"].device.type == DEVICE and result["fused_sequential"].dtype == torch.float32
+        for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+            close(result[key], want[key], 1e-5)
+        for h in range(3):
+            close(result["attention_weights_struct_to_seq"][h], want["attention_weights_struct_to_seq"][h], 1e-5)
+
+
 @pytest.mark.parametrize("width,heads", [(24, 3), (300, 2)])
 def test_tf32x3_fusion_keeps_float32_accuracy(width, heads):
     """Projections and attention on TF32 tensor cores, three products each (emulated under the

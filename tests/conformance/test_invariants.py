@@ -1,4 +1,5 @@
-"""Invariants every backend keeps: key order, batch independence, equal scores, masked rows, ragged, pickling."""
+"""Invariants every backend keeps: key order, batch independence, equal scores, masked rows, ragged,
+collections, pickling."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def test_a_ragged_batch_equals_its_examples_unpadded(setup):
         check_same(to_numpy(got["struct_similarity"])[b, :t_len[b], :t_len[b]], to_numpy(one["struct_similarity"]), dtype,
                    f"similarity {b}")
         assert not to_numpy(got["fused_sequential"])[b, s_len[b]:].any()
+
+
+def test_a_collection_equals_its_antibodies_fused_alone(setup):
+    """fuse_collection: lengths 1, 3, 9 and 9, in padded batches of two, each as its own call."""
+    model, dtype = setup
+    seq = [to_backend(inputs(n, D, seed=n), dtype) for n in (9, 1, 3, 9)]
+    struct = [to_backend(inputs(n, D, seed=10 + n), dtype) for n in (2, 7, 3, 9)]
+    got = model.fuse_collection(seq, struct, batch_size=2, bidirectional=False, need_weights=True, need_similarity=True)
+    for i, (xs, xt) in enumerate(zip(seq, struct)):
+        one = model.fuse_representations(xs, xt, bidirectional=False)
+        for key in ("fused_sequential", "fused_structural", "seq_similarity", "attention_weights_struct_to_seq"):
+            assert np.shape(to_numpy(got[i][key])) == np.shape(to_numpy(one[key])), f"item {i}: {key}"
+            check_same(to_numpy(got[i][key]), to_numpy(one[key]), dtype, f"item {i}: {key}")
 
 
 def test_strided_and_non_contiguous_inputs_are_read_correctly(setup):
