@@ -77,7 +77,7 @@ def length_batches(keys: list, seq_lengths: dict, struct_lengths: dict, batch_si
     def flops(len_s, len_t, count=1):
         return count * fusion_flops(len_s, len_t, width, heads)
 
-    batches = []
+    batches, padded_to = [], None  # the last batch's padded lengths
     for key in sorted(keys, key=lambda k: -max(seq_lengths[k], struct_lengths[k])):
         len_s, len_t = seq_lengths[key], struct_lengths[key]
         if batches and len(batches[-1]) < batch_size:
