@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
                       help="float32 GEMMs on a GPU: ieee (default), tf32x3 (three TF32 tensor-core products, about "
                       "float32's accuracy) or tf32 (one, ~1e-3); backends without TF32 kernels compute ieee")
-    fuse.add_argument("--batch-size", type=int, default=64, help="antibodies per padded batch (default 64)")
+    fuse.add_argument("--batch-size", type=int, default=64, help="at most this many antibodies per padded batch (default 64); antibodies of "
+                      "similar length share one while their padding costs less than a call of their own")
     fuse.add_argument("--no-bidirectional", action="store_true", help="skip bidirectional_fusion")
     fuse.add_argument("--quiet", action="store_true", help="no progress bar")
     fuse.set_defaults(run=_fuse)
