@@ -6,9 +6,10 @@
 # the interpreter (to compare this host with the development CPU), a batch past the device memory
 # bound in blocks and at once (bench.huge_batch), the Triton sweep
 # (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
-# tests on odd shapes, and the conformance suite with its summary. Logs and results are packed into
+# tests on odd shapes, the conformance suite with its summary, and fuse_collection's batching against a loop
+# of calls (bench.collection). Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 540 s; the steps usually end
+# failing step is logged and the others still run. The limits add up to 565 s; the steps usually end
 # well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
@@ -84,6 +85,9 @@ fi
 # class compiles Triton variants). triton+tf32x3 (float32 on TF32 tensor cores) is one more backend now.
 CROSSATTN_CONFORMANCE_SUMMARY="$work/results/conformance" CROSSATTN_HYPOTHESIS_EXAMPLES=15 \
     step conformance 55 "$py" -m pytest "${pytest_args[@]}" "$repo/tests/conformance"
+# Last, as the least needed: fuse_collection's batches against a loop of calls (is call_flops' 5e10 right?).
+step collection 25 "$py" -m bench.collection --device gpu --backend triton --dtype bfloat16 --cases esm,short \
+    --join-flops 2e6,1e9
 
 grep -h -E "^(FAILED|ERROR)|passed|failed" "$work/tests.log" "$work/conformance.log" | tail -n 30
 grep -h -E "ERROR SUMMARY|passed|failed" "$work"/sanitizer-*.log 2> /dev/null
@@ -94,3 +98,4 @@ grep -A 12 "^## Targets" "$work/bench.log"
 grep -E "^\| W[0-9] \|" "$work/profile.log"
 cat "$work/host-path.log"
 cat "$work/huge-batch.log"
+tail -c 2000 "$work/collection.log"
