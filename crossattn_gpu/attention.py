@@ -45,9 +45,8 @@ class CrossAttention:
         backend: ``"auto"`` (the fastest available; the choice is in ``.backend`` and the report) or a
             backend name such as ``"numpy"``. An unavailable backend raises; it never falls back.
             ``auto`` takes Triton on a CUDA GPU, else CuPy there, else, with the ``onnx`` extra
-            installed and the dtype not fixed to float16, ``"onnx"`` (onnxruntime: about twice NumPy's
-            speed in float32 on the CPUs measured, 1.2 to 1.8 times in float64 and for float16
-            inputs), else ``"numpy"``.
+            installed, ``"onnx"`` (onnxruntime: about twice NumPy's speed in float32 on the CPUs
+            measured, 1.2 to 1.8 times in float64, 1.4 to 2 times for float16), else ``"numpy"``.
         seed: seeds the initial weights (standard normal times 0.1). ``None`` draws from NumPy's global
             generator like the seed implementation, so ``np.random.seed(s)`` before construction
             reproduces ``seed=s``.
@@ -55,8 +54,8 @@ class CrossAttention:
             float16 and bfloat16 are stored in their dtype and accumulated in float32; the CPU backends
             compute float16 arrays and bfloat16 torch tensors in float32 and hand back their dtype).
             A dtype name (``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``) casts every input
-            to it and returns it; ``"float16"`` on the ``onnx`` backend runs its float16 graphs (the
-            exported float16 model: float16 GEMMs, softmax in float32). Results come back in the kind
+            to it and returns it (the CPU backends compute ``"float16"`` in float32 too; the exported
+            float16 model's graphs, ``to_onnx(dtype="float16")``, are for deployment). Results come back in the kind
             of the first input: NumPy arrays (array-likes too), torch tensors on that tensor's device,
             or CuPy arrays; bfloat16 results need torch or CuPy inputs.
         float32_precision: how float32 GEMMs may run on a GPU: ``"ieee"`` (default: IEEE float32),
