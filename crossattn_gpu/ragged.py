@@ -121,12 +121,15 @@ class Side:
                                 "be of one kind on one device")
             if self.library == "torch":
                 _checks.check_no_grad(value, self.name(key))
-            dtype = value.dtype if self.library != "numpy" else _checks.host_array(value, self.name(key)).dtype
-            if _dtype_name(dtype) not in _checks.FLOAT_DTYPES:
-                raise TypeError(f"{self.name(key)} has dtype {_dtype_name(dtype)}; embeddings must be floating point "
-                                f"({', '.join(_checks.FLOAT_DTYPES)})")
-            self.shapes[key] = tuple(value.shape) if self.library != "numpy" else np.shape(value)
-            dtypes.append(dtype)
+            if self.library == "numpy" and _checks.is_device_array(value):  # never copied to the host silently
+                raise TypeError(f"{self.name(key)} is {_kind(value)} on a device; a collection pads torch tensors and "
+                                "CuPy arrays on their device, others on the host: pass torch or CuPy arrays")
+            arr = value if self.library != "numpy" else _checks.host_array(value, self.name(key))
+            if _dtype_name(arr.dtype) not in _checks.FLOAT_DTYPES:
+                raise TypeError(f"{self.name(key)} has dtype {_dtype_name(arr.dtype)}; embeddings must be floating "
+                                f"point ({', '.join(_checks.FLOAT_DTYPES)})")
+            self.shapes[key] = tuple(arr.shape)
+            dtypes.append(arr.dtype)
         if dtypes and self.library == "torch":
             self.dtype = functools.reduce(sys.modules["torch"].promote_types, dtypes)
         elif dtypes:

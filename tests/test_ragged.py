@@ -168,6 +168,18 @@ def test_mixed_kinds_and_grad_are_named():
         model.fuse_collection([torch.ones(2, 4)], [torch.ones(2, 4, requires_grad=True)])
 
 
+def test_device_arrays_of_other_libraries_are_refused_not_copied():
+    class DeviceArray:  # what DLPack says of a GPU array (a JAX one, say)
+        shape, dtype = (2, 4), np.dtype("float32")
+
+        def __dlpack_device__(self):
+            return (2, 0)  # kDLCUDA
+
+    with pytest.raises(TypeError, match=r"sequential\[0\] is a \w+ DeviceArray on a device; a collection pads torch "
+                                        r"tensors and CuPy arrays on their device"):
+        CrossAttention(4, 1, seed=0, backend="numpy").fuse_collection([DeviceArray()], FOUR[:1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_failed_batch_names_the_items_to_look_at(backend):
     model = CrossAttention(4, 1, seed=0, backend=backend, dtype="float32")
