@@ -352,7 +352,7 @@ class CrossAttention:
         each side is computed in the promoted dtype of all its arrays. The results come back in the
         kind of the inputs, as views of their batch's results, and are all held at once (the fused
         outputs alone: 3 x L x D values an antibody, 1.8 MB at L = 120, D = 1280 in float32); for
-        more, fuse the collection in slices, or use ``crossattn-gpu fuse``, which streams to a file.
+        more, ``iter_collection`` hands them over as they come (``crossattn-gpu fuse`` streams npz files).
 
         Args:
             sequential, structural: two lists (or tuples) of the same length, the i-th entries one
@@ -379,6 +379,48 @@ class CrossAttention:
             MemoryError: before any work, when the results of the whole collection, returned in host
                 memory, cannot fit there.
         """
+        collection, options = self._collection(sequential, structural, batch_size, bidirectional, need_weights,
+                                               need_similarity)
+        keys, as_dicts = collection.keys, isinstance(sequential, Mapping)
+        seq_side, struct_side = collection.sides
+        if keys and self._backend.results_on_host(self._backend.caller_kind(seq_side.collection[keys[0]])):
+            _memory.check_outputs_fit(
+                collection.result_elements(options["need_weights"], options["need_similarity"]),
+                self.dtype or _checks.result_dtype((seq_side.dtype_name, struct_side.dtype_name)),
+                remedy="pass need_weights=False or need_similarity=False, or take the results as they come "
+                       "with iter_collection",
+            )
+        results = dict(collection.fuse(**options))
+        ordered = [results[key] for key in keys]
+        return dict(zip(keys, ordered)) if as_dicts else ordered
+
+    def iter_collection(
+        self,
+        sequential,
+        structural,
+        *,
+        batch_size: int = 64,
+        bidirectional: bool = True,
+        need_weights: bool = False,
+        need_similarity: bool = False,
+    ):
+        """``fuse_collection``'s results as they are computed: for collections whose results do not fit
+        in memory at once (write each away, then drop it).
+
+        Takes what ``fuse_collection`` takes and checks it the same way before it returns (TypeError,
+        ValueError), except that only each batch's results, not the whole collection's, must fit in
+        memory (``fuse_representations``' MemoryError). Returns an iterator of ``(key, results)`` pairs,
+        batch by batch, longest antibodies first: ``key`` is the antibody's index in the lists or its id
+        in the dicts, ``results`` its dict (views of its batch's results: a batch's memory is freed once
+        its antibodies' results are dropped). The errors of a batch (NaN, Inf, overflow) are raised when
+        the iterator reaches it, naming the antibodies to look at.
+        """
+        collection, options = self._collection(sequential, structural, batch_size, bidirectional, need_weights,
+                                               need_similarity)
+        return collection.fuse(**options)
+
+    def _collection(self, sequential, structural, batch_size, bidirectional, need_weights, need_similarity):
+        """The checked ``ragged.Collection`` of two lists or two dicts, and the options of its batches."""
         batch_size = _positive_int(batch_size, "batch_size")
         bidirectional, need_weights, need_similarity = (_checks.check_flag(value, name) for name, value in (
             ("bidirectional", bidirectional), ("need_weights", need_weights), ("need_similarity", need_similarity)))
@@ -396,17 +438,7 @@ class CrossAttention:
             sequential, structural = dict(enumerate(sequential)), dict(enumerate(structural))
         collection = ragged.Collection(self, sequential, structural, bidirectional=bidirectional,
                                        labels=ragged.Labels("id" if as_dicts else "item"))
-        seq_side, struct_side = collection.sides
-        if collection.keys and self._backend.results_on_host(self._backend.caller_kind(sequential[collection.keys[0]])):
-            _memory.check_outputs_fit(
-                collection.result_elements(need_weights, need_similarity),
-                self.dtype or _checks.result_dtype((seq_side.dtype_name, struct_side.dtype_name)),
-                remedy="pass need_weights=False or need_similarity=False, or fuse the collection in slices "
-                       "(crossattn-gpu fuse streams its results to a file)",
-            )
-        results = dict(collection.fuse(batch_size=batch_size, need_weights=need_weights, need_similarity=need_similarity))
-        ordered = [results[key] for key in sequential]
-        return dict(zip(sequential, ordered)) if as_dicts else ordered
+        return collection, dict(batch_size=batch_size, need_weights=need_weights, need_similarity=need_similarity)
 
     def get_attention_weights(self) -> dict[str, np.ndarray]:
         """The parameters (not attention probabilities): query, key, value and output weights."""

@@ -68,13 +68,14 @@ def test_a_collection_is_refused_for_all_its_results_together(tight_memory):
     calls = []
     model.fuse_representations = lambda *args, **kwargs: calls.append(args)
     pairs = [np.ones((20, 8))] * 20  # 20 x 3 x 20 x 8 float64: 76.8 kB of fused outputs
-    with pytest.raises(MemoryError, match=r"fused outputs .*or fuse the collection in slices \(crossattn-gpu fuse"):
+    with pytest.raises(MemoryError, match=r"fused outputs .*or take the results as they come with iter_collection"):
         model.fuse_collection(pairs, pairs, batch_size=1)
     with pytest.raises(MemoryError, match=r"probabilities \(need_weights\)"):
         model.fuse_collection(pairs[:2], pairs[:2], need_weights=True)  # 2 x 2 heads x 2 x 20 x 20 x 8 bytes
     assert calls == []
     del model.fuse_representations
     model.fuse_collection(pairs[:2], pairs[:2], bidirectional=False)  # 2 x 2 x 20 x 8 x 8 bytes: fits
+    assert len(list(model.iter_collection(pairs, pairs, batch_size=1))) == 20  # one antibody at a time: fits
 
 
 def test_results_left_on_a_gpu_are_not_held_to_the_hosts_memory():

@@ -109,6 +109,20 @@ def test_results_are_in_the_kind_and_promoted_dtype_of_the_inputs():
     assert_same_results(nested[1], model.fuse_collection([x.astype(np.float64) for x in seq], struct)[1], rtol=0)
 
 
+def test_iter_collection_hands_over_each_antibody_once_longest_first():
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    seq, struct = pairs([3, 9, 1, 9, 5], [3, 9, 1, 9, 5], 8)
+    ids = ["c", "a", "e", "b", "d"]
+    pairs_out = list(model.iter_collection(dict(zip(ids, seq)), dict(zip(ids, struct)), batch_size=2))
+    assert [key for key, _ in pairs_out] == ["a", "b", "d", "c", "e"]
+    whole = model.fuse_collection(dict(zip(ids, seq)), dict(zip(ids, struct)), batch_size=2)
+    for key, result in pairs_out:
+        assert_same_results(result, whole[key], rtol=0)
+    with pytest.raises(ValueError, match=re.escape("structural[1] has width 4")):  # checked before it returns
+        model.iter_collection(seq[:2], [struct[0], np.ones((9, 4))])
+    assert list(model.iter_collection([], [])) == []
+
+
 def test_empty_collections_give_empty_results():
     model = CrossAttention(4, 1, seed=0, backend="numpy")
     assert model.fuse_collection([], []) == [] and model.fuse_collection({}, {}) == {}
