@@ -145,15 +145,29 @@ class Side:
     def pad(self, keys: list) -> tuple:
         """The entries of ``keys``, read now, as a zero-padded (B, max L, D) array of the side's kind,
         device and dtype, and their lengths (int64 NumPy)."""
-        shape = (len(keys), max(self.shapes[k][0] for k in keys), self.shapes[keys[0]][1])
+        lengths = np.array([self.shapes[k][0] for k in keys], dtype=np.int64)
+        shape = (len(keys), int(lengths.max()), self.shapes[keys[0]][1])
+        if self.library == "numpy":
+            padded = np.zeros(shape, dtype=self.dtype)
+            for row, key in enumerate(keys):
+                padded[row, : lengths[row]] = _checks.host_array(self.collection[key], self.name(key))
+            return padded, lengths
+        # torch and CuPy: all the rows copied into place at once (row b's i-th to flat row b * max L + i):
+        # four kernel launches a batch on a GPU where a copy per antibody took one each (not timed on a
+        # GPU; torch CPU tensors, 64 antibodies of L 8..14, D = 64: 2.25 -> 1.76 us of host time each).
+        places = np.repeat(np.arange(len(keys)) * shape[1] - np.cumsum(lengths) + lengths, lengths)
+        places += np.arange(int(lengths.sum()))
+        values = [self.collection[key] for key in keys]
         if self.library == "torch":
-            padded = sys.modules["torch"].zeros(shape, dtype=self.dtype, device=self.device)
+            torch = sys.modules["torch"]
+            padded = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            rows = torch.cat([v.to(self.dtype) for v in values])
+            padded.view(-1, shape[2]).index_copy_(0, torch.from_numpy(places).to(self.device), rows)
         else:
-            padded = sys.modules[self.library].zeros(shape, dtype=self.dtype)
-        for row, key in enumerate(keys):
-            value = self.collection[key]
-            padded[row, : self.shapes[key][0]] = value if self.library != "numpy" else _checks.host_array(value, self.name(key))
-        return padded, np.array([self.shapes[k][0] for k in keys], dtype=np.int64)
+            cupy = sys.modules["cupy"]
+            padded = cupy.zeros(shape, dtype=self.dtype)
+            padded.reshape(-1, shape[2])[cupy.asarray(places)] = cupy.concatenate([v.astype(self.dtype, copy=False) for v in values])
+        return padded, lengths
 
 
 def _library(x) -> str:

@@ -123,6 +123,26 @@ def test_iter_collection_hands_over_each_antibody_once_longest_first():
     assert list(model.iter_collection([], [])) == []
 
 
+def test_torch_tensors_are_padded_in_one_copy_as_numpy_pads_them():
+    torch = pytest.importorskip("torch")
+    from crossattn_gpu.ragged import Side
+
+    rng = np.random.default_rng(3)
+    arrays = {key: rng.standard_normal((n, 5)).astype(np.float32) for key, n in zip("abcd", (4, 1, 7, 2))}
+    tensors = {"a": torch.from_numpy(arrays["a"]).half(),  # promoted to float32, like the rest
+               "b": torch.from_numpy(arrays["b"]),
+               "c": torch.from_numpy(np.asfortranarray(arrays["c"])),  # not contiguous in C order
+               "d": torch.from_numpy(arrays["d"])}
+    keys = ["c", "a", "d", "b"]
+    want, want_lengths = Side({k: v.astype(np.float32) if k != "a" else v.astype(np.float16) for k, v in arrays.items()},
+                              "{key}").pad(keys)
+    got, lengths = Side(tensors, "{key}").pad(keys)
+    assert got.dtype == torch.float32 and got.shape == (4, 7, 5)
+    np.testing.assert_array_equal(lengths, [7, 4, 2, 1])
+    np.testing.assert_array_equal(lengths, want_lengths)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_empty_collections_give_empty_results():
     model = CrossAttention(4, 1, seed=0, backend="numpy")
     assert model.fuse_collection([], []) == [] and model.fuse_collection({}, {}) == {}
