@@ -25,6 +25,7 @@ import numpy as np
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.ragged import length_batches
+from crossattn_gpu.weights import host_values
 
 from .timing import time_calls
 
@@ -105,7 +106,7 @@ def time_in_processes(argv: list[str], case: str, ways: list[str], rounds: int, 
 def describe(case: Case, ways: dict, times: dict) -> dict:
     """The case's result: per way, its median, its calls, and its outputs' difference from the loop's."""
     def outputs(flops):
-        return [_host(r["bidirectional_fusion"]) for r in case.run(flops)]
+        return [np.asarray(host_values(r["bidirectional_fusion"], "output"), dtype=np.float64) for r in case.run(flops)]
 
     reference = outputs(None)
     scale = max(float(np.abs(r).max()) for r in reference)
@@ -116,10 +117,6 @@ def describe(case: Case, ways: dict, times: dict) -> dict:
         result["ways"][name] = {"median_ms": statistics.median(times[name]) * 1e3, "calls": case.calls(flops),
                                 "max_relative_difference": difference}
     return result
-
-
-def _host(x) -> np.ndarray:
-    return x.float().cpu().numpy() if hasattr(x, "cpu") else np.asarray(x, dtype=np.float64)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
+from .weights import host_values
 
 RESULT_KEYS = (
     "fused_sequential", "fused_structural", "bidirectional_fusion", "attention_weights_seq_to_struct",
@@ -281,7 +282,7 @@ def _cut(result: dict, row: int, len_s: int, len_t: int) -> dict:
 def _culprits(keys: list, xs, xt, item: str, shown: int = 5) -> str:
     """Which antibodies of a failed batch to look at: those whose embeddings hold NaN or Inf, else the
     one of the largest magnitude (an input past the dtype, or an overflow), as " (...)"."""
-    xs, xt = _host(xs), _host(xt)
+    xs, xt = host_values(xs, "the batch"), host_values(xt, "the batch")  # a copy from a device is fine now
     finite = np.isfinite(xs).all(axis=(1, 2)) & np.isfinite(xt).all(axis=(1, 2))
     if not finite.all():
         bad = [keys[row] for row in np.flatnonzero(~finite)]
@@ -290,13 +291,3 @@ def _culprits(keys: list, xs, xt, item: str, shown: int = 5) -> str:
     magnitudes = np.maximum(np.abs(xs).max(axis=(1, 2)), np.abs(xt).max(axis=(1, 2)))
     row = int(np.argmax(magnitudes))
     return f" (largest magnitude {float(magnitudes[row]):.3g}, in {item} {keys[row]!r})"
-
-
-def _host(x) -> np.ndarray:
-    """A padded batch on the host, to look for culprits after a failure (a copy from a device is fine then)."""
-    if _checks.is_torch_tensor(x):
-        x = x.detach()
-        return (x.float() if x.dtype is sys.modules["torch"].bfloat16 else x).cpu().numpy()
-    if type(x).__module__.split(".")[0] == "cupy":
-        return x.get()
-    return np.asarray(x)
