@@ -346,10 +346,10 @@ class CrossAttention:
         probabilities and similarities too, when asked for), computed in batches of up to ``batch_size``
         antibodies sorted by length, longest first (the first batch sizes the memory the others reuse).
         An antibody shares a batch with longer ones only while the work its padding adds costs less than
-        a call of its own on the backend: on the CPU, short antibodies and equal lengths share, long
-        ones go alone; on a GPU nearly all share. The arrays may be NumPy arrays (or array-likes), torch
-        tensors (padded on their device) or CuPy arrays, each side all of one kind on one device, and
-        each side is computed in the promoted dtype of all its arrays. The results come back in the
+        a call of its own on the backend: on the ``onnx`` backend, short antibodies and equal lengths
+        share, long ones go alone; on NumPy and on a GPU most share. The arrays may be NumPy arrays (or
+        array-likes), torch tensors (padded on their device) or CuPy arrays, each side all of one kind
+        on one device, and each side is computed in the promoted dtype of all its arrays. The results come back in the
         kind of the inputs, as views of their batch's results, and are all held at once (the fused
         outputs alone: 3 x L x D values an antibody, 1.8 MB at L = 120, D = 1280 in float32); for
         more, ``iter_collection`` hands them over as they come (``crossattn-gpu fuse`` streams npz files).

@@ -67,8 +67,9 @@ def length_batches(keys: list, seq_lengths: dict, struct_lengths: dict, batch_si
     An antibody joins the batch of the longer ones before it only while the work the padding adds
     (``fusion_flops`` of the padded batch, less that of its members unpadded) stays within
     ``join_flops``, what a call of its own is worth on its backend (the backend's ``call_flops``): on
-    the CPU, short antibodies share calls and long ones go alone; on a GPU, where a call costs far
-    more, nearly all share.
+    onnxruntime's CPU provider, short antibodies share calls and long ones go alone; on NumPy (whose
+    calls of one or two examples leave a core idle) and on a GPU (where a call costs far more), most
+    share.
 
     Longest first, so that the first batch sizes the memory every later one reuses: onnxruntime grows
     its memory arena on every call bigger than all before it, which made shortest-first batches take

@@ -334,10 +334,13 @@ class NumpyBackend(FoldedFusion):
     dtypes = ("float64", "float32", "float16", "bfloat16")
     prepare_weights = FoldedWeights.build
     #: What a call of its own is worth, in FLOPs of fusion work: ``ragged.length_batches`` pads an antibody
-    #: into the previous one's call while the padding adds less. Set from ``fuse_collection`` timings on
-    #: this project's 2-core CPU (bench/NOTES.md), not from a call's fixed cost alone (W1, 55-70 us, is
-    #: ~2e7 FLOPs here): a batch costs more than its padding's FLOPs (length masks, uneven blocks).
-    call_flops = 2e6
+    #: into the previous one's call while the padding adds less. Set from ``python -m bench.collection``
+    #: on this project's 2-core CPU (bench/NOTES.md), not from a call's fixed cost (W1, 55-70 us, is ~2e7
+    #: FLOPs here): a call of one or two mid-sized examples leaves a core idle for much of its attention
+    #: (one chunk of scores), where a batch shares its examples among the workers, so padding pays up to
+    #: 1e9 FLOPs (L = 200, D = 128, H = 4: 2.6 ms an example alone, 1.4-1.7 in a batch of 8). 2e6 had
+    #: 256 antibodies of L 30..400, D = 128 at 849-925 ms, 1e9 at 696 (a loop of calls: 848-850).
+    call_flops = 1e9
 
     @staticmethod
     def usable_by_auto() -> bool:

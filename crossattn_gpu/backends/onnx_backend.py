@@ -101,6 +101,11 @@ class OnnxBackend(NumpyBackend):
 
     name = "onnx"
     dtypes = ("float64", "float32", "float16", "bfloat16")
+    #: ``NumpyBackend.call_flops`` for onnxruntime, whose pool shares one example's GEMMs among the cores:
+    #: padding pays less than with NumPy. On this project's 2-core CPU (``python -m bench.collection``,
+    #: bench/NOTES.md) 2e6 was at or below a loop of per-antibody calls on every case, and unlimited
+    #: padding (64 consecutive antibodies a call) up to 1.2x slower than the loop.
+    call_flops = 2e6
 
     def __init__(self):
         require("onnx", "backend 'onnx'")
