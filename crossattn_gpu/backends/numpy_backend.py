@@ -14,7 +14,9 @@ is fused in blocks of a few examples, each on one worker from its projections to
 
 The score tensor is the only quadratic buffer; it is built for a chunk of the batch (or of one long
 example's queries) at a time, so that memory stays bounded (``SCORE_CHUNK_ELEMENTS``) whatever B and
-L are.
+L are. Intermediates of 64 KiB to 4 MiB (projections, the heads' outputs, chunks of scores) go into
+buffers each thread keeps for its next call (``SCRATCH_BYTES``: a few of them a thread), which spares
+them the page faults of fresh memory: a lone example of L = 200, D = 128, H = 4 fused 1.4x faster.
 
 Semantics (SPEC section 1): where the seed's ``mask`` is 0 the scaled score becomes -1e9 (so a fully
 masked row is uniform); keys past an example's length get exactly zero weight (their score is
@@ -23,7 +25,9 @@ masked row is uniform); keys past an example's length get exactly zero weight (t
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -64,6 +68,45 @@ EXAMPLE_BLOCK_ELEMENTS = 1 << 19
 #: Fewest rows of each input in such a block, which keeps its projection GEMMs from getting thin
 #: (B=64, L=120, D=1280 above: blocks of at least 1024 rows 4057 ms, 512 3921, 256 3842, 128 3814).
 MIN_EXAMPLE_BLOCK_ROWS = 256
+
+
+#: Intermediates up to this size (the projections, the heads' outputs, a chunk of scores) are written
+#: into buffers each thread keeps between calls, instead of fresh arrays. glibc's malloc hands large
+#: freed arrays back to the system, so a call whose results were dropped before the next (a loop that
+#: writes them away) got fresh pages for each one's intermediates, faulted in on first touch, often by
+#: two threads at once (~1.5 us a 4 KiB page on this project's CPU): two 400 x 128 by 128 x 1024
+#: float32 GEMMs into fresh outputs took 2.07 ms, into the same outputs again 0.92 ms. Larger arrays are
+#: left to malloc: NumPy asks for huge pages for arrays of 4 MiB and more, and keeping them gained
+#: nothing at D = 1280 (glibc told to keep all freed memory: B = 1, L = 120, H = 8 62-66 ms either way).
+SCRATCH_BYTES = 1 << 22
+
+#: ... and smaller ones too, which malloc keeps in memory it holds (its threshold for handing arrays
+#: back starts at 128 KiB): looking buffers up costs more than their pages (with every intermediate in
+#: a buffer, W1 took 93 us instead of 72).
+SCRATCH_MIN_BYTES = 1 << 16
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
+    """An uninitialised array for an intermediate that never leaves this module, in the calling
+    thread's buffer ``name`` (grown as needed, kept for the thread's next call); None for a size
+    outside the buffers' range, to be allocated as usual. Two arrays in use at once in one thread need
+    two names."""
+    size = dtype.itemsize * math.prod(shape)
+    if not SCRATCH_MIN_BYTES <= size <= SCRATCH_BYTES:
+        return None
+    buffers = _scratch_buffers.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[name] = np.empty(size, np.uint8)
+    return buffer[:size].view(dtype).reshape(shape)
+
+
+def _product(name: str, a: np.ndarray, b: np.ndarray, shape: tuple) -> np.ndarray:
+    """``a @ b`` (of shape ``shape``) in scratch buffer ``name``, or in a new array (see ``_scratch``)."""
+    out = _scratch(name, shape, np.result_type(a, b))
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
 @dataclass(frozen=True)
@@ -118,7 +161,7 @@ def _example_blocks(batch: int, length: int, weights: "FoldedWeights") -> list[s
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
-def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False, need_lse=False):
+def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False, need_lse=False, out=None):
     """Reference of the kernel contract (SPEC section 3).
 
     Args:
@@ -129,6 +172,7 @@ def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False
         k_lengths: int (B,): keys at positions >= k_lengths[b] get zero weight.
         need_weights: also return the probabilities (B, H, Lq, Lk).
         need_lse: also return the row log-sum-exp (B, H, Lq) of the scaled, masked scores.
+        out: where to write O (a new array if None).
 
     Returns:
         (O, lse or None, weights or None), O of shape (B, H, Lq, Dv) in the dtype of ``q``.
@@ -139,17 +183,23 @@ def attention(q, k, v, *, scale, masked=None, k_lengths=None, need_weights=False
     """
     batch, heads, len_q, _ = q.shape
     len_k, width_v = k.shape[2], v.shape[3]
-    out = np.empty((batch, heads, len_q, width_v), dtype=q.dtype)
+    if out is None:
+        out = np.empty((batch, heads, len_q, width_v), dtype=q.dtype)
     lse = np.empty((batch, heads, len_q), dtype=q.dtype) if need_lse else None
     weights = np.empty((batch, heads, len_q, len_k), dtype=q.dtype) if need_weights else None
     if masked is not None:  # transposed like the scores and copied to that layout, once per mask: (B, 1, Lk, Lq)
         masked = np.ascontiguousarray(np.broadcast_to(masked, (masked.shape[0], len_q, len_k)).swapaxes(-1, -2))
         masked = np.broadcast_to(masked, (batch, len_k, len_q))[:, None]
     key_pad = None if k_lengths is None else np.arange(len_k) >= k_lengths[:, None]  # (B, Lk)
+    small = q.dtype.itemsize * batch * heads * len_q * len_k < SCRATCH_MIN_BYTES  # no chunk's scores in scratch
 
     def attend_chunk(chunk: tuple[slice, slice]) -> None:
         rows, cols = chunk
-        scores_t = np.matmul(k[rows], q[rows, :, cols].swapaxes(-1, -2))  # (b, H, Lk, lq)
+        q_t = q[rows, :, cols].swapaxes(-1, -2)
+        if small:
+            scores_t = np.matmul(k[rows], q_t)  # (b, H, Lk, lq)
+        else:
+            scores_t = _product("scores", k[rows], q_t, q_t.shape[:2] + (len_k, q_t.shape[3]))
         _scale_and_fill(
             scores_t, scale, None if masked is None else masked[rows, ..., cols],
             None if key_pad is None else key_pad[rows],
@@ -203,8 +253,8 @@ def _split_heads(x: np.ndarray, heads: int) -> np.ndarray:
     return x.reshape(batch, length, heads, hd // heads).transpose(0, 2, 1, 3)
 
 
-def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for a large 2-D ``a``, in row blocks on the worker threads.
+def _matmul_rows(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
+    """a @ b for a large 2-D ``a``, in row blocks on the worker threads, into scratch buffer ``name``.
 
     Every GEMM of the backend runs on the same workers with a single-threaded BLAS: when BLAS's own
     threads run a GEMM, they then spin for a while and slow the workers' next chunks (measured:
@@ -212,8 +262,10 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     step = max(MIN_BLOCK_ROWS, -(-a.shape[0] // (4 * cpu_count())))
     if a.shape[0] <= step:
-        return np.matmul(a, b)
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+        return _product(name, a, b, (a.shape[0], b.shape[1]))
+    out = _scratch(name, (a.shape[0], b.shape[1]), np.result_type(a, b))
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
 
     def block(rows: slice) -> None:
         np.matmul(a[rows], b, out=out[rows])
@@ -222,10 +274,11 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _project(x: np.ndarray, weights: FoldedWeights, parts: str) -> list[np.ndarray]:
-    """Every head's folded queries ('q'), values ('v') or both ('qv') of ``x`` (B, L, D), one GEMM."""
+def _project(x: np.ndarray, weights: FoldedWeights, parts: str, name: str = "") -> list[np.ndarray]:
+    """Every head's folded queries ('q'), values ('v') or both ('qv') of ``x`` (B, L, D), one GEMM, in
+    scratch buffer ``name`` (default: named by ``parts``)."""
     batch, length, width = x.shape
-    flat = _matmul_rows(x.reshape(batch * length, width), weights.columns(parts))
+    flat = _matmul_rows(x.reshape(batch * length, width), weights.columns(parts), name or f"project {parts}")
     return _parts_by_head(flat.reshape(batch, length, -1), weights, len(parts))
 
 
@@ -235,9 +288,10 @@ def _project_pair(xs: np.ndarray, xt: np.ndarray, weights: FoldedWeights) -> tup
     20 stacked rows: 11.7 us)."""
     rows_s, rows_t = xs.shape[0] * xs.shape[1], xt.shape[0] * xt.shape[1]
     if rows_s + rows_t > MIN_BLOCK_ROWS:
-        return _project(xs, weights, "qv"), _project(xt, weights, "qv")
+        return _project(xs, weights, "qv", "project sequential"), _project(xt, weights, "qv", "project structural")
     stacked = np.concatenate([xs.reshape(rows_s, -1), xt.reshape(rows_t, -1)])
-    flat = np.matmul(stacked, weights.columns("qv"))
+    columns = weights.columns("qv")
+    flat = _product("project both", stacked, columns, (stacked.shape[0], columns.shape[1]))
     return (_parts_by_head(flat[:rows_s].reshape(*xs.shape[:2], -1), weights, 2),
             _parts_by_head(flat[rows_s:].reshape(*xt.shape[:2], -1), weights, 2))
 
@@ -261,9 +315,9 @@ def _zero_padded_rows_in_place(x: np.ndarray, lengths, axis: int) -> None:
 def _attend(q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
     """Multi-head attention from folded queries and values: raw keys shared by all heads, the output
     projection already inside the values, so the output is the sum of the heads' outputs."""
-    head_out, _, probs = attention(
-        q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths, need_weights=need_weights
-    )
+    heads = _scratch("heads", q_folded.shape[:3] + v_folded.shape[3:], q_folded.dtype)
+    head_out, _, probs = attention(q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked,
+                                   k_lengths=k_lengths, need_weights=need_weights, out=heads)
     out = head_out.sum(axis=1)
     _zero_padded_rows_in_place(out, q_lengths, axis=1)
     if probs is not None:
@@ -338,8 +392,8 @@ class NumpyBackend(FoldedFusion):
     #: on this project's 2-core CPU (bench/NOTES.md), not from a call's fixed cost (W1, 55-70 us, is ~2e7
     #: FLOPs here): a call of one or two mid-sized examples leaves a core idle for much of its attention
     #: (one chunk of scores), where a batch shares its examples among the workers, so padding pays up to
-    #: 1e9 FLOPs (L = 200, D = 128, H = 4: 2.6 ms an example alone, 1.4-1.7 in a batch of 8). 2e6 had
-    #: 256 antibodies of L 30..400, D = 128 at 849-925 ms, 1e9 at 696 (a loop of calls: 848-850).
+    #: 1e9 FLOPs (L = 200, D = 128, H = 4: 1.7 ms an example alone, 1.4-1.5 in batches of 4 or 8).
+    #: 256 antibodies of L 30..400, D = 128: 888 ms with 2e6, 721 with 1e9 (a loop of calls: 759).
     call_flops = 1e9
 
     @staticmethod

@@ -196,3 +196,64 @@ def test_float16_largest_magnitude_from_bit_patterns(order):
     nan_bits = every[np.isnan(every)]
     assert np.isnan(NumpyBackend.largest_magnitude(np.float16([1.0, np.inf]), nan_bits[:5].astype(np.float16)))
     assert NumpyBackend.largest_magnitude(np.float16([-np.inf, 2.0]).astype(np.dtype(np.float16).newbyteorder(order))) == np.inf
+
+
+def test_scratch_buffers_are_kept_per_name_and_grown(monkeypatch):
+    from crossattn_gpu.backends import numpy_backend
+    from crossattn_gpu.backends.numpy_backend import _scratch
+
+    monkeypatch.setattr(numpy_backend, "SCRATCH_MIN_BYTES", 64)
+    monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", 4096)
+    f32 = np.dtype(np.float32)
+    assert _scratch("test a", (4, 3), f32) is None  # 48 bytes: below the range, allocated as usual
+    assert _scratch("test a", (33, 32), f32) is None  # 4224 bytes: above it
+    first = _scratch("test a", (4, 8), f32)
+    again = _scratch("test a", (8, 4), f32)
+    assert first.shape == (4, 8) and again.shape == (8, 4) and again.dtype == f32
+    assert np.shares_memory(first, again)  # kept for the next use of the name
+    assert not np.shares_memory(first, _scratch("test b", (4, 8), f32))  # another name, another buffer
+    grown = _scratch("test a", (32, 32), np.dtype(np.float32))
+    assert grown.shape == (32, 32) and not np.shares_memory(first, grown)
+    assert np.shares_memory(grown, _scratch("test a", (4, 8), np.dtype(np.float64)))
+
+
+def test_results_never_share_the_reused_buffers(monkeypatch):
+    """Every intermediate in scratch buffers (the floor lowered to 0) gives the same bits as none, and
+    no result is a view of a buffer: a later call, which rewrites them, leaves earlier results alone."""
+    from crossattn_gpu import CrossAttention
+    from crossattn_gpu.backends import numpy_backend
+
+    rng = np.random.default_rng(12)
+    model = CrossAttention(8, 3, seed=0, backend="numpy")
+    seq, struct = rng.standard_normal((5, 7, 8)), rng.standard_normal((5, 6, 8))
+    lengths = dict(sequential_lengths=[7, 1, 3, 6, 2], structural_lengths=[6, 2, 6, 1, 4])
+    mask = rng.random((7, 6)) > 0.3
+
+    def calls(seq, struct):
+        return [model.fuse_representations(seq, struct, mask=mask, need_weights=True, bidirectional=False, **lengths),
+                model.fuse_representations(seq[0, :6], struct[0]),  # the seed's 2-D call: probabilities, similarities
+                model.multi_head_attention(seq, struct, struct, need_weights=True),
+                model.scaled_dot_product_attention(seq[0], struct[0], struct[0])]
+
+    def arrays(results):
+        found = []
+        for item in results:
+            values = item.values() if isinstance(item, dict) else item
+            for value in values:
+                found += [np.asarray(v) for v in (value if isinstance(value, list) else [value]) if hasattr(v, "shape")]
+        return found
+
+    monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", -1)
+    plain = [a.copy() for a in arrays(calls(seq, struct))]
+    monkeypatch.setattr(numpy_backend, "SCRATCH_BYTES", 1 << 22)
+    monkeypatch.setattr(numpy_backend, "SCRATCH_MIN_BYTES", 0)
+    got = arrays(calls(seq, struct))
+    assert len(got) == len(plain) > 20
+    for a, b in zip(got, plain):
+        np.testing.assert_array_equal(a, b)
+    buffers = numpy_backend._scratch_buffers.buffers.values()
+    assert {"project both", "project q", "project v", "heads", "scores"} <= set(numpy_backend._scratch_buffers.buffers)
+    assert not any(np.shares_memory(a, buffer) for a in got for buffer in buffers)
+    calls(-seq, 2 * struct)  # rewrites every buffer
+    for a, b in zip(got, plain):
+        np.testing.assert_array_equal(a, b)
