@@ -257,3 +257,24 @@ def test_results_never_share_the_reused_buffers(monkeypatch):
     calls(-seq, 2 * struct)  # rewrites every buffer
     for a, b in zip(got, plain):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_threads_buffers_go_with_it():
+    import gc
+    import threading
+    import weakref
+
+    from crossattn_gpu.backends import numpy_backend
+
+    kept = []
+
+    def in_thread():
+        numpy_backend._scratch("test thread", (64, 1024), np.dtype(np.float32))
+        kept.append(weakref.ref(numpy_backend._scratch_buffers.buffers["test thread"]))
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert len(kept) == 1 and kept[0]() is None
+    assert "test thread" not in getattr(numpy_backend._scratch_buffers, "buffers", {})  # not this thread's
