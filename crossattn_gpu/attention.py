@@ -349,10 +349,11 @@ class CrossAttention:
         a call of its own on the backend: on the ``onnx`` backend, short antibodies and equal lengths
         share, long ones go alone; on NumPy and on a GPU most share. The arrays may be NumPy arrays (or
         array-likes), torch tensors (padded on their device) or CuPy arrays, each side all of one kind
-        on one device, and each side is computed in the promoted dtype of all its arrays. The results come back in the
-        kind of the inputs, as views of their batch's results, and are all held at once (the fused
-        outputs alone: 3 x L x D values an antibody, 1.8 MB at L = 120, D = 1280 in float32); for
-        more, ``iter_collection`` hands them over as they come (``crossattn-gpu fuse`` streams npz files).
+        on one device, and each side is computed in the promoted dtype of all its arrays. The results
+        come back in the kind of the inputs, as views of their batch's results, and are all held at once
+        (the fused outputs alone: 3 x L x D values an antibody, 1.8 MB at L = 120, D = 1280 in float32);
+        for more, ``iter_collection`` hands them over as they come (``crossattn-gpu fuse`` streams npz
+        files).
 
         Args:
             sequential, structural: two lists (or tuples) of the same length, the i-th entries one
