@@ -35,6 +35,7 @@ CASES = {
     "wide": (256, 30, 400, 128, 4),  # a wide spread of lengths
     "short": (1000, 8, 14, 64, 2),  # many tiny calls: the seed demo's size
     "varied": (1000, 10, 300, 32, 2),
+    "fv": (2000, 105, 135, 128, 4),  # an Fv screen: many antibodies, few distinct lengths
 }
 BATCH_SIZE = 64
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where ``-m bench.collection`` imports
