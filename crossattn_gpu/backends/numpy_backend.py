@@ -261,12 +261,13 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
     threads run a GEMM, they then spin for a while and slow the workers' next chunks (measured:
     parallel attention 47 ms alone, 71 ms right after a GEMM on BLAS's threads).
     """
-    step = max(MIN_BLOCK_ROWS, -(-a.shape[0] // (4 * cpu_count())))
+    step, shape = max(MIN_BLOCK_ROWS, -(-a.shape[0] // (4 * cpu_count()))), (a.shape[0], b.shape[1])
     if a.shape[0] <= step:
-        return _product(name, a, b, (a.shape[0], b.shape[1]))
-    out = _scratch(name, (a.shape[0], b.shape[1]), np.result_type(a, b))
+        return _product(name, a, b, shape)
+    dtype = np.result_type(a, b)
+    out = _scratch(name, shape, dtype)
     if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+        out = np.empty(shape, dtype)
 
     def block(rows: slice) -> None:
         np.matmul(a[rows], b, out=out[rows])
