@@ -434,7 +434,8 @@ class CrossAttention:
                     "(B, L, D) batch, call fuse_representations with sequential_lengths and structural_lengths"
                 )
             if len(sequential) != len(structural):
-                raise ValueError(f"sequential holds {len(sequential)} antibodies and structural {len(structural)}; "
+                counted = f"{len(sequential)} antibod{'y' if len(sequential) == 1 else 'ies'}"
+                raise ValueError(f"sequential holds {counted} and structural {len(structural)}; "
                                  "each antibody needs an entry in both")
             sequential, structural = dict(enumerate(sequential)), dict(enumerate(structural))
         collection = ragged.Collection(self, sequential, structural, bidirectional=bidirectional,

@@ -168,6 +168,7 @@ FOUR = [np.ones((2, 4))] * 2
      "ndarray and ndarray. For one padded (B, L, D) batch, call fuse_representations"),
     (FOUR, {"a": FOUR[0]}, {}, TypeError, "got list and dict"),
     (FOUR, FOUR[:1], {}, ValueError, "sequential holds 2 antibodies and structural 1; each antibody needs an entry in both"),
+    (FOUR[:1], FOUR, {}, ValueError, "sequential holds 1 antibody and structural 2; each antibody needs an entry in both"),
     ({"a": FOUR[0], "b": FOUR[0]}, {"b": FOUR[0], "c": FOUR[0]}, {}, ValueError,
      "both sides must hold the same antibody ids: 1 only in sequential ('a'); 1 only in structural ('c')"),
     ([np.ones(4)], FOUR[:1], {}, ValueError, "sequential[0] has shape (4,); each embedding must be an (L, D) array"),
