@@ -126,6 +126,23 @@ def test_foreign_models_are_refused(tmp_path):
         OnnxFusion(path)
 
 
+def test_lengths_for_a_model_without_length_inputs_are_refused(tmp_path):
+    fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "no_lengths.onnx", lengths=False))
+    x = np.ones((2, 3, 8))
+    assert fusion(x, x)["fused_sequential"].shape == (2, 3, 8)
+    with pytest.raises(TypeError, match=r"exported without length inputs \(lengths=False\)"):
+        fusion(x, x, structural_lengths=[3, 2])
+
+
+def test_a_model_that_asks_for_inputs_we_do_not_know_names_them(tmp_path, exported):
+    model = onnx.load(exported)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [1]))
+    onnx.save_model(model, str(tmp_path / "edited.onnx"))
+    x = np.ones((1, 3, 8))
+    with pytest.raises(TypeError, match=r"missing input\(s\) temperature"):
+        OnnxFusion(tmp_path / "edited.onnx")(x, x)
+
+
 def test_examples_per_run_on_the_cpu():
     from crossattn_gpu.export.runner import cpu_examples_per_run
 
