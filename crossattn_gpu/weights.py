@@ -7,15 +7,15 @@ Files are safetensors (written and read here, no extra dependency) or ``.npz`` (
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
-import zipfile
 
 import numpy as np
 
 from ._checks import is_torch_tensor
-from ._files import whole_file
+from ._files import NPZ_READ_ERRORS, whole_file
 
 WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
 
@@ -144,7 +144,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except NPZ_READ_ERRORS as exc:
         raise ValueError(f"{path} is not a readable npz weights file: {exc}") from exc
 
 
@@ -172,13 +172,13 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     arrays = {}
     for name, info in header.items():
         try:
-            code, shape, (begin, end) = info["dtype"], [int(n) for n in info["shape"]], map(int, info["data_offsets"])
+            code, shape, (begin, end) = info["dtype"], _json_integers(info["shape"]), _json_integers(info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise corrupt(f"entry {name!r} lacks dtype, shape or data_offsets") from None
+            raise corrupt(f"entry {name!r} lacks dtype, shape or data_offsets as integers") from None
         if code not in _SAFETENSORS_DTYPES:
             raise corrupt(f"{name} has dtype {code}; weights must be F64, F32, F16 or BF16")
         itemsize = 2 if code == "BF16" else np.dtype(_SAFETENSORS_DTYPES[code]).itemsize
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python integers: no int64 overflow to wrap a huge shape round to a small count
         if min(shape, default=0) < 0 or not (0 <= begin <= end <= len(data)) or end - begin != count * itemsize:
             raise corrupt(f"{name} has inconsistent shape {shape} and data_offsets {[begin, end]}")
         raw = data[begin:end]
@@ -188,6 +188,14 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
             arr = np.frombuffer(raw, dtype=np.dtype(_SAFETENSORS_DTYPES[code]).newbyteorder("<"))
         arrays[name] = arr.reshape(shape)
     return arrays, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _json_integers(values) -> list[int]:
+    """A JSON list of integers as it is; TypeError for anything else (floats, strings, booleans, or
+    1e999, which Python's json reads as infinity), which int() would round, parse or fail on."""
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        raise TypeError(f"expected a list of integers; got {values!r}")
+    return values
 
 
 def weights_digest(arrays: dict[str, np.ndarray]) -> str:

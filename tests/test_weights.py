@@ -1,10 +1,12 @@
 """Saving and loading weights: safetensors and npz, never pickle, every array checked."""
 
 import json
+import re
 import struct
 
 import numpy as np
 import pytest
+from damaged_npz import DAMAGES, RAISES, write_damaged
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.weights import WEIGHT_NAMES
@@ -58,7 +60,11 @@ def test_safetensors_files_interoperate_with_the_safetensors_package(tmp_path, m
 
 
 def write_safetensors(path, header: dict, data: bytes):
-    encoded = json.dumps(header).encode()
+    write_safetensors_text(path, json.dumps(header), data)
+
+
+def write_safetensors_text(path, header: str, data: bytes):
+    encoded = header.encode()
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
 
 
@@ -127,6 +133,14 @@ def test_corrupt_files_give_clear_errors(tmp_path, model, mangle, message):
         CrossAttention.load(path)
 
 
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_npz_weights_are_named(tmp_path, model, damage):
+    path = write_damaged(tmp_path / "w.npz", model.get_attention_weights(), damage)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a readable npz weights file") as caught:
+        CrossAttention.load(path)
+    assert type(caught.value.__cause__) is RAISES[damage]
+
+
 def test_header_with_wrong_dtype_or_offsets(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"query_weights": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
     with pytest.raises(ValueError, match="dtype I32"):
@@ -137,6 +151,28 @@ def test_header_with_wrong_dtype_or_offsets(tmp_path):
     write_safetensors(tmp_path / "c.safetensors", {"query_weights": [1, 2]}, b"")
     with pytest.raises(ValueError, match="lacks dtype"):
         CrossAttention.load(tmp_path / "c.safetensors")
+    write_safetensors(tmp_path / "d.safetensors", [1, 2], b"")
+    with pytest.raises(ValueError, match="header is not a JSON object"):
+        CrossAttention.load(tmp_path / "d.safetensors")
+    write_safetensors(tmp_path / "e.safetensors", {"__metadata__": ["embedding_dim", 4]}, b"")
+    with pytest.raises(ValueError, match="__metadata__ is not a JSON object"):
+        CrossAttention.load(tmp_path / "e.safetensors")
+
+
+@pytest.mark.parametrize("shape,offsets,message", [
+    ([2.0], [0, 8], "lacks dtype, shape or data_offsets as integers"),  # int() would have taken 2.9 as 2
+    (["2"], [0, 8], "as integers"),
+    ([True, 8], [0, 32], "as integers"),
+    ([2], [0, "1e999"], "as integers"),  # json reads 1e999 as infinity, which int() cannot convert
+    ([2], [0, 8, 16], "as integers"),
+    ([2**32, 2**32], [0, 0], r"inconsistent shape \[4294967296, 4294967296\]"),  # 2**64 elements, 0 in int64
+])
+def test_shapes_and_offsets_must_be_exact_integers(tmp_path, shape, offsets, message):
+    path = tmp_path / "w.safetensors"
+    header = json.dumps({"query_weights": {"dtype": "F32", "shape": shape, "data_offsets": offsets}})
+    write_safetensors_text(path, header.replace('"1e999"', "1e999"), b"\0" * 32)
+    with pytest.raises(ValueError, match=message):
+        CrossAttention.load(path)
 
 
 def test_missing_file(tmp_path):
