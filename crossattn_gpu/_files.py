@@ -1,11 +1,20 @@
-"""Output files that appear whole or not at all."""
+"""Files: outputs that appear whole or not at all, and the errors a corrupt npz file raises."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
+
+#: What reading a damaged npz file (a zip of .npy members) raises, besides MemoryError: zipfile's
+#: BadZipFile (a bad structure or CRC), NotImplementedError (an unknown compression method, zip version
+#: or flag) and RuntimeError (an encrypted member; NotImplementedError is one too), zlib.error (a bad
+#: deflate stream in np.savez_compressed's members), and NumPy's ValueError and EOFError (a bad or
+#: short .npy header or body). Each reader turns them into a ValueError that names the file.
+NPZ_READ_ERRORS = (zipfile.BadZipFile, RuntimeError, zlib.error, EOFError, ValueError, OSError)
 
 
 @contextmanager

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import whole_file
+from ._files import NPZ_READ_ERRORS, whole_file
 from .attention import CrossAttention
 from .ragged import FILE_LABELS, Collection
 
 OUTPUT_KEYS = ("fused_sequential", "fused_structural", "bidirectional_fusion")
-_READ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError)
 
 
 class EmbeddingFile(Mapping):
@@ -31,8 +30,9 @@ class EmbeddingFile(Mapping):
 
     Opening reads the arrays' shapes (``shapes``) and dtypes (``dtypes``, the set of their names) from
     their headers, not their data:
-    ValueError for an unreadable file, an empty one, or an array that is not (L, D); TypeError for one
-    that is not floating point (pickled objects are never loaded). The file stays open until
+    ValueError for an unreadable file, an empty one, an array that is not (L, D), or one whose data is
+    not the size its header says; TypeError for one that is not floating point (pickled objects are
+    never loaded). The file stays open until
     ``close()`` (or the end of a ``with`` block).
     """
 
@@ -42,17 +42,23 @@ class EmbeddingFile(Mapping):
             self._zip = zipfile.ZipFile(path)
         except FileNotFoundError:
             raise
-        except _READ_ERRORS as exc:
+        except NPZ_READ_ERRORS as exc:
             raise ValueError(f"{name} file {path} is not a readable npz file: {exc}") from exc
         self._members, self.shapes, self.dtypes = {}, {}, set()
         try:
             for member in self._zip.namelist():
                 key = member[:-4] if member.endswith(".npy") else member
-                shape, dtype = self._header(member)
+                shape, dtype, held = self._header(member)
                 if len(shape) != 2:
                     raise ValueError(f"{name} file {path}: id {key!r} has shape {shape}; each id needs an (L, D) array")
                 if dtype.kind != "f":
                     raise TypeError(f"{name} file {path}: id {key!r} has dtype {dtype}; embeddings must be floating point")
+                # A header that promises more data than its member holds (a damaged file) would otherwise
+                # be found only when its batch runs, after NumPy allocates the promised size (terabytes, say).
+                promised = shape[0] * shape[1] * dtype.itemsize
+                if promised != held:
+                    raise ValueError(f"{name} file {path} is not a readable npz file: id {key!r} promises shape {shape} "
+                                     f"of {dtype} ({promised} bytes) but holds {held} bytes")
                 self._members[key], self.shapes[key] = member, shape
                 self.dtypes.add(dtype.name)
         except BaseException:
@@ -62,22 +68,27 @@ class EmbeddingFile(Mapping):
             self._zip.close()
             raise ValueError(f"{name} file {path} holds no arrays")
 
-    def _header(self, member: str) -> tuple[tuple, np.dtype]:
+    def _header(self, member: str) -> tuple[tuple, np.dtype, int]:
+        """A member's shape and dtype, from its .npy header, and the bytes of data after that header."""
         try:
             with self._zip.open(member) as f:
                 version = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, _, dtype = read(f)
-        except _READ_ERRORS as exc:
+                held = self._zip.getinfo(member).file_size - f.tell()
+        except NPZ_READ_ERRORS as exc:
             raise ValueError(f"{self.name} file {self.path} is not a readable npz file: member {member!r}: {exc}") from exc
-        return shape, dtype
+        return shape, dtype, held
 
     def __getitem__(self, key: str) -> np.ndarray:
         try:
             with self._zip.open(self._members[key]) as f:
                 return np.lib.format.read_array(f, allow_pickle=False)
-        except _READ_ERRORS as exc:
+        except NPZ_READ_ERRORS as exc:
             raise ValueError(f"{self.name} file {self.path}: id {key!r} cannot be read: {exc}") from exc
+
+    def __contains__(self, key) -> bool:  # Mapping's would read the array
+        return key in self.shapes
 
     def __iter__(self):
         return iter(self.shapes)

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from damaged_npz import DAMAGES, RAISES, write_damaged
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.fuse_files import Progress, fuse_collections
@@ -117,6 +118,47 @@ def test_embedding_file_names_an_array_whose_data_is_corrupt(tmp_path):
         assert emb.shapes == {"ab7": (2000, 4)}
         with pytest.raises(ValueError, match="structure file .*: id 'ab7' cannot be read"):
             emb["ab7"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_embedding_file_names_a_damaged_zip(tmp_path, damage):
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    path = write_damaged(tmp_path / "e.npz", {"ab7": np.ones((3, 4))}, damage)
+    with pytest.raises(ValueError, match=f"structure file {re.escape(str(path))} is not a readable npz file") as caught:
+        EmbeddingFile(path, "structure")
+    assert type(caught.value.__cause__) is RAISES[damage]
+
+
+@pytest.mark.parametrize("shape", [(10**11, 4), (4, 4), (2, 4)])
+def test_embedding_file_refuses_a_header_that_promises_other_data_at_open(tmp_path, monkeypatch, shape):
+    """Found before any batch runs, and before NumPy allocates what the header promises (1.6 TB here)."""
+    import zipfile
+
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    member.write(np.ones((3, 4), np.float32).tobytes())
+    with zipfile.ZipFile(tmp_path / "e.npz", "w") as npz:
+        npz.writestr("ab7.npy", member.getvalue())
+    monkeypatch.setattr(np.lib.format, "read_array", None)  # nothing is read beyond the headers
+    message = f"id 'ab7' promises shape {shape} of float32 ({shape[0] * 16} bytes) but holds 48 bytes"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EmbeddingFile(tmp_path / "e.npz", "sequence")
+
+
+def test_an_embedding_files_ids_are_matched_without_reading_arrays(tmp_path, monkeypatch):
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    np.savez(tmp_path / "e.npz", ab1=np.ones((3, 4)), ab2=np.ones((5, 4)))
+    read = []
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: read.append(1) or real(*a, **k))
+    with EmbeddingFile(tmp_path / "e.npz", "sequence") as seq, EmbeddingFile(tmp_path / "e.npz", "structure") as struct:
+        assert "ab1" in seq and "ab3" not in seq and read == []
+        pairs = fuse_collections(CrossAttention(4, 1, seed=0, backend="numpy"), seq, struct, batch_size=1)
+        assert next(pairs)[0].startswith("ab2/") and len(read) == 2  # the first batch's two arrays only
 
 
 def test_fuse_collections_checks_every_shape_before_running():
