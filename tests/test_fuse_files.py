@@ -34,11 +34,12 @@ def test_batch_size_does_not_change_results():
         np.testing.assert_allclose(one[key], many[key], rtol=1e-12, atol=1e-14)
 
 
-def test_embedding_file_reads_headers_first_and_arrays_when_asked(tmp_path):
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_embedding_file_reads_headers_first_and_arrays_when_asked(tmp_path, save):
     from crossattn_gpu.fuse_files import EmbeddingFile
 
     arrays = {"ab1": np.arange(12.0).reshape(3, 4), "ab2": np.ones((5, 4), dtype=np.float32)}
-    np.savez(tmp_path / "e.npz", **arrays)
+    save(tmp_path / "e.npz", **arrays)
     with EmbeddingFile(tmp_path / "e.npz", "sequence") as emb:
         assert emb.shapes == {"ab1": (3, 4), "ab2": (5, 4)} and emb.dtypes == {"float64", "float32"}
         assert sorted(emb) == ["ab1", "ab2"] and len(emb) == 2
