@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import zipfile
@@ -9,12 +10,33 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 #: What reading a damaged npz file (a zip of .npy members) raises, besides MemoryError: zipfile's
 #: BadZipFile (a bad structure or CRC), NotImplementedError (an unknown compression method, zip version
 #: or flag) and RuntimeError (an encrypted member; NotImplementedError is one too), zlib.error (a bad
 #: deflate stream in np.savez_compressed's members), and NumPy's ValueError and EOFError (a bad or
 #: short .npy header or body). Each reader turns them into a ValueError that names the file.
 NPZ_READ_ERRORS = (zipfile.BadZipFile, RuntimeError, zlib.error, EOFError, ValueError, OSError)
+
+
+def npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
+    """A .npy member's shape and dtype, from its header alone.
+
+    ValueError when the data after the header is not the size they give: a damaged file, found before
+    NumPy allocates what the header promises (terabytes, say: MemoryError), or reads past the data.
+    Object arrays (pickles, which no reader here loads) are not sized. Damage to the zip itself
+    raises one of ``NPZ_READ_ERRORS``.
+    """
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        held = archive.getinfo(member).file_size - f.tell()
+    promised = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and promised != held:
+        raise ValueError(f"its header promises shape {shape} of {dtype} ({promised} bytes) but it holds {held} bytes")
+    return shape, dtype
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import NPZ_READ_ERRORS, whole_file
+from ._files import NPZ_READ_ERRORS, npy_header, whole_file
 from .attention import CrossAttention
 from .ragged import FILE_LABELS, Collection
 
@@ -48,17 +48,11 @@ class EmbeddingFile(Mapping):
         try:
             for member in self._zip.namelist():
                 key = member[:-4] if member.endswith(".npy") else member
-                shape, dtype, held = self._header(member)
+                shape, dtype = self._header(member)
                 if len(shape) != 2:
                     raise ValueError(f"{name} file {path}: id {key!r} has shape {shape}; each id needs an (L, D) array")
                 if dtype.kind != "f":
                     raise TypeError(f"{name} file {path}: id {key!r} has dtype {dtype}; embeddings must be floating point")
-                # A header that promises more data than its member holds (a damaged file) would otherwise
-                # be found only when its batch runs, after NumPy allocates the promised size (terabytes, say).
-                promised = shape[0] * shape[1] * dtype.itemsize
-                if promised != held:
-                    raise ValueError(f"{name} file {path} is not a readable npz file: id {key!r} promises shape {shape} "
-                                     f"of {dtype} ({promised} bytes) but holds {held} bytes")
                 self._members[key], self.shapes[key] = member, shape
                 self.dtypes.add(dtype.name)
         except BaseException:
@@ -68,17 +62,11 @@ class EmbeddingFile(Mapping):
             self._zip.close()
             raise ValueError(f"{name} file {path} holds no arrays")
 
-    def _header(self, member: str) -> tuple[tuple, np.dtype, int]:
-        """A member's shape and dtype, from its .npy header, and the bytes of data after that header."""
+    def _header(self, member: str) -> tuple[tuple, np.dtype]:
         try:
-            with self._zip.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-                held = self._zip.getinfo(member).file_size - f.tell()
+            return npy_header(self._zip, member)
         except NPZ_READ_ERRORS as exc:
             raise ValueError(f"{self.name} file {self.path} is not a readable npz file: member {member!r}: {exc}") from exc
-        return shape, dtype, held
 
     def __getitem__(self, key: str) -> np.ndarray:
         try:

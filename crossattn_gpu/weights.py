@@ -11,11 +11,12 @@ import math
 import os
 import struct
 import sys
+import zipfile
 
 import numpy as np
 
 from ._checks import is_torch_tensor
-from ._files import NPZ_READ_ERRORS, whole_file
+from ._files import NPZ_READ_ERRORS, npy_header, whole_file
 
 WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
 
@@ -141,11 +142,23 @@ def load_weights(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz file by name (as ``np.load`` names them), each member's size checked
+    against its header before it is read (``npy_header``)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        archive = zipfile.ZipFile(path)
     except NPZ_READ_ERRORS as exc:
         raise ValueError(f"{path} is not a readable npz weights file: {exc}") from exc
+    with archive:
+        arrays = {}
+        for member in archive.namelist():
+            try:
+                npy_header(archive, member)
+                with archive.open(member) as f:
+                    array = np.lib.format.read_array(f, allow_pickle=False)
+            except NPZ_READ_ERRORS as exc:
+                raise ValueError(f"{path} is not a readable npz weights file: member {member!r}: {exc}") from exc
+            arrays[member[:-4] if member.endswith(".npy") else member] = array
+        return arrays
 
 
 def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -59,3 +59,15 @@ def write_damaged(path: Path, arrays: dict, damage: str) -> Path:
     DAMAGES[damage](raw)
     path.write_bytes(bytes(raw))
     return path
+
+
+def write_with_false_shape(path: Path, arrays: dict, name: str, shape: tuple) -> Path:
+    """``arrays`` saved to ``path`` as np.savez does, but array ``name``'s header gives ``shape``."""
+    with zipfile.ZipFile(path, "w") as npz:
+        for key, array in arrays.items():
+            member = io.BytesIO()
+            header = np.lib.format.header_data_from_array_1_0(array)
+            np.lib.format.write_array_header_1_0(member, {**header, "shape": shape} if key == name else header)
+            member.write(array.tobytes())
+            npz.writestr(f"{key}.npy", member.getvalue())
+    return path

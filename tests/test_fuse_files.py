@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from damaged_npz import DAMAGES, RAISES, write_damaged
+from damaged_npz import DAMAGES, RAISES, write_damaged, write_with_false_shape
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.fuse_files import Progress, fuse_collections
@@ -134,19 +134,13 @@ def test_embedding_file_names_a_damaged_zip(tmp_path, damage):
 @pytest.mark.parametrize("shape", [(10**11, 4), (4, 4), (2, 4)])
 def test_embedding_file_refuses_a_header_that_promises_other_data_at_open(tmp_path, monkeypatch, shape):
     """Found before any batch runs, and before NumPy allocates what the header promises (1.6 TB here)."""
-    import zipfile
-
     from crossattn_gpu.fuse_files import EmbeddingFile
 
-    member = io.BytesIO()
-    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    member.write(np.ones((3, 4), np.float32).tobytes())
-    with zipfile.ZipFile(tmp_path / "e.npz", "w") as npz:
-        npz.writestr("ab7.npy", member.getvalue())
+    path = write_with_false_shape(tmp_path / "e.npz", {"ab7": np.ones((3, 4), np.float32)}, "ab7", shape)
     monkeypatch.setattr(np.lib.format, "read_array", None)  # nothing is read beyond the headers
-    message = f"id 'ab7' promises shape {shape} of float32 ({shape[0] * 16} bytes) but holds 48 bytes"
+    message = f"member 'ab7.npy': its header promises shape {shape} of float32 ({shape[0] * 16} bytes) but it holds 48 bytes"
     with pytest.raises(ValueError, match=re.escape(message)):
-        EmbeddingFile(tmp_path / "e.npz", "sequence")
+        EmbeddingFile(path, "sequence")
 
 
 def test_an_embedding_files_ids_are_matched_without_reading_arrays(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-from damaged_npz import DAMAGES, RAISES, write_damaged
+from damaged_npz import DAMAGES, RAISES, write_damaged, write_with_false_shape
 
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.weights import WEIGHT_NAMES
@@ -139,6 +139,13 @@ def test_damaged_npz_weights_are_named(tmp_path, model, damage):
     with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a readable npz weights file") as caught:
         CrossAttention.load(path)
     assert type(caught.value.__cause__) is RAISES[damage]
+
+
+def test_npz_weights_whose_header_promises_other_data_are_refused_before_reading(tmp_path, model):
+    path = write_with_false_shape(tmp_path / "w.npz", model.get_attention_weights(), "key_weights", (10**11, 6, 6))
+    message = "member 'key_weights.npy': its header promises shape (100000000000, 6, 6) of float64"
+    with pytest.raises(ValueError, match=re.escape(message)):  # not MemoryError: 26 TiB asked of NumPy
+        CrossAttention.load(path)
 
 
 def test_header_with_wrong_dtype_or_offsets(tmp_path):
