@@ -48,6 +48,8 @@ class EmbeddingFile(Mapping):
         try:
             for member in self._zip.namelist():
                 key = member[:-4] if member.endswith(".npy") else member
+                if key in self._members:  # a zip may hold a name twice (np.savez never writes one so)
+                    raise ValueError(f"{name} file {path}: id {key!r} appears twice; each id needs one array")
                 shape, dtype = self._header(member)
                 if len(shape) != 2:
                     raise ValueError(f"{name} file {path}: id {key!r} has shape {shape}; each id needs an (L, D) array")

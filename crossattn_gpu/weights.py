@@ -157,7 +157,10 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
                     array = np.lib.format.read_array(f, allow_pickle=False)
             except NPZ_READ_ERRORS as exc:
                 raise ValueError(f"{path} is not a readable npz weights file: member {member!r}: {exc}") from exc
-            arrays[member[:-4] if member.endswith(".npy") else member] = array
+            name = member[:-4] if member.endswith(".npy") else member
+            if name in arrays:  # a zip may hold a name twice (np.savez never writes one so)
+                raise ValueError(f"{path} is not a readable npz weights file: {name} appears twice")
+            arrays[name] = array
         return arrays
 
 

@@ -1,5 +1,6 @@
 """Length bucketing and the progress bar of crossattn_gpu.fuse_files."""
 
+import contextlib
 import io
 import os
 import re
@@ -141,6 +142,22 @@ def test_embedding_file_refuses_a_header_that_promises_other_data_at_open(tmp_pa
     message = f"member 'ab7.npy': its header promises shape {shape} of float32 ({shape[0] * 16} bytes) but it holds 48 bytes"
     with pytest.raises(ValueError, match=re.escape(message)):
         EmbeddingFile(path, "sequence")
+
+
+@pytest.mark.parametrize("names", [("ab7.npy", "ab7.npy"), ("ab7", "ab7.npy")])
+def test_embedding_file_refuses_an_id_held_twice(tmp_path, names):
+    import zipfile
+
+    from crossattn_gpu.fuse_files import EmbeddingFile
+
+    member = io.BytesIO()
+    np.lib.format.write_array(member, np.ones((3, 4)))
+    with pytest.warns(UserWarning, match="Duplicate name") if names[0] == names[1] else contextlib.nullcontext():
+        with zipfile.ZipFile(tmp_path / "e.npz", "w") as npz:
+            for name in names:
+                npz.writestr(name, member.getvalue())
+    with pytest.raises(ValueError, match="sequence file .*: id 'ab7' appears twice; each id needs one array"):
+        EmbeddingFile(tmp_path / "e.npz", "sequence")
 
 
 def test_an_embedding_files_ids_are_matched_without_reading_arrays(tmp_path, monkeypatch):

@@ -148,6 +148,21 @@ def test_npz_weights_whose_header_promises_other_data_are_refused_before_reading
         CrossAttention.load(path)
 
 
+def test_npz_weights_holding_a_name_twice_are_refused(tmp_path, model):
+    import io
+    import zipfile
+
+    weights = model.get_attention_weights()
+    with zipfile.ZipFile(tmp_path / "w.npz", "w") as npz:
+        for name, array in [*weights.items(), ("key_weights", 2 * weights["key_weights"])]:
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array)
+            member_name = f"{name}.npy" if f"{name}.npy" not in npz.namelist() else name  # two names, one id
+            npz.writestr(member_name, member.getvalue())
+    with pytest.raises(ValueError, match="w.npz is not a readable npz weights file: key_weights appears twice"):
+        CrossAttention.load(tmp_path / "w.npz")
+
+
 def test_header_with_wrong_dtype_or_offsets(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"query_weights": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
     with pytest.raises(ValueError, match="dtype I32"):
