@@ -2,7 +2,9 @@
 
 The graph is built directly with ``onnx.helper`` (see ``graph.py`` for why and how). Inputs have
 dynamic B and L; the folded weights (``crossattn_gpu.folding``) are initializers; the metadata records
-D, H, the dtype, the library version and a SHA-256 of the seed's four weights they were folded from.
+D, H, the dtype, the library version and a SHA-256 of the seed's four weights they were folded from;
+a file written by ``to_onnx`` also records a SHA-256 of the model itself (``integrity.py``), which
+``OnnxFusion`` checks on load.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ require("onnx", "the ONNX export")
 import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
+from .integrity import DIGEST_KEY, model_digest  # noqa: E402
 from .graph import (  # noqa: E402
     ATTENTION_OPSET, ELEMENT_TYPES, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head,
     head_weights, project_heads, zero_prob_rows,
@@ -240,6 +243,9 @@ def to_onnx(
     outputs ``fused_sequential``, ``fused_structural`` and ``bidirectional_fusion`` (which needs
     Ls == Lt; the model fails at run time otherwise).
 
+    The metadata's ``model_sha256`` (``integrity.DIGEST_KEY``) is a digest of the rest of the model,
+    weights included wherever they are stored: ``OnnxFusion`` refuses a file that no longer matches it.
+
     Weights over ``EXTERNAL_DATA_BYTES`` (1 GiB) are written beside the model as ``<path>.data``, which
     must stay in the same folder (``OnnxFusion`` refuses locations outside it).
 
@@ -254,6 +260,9 @@ def to_onnx(
         arrays, opset=opset, dtype=dtype, lengths=lengths, mask=mask, similarity=similarity,
         attention_weights=attention_weights,
     )
+    digest = model_digest(onnx_model)  # of everything else, checked on load (integrity.py)
+    entry = onnx_model.metadata_props.add()
+    entry.key, entry.value = DIGEST_KEY, digest
     path = Path(os.fspath(path))
     if sum(len(t.raw_data) for t in onnx_model.graph.initializer) <= EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(onnx_model, full_check=True)

@@ -25,6 +25,8 @@ import onnx  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
+from .integrity import DIGEST_KEY, model_digest  # noqa: E402
+
 #: The NumPy backend's checks, for the host arrays this runner takes (it has no state).
 _HOST = NumpyBackend()
 
@@ -116,7 +118,10 @@ def check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
 
 
 def load_checked(path) -> onnx.ModelProto:
-    """Parse an ONNX file (without its external data) and check its external-data locations."""
+    """Parse an ONNX file (without its external data), check its external-data locations, and check
+    the digest that ``to_onnx`` stores (``integrity.DIGEST_KEY``) when anything in the model says
+    crossattn_gpu exported it: ValueError for a damaged file, which would otherwise load and compute
+    other numbers."""
     path = Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX model at {path}")
@@ -127,6 +132,18 @@ def load_checked(path) -> onnx.ModelProto:
     if not model.graph.node:
         raise ValueError(f"{path} is not a valid ONNX model: its graph is empty")
     check_external_data(model, path.parent)
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    # Any one mark of crossattn_gpu calls for the digest, so that damage to another cannot skip it.
+    if model.producer_name == "crossattn_gpu" or "crossattn_gpu_version" in metadata or DIGEST_KEY in metadata:
+        stored = metadata.get(DIGEST_KEY)
+        try:
+            found = model_digest(model, path.parent)
+        except (OSError, ValueError) as exc:  # external data missing or short, an offset that is no number
+            raise ValueError(f"{path}: its external data cannot be read: {exc}") from exc
+        if stored != found:
+            raise ValueError(f"{path} is damaged: what it holds does not match the {DIGEST_KEY} digest stored "
+                             f"when it was exported ({'none found' if stored is None else 'a different one'}); "
+                             "export it again")
     return model
 
 
@@ -224,8 +241,10 @@ class OnnxSession:
         self.provider = self.session.get_providers()[0]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = dict(meta)
+        try:
+            self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError as exc:  # bytes of a damaged file, which onnxruntime hands over as UTF-8
+            raise ValueError(f"the model's metadata is not valid UTF-8 (a damaged file?): {exc}") from exc
         floats = [_FLOAT_TYPES[i.type] for i in self.inputs.values() if i.type in _FLOAT_TYPES]
         self.dtype = floats[0].name if floats else "float32"
         smallest = _model_shape(self.metadata, length=1)
@@ -365,7 +384,8 @@ class OnnxFusion:
     """Run an exported fusion (see ``to_onnx``) with onnxruntime.
 
     Args:
-        path: the .onnx file. Refused with ValueError if corrupt or truncated, or if any external-data
+        path: the .onnx file. Refused with ValueError if corrupt or truncated, if it no longer matches
+            the digest ``to_onnx`` stored in it (``integrity.DIGEST_KEY``), or if any external-data
             location is absolute, leaves the model's folder or is a symlink.
         providers: onnxruntime execution providers; default the CUDA provider when onnxruntime-gpu
             offers it, else the CPU one. ``provider`` says which runs.

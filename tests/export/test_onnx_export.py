@@ -226,6 +226,7 @@ def test_serving_repository_refuses_bad_options_before_making_folders(tmp_path, 
         write_serving_repository(model, tmp_path / "repo", **options)
     assert not (tmp_path / "repo").exists()
 
+
 def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch):
     """Past EXTERNAL_DATA_BYTES (1 GiB; protobuf caps a file at 2 GiB) the weights are written beside
     the model; here the limit is lowered so that a small model takes that path."""
@@ -244,3 +245,24 @@ def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch)
     got = OnnxFusion(path)(xs, xt)
     want = model.fuse_representations(xs, xt)
     assert rel_err(got["bidirectional_fusion"], want["bidirectional_fusion"]) < 1e-5
+
+
+def _flip_first_bit(path):
+    data = path.read_bytes()
+    path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_flip_first_bit, "big.onnx is damaged"),
+    (lambda path: path.write_bytes(path.read_bytes()[:-100]), "big.onnx is damaged"),
+    (lambda path: path.unlink(), "big.onnx: its external data cannot be read"),
+])
+def test_damaged_external_data_is_refused(tmp_path, model, monkeypatch, damage, message):
+    """The digest stored at export covers the weights in the external-data file too."""
+    from crossattn_gpu.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    path = to_onnx(model, tmp_path / "big.onnx")
+    damage(tmp_path / "big.onnx.data")
+    with pytest.raises(ValueError, match=message):
+        OnnxFusion(path)

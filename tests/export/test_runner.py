@@ -78,6 +78,80 @@ def test_corrupt_or_truncated_files(tmp_path, exported, mangle):
         OnnxFusion(bad)
 
 
+def test_damaged_models_are_refused_not_run(tmp_path, exported):
+    """Single bytes changed anywhere in the file: each copy is refused, or computes exactly what the
+    model does (a change protobuf parses to the same model). Before the digest, 21 of 400 copies with
+    a few bytes changed ran and gave other numbers."""
+    import contextlib
+    import io
+
+    x = np.random.default_rng(1).standard_normal((2, 5, 8))
+    want = OnnxFusion(exported)(x, x)["bidirectional_fusion"]
+    raw = exported.read_bytes()
+    rng = np.random.default_rng(7)
+    refused = 0
+    for position in rng.choice(len(raw), size=120, replace=False):
+        damaged = bytearray(raw)
+        damaged[position] ^= 1 << int(rng.integers(8))
+        (tmp_path / "damaged.onnx").write_bytes(bytes(damaged))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints on some failures
+                got = OnnxFusion(tmp_path / "damaged.onnx")(x, x)["bidirectional_fusion"]
+        except ValueError:
+            refused += 1
+            continue
+        assert np.array_equal(got, want), f"byte {position} changed: the model ran and computed other numbers"
+    assert refused >= 100
+
+
+def _flip_a_weight_bit(model):
+    tensor = next(t for t in model.graph.initializer if t.name == "folded_query_weights")
+    tensor.raw_data = bytes([tensor.raw_data[0] ^ 1]) + tensor.raw_data[1:]
+
+
+def _set_metadata(model, key, value):
+    next(prop for prop in model.metadata_props if prop.key == key).value = value
+
+
+def _drop_the_digest(model):
+    model.metadata_props.remove(next(prop for prop in model.metadata_props if prop.key == "model_sha256"))
+
+
+def _rename_metadata_key(model, key, new_key):
+    next(prop for prop in model.metadata_props if prop.key == key).key = new_key
+
+
+@pytest.mark.parametrize("edit,stored", [
+    (_flip_a_weight_bit, "a different one"),
+    (lambda model: _set_metadata(model, "attention_heads", "3"), "a different one"),
+    (_drop_the_digest, "none found"),
+    # one mark of crossattn_gpu damaged: the others still call for the digest
+    (lambda model: _rename_metadata_key(model, "crossattn_gpu_version", "crossattn_gpu_versioN"), "a different one"),
+    (lambda model: setattr(model, "producer_name", "crossattn_gpU"), "a different one"),
+])
+def test_a_model_that_differs_from_its_digest_is_named_damaged(tmp_path, exported, edit, stored):
+    model = onnx.load(exported)
+    edit(model)
+    onnx.save_model(model, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ValueError, match=f"edited.onnx is damaged: .* model_sha256 digest .*exported \\({stored}\\)"):
+        OnnxFusion(tmp_path / "edited.onnx")
+
+
+def test_metadata_that_is_not_utf8_is_named(tmp_path, exported):
+    """In a model that no longer says it comes from crossattn_gpu (so no digest is asked for),
+    onnxruntime's UnicodeDecodeError becomes an error that says what is wrong."""
+    model = onnx.load(exported)
+    model.producer_name = ""
+    kept = [prop for prop in model.metadata_props if prop.key not in ("crossattn_gpu_version", "model_sha256")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    _set_metadata(model, "flavour", "XXXXXXXX")
+    raw = model.SerializeToString()
+    (tmp_path / "bad_utf8.onnx").write_bytes(raw.replace(b"XXXXXXXX", b"\xff" * 8))
+    with pytest.raises(ValueError, match="the model's metadata is not valid UTF-8"):
+        OnnxFusion(tmp_path / "bad_utf8.onnx")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         OnnxFusion(tmp_path / "none.onnx")
@@ -134,10 +208,20 @@ def test_lengths_for_a_model_without_length_inputs_are_refused(tmp_path):
         fusion(x, x, structural_lengths=[3, 2])
 
 
+def restamped(model):
+    """``model`` with its digest made again, as if exported so: the edits of a test, not damage."""
+    from crossattn_gpu.export.integrity import DIGEST_KEY, model_digest
+
+    entry = next(prop for prop in model.metadata_props if prop.key == DIGEST_KEY)
+    entry.value = ""  # not hashed: the digest leaves out its own entry
+    entry.value = model_digest(model)
+    return model
+
+
 def test_a_model_that_asks_for_inputs_we_do_not_know_names_them(tmp_path, exported):
     model = onnx.load(exported)
     model.graph.input.append(onnx.helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [1]))
-    onnx.save_model(model, str(tmp_path / "edited.onnx"))
+    onnx.save_model(restamped(model), str(tmp_path / "edited.onnx"))
     x = np.ones((1, 3, 8))
     with pytest.raises(TypeError, match=r"missing input\(s\) temperature"):
         OnnxFusion(tmp_path / "edited.onnx")(x, x)
