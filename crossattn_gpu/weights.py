@@ -1,7 +1,9 @@
 """The four fusion parameters: random initialisation, validation, and pickle-free files.
 
 Files are safetensors (written and read here, no extra dependency) or ``.npz`` (read with
-``allow_pickle=False``). Every load checks names, shapes and dtypes before any array is used.
+``allow_pickle=False``). Every load checks names, shapes and dtypes before any array is used, and the
+data against a checksum: the CRC-32 that our safetensors files store (``DATA_CRC_KEY``), or each npz
+member's own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import struct
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -19,6 +22,9 @@ from ._checks import is_torch_tensor
 from ._files import NPZ_READ_ERRORS, npy_header, whole_file
 
 WEIGHT_NAMES = ("query_weights", "key_weights", "value_weights", "output_weights")
+
+#: The metadata entry of the safetensors files written here: the CRC-32 of their data, in hex.
+DATA_CRC_KEY = "data_crc32"
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -111,13 +117,17 @@ def save_weights(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) 
 
 
 def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    header, offset = {"__metadata__": dict(metadata)}, 0
+    """safetensors, with the CRC-32 of the data in the metadata (``DATA_CRC_KEY``): the format has
+    no checksum of its own, and a damaged byte of data would load as a different weight."""
+    header, offset, crc = {"__metadata__": dict(metadata)}, 0, 0
     blobs = []
     for name in WEIGHT_NAMES:
         data = np.ascontiguousarray(arrays[name]).astype("<f8", copy=False)
         blobs.append(data.tobytes())
+        crc = zlib.crc32(blobs[-1], crc)
         header[name] = {"dtype": "F64", "shape": list(data.shape), "data_offsets": [offset, offset + data.nbytes]}
         offset += data.nbytes
+    header["__metadata__"][DATA_CRC_KEY] = f"{crc:08x}"
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
     f.write(struct.pack("<Q", len(encoded)))
@@ -137,7 +147,7 @@ def load_weights(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
-        return _load_npz(path), {}
+        return _load_npz(path), {}  # a zip: every member has a CRC-32, which reading checks
     return _load_safetensors(path)
 
 
@@ -203,6 +213,12 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
         else:
             arr = np.frombuffer(raw, dtype=np.dtype(_SAFETENSORS_DTYPES[code]).newbyteorder("<"))
         arrays[name] = arr.reshape(shape)
+    # A file that stored the CRC-32 of its data must still hold that data (files of other tools, and
+    # of crossattn_gpu before it stored one, have none to check). CRC-32 finds every error of up to 32
+    # bits in a row, and other damage but for 1 in 2**32: 0.06 s for D = 1280, H = 8 (420 MB; SHA-256
+    # took 0.21 s, on a load of 0.25 s).
+    if DATA_CRC_KEY in metadata and metadata[DATA_CRC_KEY] != f"{zlib.crc32(data):08x}":
+        raise corrupt(f"its data does not match the {DATA_CRC_KEY} stored when it was saved: the file is damaged")
     return arrays, {str(k): str(v) for k, v in metadata.items()}
 
 

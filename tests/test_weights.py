@@ -163,6 +163,51 @@ def test_npz_weights_holding_a_name_twice_are_refused(tmp_path, model):
         CrossAttention.load(tmp_path / "w.npz")
 
 
+def test_damaged_safetensors_are_refused_not_loaded(tmp_path, model):
+    """safetensors has no checksum: ``save`` stores the data's CRC-32 in the metadata and ``load``
+    checks it. Single bits flipped anywhere: each copy is refused, or loads the very same weights."""
+    path = tmp_path / "w.safetensors"
+    model.save(path)
+    raw = path.read_bytes()
+    rng = np.random.default_rng(11)
+    refused = 0
+    for position in rng.choice(len(raw), size=150, replace=False):
+        damaged = bytearray(raw)
+        damaged[position] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = CrossAttention.load(path)
+        except ValueError:
+            refused += 1
+            continue
+        for name, array in model.get_attention_weights().items():
+            assert np.array_equal(getattr(loaded, name), array), f"byte {position} changed: {name} loaded changed"
+    assert refused >= 140
+
+
+def test_a_weight_changed_in_the_file_is_named(tmp_path, model):
+    path = tmp_path / "w.safetensors"
+    model.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # the last byte of output_weights
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="w.safetensors is not a valid safetensors or npz weights file: its data "
+                                         "does not match the data_crc32 stored when it was saved: the file is damaged"):
+        CrossAttention.load(path)
+
+
+def test_files_saved_without_a_crc_still_load(tmp_path, model):
+    """Files of other tools, and of crossattn_gpu before it stored the CRC-32, have none to check."""
+    weights = model.get_attention_weights()
+    header, blob = {"__metadata__": {"format": "crossattn_gpu", "version": "0.1.0"}}, b""
+    for name, array in weights.items():
+        header[name] = {"dtype": "F64", "shape": list(array.shape), "data_offsets": [len(blob), len(blob) + array.nbytes]}
+        blob += array.astype("<f8").tobytes()
+    write_safetensors(tmp_path / "w.safetensors", header, blob)
+    loaded = CrossAttention.load(tmp_path / "w.safetensors")
+    assert all(np.array_equal(getattr(loaded, name), array) for name, array in weights.items())
+
+
 def test_header_with_wrong_dtype_or_offsets(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"query_weights": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
     with pytest.raises(ValueError, match="dtype I32"):
