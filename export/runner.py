@@ -119,9 +119,8 @@ def check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
 
 def load_checked(path) -> onnx.ModelProto:
     """Parse an ONNX file (without its external data), check its external-data locations, and check
-    the digest that ``to_onnx`` stores (``integrity.DIGEST_KEY``) when anything in the model says
-    crossattn_gpu exported it: ValueError for a damaged file, which would otherwise load and compute
-    other numbers."""
+    the digest that ``to_onnx`` stores (``integrity.DIGEST_KEY``) where there is one: ValueError for
+    a damaged file, which would otherwise load and compute other numbers."""
     path = Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX model at {path}")
@@ -132,18 +131,15 @@ def load_checked(path) -> onnx.ModelProto:
     if not model.graph.node:
         raise ValueError(f"{path} is not a valid ONNX model: its graph is empty")
     check_external_data(model, path.parent)
-    metadata = {prop.key: prop.value for prop in model.metadata_props}
-    # Any one mark of crossattn_gpu calls for the digest, so that damage to another cannot skip it.
-    if model.producer_name == "crossattn_gpu" or "crossattn_gpu_version" in metadata or DIGEST_KEY in metadata:
-        stored = metadata.get(DIGEST_KEY)
+    stored = {prop.key: prop.value for prop in model.metadata_props}.get(DIGEST_KEY)
+    if stored is not None:  # models of other tools, and of crossattn_gpu before it stored one, have none
         try:
             found = model_digest(model, path.parent)
-        except (OSError, ValueError) as exc:  # external data missing or short, an offset that is no number
+        except (OSError, ValueError) as exc:  # external data missing, an offset that is no number
             raise ValueError(f"{path}: its external data cannot be read: {exc}") from exc
         if stored != found:
             raise ValueError(f"{path} is damaged: what it holds does not match the {DIGEST_KEY} digest stored "
-                             f"when it was exported ({'none found' if stored is None else 'a different one'}); "
-                             "export it again")
+                             "when it was exported; export it again")
     return model
 
 
