@@ -30,10 +30,10 @@ class EmbeddingFile(Mapping):
 
     Opening reads the arrays' shapes (``shapes``) and dtypes (``dtypes``, the set of their names) from
     their headers, not their data:
-    ValueError for an unreadable file, an empty one, an array that is not (L, D), or one whose data is
-    not the size its header says; TypeError for one that is not floating point (pickled objects are
-    never loaded). The file stays open until
-    ``close()`` (or the end of a ``with`` block).
+    ValueError for an unreadable file, an empty one, an id held twice, an array that is not (L, D), or
+    one whose data is not the size its header says; TypeError for one that is not floating point
+    (pickled objects are never loaded). The file stays open until ``close()`` (or the end of a
+    ``with`` block).
     """
 
     def __init__(self, path, name: str):

@@ -162,7 +162,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         arrays = {}
         for member in archive.namelist():
             try:
-                npy_header(archive, member)
+                npy_header(archive, member)  # its size checked before NumPy allocates what the header says
                 with archive.open(member) as f:
                     array = np.lib.format.read_array(f, allow_pickle=False)
             except NPZ_READ_ERRORS as exc:

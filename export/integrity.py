@@ -43,7 +43,7 @@ def model_digest(model: ModelProto, model_dir: Path | None = None) -> str:
 def _update(digest, field, value) -> None:
     """Hash one field: its name, then its value (messages serialized, scalars by repr)."""
     digest.update(field.name.encode())
-    repeated = getattr(field, "is_repeated", None)  # protobuf 7 has no `label` any more; before 5.29 only it
+    repeated = getattr(field, "is_repeated", None)  # newer protobuf has no `label`, older ones only it
     if repeated is None:
         repeated = field.label == field.LABEL_REPEATED
     values = value if repeated else [value]

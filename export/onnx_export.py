@@ -24,11 +24,11 @@ require("onnx", "the ONNX export")
 import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
-from .integrity import DIGEST_KEY, model_digest  # noqa: E402
 from .graph import (  # noqa: E402
     ATTENTION_OPSET, ELEMENT_TYPES, MIN_OPSET, GraphBuilder, attention_core, cosine_similarity, folded_multi_head,
     head_weights, project_heads, zero_prob_rows,
 )
+from .integrity import DIGEST_KEY, model_digest  # noqa: E402
 
 _INT64 = TensorProto.INT64
 _BOOL = TensorProto.BOOL
