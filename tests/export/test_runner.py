@@ -79,9 +79,9 @@ def test_corrupt_or_truncated_files(tmp_path, exported, mangle):
 
 
 def test_damaged_models_are_refused_not_run(tmp_path, exported):
-    """Single bytes changed anywhere in the file: each copy is refused, or computes exactly what the
-    model does (a change protobuf parses to the same model). Before the digest, 21 of 400 copies with
-    a few bytes changed ran and gave other numbers."""
+    """One bit flipped at each of 120 places in the file: each copy is refused, or computes exactly
+    what the model does (a change protobuf parses to the same model). Before the digest, 21 of 400
+    copies with a few bytes changed ran and gave other numbers."""
     import contextlib
     import io
 
