@@ -89,6 +89,8 @@ def check_weight_set(arrays: dict, source: str = "") -> tuple[int, int, dict[str
             parts.append(f"unexpected {', '.join(extra)}")
         raise ValueError(f"weights{where}: {'; '.join(parts)} (expected exactly {', '.join(WEIGHT_NAMES)})")
     query = host_values(arrays["query_weights"], "query_weights", where)
+    if not np.issubdtype(query.dtype, np.floating):  # before its shape: "got ()" would not say why
+        raise TypeError(f"query_weights{where} must be a real floating-point array; got dtype {query.dtype}")
     if query.ndim != 3 or query.shape[1] != query.shape[2] or 0 in query.shape:
         raise ValueError(f"query_weights{where} must have shape (H, D, D) with H, D >= 1; got {query.shape}")
     heads, width = query.shape[0], query.shape[1]
@@ -143,7 +145,7 @@ def load_weights(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         FileNotFoundError: no such file.
         ValueError: the file is neither a valid safetensors nor a valid npz file.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # a bytes path too: zipfile takes bytes for a file's contents
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":

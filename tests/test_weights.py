@@ -1,6 +1,7 @@
 """Saving and loading weights: safetensors and npz, never pickle, every array checked."""
 
 import json
+import os
 import re
 import struct
 
@@ -240,6 +241,20 @@ def test_shapes_and_offsets_must_be_exact_integers(tmp_path, shape, offsets, mes
     write_safetensors_text(path, header.replace('"1e999"', "1e999"), b"\0" * 32)
     with pytest.raises(ValueError, match=message):
         CrossAttention.load(path)
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.npz"])
+def test_a_bytes_path_loads(tmp_path, model, name):
+    model.save(tmp_path / name)
+    loaded = CrossAttention.load(os.fsencode(tmp_path / name))
+    assert np.array_equal(loaded.value_weights, model.value_weights)
+
+
+@pytest.mark.parametrize("query", ["abc", None, np.ones((3, 6, 6), dtype=np.int32)])
+def test_query_weights_that_are_not_floats_are_named_before_their_shape(model, query):
+    weights = model.get_attention_weights()
+    with pytest.raises(TypeError, match="query_weights must be a real floating-point array; got dtype"):
+        CrossAttention.from_weights(query, weights["key_weights"], weights["value_weights"], weights["output_weights"])
 
 
 def test_missing_file(tmp_path):
