@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import secrets
@@ -49,6 +50,11 @@ def whole_file(path):
     to finish wins), never a mix of both.
     """
     path = Path(os.fspath(path))
+    # Named here, before the partial file's name would stand in their messages instead of the path's.
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; name a file to write", str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder to write into", str(path.parent))
     partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     # O_EXCL: never another writer's file; mode 0o666 less the umask, as open() gives a new file.
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

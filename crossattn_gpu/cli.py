@@ -75,7 +75,7 @@ def _fuse(args) -> int:
             ):
                 out.write(key, array)
         elapsed = time.perf_counter() - start
-    print(f"fused {len(seq)} antibodies on backend {model.backend} in {elapsed:.2f} s (files read and written "
+    print(f"fused {len(seq)} antibod{'y' if len(seq) == 1 else 'ies'} on backend {model.backend} in {elapsed:.2f} s (files read and written "
           f"included) -> {out.path}")
     return 0
 

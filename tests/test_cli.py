@@ -106,6 +106,13 @@ def test_fuse_unequal_lengths_need_no_bidirectional(tmp_path, capsys):
         assert out["a/fused_structural"].shape == (5, 4)
 
 
+def test_fuse_of_one_antibody_says_antibody(tmp_path, capsys):
+    np.savez(tmp_path / "seq.npz", a=np.ones((3, 4)))
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--out", str(tmp_path / "o.npz")]
+    assert main(args) == 0
+    assert "fused 1 antibody on backend" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "content,message",
     [

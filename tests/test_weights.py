@@ -243,6 +243,15 @@ def test_shapes_and_offsets_must_be_exact_integers(tmp_path, shape, offsets, mes
         CrossAttention.load(path)
 
 
+def test_saving_over_a_folder_or_into_none_names_the_path(tmp_path, model):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=f"is a folder; name a file to write: '{re.escape(str(tmp_path))}/folder'"):
+        model.save(tmp_path / "folder")
+    with pytest.raises(FileNotFoundError, match=f"no such folder to write into: '{re.escape(str(tmp_path))}/none'"):
+        model.save(tmp_path / "none" / "w.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
 @pytest.mark.parametrize("name", ["w.safetensors", "w.npz"])
 def test_a_bytes_path_loads(tmp_path, model, name):
     model.save(tmp_path / name)
