@@ -1,4 +1,5 @@
-"""Files: outputs that appear whole or not at all, and the errors a corrupt npz file raises."""
+"""Files: outputs that appear whole or not at all, and npz members' headers read with the errors a
+damaged npz file raises."""
 
 from __future__ import annotations
 
@@ -47,10 +48,11 @@ def whole_file(path):
     It is written as ``<path>.<pid>.<random>.partial`` beside ``path`` (a name no other writer has), then
     renamed over ``path`` (atomic on POSIX): an interrupted write (Ctrl-C, a full disk, a killed process)
     leaves a previous ``path`` as it was, and two writers of one path each leave a whole file (the last
-    to finish wins), never a mix of both.
+    to finish wins), never a mix of both. IsADirectoryError when ``path`` is a folder and
+    FileNotFoundError when its folder does not exist, each naming that path, before anything is written.
     """
     path = Path(os.fspath(path))
-    # Named here, before the partial file's name would stand in their messages instead of the path's.
+    # Checked here: otherwise the partial file's name would stand in the errors instead of the path's.
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder; name a file to write", str(path))
     if not path.parent.is_dir():
