@@ -222,7 +222,6 @@ def restamped(model):
     from crossattn_gpu.export.integrity import DIGEST_KEY, model_digest
 
     entry = next(prop for prop in model.metadata_props if prop.key == DIGEST_KEY)
-    entry.value = ""  # not hashed: the digest leaves out its own entry
     entry.value = model_digest(model)
     return model
 
