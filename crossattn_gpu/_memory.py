@@ -54,10 +54,10 @@ def available_bytes() -> int | None:
     return kib * 1024 if room is None else min(kib * 1024, room)
 
 
-def check_outputs_fit(elements: dict[str, int], dtype: str, remedy: str) -> None:
-    """MemoryError when the outputs, ``elements`` (a description -> element count, 0 or False for one
-    not asked for) of ``dtype``, need more than the memory available; ``remedy`` says how to ask for
-    less."""
+def check_outputs_fit(elements: dict[str, int], dtype: str, remedy: str, what: str = "the outputs asked for") -> None:
+    """MemoryError when ``what`` (the outputs by default), ``elements`` (a description -> element
+    count, 0 or False for one not asked for) of ``dtype``, need more than the memory available;
+    ``remedy`` says how to ask for less."""
     itemsize = _ITEMSIZE[dtype]
     total = sum(elements.values()) * itemsize
     if total < CHECKED_FROM_BYTES:
@@ -65,9 +65,14 @@ def check_outputs_fit(elements: dict[str, int], dtype: str, remedy: str) -> None
     available = available_bytes()
     if available is None or total <= available:
         return
-    parts = ", ".join(f"{what} {count * itemsize / 2**30:.2f} GiB"
-                      for what, count in elements.items() if count * itemsize >= total / 100)
+    parts = ", ".join(f"{part} {_gib(count * itemsize)}"
+                      for part, count in elements.items() if 100 * count * itemsize >= total)
     raise MemoryError(
-        f"the outputs asked for need {total / 2**30:.2f} GiB of {dtype} ({parts}), more than the "
-        f"{available / 2**30:.2f} GiB of memory available; {remedy}"
+        f"{what} need {_gib(total)} of {dtype} ({parts}), more than the {_gib(available)} of memory "
+        f"available; {remedy}"
     )
+
+
+def _gib(size: int) -> str:
+    # Past 2**70 bytes no machine has the memory, and a size from a typo's 10**200 would overflow a float.
+    return f"{size / 2**30:.2f} GiB" if size < 1 << 70 else "over 2**70 bytes"

@@ -80,6 +80,9 @@ class CrossAttention:
         OverflowError (the methods): when finite inputs overflow the dtype a stage is computed in; the
             message names the result and the dtype. Never Inf or NaN handed back instead.
         ImportError / RuntimeError: when the named backend cannot run here.
+        MemoryError: before drawing them, when the weights of ``embedding_dim`` and ``attention_heads``
+            (and the copy the model keeps) cannot fit in the memory available; the methods, before
+            any work, when results handed back in host memory cannot fit there.
     """
 
     query_weights = _Parameter()
@@ -91,6 +94,14 @@ class CrossAttention:
                  float32_precision: str = "ieee"):
         width = _positive_int(embedding_dim, "embedding_dim")
         heads = _positive_int(attention_heads, "attention_heads")
+        # Drawn, then copied by the one check of every way in: twice the weights at once. Refused
+        # here, as a typo's embedding_dim=12800 with 8 heads (78 GiB) would be, NumPy would either
+        # raise its own MemoryError or, under Linux's overcommit, let the draws through until the OOM
+        # killer ended the process.
+        square = heads * width * width
+        _memory.check_outputs_fit({"the four weights, drawn": 4 * square, "their checked copy": 4 * square},
+                                  "float64", remedy="check embedding_dim and attention_heads",
+                                  what=f"embedding_dim={width} with attention_heads={heads}")
         self._setup(backend, dtype, float32_precision, random_weights(width, heads, seed))
 
     @classmethod
@@ -103,15 +114,12 @@ class CrossAttention:
         ValueError when the shapes do not fit together and TypeError for non-float arrays.
         """
         arrays = dict(zip(WEIGHT_NAMES, (query_weights, key_weights, value_weights, output_weights)))
-        return cls._from_arrays(arrays, kwargs)
+        return cls._from_arrays(arrays, _settings(kwargs, "from_weights"))
 
     @classmethod
-    def _from_arrays(cls, arrays: dict, kwargs: dict, source: str = "") -> "CrossAttention":
+    def _from_arrays(cls, arrays: dict, settings: tuple, source: str = "") -> "CrossAttention":
         obj = cls.__new__(cls)
-        obj._setup(kwargs.pop("backend", "auto"), kwargs.pop("dtype", None), kwargs.pop("float32_precision", "ieee"),
-                   arrays, source)
-        if kwargs:
-            raise TypeError(f"from_weights() got unexpected keyword arguments: {', '.join(kwargs)}")
+        obj._setup(*settings, arrays, source)
         return obj
 
     def _setup(self, backend, dtype, float32_precision, arrays, source: str = ""):
@@ -178,8 +186,9 @@ class CrossAttention:
         missing or extra arrays, or shapes that do not fit together, TypeError for non-float arrays.
         ``kwargs`` (``backend``, ``dtype``, ``float32_precision``) go to :meth:`from_weights`.
         """
+        settings = _settings(kwargs, "load")  # before the file is read
         arrays, metadata = load_weights(path)
-        obj = cls._from_arrays(arrays, kwargs, source=str(path))
+        obj = cls._from_arrays(arrays, settings, source=str(path))
         for key, actual in (("embedding_dim", obj.embedding_dim), ("attention_heads", obj.attention_heads)):
             if key in metadata and metadata[key] != str(actual):
                 raise ValueError(f"{path}: metadata says {key}={metadata[key]} but the arrays have {actual}")
@@ -565,6 +574,15 @@ def _frobenius_norm(w: np.ndarray) -> float:
     a RuntimeWarning), and those of weights below 1e-162 underflowed (a norm of 0)."""
     top = float(np.abs(w).max())
     return 0.0 if top == 0 else top * float(np.linalg.norm(w / top))
+
+
+def _settings(kwargs: dict, method: str) -> tuple:
+    """(backend, dtype, float32_precision) from the keyword arguments of ``from_weights`` or ``load``."""
+    unexpected = sorted(set(kwargs) - {"backend", "dtype", "float32_precision"})
+    if unexpected:
+        raise TypeError(f"CrossAttention.{method}() got unexpected keyword arguments: {', '.join(unexpected)} "
+                        "(it takes backend, dtype and float32_precision)")
+    return kwargs.get("backend", "auto"), kwargs.get("dtype"), kwargs.get("float32_precision", "ieee")
 
 
 def _positive_int(value, name: str) -> int:

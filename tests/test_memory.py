@@ -62,6 +62,20 @@ def test_each_method_refuses_outputs_that_cannot_fit(tight_memory):
     model.scaled_dot_product_attention(x, x, x, need_weights=False)
 
 
+def test_weights_that_cannot_fit_are_refused_before_they_are_drawn(monkeypatch):
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 24 << 30)
+    drawn = []
+    monkeypatch.setattr(np.random, "randn", lambda *shape: drawn.append(shape))
+    with pytest.raises(MemoryError, match=r"embedding_dim=12800 with attention_heads=8 need 78.12 GiB of float64 "
+                                          r"\(the four weights, drawn 39.06 GiB, their checked copy 39.06 GiB\), more "
+                                          r"than the 24.00 GiB of memory available; check embedding_dim"):
+        CrossAttention(12800, 8)
+    with pytest.raises(MemoryError, match=r"embedding_dim=1000000000000000000000 with attention_heads=1 need over "
+                                          r"2\*\*70 bytes"):
+        CrossAttention(10**21, 1)  # sizes past a float's range are named too
+    assert drawn == []
+
+
 def test_a_collection_is_refused_for_all_its_results_together(tight_memory):
     """Each batch alone fits; the collection's results, all held at once, do not: refused before any work."""
     model = CrossAttention(8, 2, seed=0, backend="numpy")

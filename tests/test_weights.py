@@ -98,6 +98,11 @@ def test_missing_extra_and_misshapen_arrays_are_named(tmp_path, model):
         CrossAttention.load(tmp_path / "dtype.npz")
 
 
+def test_load_names_an_unknown_keyword_before_reading_the_file(tmp_path):
+    with pytest.raises(TypeError, match=r"CrossAttention.load\(\) got unexpected keyword arguments: heads, seed"):
+        CrossAttention.load(tmp_path / "not-there.npz", seed=0, heads=2)  # not FileNotFoundError: never read
+
+
 def test_pickled_npz_is_refused(tmp_path, model):
     weights = model.get_attention_weights()
     np.savez(tmp_path / "pickled.npz", **{**weights, "query_weights": np.array([object()], dtype=object)})
