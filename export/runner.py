@@ -231,16 +231,24 @@ class OnnxSession:
     """
 
     def __init__(self, model_or_path, providers=None, initializers: dict | None = None):
-        self.providers = choose_providers(providers)
+        self.providers, self._named = choose_providers(providers), providers is not None
         source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
         self.session = self._session(source, initializers)
         self.provider = self.session.get_providers()[0]
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        if self._named and self.provider != self.providers[0]:
+            # onnxruntime leaves out a provider that fails to start (the CUDA one without its CUDA
+            # libraries, say) with a line in its log, and runs on the next: for a provider the caller
+            # named, that is a silent fallback.
+            raise RuntimeError(f"onnxruntime could not start {self.providers[0]} (its log above may say why) and "
+                               f"would run on {self.provider}; pass providers={self.session.get_providers()!r} "
+                               "to run there")
         try:
+            self.inputs = {i.name: i for i in self.session.get_inputs()}
+            self.output_names = [o.name for o in self.session.get_outputs()]
             self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         except UnicodeDecodeError as exc:  # bytes of a damaged file, which onnxruntime hands over as UTF-8
-            raise ValueError(f"the model's metadata is not valid UTF-8 (a damaged file?): {exc}") from exc
+            raise ValueError(f"the model's input or output names or metadata are not valid UTF-8 (a damaged "
+                             f"file?): {exc}") from exc
         floats = [_FLOAT_TYPES[i.type] for i in self.inputs.values() if i.type in _FLOAT_TYPES]
         self.dtype = floats[0].name if floats else "float32"
         smallest = _model_shape(self.metadata, length=1)
@@ -255,13 +263,16 @@ class OnnxSession:
         if initializers:
             options.add_external_initializers(
                 list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
+        # Without a retry on the CPU provider when one the caller named fails (onnxruntime 1.23 and
+        # later; older releases ignore the argument).
+        fallback = {"enable_fallback": 0} if self._named else {}
         try:
-            return ort.InferenceSession(source, options, providers=self.providers)
+            return ort.InferenceSession(source, options, providers=self.providers, **fallback)
         except Exception as exc:  # onnxruntime raises its own exception types
             if not fusion_takes_float64():  # a float64 model on onnxruntime 1.18, say
                 try:
                     return ort.InferenceSession(source, options, providers=self.providers,
-                                                disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION])
+                                                disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], **fallback)
                 except Exception:
                     pass
             hint = ""
@@ -384,7 +395,9 @@ class OnnxFusion:
             the digest ``to_onnx`` stored in it (``integrity.DIGEST_KEY``), or if any external-data
             location is absolute, leaves the model's folder or is a symlink.
         providers: onnxruntime execution providers; default the CUDA provider when onnxruntime-gpu
-            offers it, else the CPU one. ``provider`` says which runs.
+            offers it, else the CPU one. ``provider`` says which runs. ValueError for a provider this
+            onnxruntime does not offer, and RuntimeError when the first one named fails to start
+            (never a silent fallback to the next).
 
     Call it with NumPy arrays: ``fusion(sequential_repr, structural_repr, sequential_lengths=None,
     structural_lengths=None, mask=None)`` returns a dict of the model's outputs. Inputs are cast to

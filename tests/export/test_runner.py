@@ -70,6 +70,35 @@ def test_unknown_provider_is_an_error(exported):
         OnnxFusion(exported, providers=["NoSuchExecutionProvider"])
 
 
+@pytest.fixture
+def cuda_that_fails_to_start(monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries: it offers the CUDA provider, then leaves it out of a
+    session (a line in its log) and runs on the CPU. Records the keyword arguments of each session."""
+    real, made = runner.ort.InferenceSession, []
+
+    def session(source, options, providers, **kwargs):
+        made.append(kwargs)
+        return real(source, options, providers=[p for p in providers if p != "CUDAExecutionProvider"])
+
+    monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runner.ort, "InferenceSession", session)
+    return made
+
+
+def test_a_named_provider_that_fails_to_start_is_an_error(exported, cuda_that_fails_to_start):
+    with pytest.raises(RuntimeError, match=r"onnxruntime could not start CUDAExecutionProvider .* and would run "
+                                           r"on CPUExecutionProvider; pass providers=\['CPUExecutionProvider'\]"):
+        OnnxFusion(exported, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda_that_fails_to_start[-1] == {"enable_fallback": 0}  # nor retried on the CPU by onnxruntime
+
+
+def test_the_default_providers_run_where_onnxruntime_can_and_say_where(exported, cuda_that_fails_to_start):
+    fusion = OnnxFusion(exported)  # the CUDA provider when offered, else the CPU one
+    assert fusion.provider == "CPUExecutionProvider"
+    assert cuda_that_fails_to_start == [{}, {}]  # the session and its one-thread twin for small runs
+    assert fusion(np.ones((1, 3, 8)), np.ones((1, 3, 8)))["fused_sequential"].shape == (1, 3, 8)
+
+
 @pytest.mark.parametrize("mangle", [lambda b: b[: len(b) // 2], lambda b: b"\x00garbage" * 50, lambda b: b""])
 def test_corrupt_or_truncated_files(tmp_path, exported, mangle):
     bad = tmp_path / "bad.onnx"
@@ -146,9 +175,11 @@ def test_models_without_a_digest_still_load(tmp_path, exported):
                                   OnnxFusion(exported)(x, x)["fused_sequential"])
 
 
-def test_metadata_that_is_not_utf8_is_named(tmp_path, exported):
+@pytest.mark.parametrize("damaged", [b"XXXXXXXX", b"fused_structural"])
+def test_metadata_or_names_that_are_not_utf8_are_named(tmp_path, exported, damaged):
     """In a model that no longer says it comes from crossattn_gpu (so no digest is asked for),
-    onnxruntime's UnicodeDecodeError becomes an error that says what is wrong."""
+    onnxruntime's UnicodeDecodeError, from a metadata value or an output's name, becomes an error that
+    says what is wrong."""
     model = onnx.load(exported)
     model.producer_name = ""
     kept = [prop for prop in model.metadata_props if prop.key not in ("crossattn_gpu_version", "model_sha256")]
@@ -156,8 +187,9 @@ def test_metadata_that_is_not_utf8_is_named(tmp_path, exported):
     model.metadata_props.extend(kept)
     _set_metadata(model, "flavour", "XXXXXXXX")
     raw = model.SerializeToString()
-    (tmp_path / "bad_utf8.onnx").write_bytes(raw.replace(b"XXXXXXXX", b"\xff" * 8))
-    with pytest.raises(ValueError, match="the model's metadata is not valid UTF-8"):
+    assert damaged in raw
+    (tmp_path / "bad_utf8.onnx").write_bytes(raw.replace(damaged, b"\xff" * len(damaged)))
+    with pytest.raises(ValueError, match="the model's input or output names or metadata are not valid UTF-8"):
         OnnxFusion(tmp_path / "bad_utf8.onnx")
 
 
