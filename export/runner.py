@@ -263,19 +263,23 @@ class OnnxSession:
         if initializers:
             options.add_external_initializers(
                 list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
-        # Without a retry on the CPU provider when one the caller named fails (onnxruntime 1.23 and
-        # later; older releases ignore the argument).
-        fallback = {"enable_fallback": 0} if self._named else {}
+        # Without onnxruntime's retry on the CPU provider when a session fails to load (1.23 and later;
+        # older releases ignore the argument): it prints a banner to stdout, loads a damaged model
+        # twice (a damaged name fails as a UnicodeDecodeError, which it takes for a provider's error),
+        # and would run a model the CUDA provider cannot on the CPU, the fallback this library never
+        # makes unasked.
         try:
-            return ort.InferenceSession(source, options, providers=self.providers, **fallback)
+            return ort.InferenceSession(source, options, providers=self.providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own exception types
             if not fusion_takes_float64():  # a float64 model on onnxruntime 1.18, say
                 try:
                     return ort.InferenceSession(source, options, providers=self.providers,
-                                                disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], **fallback)
+                                                disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], enable_fallback=0)
                 except Exception:
                     pass
             hint = ""
+            if isinstance(exc, UnicodeDecodeError):  # onnxruntime's message quotes a damaged name
+                hint = " (onnxruntime's message held bytes that are not UTF-8: a damaged file?)"
             if "tensor(double)" in str(exc) and attention_float64_mask_fails():
                 hint = ("; onnxruntime 1.23 cannot run the Attention operator (opset 23 and later) on float64 "
                         "with a mask: export with an opset below 23, or use onnxruntime 1.24 or later")
