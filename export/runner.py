@@ -11,6 +11,7 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -143,6 +144,13 @@ def load_checked(path) -> onnx.ModelProto:
     return model
 
 
+class InputSpec(NamedTuple):
+    """An input of a session: its shape (ints, and names or None for dynamic axes) and its type."""
+
+    shape: list
+    type: str
+
+
 def choose_providers(providers=None) -> list[str]:
     """The CUDA provider when onnxruntime offers it, else the CPU one; or the caller's list, checked."""
     available = ort.get_available_providers()
@@ -242,13 +250,13 @@ class OnnxSession:
             raise RuntimeError(f"onnxruntime could not start {self.providers[0]} (its log above may say why) and "
                                f"would run on {self.provider}; pass providers={self.session.get_providers()!r} "
                                "to run there")
-        try:
-            self.inputs = {i.name: i for i in self.session.get_inputs()}
+        try:  # every string onnxruntime decodes from the model, read once here
+            self.inputs = {i.name: InputSpec(list(i.shape), i.type) for i in self.session.get_inputs()}
             self.output_names = [o.name for o in self.session.get_outputs()]
             self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         except UnicodeDecodeError as exc:  # bytes of a damaged file, which onnxruntime hands over as UTF-8
-            raise ValueError(f"the model's input or output names or metadata are not valid UTF-8 (a damaged "
-                             f"file?): {exc}") from exc
+            raise ValueError(f"the model's input or output names, axis names or metadata are not valid UTF-8 "
+                             f"(a damaged file?): {exc}") from exc
         floats = [_FLOAT_TYPES[i.type] for i in self.inputs.values() if i.type in _FLOAT_TYPES]
         self.dtype = floats[0].name if floats else "float32"
         smallest = _model_shape(self.metadata, length=1)
@@ -391,6 +399,16 @@ def host_cast(x: np.ndarray, dtype) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
+def _metadata_size(path, metadata: dict, key: str) -> int:
+    """A positive integer of a model's metadata (``embedding_dim``, ``attention_heads``), or ValueError."""
+    if key not in metadata:
+        raise ValueError(f"{path} was not exported by crossattn_gpu (no {key} in its metadata)")
+    value = metadata[key]
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        raise ValueError(f"{path}: {key} in its metadata is {value!r}, not a positive integer (a damaged file?)")
+    return int(value)
+
+
 class OnnxFusion:
     """Run an exported fusion (see ``to_onnx``) with onnxruntime.
 
@@ -419,10 +437,13 @@ class OnnxFusion:
         self._path, self._providers = os.path.abspath(path), providers
         self._session = OnnxSession(path, providers)
         meta = self._session.metadata
-        if "embedding_dim" not in meta:
-            raise ValueError(f"{path} was not exported by crossattn_gpu (no embedding_dim in its metadata)")
-        self.embedding_dim = int(meta["embedding_dim"])
-        self.attention_heads = int(meta["attention_heads"])
+        self.embedding_dim, self.attention_heads = (_metadata_size(path, meta, key)
+                                                    for key in ("embedding_dim", "attention_heads"))
+        for name in ("sequential_repr", "structural_repr"):
+            spec = self._session.inputs.get(name)
+            if spec is not None and spec.shape[-1:] != [self.embedding_dim]:
+                raise ValueError(f"{path}: its metadata says embedding_dim={self.embedding_dim}, but its input "
+                                 f"{name} has shape {spec.shape} (a damaged file?)")
         self.metadata = meta
         self.provider = self._session.provider
         self.dtype = self._session.dtype

@@ -176,9 +176,13 @@ def test_models_without_a_digest_still_load(tmp_path, exported):
                                   OnnxFusion(exported)(x, x)["fused_sequential"])
 
 
+_NOT_UTF8 = "the model's input or output names, axis names or metadata are not valid UTF-8"
+
+
 @pytest.mark.parametrize("damaged,message", [
-    (b"XXXXXXXX", "the model's input or output names or metadata are not valid UTF-8"),  # a metadata value
-    (b"fused_structural", "the model's input or output names or metadata are not valid UTF-8"),  # an output
+    (b"XXXXXXXX", _NOT_UTF8),  # a metadata value
+    (b"fused_structural", _NOT_UTF8),  # an output's name
+    (b"len_s", _NOT_UTF8),  # an input's dynamic axis (onnxruntime decodes it when the shape is read)
     (b"Transpose", "onnxruntime cannot load the model: .*held bytes that are not UTF-8: a damaged file"),  # an op
 ])
 def test_bytes_that_are_not_utf8_are_named(tmp_path, exported, damaged, message, capfd):
@@ -276,6 +280,25 @@ def test_a_model_that_asks_for_inputs_we_do_not_know_names_them(tmp_path, export
     x = np.ones((1, 3, 8))
     with pytest.raises(TypeError, match=r"missing input\(s\) temperature"):
         OnnxFusion(tmp_path / "edited.onnx")(x, x)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda model: _rename_metadata_key(model, "embedding_dim", "width"), r"was not exported by crossattn_gpu \(no "
+                                                                         r"embedding_dim in its metadata\)"),
+    (lambda model: _rename_metadata_key(model, "attention_heads", "heads"), "no attention_heads in its metadata"),
+    (lambda model: _set_metadata(model, "attention_heads", "two"), "attention_heads in its metadata is 'two', not a "
+                                                                    "positive integer"),
+    (lambda model: _set_metadata(model, "attention_heads", "0"), "attention_heads in its metadata is '0'"),
+    (lambda model: _set_metadata(model, "embedding_dim", "9"), r"metadata says embedding_dim=9, but its input "
+                                                               r"sequential_repr has shape \['batch', 'len_s', 8\]"),
+])
+def test_metadata_that_does_not_describe_the_model_is_named(tmp_path, exported, edit, message):
+    """The metadata OnnxFusion reads D and H from (a KeyError had escaped when attention_heads was lost)."""
+    model = onnx.load(exported)
+    edit(model)
+    onnx.save_model(restamped(model), str(tmp_path / "edited.onnx"))
+    with pytest.raises(ValueError, match=message):
+        OnnxFusion(tmp_path / "edited.onnx")
 
 
 def test_examples_per_run_on_the_cpu():
