@@ -434,21 +434,8 @@ class CrossAttention:
         batch_size = _positive_int(batch_size, "batch_size")
         bidirectional, need_weights, need_similarity = (_checks.check_flag(value, name) for name, value in (
             ("bidirectional", bidirectional), ("need_weights", need_weights), ("need_similarity", need_similarity)))
-        as_dicts = isinstance(sequential, Mapping) and isinstance(structural, Mapping)
-        if not as_dicts:
-            if not (isinstance(sequential, (list, tuple)) and isinstance(structural, (list, tuple))):
-                raise TypeError(
-                    "sequential and structural must be two lists (or tuples) of (L, D) arrays, or two dicts of them "
-                    f"by id; got {type(sequential).__name__} and {type(structural).__name__}. For one padded "
-                    "(B, L, D) batch, call fuse_representations with sequential_lengths and structural_lengths"
-                )
-            if len(sequential) != len(structural):
-                counted = f"{len(sequential)} antibod{'y' if len(sequential) == 1 else 'ies'}"
-                raise ValueError(f"sequential holds {counted} and structural {len(structural)}; "
-                                 "each antibody needs an entry in both")
-            sequential, structural = dict(enumerate(sequential)), dict(enumerate(structural))
-        collection = ragged.Collection(self, sequential, structural, bidirectional=bidirectional,
-                                       labels=ragged.Labels("id" if as_dicts else "item"))
+        collection, _ = ragged.from_lists_or_dicts(self, sequential, structural, bidirectional=bidirectional,
+                                                   join_flops=self._backend.call_flops)
         return collection, dict(batch_size=batch_size, need_weights=need_weights, need_similarity=need_similarity)
 
     def get_attention_weights(self) -> dict[str, np.ndarray]:

@@ -176,7 +176,8 @@ def fuse_collections(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     bar = Progress(len(seq), enabled=progress and len(seq) > batch_size)
-    collection = Collection(model, seq, struct, bidirectional=bidirectional, labels=FILE_LABELS)
+    collection = Collection(model, seq, struct, bidirectional=bidirectional, join_flops=model._backend.call_flops,
+                            labels=FILE_LABELS)
     for key, results in collection.fuse(batch_size=batch_size):
         for name in OUTPUT_KEYS:
             if results[name] is not None:

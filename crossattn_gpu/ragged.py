@@ -1,7 +1,7 @@
 """Collections of antibodies of different lengths, fused in padded batches of similar lengths.
 
-``CrossAttention.fuse_collection`` (lists or dicts of (L_i, D) arrays) and the ``crossattn-gpu fuse``
-command (npz files, ``fuse_files``) both fuse a ``Collection``: every entry is checked first, then the
+``CrossAttention.fuse_collection`` and ``OnnxFusion.fuse_collection`` (lists or dicts of (L_i, D)
+arrays) and the ``crossattn-gpu fuse`` command (npz files, ``fuse_files``) all fuse a ``Collection``: every entry is checked first, then the
 antibodies are sorted by length and fused in batches of similar lengths, so that padding (and its
 wasted work) stays small, and each antibody's results are cut from its batch's.
 """
@@ -191,19 +191,49 @@ def _kind(x) -> str:
     return f"a {'torch tensor' if library == 'torch' else 'CuPy array'} on {x.device}"
 
 
+#: Why an antibody's two lengths must be equal, for ``CrossAttention`` and the CLI.
+EQUAL_LENGTHS = "bidirectional fusion needs equal lengths (bidirectional=False, or --no-bidirectional, skips it)"
+
+
+def from_lists_or_dicts(model, sequential, structural, *, bidirectional: bool, join_flops: float,
+                        equal_lengths: str = EQUAL_LENGTHS, one_batch: str = "fuse_representations") -> tuple:
+    """The checked ``Collection`` of two lists (or tuples) or two dicts, and whether they were dicts.
+
+    TypeError for anything else (naming ``one_batch``, what fuses one padded batch), ValueError for
+    lists of different lengths; then what ``Collection`` raises.
+    """
+    as_dicts = isinstance(sequential, Mapping) and isinstance(structural, Mapping)
+    if not as_dicts:
+        if not (isinstance(sequential, (list, tuple)) and isinstance(structural, (list, tuple))):
+            raise TypeError(
+                "sequential and structural must be two lists (or tuples) of (L, D) arrays, or two dicts of them "
+                f"by id; got {type(sequential).__name__} and {type(structural).__name__}. For one padded "
+                f"(B, L, D) batch, call {one_batch} with sequential_lengths and structural_lengths"
+            )
+        if len(sequential) != len(structural):
+            counted = f"{len(sequential)} antibod{'y' if len(sequential) == 1 else 'ies'}"
+            raise ValueError(f"sequential holds {counted} and structural {len(structural)}; "
+                             "each antibody needs an entry in both")
+        sequential, structural = dict(enumerate(sequential)), dict(enumerate(structural))
+    collection = Collection(model, sequential, structural, bidirectional=bidirectional, join_flops=join_flops,
+                            labels=Labels("id" if as_dicts else "item"), equal_lengths=equal_lengths)
+    return collection, as_dicts
+
+
 class Collection:
     """Antibodies by key: two sides (``seq`` and ``struct`` map the same keys to (L, D) arrays), checked
-    against ``model`` before any work.
+    against ``model`` (its ``embedding_dim`` and ``attention_heads``) before any work.
 
     ValueError for mismatched keys, an array that is not (L, D) with L >= 1 and the model's D, or (with
     ``bidirectional``) an antibody whose two lengths differ; TypeError as ``Side`` says. ``labels`` says
-    how the errors name the antibodies and their embeddings. The arrays themselves are read (``seq[key]``)
-    when their batch runs, where the mapping knows the shapes and dtypes without reading, as
-    ``fuse_files.EmbeddingFile`` does.
+    how the errors name the antibodies and their embeddings, and ``equal_lengths`` why the lengths
+    must be equal; ``join_flops`` is what a call of its own is worth (``length_batches``). The arrays themselves are read (``seq[key]``) when their batch runs,
+    where the mapping knows the shapes and dtypes without reading, as ``fuse_files.EmbeddingFile`` does.
     """
 
-    def __init__(self, model, seq: Mapping, struct: Mapping, *, bidirectional: bool, labels: Labels = Labels("id")):
-        self.model, self.bidirectional, self.labels = model, bidirectional, labels
+    def __init__(self, model, seq: Mapping, struct: Mapping, *, bidirectional: bool, join_flops: float,
+                 labels: Labels = Labels("id"), equal_lengths: str = EQUAL_LENGTHS):
+        self.model, self.bidirectional, self.labels, self.join_flops = model, bidirectional, labels, join_flops
         self.keys = check_keys(seq, struct, labels.sides)
         self.sides = Side(seq, labels.entries[0]), Side(struct, labels.entries[1])
         for key in self.keys:
@@ -217,10 +247,8 @@ class Collection:
                     raise ValueError(f"{side.name(key)} has width {shape[1]}, but the model has D={model.embedding_dim}")
             len_s, len_t = (side.shapes[key][0] for side in self.sides)
             if bidirectional and len_s != len_t:
-                raise ValueError(
-                    f"{labels.item} {key!r}: sequence length {len_s} != structure length {len_t}; bidirectional "
-                    "fusion needs equal lengths (bidirectional=False, or --no-bidirectional, skips it)"
-                )
+                raise ValueError(f"{labels.item} {key!r}: sequence length {len_s} != structure length {len_t}; "
+                                 f"{equal_lengths}")
 
     def result_elements(self, need_weights: bool, need_similarity: bool) -> dict:
         """Element counts of every antibody's results together, by what they are (``_memory``)."""
@@ -233,32 +261,39 @@ class Collection:
         }
 
     def fuse(self, *, batch_size: int, need_weights: bool = False, need_similarity: bool = False) -> Iterator[tuple]:
-        """Fuse every antibody; yield ``(key, results)`` batch by batch, longest antibodies first.
-
-        ``results`` is the dict ``model.fuse_representations`` returns for the antibody's two arrays
-        alone, cut from its padded batch's (views of them). An error of a batch names the batch's first
-        and last keys and, for a value, the antibodies to look at (``_culprits``).
-        """
-        seq_lengths, struct_lengths = ({k: side.shapes[k][0] for k in self.keys} for side in self.sides)
-        item = self.labels.item
-        for batch_keys in length_batches(self.keys, seq_lengths, struct_lengths, batch_size, width=self.model.embedding_dim,
-                                         heads=self.model.attention_heads, join_flops=self.model._backend.call_flops):
-            (xs, s_len), (xt, t_len) = (side.pad(batch_keys) for side in self.sides)
-            batch = f"in the batch with {item}s {batch_keys[0]!r}..{batch_keys[-1]!r}"
-            try:
-                result = self.model.fuse_representations(
-                    xs, xt, sequential_lengths=_unless_full(s_len), structural_lengths=_unless_full(t_len),
-                    bidirectional=self.bidirectional, need_weights=need_weights, need_similarity=need_similarity,
-                )
-            except TypeError as exc:  # a dtype the backend lacks: the batch's first and last keys say enough
-                raise TypeError(f"{batch}: {exc}") from exc
-            except (ValueError, OverflowError) as exc:
-                raise type(exc)(f"{batch}{_culprits(batch_keys, xs, xt, item)}: {exc}") from exc
-            for row, key in enumerate(batch_keys):
+        """Fuse every antibody with ``model.fuse_representations`` (a CrossAttention's); yield ``(key,
+        results)`` batch by batch, longest antibodies first: ``results`` is the dict it returns for the
+        antibody's two arrays alone, cut from its padded batch's (views of them)."""
+        for keys, (xs, s_len), (xt, t_len) in self.batches(batch_size):
+            result = self.run(keys, xs, xt, lambda: self.model.fuse_representations(
+                xs, xt, sequential_lengths=unless_full(s_len), structural_lengths=unless_full(t_len),
+                bidirectional=self.bidirectional, need_weights=need_weights, need_similarity=need_similarity,
+            ))
+            for row, key in enumerate(keys):
                 yield key, _cut(result, row, s_len[row], t_len[row])
 
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        """``(keys, (xs, s_len), (xt, t_len))`` for each batch (``length_batches``), longest first: the
+        batch's keys, and each side's padded (B, max L, D) array and int64 lengths, read when reached."""
+        seq_lengths, struct_lengths = ({k: side.shapes[k][0] for k in self.keys} for side in self.sides)
+        for keys in length_batches(self.keys, seq_lengths, struct_lengths, batch_size, width=self.model.embedding_dim,
+                                   heads=self.model.attention_heads, join_flops=self.join_flops):
+            yield (keys, *(side.pad(keys) for side in self.sides))
 
-def _unless_full(lengths: np.ndarray):
+    def run(self, keys: list, xs, xt, call):
+        """``call()``, the fusion of one padded batch, whose errors then name the batch's first and last
+        keys and, for a value, the antibodies to look at (``_culprits``)."""
+        item = self.labels.item
+        batch = f"in the batch with {item}s {keys[0]!r}..{keys[-1]!r}"
+        try:
+            return call()
+        except TypeError as exc:  # a dtype the backend lacks: the batch's first and last keys say enough
+            raise TypeError(f"{batch}: {exc}") from exc
+        except (ValueError, OverflowError) as exc:
+            raise type(exc)(f"{batch}{_culprits(keys, xs, xt, item)}: {exc}") from exc
+
+
+def unless_full(lengths: np.ndarray):
     """Lengths for a batch with padding, None without: the `onnx` backend's graphs without length
     inputs skip a pass over the scores and one over the outputs (~8% of W2c)."""
     return None if (lengths == lengths.max()).all() else lengths

@@ -429,7 +429,8 @@ class OnnxFusion:
     overflow that dtype inside the model (the fused outputs are checked: a pass over each). On the CPU
     provider a large batch runs in slices of a few examples (``cpu_examples_per_run``), whose
     intermediates stay in cache: 64 antibodies of L = 120, D = 1280, H = 8 took 1.96 s instead of
-    2.38 s on this project's 2-core CPU.
+    2.38 s on this project's 2-core CPU. ``fuse_collection`` and ``iter_collection`` fuse lists or dicts
+    of antibodies of different lengths, in padded runs of similar lengths.
     """
 
     def __init__(self, path, providers=None):
@@ -490,10 +491,7 @@ class OnnxFusion:
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
         (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
-        per_output = {"fused_sequential": len_s * width, "fused_structural": len_t * width,
-                      "bidirectional_fusion": len_s * width, "seq_similarity": len_s * len_s,
-                      "struct_similarity": len_t * len_t, "attention_weights_seq_to_struct": heads * len_s * len_t,
-                      "attention_weights_struct_to_seq": heads * len_s * len_t}
+        per_output = self._output_elements(len_s, len_t)
         _memory.check_outputs_fit({name: size * per_output[name] for name in self.output_names}, self.dtype,
                                   "export the model without attention weights or similarities, or pass fewer "
                                   "examples per call")
@@ -501,6 +499,96 @@ class OnnxFusion:
         fused = {name: outputs.get(name) for name in ("fused_sequential", "fused_structural", "bidirectional_fusion")}
         _overflow.check_finite_results(fused, magnitude, self.dtype, _HOST)
         return outputs
+
+    def fuse_collection(self, sequential, structural, *, batch_size: int = 64):
+        """Fuse many antibodies of different lengths, as ``CrossAttention.fuse_collection`` does:
+        padded batches of similar lengths, one dict of this model's outputs per antibody.
+
+        Args:
+            sequential, structural: two lists (or tuples) of the same length, the i-th entries one
+                antibody's (L_i, D) embeddings (NumPy arrays or array-likes); or two dicts with the
+                same keys (ids). Every model outputs ``bidirectional_fusion``, so each antibody's two
+                lengths must be equal.
+            batch_size: at most this many antibodies per run. An antibody shares a run with longer
+                ones only while the work its padding adds costs less than a run of its own; a model
+                exported without length inputs (``lengths=False``) runs only equal lengths together.
+
+        Returns:
+            A list of dicts in the order of the inputs, or for dicts a dict by id in ``sequential``'s
+            order; each holds the model's outputs for that antibody alone, without the batch axis
+            (``attention_weights_*`` (H, Ls, Lt) and (H, Lt, Ls), when the model has them).
+
+        Raises:
+            TypeError / ValueError: as ``CrossAttention.fuse_collection``, all checked before any work
+                (an entry that is not (L, D) with L >= 1 and this model's D, unequal lengths, ...); a
+                batch's error (NaN, Inf, overflow) names the antibodies to look at.
+            MemoryError: before any work, when the results of the whole collection cannot fit in memory
+                (``iter_collection`` hands them over batch by batch).
+        """
+        collection, as_dicts, batch_size = self._collection(sequential, structural, batch_size)
+        len_s = np.array([collection.sides[0].shapes[key][0] for key in collection.keys], dtype=np.int64)
+        per_output = self._output_elements(len_s, len_s)
+        _memory.check_outputs_fit({name: int(per_output[name].sum()) for name in self.output_names}, self.dtype,
+                                  "take the results as they come with iter_collection")
+        results = dict(self._fuse(collection, batch_size))
+        ordered = [results[key] for key in collection.keys]
+        return dict(zip(collection.keys, ordered)) if as_dicts else ordered
+
+    def iter_collection(self, sequential, structural, *, batch_size: int = 64):
+        """``fuse_collection``'s results as they are computed, for collections whose results do not fit in
+        memory at once: an iterator of ``(key, outputs)`` pairs, batch by batch, longest antibodies first
+        (``key`` the index in the lists or the id in the dicts; the outputs views of their batch's).
+        Checks what ``fuse_collection`` checks before it returns; a batch's errors come when the
+        iterator reaches it."""
+        collection, _, batch_size = self._collection(sequential, structural, batch_size)
+        return self._fuse(collection, batch_size)
+
+    def _collection(self, sequential, structural, batch_size) -> tuple:
+        """The checked ``ragged.Collection``, whether it came as dicts, and the checked ``batch_size``."""
+        from crossattn_gpu import ragged  # the front end's, shared with CrossAttention.fuse_collection
+        from crossattn_gpu.attention import _positive_int
+        from crossattn_gpu.backends.device_common import DeviceFusion
+        from crossattn_gpu.backends.onnx_backend import OnnxBackend
+
+        batch_size = _positive_int(batch_size, "batch_size")
+        if "sequential_lengths" not in self.input_names:
+            join_flops = 0  # no padding: only equal lengths share a run
+        elif self.provider == "CPUExecutionProvider":
+            join_flops = OnnxBackend.call_flops
+        else:  # a GPU's provider: as the GPU backends (unmeasured with onnxruntime)
+            join_flops = DeviceFusion.call_flops
+        collection, as_dicts = ragged.from_lists_or_dicts(
+            self, sequential, structural, bidirectional=True, join_flops=join_flops,
+            equal_lengths="every exported model outputs bidirectional_fusion, which needs equal lengths",
+            one_batch="the OnnxFusion itself")
+        return collection, as_dicts, batch_size
+
+    def _fuse(self, collection, batch_size: int):
+        """``(key, outputs)`` of every antibody, batch by batch (``collection.batches``)."""
+        from crossattn_gpu.ragged import unless_full
+
+        for keys, (xs, s_len), (xt, t_len) in collection.batches(batch_size):
+            outputs = collection.run(keys, xs, xt, lambda: self(
+                xs, xt, sequential_lengths=unless_full(s_len), structural_lengths=unless_full(t_len)))
+            for row, key in enumerate(keys):
+                yield key, {name: value[row][_trailing(name, s_len[row], t_len[row])] for name, value in outputs.items()}
+
+    def _output_elements(self, len_s, len_t) -> dict:
+        """Elements of each output of one example (or of each of an array of examples) of these lengths."""
+        heads, width = self.attention_heads, self.embedding_dim
+        return {"fused_sequential": len_s * width, "fused_structural": len_t * width,
+                "bidirectional_fusion": len_s * width, "seq_similarity": len_s * len_s,
+                "struct_similarity": len_t * len_t, "attention_weights_seq_to_struct": heads * len_s * len_t,
+                "attention_weights_struct_to_seq": heads * len_s * len_t}
+
+
+def _trailing(name: str, len_s: int, len_t: int) -> tuple:
+    """The index that cuts one example's output ``name`` (batch axis gone) to its unpadded lengths."""
+    rows = {"fused_sequential": (len_s,), "fused_structural": (len_t,), "bidirectional_fusion": (len_s,),
+            "seq_similarity": (len_s, len_s), "struct_similarity": (len_t, len_t),
+            "attention_weights_seq_to_struct": (slice(None), len_s, len_t),
+            "attention_weights_struct_to_seq": (slice(None), len_t, len_s)}[name]
+    return tuple(n if isinstance(n, slice) else slice(0, int(n)) for n in rows)
 
 
 def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto  # noqa: E402
 
-from crossattn_gpu import CrossAttention  # noqa: E402
+from crossattn_gpu import CrossAttention, _memory  # noqa: E402
 from crossattn_gpu.export import OnnxFusion, runner, to_onnx  # noqa: E402
 
 
@@ -536,3 +536,67 @@ def test_a_float16_model_takes_float32_inputs_converted_by_onnxruntime(tmp_path,
     assert runs == [np.float32, np.float32]
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+def _antibodies(lengths, width=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return ([rng.standard_normal((n, width)) for n in lengths], [rng.standard_normal((n, width)) for n in lengths])
+
+
+@pytest.mark.parametrize("options", [{}, {"similarity": True, "attention_weights": True}, {"lengths": False}])
+def test_a_collection_gives_each_antibody_its_own_results(tmp_path, options):
+    """Each antibody's outputs, cut from its padded run, are CrossAttention's for its two arrays alone
+    (within float32's rounding: the model computes in float32), as lists and as dicts by id."""
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx", **options))
+    seq, struct = _antibodies([5, 3, 9, 3, 1, 17, 113])
+    got = fusion.fuse_collection(seq, struct, batch_size=3)
+    for outputs, xs, xt in zip(got, seq, struct):
+        want = model.fuse_representations(xs, xt, need_weights=True)
+        assert sorted(outputs) == sorted(fusion.output_names)
+        for name, value in outputs.items():
+            expected = np.stack(want[name]) if isinstance(want[name], list) else want[name]
+            assert value.shape == expected.shape and value.dtype == np.float32, name
+            np.testing.assert_allclose(value, expected, rtol=0, atol=2e-6 * np.abs(expected).max(), err_msg=name)
+    by_id = fusion.fuse_collection(dict(zip("abcdefg", seq)), dict(zip("abcdefg", struct)))
+    assert list(by_id) == list("abcdefg")
+    for outputs, want in zip(by_id.values(), got):
+        for name, value in want.items():
+            np.testing.assert_allclose(outputs[name], value, rtol=0, atol=1e-6 * np.abs(value).max())
+    assert [key for key, _ in fusion.iter_collection(seq, struct)] == [6, 5, 2, 0, 1, 3, 4]  # longest first
+
+
+def test_a_model_without_length_inputs_runs_only_equal_lengths_together(tmp_path, monkeypatch):
+    fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx", lengths=False))
+    runs, run = [], OnnxFusion.__call__
+    monkeypatch.setattr(OnnxFusion, "__call__", lambda self, xs, xt, **kw: runs.append(xs.shape) or run(self, xs, xt, **kw))
+    fusion.fuse_collection(*_antibodies([4, 3, 4, 3, 4, 5]), batch_size=2)
+    assert sorted(runs) == [(1, 4, 8), (1, 5, 8), (2, 3, 8), (2, 4, 8)]  # 5 | 4, 4 | 4 | 3, 3
+
+
+def test_a_collection_is_checked_before_any_run(tmp_path, exported, monkeypatch):
+    fusion = OnnxFusion(exported)
+    monkeypatch.setattr(OnnxFusion, "__call__", lambda *args, **kwargs: pytest.fail("ran before the checks"))
+    seq, struct = _antibodies([5, 3])
+    with pytest.raises(ValueError, match="item 0: sequence length 5 != structure length 3; every exported model "
+                                         "outputs bidirectional_fusion, which needs equal lengths"):
+        fusion.iter_collection(seq, struct[::-1])
+    with pytest.raises(ValueError, match=r"structural\[1\] has width 7, but the model has D=8"):
+        fusion.iter_collection(seq, [struct[0], np.ones((3, 7))])
+    with pytest.raises(TypeError, match=r"two lists \(or tuples\) of \(L, D\) arrays, or two dicts .* call the "
+                                        r"OnnxFusion itself with sequential_lengths"):
+        fusion.iter_collection(np.ones((2, 3, 8)), np.ones((2, 3, 8)))
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        fusion.iter_collection(seq, struct, batch_size=0)
+    monkeypatch.setattr(_memory, "CHECKED_FROM_BYTES", 0)
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 100)  # 3 outputs x 8 x 8 float32 values: 768 bytes
+    with pytest.raises(MemoryError, match="fused_sequential .*take the results as they come with iter_collection"):
+        fusion.fuse_collection(seq, seq)
+
+
+def test_a_failed_run_names_the_antibody_to_look_at(exported):
+    seq, struct = _antibodies([5, 3, 4])
+    seq[2][1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"in the batch with ids 'a'..'b' \(NaN or Inf in id 'c'\): sequential_repr "
+                                         "contains Inf"):
+        OnnxFusion(exported).fuse_collection(dict(zip("abc", seq)), dict(zip("abc", struct)))
