@@ -52,16 +52,27 @@ def _demo(args) -> int:
 def _fuse(args) -> int:
     from .fuse_files import EmbeddingFile, NpzWriter, fuse_collections
 
+    if args.model:
+        given = [flag for flag, value in (("--weights", args.weights), ("--seed", args.seed), ("--heads", args.heads),
+                                          ("--backend", args.backend), ("--dtype", args.dtype),
+                                          ("--float32-precision", args.float32_precision)) if value is not None]
+        if given:
+            raise ValueError(f"--model fuses with the model's own weights and dtype on onnxruntime; drop {', '.join(given)}")
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
-        if args.weights:
-            model = CrossAttention.load(args.weights, backend=args.backend, dtype=args.dtype,
-                                        float32_precision=args.float32_precision)
+        settings = dict(backend=args.backend or "auto", dtype=args.dtype, float32_precision=args.float32_precision or "ieee")
+        if args.model:
+            from .export.runner import OnnxFusion
+
+            model = OnnxFusion(args.model)
+        elif args.weights:
+            model = CrossAttention.load(args.weights, **settings)
         else:
             width = next(iter(seq.shapes.values()))[1]
-            print(f"no --weights given: using random weights (seed {args.seed}, D={width}, H={args.heads})", file=sys.stderr)
-            model = CrossAttention(width, args.heads, backend=args.backend, seed=args.seed, dtype=args.dtype,
-                                   float32_precision=args.float32_precision)
-        if args.dtype is None and "float64" in seq.dtypes | struct.dtypes and model.backend in ("numpy", "onnx"):
+            seed, heads = (default if value is None else value for value, default in ((args.seed, 0), (args.heads, 1)))
+            print(f"no --weights given: using random weights (seed {seed}, D={width}, H={heads})", file=sys.stderr)
+            model = CrossAttention(width, heads, seed=seed, **settings)
+        runs_on = f"onnxruntime ({model.provider})" if args.model else f"backend {model.backend}"
+        if args.dtype is None and "float64" in seq.dtypes | struct.dtypes and runs_on in ("backend numpy", "backend onnx"):
             # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
             # 18 s with --dtype float32 (onnx backend).
             print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
@@ -75,7 +86,7 @@ def _fuse(args) -> int:
             ):
                 out.write(key, array)
         elapsed = time.perf_counter() - start
-    print(f"fused {len(seq)} antibod{'y' if len(seq) == 1 else 'ies'} on backend {model.backend} in {elapsed:.2f} s (files read and written "
+    print(f"fused {len(seq)} antibod{'y' if len(seq) == 1 else 'ies'} on {runs_on} in {elapsed:.2f} s (files read and written "
           f"included) -> {out.path}")
     return 0
 
@@ -191,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--struct", required=True, help="npz with one (L_i, D) structure embedding per antibody id")
     fuse.add_argument("--out", required=True, help="output npz: '<id>/fused_sequential', ... per id")
     fuse.add_argument("--weights", help="weights file (safetensors or npz) written by CrossAttention.save")
-    fuse.add_argument("--seed", type=int, default=0, help="seed of random weights when --weights is absent")
-    fuse.add_argument("--heads", type=int, default=1, help="heads of random weights when --weights is absent")
-    fuse.add_argument("--backend", default="auto", help="backend name, or auto (default: the fastest here; without a GPU, "
+    fuse.add_argument("--model", help="instead of weights, an ONNX model written by 'crossattn-gpu export' (or to_onnx): "
+                      "fused on onnxruntime, in the model's dtype")
+    fuse.add_argument("--seed", type=int, help="seed of random weights when --weights is absent (default 0)")
+    fuse.add_argument("--heads", type=int, help="heads of random weights when --weights is absent (default 1)")
+    fuse.add_argument("--backend", help="backend name, or auto (default: the fastest here; without a GPU, "
                       "onnx when the onnx extra is installed, else numpy)")
     fuse.add_argument("--dtype", default=None, choices=("float64", "float32", "float16"),
                       help="compute dtype (default: the inputs' dtype; npz files hold no bfloat16)")
-    fuse.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
+    fuse.add_argument("--float32-precision", choices=FLOAT32_PRECISIONS,
                       help="float32 GEMMs on a GPU: ieee (default), tf32x3 (three TF32 tensor-core products, about "
                       "float32's accuracy) or tf32 (one, ~1e-3); backends without TF32 kernels compute ieee")
     fuse.add_argument("--batch-size", type=int, default=64, help="at most this many antibodies per padded batch (default 64); antibodies of "

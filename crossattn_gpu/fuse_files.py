@@ -158,7 +158,7 @@ class Progress:
 
 
 def fuse_collections(
-    model: CrossAttention,
+    model,
     seq: Mapping[str, np.ndarray],
     struct: Mapping[str, np.ndarray],
     *,
@@ -168,18 +168,26 @@ def fuse_collections(
 ):
     """Fuse every antibody; yield ``("<id>/<output>", array)`` pairs, batch by batch (``ragged.Collection``).
 
-    ``seq`` and ``struct`` map ids to (L, D) arrays (dicts, or ``EmbeddingFile``s, which read each
-    array when its batch runs). Everything that the shapes decide is checked before the first batch
-    runs: ValueError for mismatched ids, a width other than the model's D, or (with ``bidirectional``)
-    an antibody whose two lengths differ.
+    ``model`` is a ``CrossAttention`` or an ``OnnxFusion`` (an exported model, whose outputs always
+    include ``bidirectional_fusion``, so its lengths must be equal; ``bidirectional=False`` then only
+    leaves it out of the pairs). ``seq`` and ``struct`` map ids to (L, D) arrays (dicts, or
+    ``EmbeddingFile``s, which read each array when its batch runs). Everything that the shapes decide is
+    checked before the first batch runs: ValueError for mismatched ids, a width other than the model's
+    D, or (with ``bidirectional``) an antibody whose two lengths differ.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if isinstance(model, CrossAttention):
+        collection = Collection(model, seq, struct, bidirectional=bidirectional, join_flops=model._backend.call_flops,
+                                labels=FILE_LABELS)
+        fused = collection.fuse(batch_size=batch_size)
+    else:
+        collection, _, batch_size = model._collection(seq, struct, batch_size, labels=FILE_LABELS)
+        fused = model._fuse(collection, batch_size)
+    names = OUTPUT_KEYS if bidirectional else OUTPUT_KEYS[:2]
     bar = Progress(len(seq), enabled=progress and len(seq) > batch_size)
-    collection = Collection(model, seq, struct, bidirectional=bidirectional, join_flops=model._backend.call_flops,
-                            labels=FILE_LABELS)
-    for key, results in collection.fuse(batch_size=batch_size):
-        for name in OUTPUT_KEYS:
-            if results[name] is not None:
+    for key, results in fused:
+        for name in names:
+            if results.get(name) is not None:
                 yield f"{key}/{name}", results[name]
         bar.advance(1)

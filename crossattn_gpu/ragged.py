@@ -196,8 +196,10 @@ EQUAL_LENGTHS = "bidirectional fusion needs equal lengths (bidirectional=False, 
 
 
 def from_lists_or_dicts(model, sequential, structural, *, bidirectional: bool, join_flops: float,
-                        equal_lengths: str = EQUAL_LENGTHS, one_batch: str = "fuse_representations") -> tuple:
-    """The checked ``Collection`` of two lists (or tuples) or two dicts, and whether they were dicts.
+                        equal_lengths: str = EQUAL_LENGTHS, one_batch: str = "fuse_representations",
+                        labels: Labels | None = None) -> tuple:
+    """The checked ``Collection`` of two lists (or tuples) or two dicts (``labels`` say how its errors
+    name them; by default "item" and "id"), and whether they were dicts.
 
     TypeError for anything else (naming ``one_batch``, what fuses one padded batch), ValueError for
     lists of different lengths; then what ``Collection`` raises.
@@ -216,7 +218,7 @@ def from_lists_or_dicts(model, sequential, structural, *, bidirectional: bool, j
                              "each antibody needs an entry in both")
         sequential, structural = dict(enumerate(sequential)), dict(enumerate(structural))
     collection = Collection(model, sequential, structural, bidirectional=bidirectional, join_flops=join_flops,
-                            labels=Labels("id" if as_dicts else "item"), equal_lengths=equal_lengths)
+                            labels=labels or Labels("id" if as_dicts else "item"), equal_lengths=equal_lengths)
     return collection, as_dicts
 
 

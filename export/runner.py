@@ -543,8 +543,9 @@ class OnnxFusion:
         collection, _, batch_size = self._collection(sequential, structural, batch_size)
         return self._fuse(collection, batch_size)
 
-    def _collection(self, sequential, structural, batch_size) -> tuple:
-        """The checked ``ragged.Collection``, whether it came as dicts, and the checked ``batch_size``."""
+    def _collection(self, sequential, structural, batch_size, labels=None) -> tuple:
+        """The checked ``ragged.Collection`` (``labels``: how its errors name the antibodies; the CLI's
+        name files), whether it came as dicts, and the checked ``batch_size``."""
         from crossattn_gpu import ragged  # the front end's, shared with CrossAttention.fuse_collection
         from crossattn_gpu.attention import _positive_int
         from crossattn_gpu.backends.device_common import DeviceFusion
@@ -560,7 +561,7 @@ class OnnxFusion:
         collection, as_dicts = ragged.from_lists_or_dicts(
             self, sequential, structural, bidirectional=True, join_flops=join_flops,
             equal_lengths="every exported model outputs bidirectional_fusion, which needs equal lengths",
-            one_batch="the OnnxFusion itself")
+            one_batch="the OnnxFusion itself", labels=labels)
         return collection, as_dicts, batch_size
 
     def _fuse(self, collection, batch_size: int):

@@ -266,3 +266,38 @@ def test_info_tips_on_openblas(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_openblas_libraries", lambda: [{"internal_api": "openblas", "num_threads": 2}])
     assert main(["info"]) == 0
     assert spin_tip not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fuse_with_an_exported_model(tmp_path, capsys, bidirectional):
+    pytest.importorskip("onnxruntime")
+    from crossattn_gpu.export import to_onnx
+
+    lengths = [5, 17, 3, 17, 1, 9, 12]
+    seq = write_collection(tmp_path / "seq.npz", lengths, 8, seed=0)
+    struct = write_collection(tmp_path / "struct.npz", lengths, 8, seed=1)
+    model = CrossAttention(8, 2, seed=3)
+    to_onnx(model, tmp_path / "m.onnx", similarity=True)
+    code = main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+                 "--out", str(tmp_path / "out.npz"), "--model", str(tmp_path / "m.onnx"), "--batch-size", "3",
+                 *([] if bidirectional else ["--no-bidirectional"])])
+    assert code == 0
+    assert "fused 7 antibodies on onnxruntime (CPUExecutionProvider)" in capsys.readouterr().out
+    names = ("fused_sequential", "fused_structural", "bidirectional_fusion")[:3 if bidirectional else 2]
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        assert sorted(out.files) == sorted(f"{key}/{name}" for key in seq for name in names)  # no similarities
+        for key in seq:
+            want = reference.fuse(*reference.params(model), seq[key].astype(np.float64), struct[key].astype(np.float64))
+            for name in names:
+                assert out[f"{key}/{name}"].dtype == np.float32
+                np.testing.assert_allclose(out[f"{key}/{name}"], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_with_a_model_refuses_the_options_of_weights(tmp_path, capsys):
+    write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--out",
+            str(tmp_path / "out.npz"), "--model", str(tmp_path / "m.onnx")]
+    assert main([*args, "--weights", "w.npz", "--heads", "2", "--dtype", "float32"]) == 2
+    assert ("error: --model fuses with the model's own weights and dtype on onnxruntime; drop --weights, --heads, "
+            "--dtype") in capsys.readouterr().err
+    assert not (tmp_path / "out.npz").exists()
