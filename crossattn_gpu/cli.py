@@ -57,9 +57,11 @@ def _fuse(args) -> int:
                                           ("--backend", args.backend), ("--dtype", args.dtype),
                                           ("--float32-precision", args.float32_precision)) if value is not None]
         if given:
-            raise ValueError(f"--model fuses with the model's own weights and dtype on onnxruntime; drop {', '.join(given)}")
+            raise ValueError("--model fuses with the model's own weights and dtype on onnxruntime; "
+                             f"drop {', '.join(given)}")
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
-        settings = dict(backend=args.backend or "auto", dtype=args.dtype, float32_precision=args.float32_precision or "ieee")
+        settings = dict(backend=args.backend or "auto", dtype=args.dtype,
+                        float32_precision=args.float32_precision or "ieee")
         if args.model:
             from .export.runner import OnnxFusion
 
@@ -72,7 +74,8 @@ def _fuse(args) -> int:
             print(f"no --weights given: using random weights (seed {seed}, D={width}, H={heads})", file=sys.stderr)
             model = CrossAttention(width, heads, seed=seed, **settings)
         runs_on = f"onnxruntime ({model.provider})" if args.model else f"backend {model.backend}"
-        if args.dtype is None and "float64" in seq.dtypes | struct.dtypes and runs_on in ("backend numpy", "backend onnx"):
+        on_cpu_backend = not args.model and model.backend in ("numpy", "onnx")
+        if args.dtype is None and "float64" in seq.dtypes | struct.dtypes and on_cpu_backend:
             # 400 antibodies at D = 1280, H = 8 on this project's 2-core CPU: 55 s in float64 on NumPy,
             # 18 s with --dtype float32 (onnx backend).
             print(f"note: the files hold float64, which backend {model.backend} computes in float64; --dtype float32 "
@@ -86,8 +89,8 @@ def _fuse(args) -> int:
             ):
                 out.write(key, array)
         elapsed = time.perf_counter() - start
-    print(f"fused {len(seq)} antibod{'y' if len(seq) == 1 else 'ies'} on {runs_on} in {elapsed:.2f} s (files read and written "
-          f"included) -> {out.path}")
+    print(f"fused {len(seq)} antibod{'y' if len(seq) == 1 else 'ies'} on {runs_on} in {elapsed:.2f} s (files read "
+          f"and written included) -> {out.path}")
     return 0
 
 
@@ -202,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--struct", required=True, help="npz with one (L_i, D) structure embedding per antibody id")
     fuse.add_argument("--out", required=True, help="output npz: '<id>/fused_sequential', ... per id")
     fuse.add_argument("--weights", help="weights file (safetensors or npz) written by CrossAttention.save")
-    fuse.add_argument("--model", help="instead of weights, an ONNX model written by 'crossattn-gpu export' (or to_onnx): "
-                      "fused on onnxruntime, in the model's dtype")
+    fuse.add_argument("--model", help="instead of weights, an ONNX model written by 'crossattn-gpu export' (or "
+                      "to_onnx): fused on onnxruntime, in the model's dtype")
     fuse.add_argument("--seed", type=int, help="seed of random weights when --weights is absent (default 0)")
     fuse.add_argument("--heads", type=int, help="heads of random weights when --weights is absent (default 1)")
     fuse.add_argument("--backend", help="backend name, or auto (default: the fastest here; without a GPU, "

@@ -1,9 +1,10 @@
 """Collections of antibodies of different lengths, fused in padded batches of similar lengths.
 
 ``CrossAttention.fuse_collection`` and ``OnnxFusion.fuse_collection`` (lists or dicts of (L_i, D)
-arrays) and the ``crossattn-gpu fuse`` command (npz files, ``fuse_files``) all fuse a ``Collection``: every entry is checked first, then the
-antibodies are sorted by length and fused in batches of similar lengths, so that padding (and its
-wasted work) stays small, and each antibody's results are cut from its batch's.
+arrays) and the ``crossattn-gpu fuse`` command (npz files, ``fuse_files``) all fuse a ``Collection``:
+every entry is checked first, then the antibodies are sorted by length and fused in batches of
+similar lengths, so that padding (and its wasted work) stays small, and each antibody's results are
+cut from its batch's.
 """
 
 from __future__ import annotations
@@ -229,8 +230,9 @@ class Collection:
     ValueError for mismatched keys, an array that is not (L, D) with L >= 1 and the model's D, or (with
     ``bidirectional``) an antibody whose two lengths differ; TypeError as ``Side`` says. ``labels`` says
     how the errors name the antibodies and their embeddings, and ``equal_lengths`` why the lengths
-    must be equal; ``join_flops`` is what a call of its own is worth (``length_batches``). The arrays themselves are read (``seq[key]``) when their batch runs,
-    where the mapping knows the shapes and dtypes without reading, as ``fuse_files.EmbeddingFile`` does.
+    must be equal; ``join_flops`` is what a call of its own is worth (``length_batches``). The arrays
+    themselves are read (``seq[key]``) when their batch runs, where the mapping knows the shapes and
+    dtypes without reading, as ``fuse_files.EmbeddingFile`` does.
     """
 
     def __init__(self, model, seq: Mapping, struct: Mapping, *, bidirectional: bool, join_flops: float,

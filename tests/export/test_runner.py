@@ -569,7 +569,8 @@ def test_a_collection_gives_each_antibody_its_own_results(tmp_path, options):
 def test_a_model_without_length_inputs_runs_only_equal_lengths_together(tmp_path, monkeypatch):
     fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx", lengths=False))
     runs, run = [], OnnxFusion.__call__
-    monkeypatch.setattr(OnnxFusion, "__call__", lambda self, xs, xt, **kw: runs.append(xs.shape) or run(self, xs, xt, **kw))
+    monkeypatch.setattr(OnnxFusion, "__call__",
+                        lambda self, xs, xt, **kw: runs.append(xs.shape) or run(self, xs, xt, **kw))
     fusion.fuse_collection(*_antibodies([4, 3, 4, 3, 4, 5]), batch_size=2)
     assert sorted(runs) == [(1, 4, 8), (1, 5, 8), (2, 3, 8), (2, 4, 8)]  # 5 | 4, 4 | 4 | 3, 3
 
