@@ -95,9 +95,9 @@ class CrossAttention:
         width = _positive_int(embedding_dim, "embedding_dim")
         heads = _positive_int(attention_heads, "attention_heads")
         # Drawn, then copied by the one check of every way in: twice the weights at once. Refused
-        # here, as a typo's embedding_dim=12800 with 8 heads (78 GiB) would be, NumPy would either
-        # raise its own MemoryError or, under Linux's overcommit, let the draws through until the OOM
-        # killer ended the process.
+        # here: for a typo's embedding_dim=12800 with 8 heads (78 GiB), NumPy would either raise its
+        # own MemoryError or, under Linux's overcommit, let the draws through until the OOM killer
+        # ended the process.
         square = heads * width * width
         _memory.check_outputs_fit({"the four weights, drawn": 4 * square, "their checked copy": 4 * square},
                                   "float64", remedy="check embedding_dim and attention_heads",
