@@ -303,14 +303,20 @@ def unless_full(lengths: np.ndarray):
     return None if (lengths == lengths.max()).all() else lengths
 
 
-def _cut(result: dict, row: int, len_s: int, len_t: int) -> dict:
-    """One antibody's results from its batch's: ``row``, without the padding."""
+def unpadded(name: str, len_s: int, len_t: int) -> tuple:
+    """The slices that cut one example's result ``name`` (batch axis gone; one head's, for the
+    probabilities) to its unpadded lengths."""
     lengths = {"fused_sequential": (len_s,), "fused_structural": (len_t,), "bidirectional_fusion": (len_s,),
                "attention_weights_seq_to_struct": (len_s, len_t), "attention_weights_struct_to_seq": (len_t, len_s),
-               "seq_similarity": (len_s, len_s), "struct_similarity": (len_t, len_t)}
+               "seq_similarity": (len_s, len_s), "struct_similarity": (len_t, len_t)}[name]
+    return tuple(slice(0, int(n)) for n in lengths)
+
+
+def _cut(result: dict, row: int, len_s: int, len_t: int) -> dict:
+    """One antibody's results from its batch's: ``row``, without the padding."""
     cut = {}
     for key in RESULT_KEYS:
-        value, rows = result[key], tuple(slice(0, int(n)) for n in lengths[key])
+        value, rows = result[key], unpadded(key, len_s, len_t)
         if isinstance(value, list):
             cut[key] = [head[(row, *rows)] for head in value]
         else:

@@ -566,13 +566,18 @@ class OnnxFusion:
 
     def _fuse(self, collection, batch_size: int):
         """``(key, outputs)`` of every antibody, batch by batch (``collection.batches``)."""
-        from crossattn_gpu.ragged import unless_full
+        from crossattn_gpu.ragged import unless_full, unpadded
 
         for keys, (xs, s_len), (xt, t_len) in collection.batches(batch_size):
             outputs = collection.run(keys, xs, xt, lambda: self(
                 xs, xt, sequential_lengths=unless_full(s_len), structural_lengths=unless_full(t_len)))
             for row, key in enumerate(keys):
-                yield key, {name: value[row][_trailing(name, s_len[row], t_len[row])] for name, value in outputs.items()}
+                cut = {}
+                for name, value in outputs.items():
+                    # The probabilities are (B, H, ...) here, where CrossAttention hands out a list of heads.
+                    heads = (slice(None),) if name.startswith("attention_weights") else ()
+                    cut[name] = value[(row, *heads, *unpadded(name, s_len[row], t_len[row]))]
+                yield key, cut
 
     def _output_elements(self, len_s, len_t) -> dict:
         """Elements of each output of one example (or of each of an array of examples) of these lengths."""
@@ -581,15 +586,6 @@ class OnnxFusion:
                 "bidirectional_fusion": len_s * width, "seq_similarity": len_s * len_s,
                 "struct_similarity": len_t * len_t, "attention_weights_seq_to_struct": heads * len_s * len_t,
                 "attention_weights_struct_to_seq": heads * len_s * len_t}
-
-
-def _trailing(name: str, len_s: int, len_t: int) -> tuple:
-    """The index that cuts one example's output ``name`` (batch axis gone) to its unpadded lengths."""
-    rows = {"fused_sequential": (len_s,), "fused_structural": (len_t,), "bidirectional_fusion": (len_s,),
-            "seq_similarity": (len_s, len_s), "struct_similarity": (len_t, len_t),
-            "attention_weights_seq_to_struct": (slice(None), len_s, len_t),
-            "attention_weights_struct_to_seq": (slice(None), len_t, len_s)}[name]
-    return tuple(n if isinstance(n, slice) else slice(0, int(n)) for n in rows)
 
 
 def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:
