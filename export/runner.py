@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _memory, _overflow, _threads
-from .._checks import check_input, check_lengths, check_mask, check_values
+from .._checks import check_input, check_lengths, check_mask, check_same_rank, check_values
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
 
@@ -422,7 +422,9 @@ class OnnxFusion:
             (never a silent fallback to the next).
 
     Call it with NumPy arrays: ``fusion(sequential_repr, structural_repr, sequential_lengths=None,
-    structural_lengths=None, mask=None)`` returns a dict of the model's outputs. Inputs are cast to
+    structural_lengths=None, mask=None)`` returns a dict of the model's outputs. The inputs are both
+    (B, L, D), or both (L, D) for one example, whose outputs then come without the batch axis (and which
+    takes no lengths, as with ``CrossAttention``: its lengths are its arrays'). Inputs are cast to
     the model's float dtype; lengths default to the full lengths and the mask (the seed's: 0 = masked)
     to none masked, when the model takes them. As ``CrossAttention`` does, it raises ValueError for
     inputs holding NaN or Inf or too large for the model's dtype, and OverflowError when finite inputs
@@ -465,28 +467,27 @@ class OnnxFusion:
         inputs = {"sequential_repr": _HOST.native(sequential_repr, "sequential_repr"),
                   "structural_repr": _HOST.native(structural_repr, "structural_repr")}
         for name, x in inputs.items():
-            if x.ndim != 3:
-                raise ValueError(f"{name} must have shape (B, L, D); got {x.shape}")
             check_input(x, name, _HOST)
             if x.shape[-1] != self.embedding_dim:
                 raise ValueError(f"{name} has width {x.shape[-1]}, but the model has D={self.embedding_dim}")
+        batched = check_same_rank(inputs)
+        if not batched:  # the graph's inputs are (B, L, D): one example, and its outputs without the axis
+            inputs = {name: x[None] for name, x in inputs.items()}
         xs, xt = inputs.values()
         magnitude = check_values(inputs, _HOST)()
         _overflow.check_cast(inputs, magnitude, self.dtype, _HOST)
-        if xs.shape[0] != xt.shape[0]:
-            raise ValueError(f"batch sizes differ: sequential_repr has B={xs.shape[0]}, structural_repr B={xt.shape[0]}")
         if "bidirectional_fusion" in self.output_names and xs.shape[1] != xt.shape[1]:
             raise ValueError(
                 f"this model outputs bidirectional_fusion, which needs Ls == Lt; got {xs.shape[1]} and {xt.shape[1]}"
             )
         feeds = {"sequential_repr": xs, "structural_repr": xt}
         if "sequential_lengths" in self.input_names:
-            feeds["sequential_lengths"] = _lengths(sequential_lengths, "sequential_lengths", xs.shape)
-            feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape)
+            feeds["sequential_lengths"] = _lengths(sequential_lengths, "sequential_lengths", xs.shape, batched)
+            feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape, batched)
         elif sequential_lengths is not None or structural_lengths is not None:
             raise TypeError("this model was exported without length inputs (lengths=False)")
         if mask is not None:  # the seed's mask: 0 = masked; the graph's: False = masked, (1 or B, Ls, Lt)
-            masked = check_mask(mask, xs.shape[0], xs.shape[1], xt.shape[1], True, _HOST)
+            masked = check_mask(mask, xs.shape[0], xs.shape[1], xt.shape[1], batched, _HOST)
             feeds["mask"] = np.broadcast_to(~masked, (masked.shape[0], xs.shape[1], xt.shape[1]))
         elif "mask" in self.input_names:
             feeds["mask"] = np.ones((1, xs.shape[1], xt.shape[1]), dtype=bool)  # nothing masked
@@ -498,7 +499,7 @@ class OnnxFusion:
         outputs = self._session.run(feeds, shape=(max(len_s, len_t), width, heads))
         fused = {name: outputs.get(name) for name in ("fused_sequential", "fused_structural", "bidirectional_fusion")}
         _overflow.check_finite_results(fused, magnitude, self.dtype, _HOST)
-        return outputs
+        return outputs if batched else {name: value[0] for name, value in outputs.items()}
 
     def fuse_collection(self, sequential, structural, *, batch_size: int = 64):
         """Fuse many antibodies of different lengths, as ``CrossAttention.fuse_collection`` does:
@@ -588,9 +589,10 @@ class OnnxFusion:
                 "attention_weights_struct_to_seq": heads * len_s * len_t}
 
 
-def _lengths(lengths, name: str, shape: tuple) -> np.ndarray:
-    """Valid lengths (B,) in 1..L, checked as the front end checks them; the full length when None."""
+def _lengths(lengths, name: str, shape: tuple, batched: bool) -> np.ndarray:
+    """Valid lengths (B,) in 1..L, checked as the front end checks them (refused for unbatched inputs,
+    which had (L, D) before their batch axis was added); the full length when None."""
     batch, length = shape[0], shape[1]
     if lengths is None:
         return np.full(batch, length, dtype=np.int64)
-    return check_lengths(lengths, name, batch, length, True, _HOST)
+    return check_lengths(lengths, name, batch, length, batched, _HOST)

@@ -28,7 +28,10 @@ def fusion(exported):
 @pytest.mark.parametrize(
     "args,kwargs,error,message",
     [
-        ((np.ones((3, 8)), np.ones((3, 8))), {}, ValueError, r"sequential_repr must have shape \(B, L, D\)"),
+        ((np.ones((1, 1, 3, 8)), np.ones((1, 3, 8))), {}, ValueError, r"sequential_repr must have shape \(L, D\) or \(B, L, D\)"),
+        ((np.ones((3, 8)), np.ones((1, 3, 8))), {}, ValueError, r"must all be \(L, D\) or all be \(B, L, D\)"),
+        ((np.ones((3, 8)), np.ones((3, 8))), {"sequential_lengths": [3]}, ValueError, "applies to batched"),
+        ((np.ones((3, 8)), np.ones((3, 8))), {"mask": np.ones((1, 3, 3))}, ValueError, "mask has rank 3"),
         ((np.ones((1, 3, 7)), np.ones((1, 3, 8))), {}, ValueError, "sequential_repr has width 7, but the model has D=8"),
         ((np.ones((2, 3, 8)), np.ones((1, 3, 8))), {}, ValueError, "batch sizes differ"),
         ((np.ones((1, 3, 8), dtype=int), np.ones((1, 3, 8))), {}, TypeError, "sequential_repr must be floating point"),
@@ -58,6 +61,23 @@ def test_an_overflow_inside_the_model_is_named(tmp_path, dtype, scale, value_sca
     with pytest.raises(OverflowError, match=f"came out past {dtype}'s largest value"):
         fusion(xs, xt)
     assert np.isfinite(fusion(xs / scale, xt / scale)["fused_sequential"]).all()
+
+
+def test_one_example_without_the_batch_axis(tmp_path):
+    """(L, D) inputs give CrossAttention's unbatched results, and the batched outputs' first rows."""
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx", mask=True, similarity=True, attention_weights=True))
+    rng = np.random.default_rng(0)
+    xs, xt, mask = rng.standard_normal((5, 8)), rng.standard_normal((5, 8)), rng.random((5, 5)) > 0.3
+    got = fusion(xs, xt, mask=mask)
+    batched = fusion(xs[None], xt[None], mask=mask[None])
+    want = model.fuse_representations(xs, xt, mask=mask, need_weights=True)
+    assert sorted(got) == sorted(fusion.output_names)
+    for name, value in got.items():
+        expected = np.stack(want[name]) if isinstance(want[name], list) else want[name]
+        assert value.shape == expected.shape, name
+        np.testing.assert_array_equal(value, batched[name][0], err_msg=name)
+        np.testing.assert_allclose(value, expected, rtol=0, atol=2e-6 * np.abs(expected).max(), err_msg=name)
 
 
 def test_float64_inputs_are_cast(fusion):
