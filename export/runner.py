@@ -39,6 +39,20 @@ _FLOAT_TYPES = {"tensor(double)": np.dtype(np.float64), "tensor(float)": np.dtyp
 _TRANSPOSE_MATMUL_FUSION = "MatmulTransposeFusion"
 
 
+class _SessionWithoutFallback(ort.InferenceSession):
+    """An onnxruntime session without its retry on the CPU provider when a load or a run fails. The retry
+    prints a banner to stdout, loads a damaged model twice (a damaged name fails as a UnicodeDecodeError,
+    which it takes for a provider's error), and would run on the CPU what the CUDA provider cannot: the
+    fallback this library never makes unasked. onnxruntime 1.23 and later honour ``enable_fallback=0``;
+    1.18 to 1.22 ignore it, turn the retry on in ``__init__`` and then build the session in
+    ``_create_inference_session`` (read in their sources), so the retry is turned off there, with the
+    public ``disable_fallback``, which also covers the retry of a failed run."""
+
+    def _create_inference_session(self, *args, **kwargs):
+        self.disable_fallback()
+        return super()._create_inference_session(*args, **kwargs)
+
+
 @lru_cache(maxsize=1)
 def fusion_takes_float64() -> bool:
     """Whether this onnxruntime loads a float64 Transpose feeding a MatMul. Its ``MatmulTransposeFusion``
@@ -76,7 +90,7 @@ def _loads(nodes: list, inputs: list, output, opset: int) -> bool:
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 10)
     try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        _SessionWithoutFallback(model.SerializeToString(), providers=["CPUExecutionProvider"], enable_fallback=0)
     except Exception:
         return False
     return True
@@ -271,18 +285,13 @@ class OnnxSession:
         if initializers:
             options.add_external_initializers(
                 list(initializers), [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
-        # Without onnxruntime's retry on the CPU provider when a session fails to load (1.23 and later;
-        # older releases ignore the argument): it prints a banner to stdout, loads a damaged model
-        # twice (a damaged name fails as a UnicodeDecodeError, which it takes for a provider's error),
-        # and would run a model the CUDA provider cannot on the CPU, the fallback this library never
-        # makes unasked.
         try:
-            return ort.InferenceSession(source, options, providers=self.providers, enable_fallback=0)
+            return _SessionWithoutFallback(source, options, providers=self.providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own exception types
             if not fusion_takes_float64():  # a float64 model on onnxruntime 1.18, say
                 try:
-                    return ort.InferenceSession(source, options, providers=self.providers,
-                                                disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], enable_fallback=0)
+                    return _SessionWithoutFallback(source, options, providers=self.providers,
+                                                   disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], enable_fallback=0)
                 except Exception:
                     pass
             hint = ""
