@@ -103,13 +103,14 @@ def _export(args) -> int:
     if args.serving_repo:
         from .export.serving import write_serving_repository
 
-        folder = write_serving_repository(model, args.serving_repo, opset=args.opset, dtype=args.dtype, mask=args.mask)
+        folder = write_serving_repository(model, args.serving_repo, opset=args.opset, dtype=args.dtype, mask=args.mask,
+                                          bidirectional=not args.no_bidirectional)
         print(f"wrote the Triton Inference Server model repository entry {folder}")
     if not args.out:
         return 0
     path = to_onnx(
         model, args.out, opset=args.opset, dtype=args.dtype, lengths=not args.no_lengths, mask=args.mask,
-        similarity=args.similarity, attention_weights=args.attention_weights,
+        similarity=args.similarity, attention_weights=args.attention_weights, bidirectional=not args.no_bidirectional,
     )
     flavour = "Attention operator" if args.opset >= 23 else "MatMul/Softmax decomposition"
     print(f"wrote {path} (D={model.embedding_dim}, H={model.attention_heads}, {args.dtype}, opset {args.opset}: {flavour})")
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mask", action="store_true", help="add a bool mask input (B, Ls, Lt), False = masked")
     export.add_argument("--similarity", action="store_true", help="add the similarity outputs")
     export.add_argument("--attention-weights", action="store_true", help="add the attention probability outputs")
+    export.add_argument("--no-bidirectional", action="store_true",
+                        help="no bidirectional_fusion output: the model then takes sequences and structures of "
+                             "different lengths")
     export.set_defaults(run=_export)
 
     info = commands.add_parser("info", help="backends, package versions and GPU of this machine")

@@ -168,15 +168,18 @@ def fuse_collections(
 ):
     """Fuse every antibody; yield ``("<id>/<output>", array)`` pairs, batch by batch (``ragged.Collection``).
 
-    ``model`` is a ``CrossAttention`` or an ``OnnxFusion`` (an exported model, whose outputs always
-    include ``bidirectional_fusion``, so its lengths must be equal; ``bidirectional=False`` then only
-    leaves it out of the pairs). ``seq`` and ``struct`` map ids to (L, D) arrays (dicts, or
-    ``EmbeddingFile``s, which read each array when its batch runs). Everything that the shapes decide is
-    checked before the first batch runs: ValueError for mismatched ids, a width other than the model's
-    D, or (with ``bidirectional``) an antibody whose two lengths differ.
+    ``model`` is a ``CrossAttention`` or an ``OnnxFusion`` (an exported model: one that outputs
+    ``bidirectional_fusion`` needs equal lengths, and ``bidirectional=False`` then only leaves it out of
+    the pairs; one exported without it needs ``bidirectional=False``). ``seq`` and ``struct`` map ids to
+    (L, D) arrays (dicts, or ``EmbeddingFile``s, which read each array when its batch runs). Everything
+    that the shapes decide is checked before the first batch runs: ValueError for mismatched ids, a
+    width other than the model's D, or (with ``bidirectional``) an antibody whose two lengths differ.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if bidirectional and not isinstance(model, CrossAttention) and "bidirectional_fusion" not in model.output_names:
+        raise ValueError("the model was exported without bidirectional_fusion (--no-bidirectional); fuse with "
+                         "--no-bidirectional")
     if isinstance(model, CrossAttention):
         collection = Collection(model, seq, struct, bidirectional=bidirectional, join_flops=model._backend.call_flops,
                                 labels=FILE_LABELS)

@@ -223,6 +223,7 @@ def to_onnx(
     mask: bool = False,
     similarity: bool = False,
     attention_weights: bool = False,
+    bidirectional: bool = True,
 ) -> Path:
     """Write the fusion of ``model`` (a CrossAttention) as an ONNX file, checked by onnx's full checker.
 
@@ -238,10 +239,12 @@ def to_onnx(
         similarity: add the outputs ``seq_similarity`` (B, Ls, Ls) and ``struct_similarity`` (B, Lt, Lt).
         attention_weights: add ``attention_weights_seq_to_struct`` (B, H, Ls, Lt) and
             ``attention_weights_struct_to_seq`` (B, H, Lt, Ls).
+        bidirectional: add ``bidirectional_fusion`` (B, Ls, D), the sum of the two fused outputs,
+            which needs Ls == Lt (the model fails at run time otherwise); without it, as with
+            ``CrossAttention``'s ``bidirectional=False``, the two lengths may differ.
 
     Inputs ``sequential_repr`` (B, Ls, D) and ``structural_repr`` (B, Lt, D) with B, Ls, Lt dynamic;
-    outputs ``fused_sequential``, ``fused_structural`` and ``bidirectional_fusion`` (which needs
-    Ls == Lt; the model fails at run time otherwise).
+    outputs ``fused_sequential`` (B, Ls, D) and ``fused_structural`` (B, Lt, D), and those the options add.
 
     The metadata's ``model_sha256`` (``integrity.DIGEST_KEY``) is a digest of the rest of the model,
     weights included wherever they are stored: ``OnnxFusion`` refuses a file that no longer matches it.
@@ -253,12 +256,12 @@ def to_onnx(
     that is not a bool.
     """
     for name, value in (("lengths", lengths), ("mask", mask), ("similarity", similarity),
-                        ("attention_weights", attention_weights)):
+                        ("attention_weights", attention_weights), ("bidirectional", bidirectional)):
         check_flag(value, name)
     arrays = model.get_attention_weights()
     onnx_model = build_fusion_model(
         arrays, opset=opset, dtype=dtype, lengths=lengths, mask=mask, similarity=similarity,
-        attention_weights=attention_weights,
+        attention_weights=attention_weights, bidirectional=bidirectional,
     )
     digest = model_digest(onnx_model)  # of everything else, checked on load (integrity.py)
     entry = onnx_model.metadata_props.add()

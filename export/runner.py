@@ -487,7 +487,8 @@ class OnnxFusion:
         _overflow.check_cast(inputs, magnitude, self.dtype, _HOST)
         if "bidirectional_fusion" in self.output_names and xs.shape[1] != xt.shape[1]:
             raise ValueError(
-                f"this model outputs bidirectional_fusion, which needs Ls == Lt; got {xs.shape[1]} and {xt.shape[1]}"
+                f"this model outputs bidirectional_fusion, which needs Ls == Lt; got {xs.shape[1]} and {xt.shape[1]} "
+                "(a model exported with bidirectional=False takes unequal lengths)"
             )
         feeds = {"sequential_repr": xs, "structural_repr": xt}
         if "sequential_lengths" in self.input_names:
@@ -517,8 +518,8 @@ class OnnxFusion:
         Args:
             sequential, structural: two lists (or tuples) of the same length, the i-th entries one
                 antibody's (L_i, D) embeddings (NumPy arrays or array-likes); or two dicts with the
-                same keys (ids). Every model outputs ``bidirectional_fusion``, so each antibody's two
-                lengths must be equal.
+                same keys (ids). A model that outputs ``bidirectional_fusion`` needs each antibody's two
+                lengths equal; one exported with ``bidirectional=False`` takes unequal ones.
             batch_size: at most this many antibodies per run. An antibody shares a run with longer
                 ones only while the work its padding adds costs less than a run of its own; a model
                 exported without length inputs (``lengths=False``) runs only equal lengths together.
@@ -536,8 +537,9 @@ class OnnxFusion:
                 (``iter_collection`` hands them over batch by batch).
         """
         collection, as_dicts, batch_size = self._collection(sequential, structural, batch_size)
-        len_s = np.array([collection.sides[0].shapes[key][0] for key in collection.keys], dtype=np.int64)
-        per_output = self._output_elements(len_s, len_s)
+        len_s, len_t = (np.array([side.shapes[key][0] for key in collection.keys], dtype=np.int64)
+                        for side in collection.sides)
+        per_output = self._output_elements(len_s, len_t)
         _memory.check_outputs_fit({name: int(per_output[name].sum()) for name in self.output_names}, self.dtype,
                                   "take the results as they come with iter_collection")
         results = dict(self._fuse(collection, batch_size))
@@ -569,8 +571,9 @@ class OnnxFusion:
         else:  # a GPU's provider: as the GPU backends (unmeasured with onnxruntime)
             join_flops = DeviceFusion.call_flops
         collection, as_dicts = ragged.from_lists_or_dicts(
-            self, sequential, structural, bidirectional=True, join_flops=join_flops,
-            equal_lengths="every exported model outputs bidirectional_fusion, which needs equal lengths",
+            self, sequential, structural, bidirectional="bidirectional_fusion" in self.output_names,
+            join_flops=join_flops, equal_lengths="this model outputs bidirectional_fusion, which needs equal lengths "
+            "(a model exported with bidirectional=False takes unequal ones)",
             one_batch="the OnnxFusion itself", labels=labels)
         return collection, as_dicts, batch_size
 

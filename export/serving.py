@@ -26,25 +26,26 @@ def _tensor(name: str, data_type: str, dims: list[int], reshape_to_scalar: bool 
 
 
 def write_serving_repository(model, root, *, name: str = "crossattn_fusion", max_batch_size: int = 64,
-                             opset: int = 17, dtype: str = "float32", mask: bool = False) -> Path:
+                             opset: int = 17, dtype: str = "float32", mask: bool = False,
+                             bidirectional: bool = True) -> Path:
     """Export ``model`` into a Triton Inference Server model repository; returns the model's folder.
 
-    The model has the length inputs and the three fused outputs (see ``to_onnx``). ``name`` is the
-    model's folder and its name in the config: letters, digits, ``_``, ``.`` and ``-``, not starting
-    with ``.`` or ``-`` (no path separators, which would place the folder elsewhere, and no quotes,
-    which would break the config). ValueError otherwise, or for ``max_batch_size`` below 1.
+    The model has the length inputs and the three fused outputs, or two without ``bidirectional`` (see
+    ``to_onnx``). ``name`` is the model's folder and its name in the config: letters, digits, ``_``,
+    ``.`` and ``-``, not starting with ``.`` or ``-`` (no path separators, which would place the folder
+    elsewhere, and no quotes, which would break the config). ValueError otherwise, or for
+    ``max_batch_size`` below 1.
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise ValueError(f"name must be letters, digits, '_', '.' and '-', not starting with '.' or '-'; got {name!r}")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
     check_flag(mask, "mask")
-    check_options(opset, dtype)  # before any folder is made
-    check_flag(mask, "mask")
+    check_flag(bidirectional, "bidirectional")
     check_options(opset, dtype)  # before any folder is made
     folder = Path(os.fspath(root)) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    to_onnx(model, folder / "1" / "model.onnx", opset=opset, dtype=dtype, mask=mask)
+    to_onnx(model, folder / "1" / "model.onnx", opset=opset, dtype=dtype, mask=mask, bidirectional=bidirectional)
     width, kind = model.embedding_dim, _TYPES[dtype]
     inputs = [
         _tensor("sequential_repr", kind, [-1, width]),
@@ -54,7 +55,8 @@ def write_serving_repository(model, root, *, name: str = "crossattn_fusion", max
     ]
     if mask:
         inputs.append(_tensor("mask", "TYPE_BOOL", [-1, -1]))
-    outputs = [_tensor(n, kind, [-1, width]) for n in ("fused_sequential", "fused_structural", "bidirectional_fusion")]
+    names = ("fused_sequential", "fused_structural", "bidirectional_fusion")[: 3 if bidirectional else 2]
+    outputs = [_tensor(n, kind, [-1, width]) for n in names]
     config = "\n".join([
         f'name: "{name}"',
         'platform: "onnxruntime_onnx"',

@@ -293,6 +293,29 @@ def test_fuse_with_an_exported_model(tmp_path, capsys, bidirectional):
                 np.testing.assert_allclose(out[f"{key}/{name}"], want[name], rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_exported_without_bidirectional_fuses_unequal_lengths(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = CrossAttention(8, 2, seed=3)
+    model.save(tmp_path / "w.safetensors")
+    assert main(["export", "--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "m.onnx"),
+                 "--no-bidirectional"]) == 0
+    seq = write_collection(tmp_path / "seq.npz", [5, 17, 3, 1], 8, seed=0)
+    struct = write_collection(tmp_path / "struct.npz", [4, 17, 9, 2], 8, seed=1)
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"),
+            "--out", str(tmp_path / "out.npz"), "--model", str(tmp_path / "m.onnx"), "--quiet"]
+    assert main(args) == 2
+    assert ("the model was exported without bidirectional_fusion (--no-bidirectional); fuse with --no-bidirectional"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out.npz").exists()
+    assert main([*args, "--no-bidirectional"]) == 0
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        assert len(out.files) == 2 * len(seq)
+        for key in seq:
+            want = reference.fuse(*reference.params(model), seq[key].astype(np.float64), struct[key].astype(np.float64))
+            for name in ("fused_sequential", "fused_structural"):
+                np.testing.assert_allclose(out[f"{key}/{name}"], want[name], rtol=1e-4, atol=1e-5)
+
+
 def test_fuse_with_a_model_refuses_the_options_of_weights(tmp_path, capsys):
     write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
     args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--out",

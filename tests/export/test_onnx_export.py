@@ -181,7 +181,7 @@ def test_bad_options(tmp_path, model):
         to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
     with pytest.raises(ValueError, match="opset must be an integer from 14"):
         to_onnx(model, tmp_path / "m.onnx", opset=12)
-    for flag in ("lengths", "mask", "similarity", "attention_weights"):  # bool("no") would be True
+    for flag in ("lengths", "mask", "similarity", "attention_weights", "bidirectional"):  # bool("no") would be True
         with pytest.raises(TypeError, match=f"^{flag} must be True or False; got 'no'"):
             to_onnx(model, tmp_path / "m.onnx", **{flag: "no"})
     assert not (tmp_path / "m.onnx").exists()
@@ -201,6 +201,10 @@ def test_serving_repository_layout(tmp_path, model):
     assert config.count("{ name:") == len(fusion.input_names) + len(fusion.output_names)
     folder = write_serving_repository(model, tmp_path / "repo64", dtype="float64")
     assert 'name: "bidirectional_fusion" data_type: TYPE_FP64' in (folder / "config.pbtxt").read_text()
+    folder = write_serving_repository(model, tmp_path / "unequal", bidirectional=False)
+    config = (folder / "config.pbtxt").read_text()
+    assert "bidirectional_fusion" not in config and 'name: "fused_structural"' in config
+    assert OnnxFusion(folder / "1" / "model.onnx").output_names == ["fused_sequential", "fused_structural"]
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/b", "", ".hidden", 'quo"te', "-flag", None])
@@ -218,6 +222,7 @@ def test_serving_repository_names_stay_one_plain_folder(tmp_path, model, name):
     ({"dtype": "bfloat16"}, ValueError, "dtype must be"),
     ({"opset": 12}, ValueError, "opset must be"),
     ({"mask": "yes"}, TypeError, "mask must be True or False"),
+    ({"bidirectional": "no"}, TypeError, "bidirectional must be True or False"),
 ])
 def test_serving_repository_refuses_bad_options_before_making_folders(tmp_path, model, options, error, message):
     from crossattn_gpu.export.serving import write_serving_repository

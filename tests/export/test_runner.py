@@ -582,6 +582,35 @@ def test_a_collection_gives_each_antibody_its_own_results(tmp_path, options):
     assert [key for key, _ in fusion.iter_collection(seq, struct)] == [6, 5, 2, 0, 1, 3, 4]  # longest first
 
 
+@pytest.mark.parametrize("lengths", [True, False])
+def test_a_model_without_bidirectional_fusion_takes_unequal_lengths(tmp_path, lengths):
+    """Exported with bidirectional=False, as CrossAttention's bidirectional=False: Ls != Lt in a call,
+    one example, and a collection (without length inputs, only equal pairs of lengths share a run)."""
+    model = CrossAttention(8, 2, seed=0, backend="numpy")
+    fusion = OnnxFusion(to_onnx(model, tmp_path / "m.onnx", bidirectional=False, lengths=lengths,
+                                attention_weights=True, similarity=True))
+    assert "bidirectional_fusion" not in fusion.output_names and fusion.metadata["bidirectional"] == "false"
+    rng = np.random.default_rng(0)
+    seq = [rng.standard_normal((n, 8)) for n in (5, 1, 9, 5, 17)]
+    struct = [rng.standard_normal((n, 8)) for n in (3, 4, 9, 3, 1)]
+    results = [fusion.fuse_collection(seq, struct, batch_size=3), [fusion(xs, xt) for xs, xt in zip(seq, struct)]]
+    for got in results:
+        for outputs, xs, xt in zip(got, seq, struct):
+            want = model.fuse_representations(xs, xt, need_weights=True, bidirectional=False)
+            assert sorted(outputs) == sorted(fusion.output_names)
+            for name, value in outputs.items():
+                expected = np.stack(want[name]) if isinstance(want[name], list) else want[name]
+                assert value.shape == expected.shape, name
+                scale = 1.0 if "similarity" in name else np.abs(expected).max()  # cosines: on the scale of 1
+                np.testing.assert_allclose(value, expected, rtol=0, atol=2e-6 * scale, err_msg=name)
+    with_both = OnnxFusion(to_onnx(model, tmp_path / "both.onnx"))
+    with pytest.raises(ValueError, match="needs Ls == Lt; got 5 and 3 .a model exported with bidirectional=False"):
+        with_both(seq[0], struct[0])
+    with pytest.raises(ValueError, match="item 0: sequence length 5 != structure length 3; this model outputs "
+                                         "bidirectional_fusion, which needs equal lengths"):
+        with_both.fuse_collection(seq, struct)
+
+
 def test_a_model_without_length_inputs_runs_only_equal_lengths_together(tmp_path, monkeypatch):
     fusion = OnnxFusion(to_onnx(CrossAttention(8, 2, seed=0), tmp_path / "m.onnx", lengths=False))
     runs, run = [], OnnxFusion.__call__
@@ -595,8 +624,8 @@ def test_a_collection_is_checked_before_any_run(tmp_path, exported, monkeypatch)
     fusion = OnnxFusion(exported)
     monkeypatch.setattr(OnnxFusion, "__call__", lambda *args, **kwargs: pytest.fail("ran before the checks"))
     seq, struct = _antibodies([5, 3])
-    with pytest.raises(ValueError, match="item 0: sequence length 5 != structure length 3; every exported model "
-                                         "outputs bidirectional_fusion, which needs equal lengths"):
+    with pytest.raises(ValueError, match="item 0: sequence length 5 != structure length 3; this model outputs "
+                                         "bidirectional_fusion, which needs equal lengths"):
         fusion.iter_collection(seq, struct[::-1])
     with pytest.raises(ValueError, match=r"structural\[1\] has width 7, but the model has D=8"):
         fusion.iter_collection(seq, [struct[0], np.ones((3, 7))])
