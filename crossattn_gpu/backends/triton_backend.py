@@ -94,7 +94,10 @@ class TritonBackend(DeviceFusion):
             if self.device.type != "cuda":
                 raise TypeError(f"{name} is a CuPy array, but backend 'triton' runs on the CPU here (interpreter)")
             return torch.from_dlpack(x)
-        return torch.from_numpy(transferable_host_array(x, name)).to(self.device)
+        arr = transferable_host_array(x, name)
+        if not arr.flags.writeable:  # a read-only memmap, say, of which torch.from_numpy warns: copied instead
+            return torch.tensor(arr, device=self.device)  # (on a GPU that is the one copy to it, as below)
+        return torch.from_numpy(arr).to(self.device)
 
     def host(self, x, name: str) -> np.ndarray:
         if isinstance(x, self.torch.Tensor):

@@ -280,6 +280,26 @@ def test_without_gpu_or_interpreter_triton_is_a_clear_error():
     assert "backend 'triton' needs a CUDA GPU" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
 
 
+def test_read_only_inputs_give_no_warning(tmp_path):
+    """A read-only memmap (``np.load(..., mmap_mode="r")``) and a read-only mask are copied to the device
+    without torch's warning about non-writable arrays (in a process of its own: torch warns once)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "seq.npy", rng.standard_normal((2, 5, 8)))
+    np.save(tmp_path / "mask.npy", rng.random((5, 5)) > 0.3)
+    code = (
+        "import numpy as np\nfrom crossattn_gpu import CrossAttention\n"
+        f"seq = np.load({str(tmp_path / 'seq.npy')!r}, mmap_mode='r')\n"
+        f"mask = np.load({str(tmp_path / 'mask.npy')!r}, mmap_mode='r')\n"
+        "model = CrossAttention(8, 2, seed=0, backend='triton')\n"
+        "got = model.fuse_representations(seq, seq, mask=mask)['fused_sequential']\n"
+        "want = CrossAttention(8, 2, seed=0, backend='numpy').fuse_representations(np.array(seq), np.array(seq), "
+        "mask=np.array(mask))['fused_sequential']\n"
+        "assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 @gpu_only
 def test_bfloat16_on_gpu():
     rng = np.random.default_rng(4)
