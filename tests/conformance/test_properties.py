@@ -1,4 +1,4 @@
-"""Property-based shapes: every backend against the float64 reference on drawn awkward cases.
+"""Property-based shapes: every backend, and the exported model, against the float64 reference on drawn awkward cases.
 
 200 examples per backend by default; set CROSSATTN_HYPOTHESIS_EXAMPLES (``make test-slow`` sets 2000)
 for more. The same cases every run, unless CROSSATTN_HYPOTHESIS_SEED names a seed: then fresh cases
@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 import reference  # noqa: E402
 from crossattn_gpu import CrossAttention  # noqa: E402
 from plain_yardstick import fuse_yardstick  # noqa: E402
-from runnable import BACKENDS, as_received, model_for, to_backend, to_numpy  # noqa: E402
+from runnable import BACKENDS, NOT_RUN, as_received, model_for, to_backend, to_numpy  # noqa: E402
 from tolerances import check, score_scale, term_scale  # noqa: E402
 
 EXAMPLES = int(os.environ.get("CROSSATTN_HYPOTHESIS_EXAMPLES", "200"))
@@ -62,11 +62,41 @@ def head_values(model, x):
     return [np.asarray(x, dtype=np.float64) @ wv[h] @ wo[h * width : (h + 1) * width] for h in range(len(wv))]
 
 
+def check_case(case: dict, dtype: str, ref: CrossAttention, received: tuple, want: dict, got: dict) -> None:
+    """``got``, a backend's fusion of ``received`` (the case's inputs as rounded to ``dtype``), against
+    ``want``, the reference's: the fused outputs and the sequential -> structural probabilities (a list
+    of heads), by the rules of tolerances.py."""
+    def yardstick():
+        xs, xt = (x if x.ndim == 3 else x[None] for x in received)
+        s_len = case["s_len"] if case["s_len"] is not None else [xs.shape[1]] * len(xs)
+        t_len = case["t_len"] if case["t_len"] is not None else [xt.shape[1]] * len(xt)
+        mask = case["mask"] if case["mask"] is None or case["mask"].ndim == 3 else case["mask"][None]
+        keys = ("fused_sequential", "fused_structural")
+        return fuse_yardstick(want, keys, reference.params(ref), xs, xt, mask, s_len, t_len,
+                              "float32" if dtype == "float32" else dtype)
+
+    # float64 has a fixed limit; float32 measures the plain error only when the fixed one is missed.
+    yard = None if dtype == "float64" else yardstick if dtype == "float32" else yardstick()
+    wq, wk = reference.params(ref)[:2]
+    scores = {"seq_to_struct": score_scale(wq, wk, *received), "struct_to_seq": score_scale(wq, wk, *received[::-1])}
+    for key, direction, values in (("fused_sequential", "seq_to_struct", received[1]),
+                                   ("fused_structural", "struct_to_seq", received[0])):
+        terms = term_scale(want[f"attention_weights_{direction}"], head_values(ref, values))
+        check(to_numpy(got[key]), want[key], dtype, yard, what=key, terms=terms, scores=scores[direction])
+    for g, w in zip(to_numpy(got["attention_weights_seq_to_struct"]), want["attention_weights_seq_to_struct"]):
+        check(g, w, dtype, yard, what="attention_weights_seq_to_struct", scores=scores["seq_to_struct"])
+
+
+def drawn(property_holds):
+    """``property_holds`` run on the drawn cases, with this module's settings."""
+    run = settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
+        given(fusion_cases())(property_holds))
+    (run if SEED is None else seed(int(SEED))(run))()
+
+
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_drawn_fusions_match_the_reference(backend, dtype):
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(fusion_cases())
     def property_holds(case):
         ref = CrossAttention(case["width"], case["heads"], seed=case["seed"], backend="numpy")
         kwargs = dict(mask=case["mask"], sequential_lengths=case["s_len"], structural_lengths=case["t_len"],
@@ -74,24 +104,32 @@ def test_drawn_fusions_match_the_reference(backend, dtype):
         received = as_received(case["xs"], dtype), as_received(case["xt"], dtype)
         want = ref.fuse_representations(*received, **kwargs)
         got = model_for(backend, ref).fuse_representations(*(to_backend(x, dtype) for x in received), **kwargs)
-        def yardstick():
-            xs, xt = (x if x.ndim == 3 else x[None] for x in received)
-            s_len = case["s_len"] if case["s_len"] is not None else [xs.shape[1]] * len(xs)
-            t_len = case["t_len"] if case["t_len"] is not None else [xt.shape[1]] * len(xt)
-            mask = case["mask"] if case["mask"] is None or case["mask"].ndim == 3 else case["mask"][None]
-            keys = ("fused_sequential", "fused_structural")
-            return fuse_yardstick(want, keys, reference.params(ref), xs, xt, mask, s_len, t_len,
-                                  "float32" if dtype == "float32" else dtype)
+        check_case(case, dtype, ref, received, want, got)
 
-        # float64 has a fixed limit; float32 measures the plain error only when the fixed one is missed.
-        yard = None if dtype == "float64" else yardstick if dtype == "float32" else yardstick()
-        wq, wk = reference.params(ref)[:2]
-        scores = {"seq_to_struct": score_scale(wq, wk, *received), "struct_to_seq": score_scale(wq, wk, *received[::-1])}
-        for key, direction, values in (("fused_sequential", "seq_to_struct", received[1]),
-                                       ("fused_structural", "struct_to_seq", received[0])):
-            terms = term_scale(want[f"attention_weights_{direction}"], head_values(ref, values))
-            check(to_numpy(got[key]), want[key], dtype, yard, what=key, terms=terms, scores=scores[direction])
-        for g, w in zip(to_numpy(got["attention_weights_seq_to_struct"]), want["attention_weights_seq_to_struct"]):
-            check(g, w, dtype, yard, what="attention_weights_seq_to_struct", scores=scores["seq_to_struct"])
+    drawn(property_holds)
 
-    (property_holds if SEED is None else seed(int(SEED))(property_holds))()
+
+@pytest.mark.skipif(NOT_RUN.get("onnx-float32") is not None, reason=str(NOT_RUN.get("onnx-float32")))
+@pytest.mark.parametrize("backend,dtype", [("OnnxFusion", dtype) for dtype in ("float32", "float16")])
+def test_drawn_fusions_of_the_exported_model_match_the_reference(tmp_path, backend, dtype):
+    """The deployed model, ``to_onnx`` then ``OnnxFusion``, on the same cases: exported with the inputs
+    and outputs each case needs (lengths, mask, bidirectional_fusion only where Ls == Lt), in the
+    case's dtype (float16 computes in the float16 graphs). Its graphs are the onnx backend's, whose
+    float64 ones meet these cases above; what is new here is OnnxFusion's handling of the inputs."""
+    from crossattn_gpu.export import OnnxFusion, to_onnx
+
+    def property_holds(case):
+        ref = CrossAttention(case["width"], case["heads"], seed=case["seed"], backend="numpy")
+        received = as_received(case["xs"], dtype), as_received(case["xt"], dtype)
+        want = ref.fuse_representations(*received, mask=case["mask"], sequential_lengths=case["s_len"],
+                                        structural_lengths=case["t_len"], bidirectional=False, need_weights=True)
+        path = to_onnx(ref, tmp_path / "fusion.onnx", dtype=dtype, lengths=case["s_len"] is not None,
+                       mask=case["mask"] is not None, attention_weights=True,
+                       bidirectional=received[0].shape[-2] == received[1].shape[-2])
+        lengths = {} if case["s_len"] is None else {"sequential_lengths": case["s_len"],
+                                                    "structural_lengths": case["t_len"]}
+        got = OnnxFusion(path)(*(to_backend(x, dtype) for x in received), mask=case["mask"], **lengths)
+        probabilities = np.moveaxis(got["attention_weights_seq_to_struct"], -3, 0)  # heads first, as want's list
+        check_case(case, dtype, ref, received, want, {**got, "attention_weights_seq_to_struct": probabilities})
+
+    drawn(property_holds)
