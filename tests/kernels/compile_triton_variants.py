@@ -9,8 +9,8 @@ were chosen to spill nothing there, and so were the projection GEMM's (236 regis
 128 x 128 x 32 tiles, 8 warps); a spill of theirs fails. The fused kernel's configurations spill (up
 to 2 KB in float32) and were still the fastest measured, so its spills are only reported.
 
-Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py``. Prints one line per
-variant and exits 1 on any failure.
+Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py [SHARD SHARDS]`` (every
+SHARDS-th variant from the SHARD-th; default all). Prints one line per variant and exits 1 on any failure.
 """
 
 import inspect
@@ -123,20 +123,10 @@ def projection_variants() -> list:
     return found
 
 
-def main() -> int:
-    failures = 0
-    for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90]):
-        label = f"{fn.fn.__name__} {label} sm_{arch}"
-        try:
-            shared, registers, spills = compile_kernel(fn, "fp32", constexprs, options, arch)
-            if shared > SHARED_LIMIT[arch]:
-                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
-            if spills:
-                raise RuntimeError(f"spills {spills} bytes of registers")
-            print(f"ok   {label} shared={shared} registers={registers} spills={spills}")
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
+def variants() -> list:
+    """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
+    found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
+             for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90])]
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
     runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
         plans, DTYPES, [80, 90], [False, True])]
@@ -145,25 +135,33 @@ def main() -> int:
     wide_plans = [(kernel_module, {k: SHAPES[k] for k in WIDE_SHAPES}, fused_variants),
                   (two_pass_module, {"W3": TWO_PASS_SHAPES["W3"]}, two_pass_variants)]
     runs += [(plan, dtype, 90, True, True) for plan, dtype in itertools.product(wide_plans, WIDE_DTYPES)]
-    for (module, shapes, variants), (dtype, itemsize, precision), arch, extras, wide in runs:
+    for (module, shapes, kernel_variants), (dtype, itemsize, precision), arch, extras, wide in runs:
         for name, shape in shapes.items():
             cfg = module.launch_config(*shape, itemsize, precision=precision)
             options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-            for fn, constexprs in variants(dtype, cfg, shape, extras, wide):
+            for fn, constexprs in kernel_variants(dtype, cfg, shape, extras, wide):
                 label = (f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
                          + " 64-bit offsets" * wide)
-                try:
-                    shared, registers, spills = compile_kernel(fn, dtype, constexprs, options, arch)
-                    if shared > SHARED_LIMIT[arch]:
-                        raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
-                    if spills and module is two_pass_module:
-                        raise RuntimeError(f"spills {spills} bytes of registers")
-                    print(f"ok   {label} shared={shared} registers={registers} spills={spills}")
-                except Exception as exc:  # report every failing variant, then fail
-                    failures += 1
-                    print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
+                found.append((label, fn, dtype, constexprs, options, arch, module is two_pass_module))
+    return found
+
+
+def main(shard: int = 0, shards: int = 1) -> int:
+    """Compile every ``shards``-th variant from the ``shard``-th (the test runs one process per core)."""
+    failures = 0
+    for label, fn, dtype, constexprs, options, arch, spills_fail in variants()[shard::shards]:
+        try:
+            shared, registers, spills = compile_kernel(fn, dtype, constexprs, options, arch)
+            if shared > SHARED_LIMIT[arch]:
+                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
+            if spills and spills_fail:
+                raise RuntimeError(f"spills {spills} bytes of registers")
+            print(f"ok   {label} shared={shared} registers={registers} spills={spills}")
+        except Exception as exc:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {exc}".splitlines()[0])
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*map(int, sys.argv[1:3])))
