@@ -10,6 +10,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto  # noqa: E402
 
+from concurrency import assert_a_forked_child_gets, overlapping_results  # noqa: E402
 from crossattn_gpu import CrossAttention, _memory  # noqa: E402
 from crossattn_gpu.export import OnnxFusion, runner, to_onnx  # noqa: E402
 
@@ -386,6 +387,23 @@ def test_weights_handed_over_in_memory_stay_out_of_the_model(dtype):
         np.testing.assert_array_equal(got[name], want[name])
     with pytest.raises(ValueError, match="onnxruntime cannot load the model"):
         OnnxSession(lean)  # the weights are not in the model: without them there is no session
+
+
+def test_overlapping_calls_and_a_forked_child_give_a_lone_calls_results(tmp_path):
+    """Threads calling one OnnxFusion at once, and a child forked after the parent's sessions ran (as
+    multiprocessing's default start on Linux and PyTorch's DataLoader workers do), on runs of both of
+    its sessions: the pooled one and the one-thread one for small runs."""
+    fusion = OnnxFusion(to_onnx(CrossAttention(64, 4, seed=0), tmp_path / "m.onnx"))
+    rng = np.random.default_rng(8)
+    small, pooled = rng.standard_normal((1, 5, 64)), rng.standard_normal((8, 96, 64))
+    assert runner._run_work(1, (5, 64, 4)) <= runner.SERIAL_RUN_WORK
+    assert runner._run_work(runner.cpu_examples_per_run(96, 64, 4), (96, 64, 4)) > runner.SERIAL_RUN_WORK
+    for x in (small, pooled):
+        alone = fusion(x, x)["bidirectional_fusion"]
+        for result in overlapping_results(lambda: fusion(x, x)["bidirectional_fusion"]):
+            np.testing.assert_array_equal(result, alone)
+        if hasattr(os, "fork"):
+            assert_a_forked_child_gets(lambda: fusion(x, x)["bidirectional_fusion"], alone)
 
 
 def test_pickles_as_its_path_and_refuses_a_changed_file(tmp_path):
