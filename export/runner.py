@@ -165,15 +165,29 @@ class InputSpec(NamedTuple):
     type: str
 
 
-def choose_providers(providers=None) -> list[str]:
-    """The CUDA provider when onnxruntime offers it, else the CPU one; or the caller's list, checked."""
+def choose_providers(providers=None) -> list:
+    """The CUDA provider when onnxruntime offers it, else the CPU one; or the caller's list, checked: each
+    entry a provider's name or, as onnxruntime takes them, a (name, options dict) pair, such as
+    ``("CUDAExecutionProvider", {"device_id": 1})`` for a second GPU. TypeError for another kind of
+    list or entry, ValueError for a name this onnxruntime does not offer."""
     available = ort.get_available_providers()
     if providers is None:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
-    missing = [p for p in providers if p not in available]
+    if not isinstance(providers, (list, tuple)) or not providers:
+        raise TypeError(f"providers must be a non-empty list of onnxruntime providers; got {providers!r}")
+    missing = [name for name in map(provider_name, providers) if name not in available]
     if missing:
         raise ValueError(f"onnxruntime here offers {', '.join(available)}; not {', '.join(missing)}")
     return list(providers)
+
+
+def provider_name(entry) -> str:
+    """The name of a providers entry: a name, or a (name, options dict) pair; TypeError otherwise."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict):
+        return entry[0]
+    raise TypeError(f"each provider must be a name or a (name, options dict) pair; got {entry!r}")
 
 
 #: Examples per onnxruntime run on the CPU are chosen so that one run's largest intermediates, the
@@ -257,13 +271,13 @@ class OnnxSession:
         source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
         self.session = self._session(source, initializers)
         self.provider = self.session.get_providers()[0]
-        if self._named and self.provider != self.providers[0]:
+        if self._named and self.provider != provider_name(self.providers[0]):
             # onnxruntime leaves out a provider that fails to start (the CUDA one without its CUDA
             # libraries, say) with a line in its log, and runs on the next: for a provider the caller
             # named, that is a silent fallback.
-            raise RuntimeError(f"onnxruntime could not start {self.providers[0]} (its log above may say why) and "
-                               f"would run on {self.provider}; pass providers={self.session.get_providers()!r} "
-                               "to run there")
+            raise RuntimeError(f"onnxruntime could not start {provider_name(self.providers[0])} (its log above may "
+                               f"say why) and would run on {self.provider}; pass "
+                               f"providers={self.session.get_providers()!r} to run there")
         try:  # every string onnxruntime decodes from the model, read once here
             self.inputs = {i.name: InputSpec(list(i.shape), i.type) for i in self.session.get_inputs()}
             self.output_names = [o.name for o in self.session.get_outputs()]
@@ -425,8 +439,10 @@ class OnnxFusion:
         path: the .onnx file. Refused with ValueError if corrupt or truncated, if it no longer matches
             the digest ``to_onnx`` stored in it (``integrity.DIGEST_KEY``), or if any external-data
             location is absolute, leaves the model's folder or is a symlink.
-        providers: onnxruntime execution providers; default the CUDA provider when onnxruntime-gpu
-            offers it, else the CPU one. ``provider`` says which runs. ValueError for a provider this
+        providers: onnxruntime execution providers, names or (name, options dict) pairs as onnxruntime
+            takes them (``[("CUDAExecutionProvider", {"device_id": 1})]`` runs on the second GPU);
+            default the CUDA provider when onnxruntime-gpu offers it, else the CPU one. ``provider``
+            says which runs. TypeError for a list of another form, ValueError for a provider this
             onnxruntime does not offer, and RuntimeError when the first one named fails to start
             (never a silent fallback to the next).
 

@@ -99,18 +99,33 @@ def cuda_that_fails_to_start(monkeypatch):
 
     def session(source, options, providers, **kwargs):
         made.append(kwargs)
-        return real(source, options, providers=[p for p in providers if p != "CUDAExecutionProvider"])
+        return real(source, options, providers=[p for p in providers if runner.provider_name(p) != "CUDAExecutionProvider"])
 
     monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(runner, "_SessionWithoutFallback", session)
     return made
 
 
-def test_a_named_provider_that_fails_to_start_is_an_error(exported, cuda_that_fails_to_start):
+@pytest.mark.parametrize("cuda", ["CUDAExecutionProvider", ("CUDAExecutionProvider", {"device_id": 1})])
+def test_a_named_provider_that_fails_to_start_is_an_error(exported, cuda_that_fails_to_start, cuda):
     with pytest.raises(RuntimeError, match=r"onnxruntime could not start CUDAExecutionProvider .* and would run "
                                            r"on CPUExecutionProvider; pass providers=\['CPUExecutionProvider'\]"):
-        OnnxFusion(exported, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        OnnxFusion(exported, providers=[cuda, "CPUExecutionProvider"])
     assert cuda_that_fails_to_start[-1] == {"enable_fallback": 0}  # nor retried on the CPU by onnxruntime
+
+
+def test_providers_with_options_as_onnxruntime_takes_them(exported):
+    fusion = OnnxFusion(exported, providers=[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})])
+    assert fusion.provider == "CPUExecutionProvider"
+    x = np.ones((1, 3, 8))
+    np.testing.assert_array_equal(fusion(x, x)["fused_sequential"], OnnxFusion(exported)(x, x)["fused_sequential"])
+    for providers, message in (("CPUExecutionProvider", "providers must be a non-empty list"),
+                               ([], "providers must be a non-empty list"),
+                               ([("CPUExecutionProvider",)], r"each provider must be a name or a \(name, options dict\) "
+                                                             r"pair; got \('CPUExecutionProvider',\)"),
+                               ([("CPUExecutionProvider", "fast")], "each provider must be a name or")):
+        with pytest.raises(TypeError, match=message):
+            OnnxFusion(exported, providers=providers)
 
 
 def test_the_default_providers_run_where_onnxruntime_can_and_say_where(exported, cuda_that_fails_to_start):
