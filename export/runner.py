@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _memory, _overflow, _threads
-from .._checks import check_input, check_lengths, check_mask, check_same_rank, check_values
+from .._checks import check_input, check_lengths, check_mask, check_same_rank, check_values, is_device_array
 from .._optional import require
 from ..backends.numpy_backend import NumpyBackend
 
@@ -489,8 +489,8 @@ class OnnxFusion:
             raise ValueError(f"{state['path']} has changed since this OnnxFusion was pickled (its metadata differs)")
 
     def __call__(self, sequential_repr, structural_repr, *, sequential_lengths=None, structural_lengths=None, mask=None):
-        inputs = {"sequential_repr": _HOST.native(sequential_repr, "sequential_repr"),
-                  "structural_repr": _HOST.native(structural_repr, "structural_repr")}
+        inputs = {"sequential_repr": _host_input(sequential_repr, "sequential_repr"),
+                  "structural_repr": _host_input(structural_repr, "structural_repr")}
         for name, x in inputs.items():
             check_input(x, name, _HOST)
             if x.shape[-1] != self.embedding_dim:
@@ -510,6 +510,13 @@ class OnnxFusion:
         if "sequential_lengths" in self.input_names:
             feeds["sequential_lengths"] = _lengths(sequential_lengths, "sequential_lengths", xs.shape, batched)
             feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape, batched)
+            differs = np.flatnonzero(feeds["sequential_lengths"] != feeds["structural_lengths"])
+            if "bidirectional_fusion" in self.output_names and differs.size:
+                b = int(differs[0])
+                raise ValueError(
+                    "this model outputs bidirectional_fusion, which needs equal sequential and structural lengths "
+                    f"per example; example {b} has {feeds['sequential_lengths'][b]} and "
+                    f"{feeds['structural_lengths'][b]} (a model exported with bidirectional=False takes unequal ones)")
         elif sequential_lengths is not None or structural_lengths is not None:
             raise TypeError("this model was exported without length inputs (lengths=False)")
         if mask is not None:  # the seed's mask: 0 = masked; the graph's: False = masked, (1 or B, Ls, Lt)
@@ -615,6 +622,14 @@ class OnnxFusion:
                 "bidirectional_fusion": len_s * width, "seq_similarity": len_s * len_s,
                 "struct_similarity": len_t * len_t, "attention_weights_seq_to_struct": heads * len_s * len_t,
                 "attention_weights_struct_to_seq": heads * len_s * len_t}
+
+
+def _host_input(x, name: str) -> np.ndarray:
+    """An input as a host NumPy array (``NumpyBackend.native``), a device array refused by name."""
+    if is_device_array(x):
+        raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} on a GPU, but OnnxFusion takes host "
+                        "arrays (onnxruntime copies them to its provider's device); move it to the host")
+    return _HOST.native(x, name)
 
 
 def _lengths(lengths, name: str, shape: tuple, batched: bool) -> np.ndarray:

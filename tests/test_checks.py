@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from crossattn_gpu import CrossAttention
+from crossattn_gpu import CrossAttention, available_backends
 
 D = 8
 
@@ -99,8 +99,12 @@ def test_device_arrays_are_refused_by_the_cpu_backend(model):
     class FakeCupyArray:
         __cuda_array_interface__ = {}
 
-    with pytest.raises(TypeError, match="on a GPU, but backend 'numpy' runs on the CPU"):
+    with pytest.raises(TypeError, match="on a GPU, but backend 'numpy' takes host arrays"):
         model.fuse_representations(FakeCupyArray(), good(4, D))
+    if "onnx" in available_backends():  # the backend that inherits the check names itself
+        onnx_model = CrossAttention.from_weights(**model.get_attention_weights(), backend="onnx")
+        with pytest.raises(TypeError, match="on a GPU, but backend 'onnx' takes host arrays"):
+            onnx_model.fuse_representations(FakeCupyArray(), good(4, D))
 
 
 def test_from_weights_checks_shapes_and_dtypes():

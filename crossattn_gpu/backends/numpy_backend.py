@@ -408,8 +408,8 @@ class NumpyBackend(FoldedFusion):
         """``x`` as a NumPy array; TypeError for device arrays (never copied silently) or non-arrays."""
         if is_device_array(x):
             raise TypeError(
-                f"{name} is a {type(x).__module__}.{type(x).__name__} on a GPU, but backend 'numpy' runs "
-                "on the CPU; move it to the host or use a GPU backend ('triton' or 'cupy')"
+                f"{name} is a {type(x).__module__}.{type(x).__name__} on a GPU, but backend '{self.name}' takes "
+                "host arrays; move it to the host or use a GPU backend ('triton' or 'cupy')"
             )
         return host_array(x, name)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from crossattn_gpu import CrossAttention
-from runnable import BACKENDS, backend_options, model_for
+from runnable import BACKENDS, NOT_RUN, backend_options, model_for
 
 D = 8
 rng = np.random.default_rng(0)
@@ -87,6 +87,35 @@ def test_bad_input(backend, dtype, name, method, args, kwargs, error, message):
     good = (S.astype(dtype), T.astype(dtype))
     after = model.fuse_representations(*good)["fused_sequential"]
     np.testing.assert_array_equal(after, fresh.fuse_representations(*good)["fused_sequential"])
+
+
+#: Where the exported model's messages differ from CrossAttention's (its D is named as in its metadata).
+EXPORTED_MESSAGES = {"wrong-D": "has width 7, but the model has D=8", "device-array": "on a GPU, but OnnxFusion takes host"}
+#: The catalogue's entries for OnnxFusion: fuse_representations' with the keywords it takes (its outputs
+#: are fixed when it is exported).
+EXPORTED_CATALOGUE = [entry for entry in CATALOGUE if entry[1] == "fuse_representations"
+                      and set(entry[3]) <= {"mask", "sequential_lengths", "structural_lengths"}]
+
+
+@pytest.fixture(scope="module")
+def exported_path(tmp_path_factory):
+    if NOT_RUN.get("onnx-float32") is not None:
+        pytest.skip(NOT_RUN["onnx-float32"])
+    from crossattn_gpu.export import to_onnx
+
+    return to_onnx(CrossAttention(D, 2, seed=0), tmp_path_factory.mktemp("exported") / "fusion.onnx", mask=True)
+
+
+@pytest.mark.parametrize("name,method,args,kwargs,error,message", EXPORTED_CATALOGUE, ids=[c[0] for c in EXPORTED_CATALOGUE])
+def test_bad_input_to_the_exported_model(exported_path, name, method, args, kwargs, error, message):
+    """The same catalogue given to the deployed model, ``to_onnx`` then ``OnnxFusion``."""
+    from crossattn_gpu.export import OnnxFusion
+
+    fusion, fresh = OnnxFusion(exported_path), OnnxFusion(exported_path)
+    with pytest.raises(error, match=EXPORTED_MESSAGES.get(name, message)):
+        fusion(*args, **kwargs)
+    after = fusion(S, T)["fused_sequential"]
+    np.testing.assert_array_equal(after, fresh(S, T)["fused_sequential"])
 
 
 def test_the_catalogue_is_large_enough():

@@ -113,7 +113,7 @@ def test_drawn_fusions_match_the_reference(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", [("OnnxFusion", dtype) for dtype in ("float32", "float16")])
 def test_drawn_fusions_of_the_exported_model_match_the_reference(tmp_path, backend, dtype):
     """The deployed model, ``to_onnx`` then ``OnnxFusion``, on the same cases: exported with the inputs
-    and outputs each case needs (lengths, mask, bidirectional_fusion only where Ls == Lt), in the
+    and outputs each case needs (lengths, mask, bidirectional_fusion only for equal lengths), in the
     case's dtype (float16 computes in the float16 graphs). Its graphs are the onnx backend's, whose
     float64 ones meet these cases above; what is new here is OnnxFusion's handling of the inputs."""
     from crossattn_gpu.export import OnnxFusion, to_onnx
@@ -123,9 +123,9 @@ def test_drawn_fusions_of_the_exported_model_match_the_reference(tmp_path, backe
         received = as_received(case["xs"], dtype), as_received(case["xt"], dtype)
         want = ref.fuse_representations(*received, mask=case["mask"], sequential_lengths=case["s_len"],
                                         structural_lengths=case["t_len"], bidirectional=False, need_weights=True)
+        equal = received[0].shape[-2] == received[1].shape[-2] and np.array_equal(case["s_len"], case["t_len"])
         path = to_onnx(ref, tmp_path / "fusion.onnx", dtype=dtype, lengths=case["s_len"] is not None,
-                       mask=case["mask"] is not None, attention_weights=True,
-                       bidirectional=received[0].shape[-2] == received[1].shape[-2])
+                       mask=case["mask"] is not None, attention_weights=True, bidirectional=equal)
         lengths = {} if case["s_len"] is None else {"sequential_lengths": case["s_len"],
                                                     "structural_lengths": case["t_len"]}
         got = OnnxFusion(path)(*(to_backend(x, dtype) for x in received), mask=case["mask"], **lengths)
