@@ -370,11 +370,11 @@ def test_sliced_runs_equal_one_run(tmp_path, monkeypatch):
     xs, xt = rng.standard_normal((7, 4, 8)), rng.standard_normal((7, 4, 8))
     lengths = [4, 1, 2, 3, 4, 2, 1]
     masks = (rng.random((7, 4, 4)) > 0.2, rng.random((1, 4, 4)) > 0.2)  # one per example, one for all
-    whole = [fusion(xs, xt, sequential_lengths=lengths, mask=mask) for mask in masks]
+    whole = [fusion(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask) for mask in masks]
     monkeypatch.setattr(runner, "CPU_RUN_ELEMENTS", 1)
     monkeypatch.setattr(runner, "CPU_RUN_MIN_ROWS", 12)  # runs of 3, 3 and 1 examples
     for mask, want in zip(masks, whole):
-        got = fusion(xs, xt, sequential_lengths=lengths, mask=mask)
+        got = fusion(xs, xt, sequential_lengths=lengths, structural_lengths=lengths, mask=mask)
         assert set(got) == set(want) and "attention_weights_seq_to_struct" in got
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
