@@ -511,7 +511,7 @@ class OnnxFusion:
             feeds["sequential_lengths"] = _lengths(sequential_lengths, "sequential_lengths", xs.shape, batched)
             feeds["structural_lengths"] = _lengths(structural_lengths, "structural_lengths", xt.shape, batched)
             differs = np.flatnonzero(feeds["sequential_lengths"] != feeds["structural_lengths"])
-            if "bidirectional_fusion" in self.output_names and differs.size:
+            if differs.size and "bidirectional_fusion" in self.output_names:  # its sum would take in a padded row
                 b = int(differs[0])
                 raise ValueError(
                     "this model outputs bidirectional_fusion, which needs equal sequential and structural lengths "
