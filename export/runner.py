@@ -137,8 +137,10 @@ def load_checked(path) -> onnx.ModelProto:
     the digest that ``to_onnx`` stores (``integrity.DIGEST_KEY``) where there is one: ValueError for
     a damaged file, which would otherwise load and compute other numbers."""
     path = Path(os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; name the .onnx file in it")
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX model at {path}")
+        raise FileNotFoundError(f"no ONNX model at {path}" + (" (not a regular file)" if path.exists() else ""))
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:

@@ -241,8 +241,13 @@ def test_bytes_that_are_not_utf8_are_named(tmp_path, exported, damaged, message,
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no ONNX model at .*none.onnx$"):
         OnnxFusion(tmp_path / "none.onnx")
+    with pytest.raises(IsADirectoryError, match="is a folder; name the .onnx file in it"):
+        OnnxFusion(tmp_path)
+    if os.path.exists("/dev/null"):
+        with pytest.raises(FileNotFoundError, match=r"no ONNX model at /dev/null \(not a regular file\)"):
+            OnnxFusion("/dev/null")
 
 
 def with_external_weight(tmp_path, location: str):
