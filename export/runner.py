@@ -480,6 +480,10 @@ class OnnxFusion:
         self.input_names = list(self._session.inputs)
         self.output_names = self._session.output_names
 
+    def __repr__(self):
+        return (f"OnnxFusion({self._path!r}, embedding_dim={self.embedding_dim}, attention_heads={self.attention_heads}, "
+                f"dtype={self.dtype!r}, provider={self.provider!r}, inputs={self.input_names}, outputs={self.output_names})")
+
     def __getstate__(self) -> dict:
         """Pickled as its file's path (an onnxruntime session does not pickle), for ``multiprocessing``:
         the other process opens the file again and refuses it with ValueError if it has changed."""

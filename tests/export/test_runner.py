@@ -81,6 +81,13 @@ def test_one_example_without_the_batch_axis(tmp_path):
         np.testing.assert_allclose(value, expected, rtol=0, atol=2e-6 * np.abs(expected).max(), err_msg=name)
 
 
+def test_repr_says_what_the_model_is(fusion, exported):
+    assert repr(fusion) == (
+        f"OnnxFusion({os.path.abspath(exported)!r}, embedding_dim=8, attention_heads=2, dtype='float32', "
+        "provider='CPUExecutionProvider', inputs=['sequential_repr', 'structural_repr', 'sequential_lengths', "
+        "'structural_lengths'], outputs=['fused_sequential', 'fused_structural', 'bidirectional_fusion'])")
+
+
 def test_float64_inputs_are_cast(fusion):
     out = fusion(np.ones((1, 3, 8)), np.ones((1, 3, 8)))
     assert out["fused_sequential"].dtype == np.float32
