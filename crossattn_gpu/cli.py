@@ -136,6 +136,10 @@ def _info(args) -> int:
     print("packages:")
     for module in ("numpy", "threadpoolctl", "torch", "triton", "cupy", "onnx", "onnxruntime"):
         print(f"  {module:14s} {version_of(module) or 'not installed'}")
+    if version_of("onnxruntime"):  # which run an exported model (OnnxFusion): the CUDA one needs onnxruntime-gpu
+        import onnxruntime
+
+        print(f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}")
     print(f"GPU: {_gpu_name() or 'none found'}")
     return 0
 

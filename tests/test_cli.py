@@ -42,6 +42,12 @@ def test_info_lists_backends_and_versions(capsys):
     out = capsys.readouterr().out
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
     assert f"auto takes: {get_backend('auto').name}\n" in out
+    try:
+        import onnxruntime
+    except ImportError:
+        assert "onnxruntime providers" not in out
+    else:
+        assert f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}\n" in out
 
 
 @pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3"), ("auto", "ieee")])
