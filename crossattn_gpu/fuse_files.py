@@ -177,14 +177,14 @@ def fuse_collections(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if bidirectional and not isinstance(model, CrossAttention) and "bidirectional_fusion" not in model.output_names:
-        raise ValueError("the model was exported without bidirectional_fusion (--no-bidirectional); fuse with "
-                         "--no-bidirectional")
     if isinstance(model, CrossAttention):
         collection = Collection(model, seq, struct, bidirectional=bidirectional, join_flops=model._backend.call_flops,
                                 labels=FILE_LABELS)
         fused = collection.fuse(batch_size=batch_size)
     else:
+        if bidirectional and "bidirectional_fusion" not in model.output_names:
+            raise ValueError("the model was exported without bidirectional_fusion (--no-bidirectional); fuse with "
+                             "--no-bidirectional")
         collection, _, batch_size = model._collection(seq, struct, batch_size, labels=FILE_LABELS)
         fused = model._fuse(collection, batch_size)
     names = OUTPUT_KEYS if bidirectional else OUTPUT_KEYS[:2]
