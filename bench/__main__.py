@@ -177,10 +177,16 @@ def main(argv=None) -> int:
     if "tf32x3" in dtypes and "tf32" not in measured:
         measured.append("tf32")
     ceil = ceilings(device, measured)
-    rows = []
-    for name in names:
-        rows += run_workload(WORKLOADS[name], peers, dtypes, device, args.repeats, args.budget, ceil,
-                             lambda line: print(line, flush=True))
+    rows, done = [], []
+    try:
+        for name in names:
+            rows += run_workload(WORKLOADS[name], peers, dtypes, device, args.repeats, args.budget, ceil,
+                                 lambda line: print(line, flush=True))
+            done.append(name)
+    except KeyboardInterrupt:  # a time limit's SIGINT (bench/gpu_session.sh): report the workloads finished
+        print(f"interrupted: reporting {', '.join(done) or 'no workload'}", file=sys.stderr, flush=True)
+        if not done:
+            return 130
     info = machine(device)
     result = {
         "date": date.today().isoformat(),
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
         "versions": {"crossattn_gpu": __version__, "python": platform.python_version(),
                      **{m: version_of(m) for m in ("numpy", "torch", "triton", "cupy", "onnxruntime")}},
         "ceilings": ceil,
-        "workloads": {n: vars(WORKLOADS[n]) | {"flops": WORKLOADS[n].flops()} for n in names},
+        "workloads": {n: vars(WORKLOADS[n]) | {"flops": WORKLOADS[n].flops()} for n in done},
         "rows": rows,
     }
     slug = info["device_name"].lower().replace("(", "").replace(")", "").replace(" ", "-")
@@ -199,7 +205,7 @@ def main(argv=None) -> int:
     if wrong:
         print("WRONG results (failing the run): " + "; ".join(wrong), file=sys.stderr)
         return 1
-    return 0
+    return 0 if done == names else 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 
 import numpy as np
@@ -232,16 +233,21 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
               "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
               "configs": [], "stages": []}
-    if not args.smoke:  # first: the stages are what a short call must not lose
-        result["stages"] = [stages(*case, device) for case in cases]
-    for case in cases:
-        result["configs"] += sweep_case(*case, device, max_configs)
+    try:
+        if not args.smoke:  # first: the stages are what a short call must not lose
+            for case in cases:
+                result["stages"].append(stages(*case, device))
+        for case in cases:
+            result["configs"] += sweep_case(*case, device, max_configs)
+    except KeyboardInterrupt:  # a time limit's SIGINT (bench/gpu_session.sh): write what was timed
+        result["interrupted"] = True
+        print("interrupted: writing the stages and cases finished", file=sys.stderr, flush=True)
     print(markdown(result["configs"]))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
     errors = [r for r in result["configs"] if r.get("rel_error", 0) > 2e-2]
-    return 1 if errors else 0
+    return 1 if errors else 130 if result.get("interrupted") else 0
 
 
 def markdown(rows: list[dict]) -> str:

@@ -41,6 +41,34 @@ def test_a_fast_wrong_result_fails_the_run(tmp_path, monkeypatch, capsys):
     assert "WRONG" in next(tmp_path.glob("*.md")).read_text()
 
 
+def test_an_interrupted_run_reports_the_workloads_it_finished(tmp_path, monkeypatch, capsys):
+    """A time limit's SIGINT (bench/gpu_session.sh) keeps what was timed: the finished workloads'
+    report is written and the run exits 130."""
+    real = harness.run_workload
+
+    def stopped_after_the_first(workload, *args):
+        if workload.name != "W1":
+            raise KeyboardInterrupt
+        return real(workload, *args)
+
+    monkeypatch.setattr(harness, "run_workload", stopped_after_the_first)
+    code = harness.main(["--device", "cpu", "--workloads", "W1,W2c", "--peers", "numpy", "--dtypes", "float32",
+                         "--repeats", "3", "--budget", "0.1", "--out-dir", str(tmp_path)])
+    assert code == 130
+    assert "interrupted: reporting W1" in capsys.readouterr().err
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert list(report["workloads"]) == ["W1"] and {r["workload"] for r in report["rows"]} == {"W1"}
+
+
+def test_a_run_interrupted_before_any_workload_writes_nothing(tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_workload", interrupted)
+    assert harness.main(["--device", "cpu", "--workloads", "W1", "--out-dir", str(tmp_path)]) == 130
+    assert not list(tmp_path.iterdir())
+
+
 def test_half_precision_rule_allows_twice_the_best_torch_error(tmp_path, monkeypatch, capsys):
     def off_by(name, factor):
         class Off(peers.SeedPeer):

@@ -22,6 +22,22 @@ def test_smoke_sweep_checks_times_and_writes_json(tmp_path, capsys):
     assert "| tiny | float32 |" in capsys.readouterr().out
 
 
+def test_an_interrupted_sweep_writes_the_cases_it_finished(tmp_path, monkeypatch, capsys):
+    real = sweep_triton.sweep_case
+
+    def stopped_after_the_first(name, *args):
+        if name != sweep_triton.SMOKE_CASES[0][0]:
+            raise KeyboardInterrupt
+        return real(name, *args)
+
+    monkeypatch.setattr(sweep_triton, "sweep_case", stopped_after_the_first)
+    out = tmp_path / "sweep.json"
+    assert sweep_triton.main(["--smoke", "--out", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert result["interrupted"] and {r["case"] for r in result["configs"]} == {sweep_triton.SMOKE_CASES[0][0]}
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_candidates_start_with_the_launchers_choice_and_are_distinct():
     fused = sweep_triton.launch_config(256, 256, 1280, 1280, 2)
     wide = sweep_triton.candidates(256, 1280, torch.bfloat16)  # W3: the two-pass operator first
