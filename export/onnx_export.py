@@ -169,7 +169,13 @@ def build_attention_model(
     if arrays is None:
         heads = 1
         q, k, v = (g.unsqueeze(x, [1]) for x in (xq, xk, xv))
-        out, probs = attention_core(g, q, k, v, scale=1.0 / np.sqrt(width), keep=keep, k_valid=k_valid,
+        scale = 1.0 / np.sqrt(width)
+        if g.dtype == "float64":
+            # onnxruntime (1.30, not 1.18 or 1.32) fuses a MatMul and a Mul by a scalar into a FusedMatMul,
+            # whose scale is a float32 attribute: the float64 outputs then differed by 1e-8. A scale
+            # that is a (width,) vector is not fused.
+            q, scale = g.op("Mul", [q, g.const(np.full(width, scale))]), 1.0
+        out, probs = attention_core(g, q, k, v, scale=scale, keep=keep, k_valid=k_valid,
                                     opset=opset, need_probs=attention_weights)
         out = g.zero_rows(g.op("Squeeze", [out, g.const([1], np.int64)]), q_valid)
         probs = zero_prob_rows(g, probs, q_valid)

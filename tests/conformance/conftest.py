@@ -19,18 +19,32 @@ def _label_checks(request):
 
 def pytest_sessionfinish(session, exitstatus):
     """With CROSSATTN_CONFORMANCE_SUMMARY=PATH (no suffix), write PATH.json and PATH.md: checks and
-    worst errors per pair of backends (the GPU session commits them under bench/results/)."""
+    worst errors per pair of backends (the GPU session commits them under bench/results/).
+
+    Under pytest-xdist each worker leaves its records in PATH.<worker>.records.json, and the controller,
+    whose session ends after theirs, joins them (each worker used to write the summary of its own
+    checks alone, the last one over the others)."""
     target = os.environ.get("CROSSATTN_CONFORMANCE_SUMMARY")
-    if not target or not tolerances.RECORDS:
+    if not target:
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker is not None:
+        path.with_name(f"{path.name}.{worker}.records.json").write_text(json.dumps(tolerances.RECORDS))
+        return
+    records = list(tolerances.RECORDS)
+    for part in sorted(path.parent.glob(f"{path.name}.*.records.json")):
+        records += json.loads(part.read_text())
+        part.unlink()
+    if not records:
         return
     pairs = {}
-    for record in tolerances.RECORDS:
+    for record in records:
         entry = pairs.setdefault(record["pair"], {"checks": 0, "worst_error": 0.0, "worst_error_over_limit": 0.0})
         entry["checks"] += 1
         entry["worst_error"] = max(entry["worst_error"], record["error"])
         entry["worst_error_over_limit"] = max(entry["worst_error_over_limit"], record["error"] / record["limit"])
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({"exit_status": int(exitstatus), "pairs": pairs}, indent=2) + "\n")
     lines = _summary_header()
     lines += ["| pair | checks | worst relative error | worst error / allowed |", "| --- | ---: | ---: | ---: |"]

@@ -1,8 +1,13 @@
 """The rules themselves: one rounding of a 16-bit result passes, wherever the result lies."""
 
+import json
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+import tolerances
 from tolerances import EPS, allowed, check, score_scale, term_scale, unit_in_last_place
 
 
@@ -57,3 +62,25 @@ def test_fixed_limits_of_probabilities_grow_with_their_scores_sums_of_magnitudes
         check(probs + np.array([10 * unit, 0.0, 0.0]), probs, "float32", scores=157.0)
     assert allowed("float32", None, 1.0, None, 3.0) == 1e-5
     assert allowed("float64", None, 1.0, None, 157.0) == 1e-10
+
+
+def test_the_summary_joins_what_xdist_workers_checked(tmp_path, monkeypatch, request):
+    """Each worker's records reach the controller's summary (each worker used to write its own alone)."""
+    summary = next(plugin for plugin in request.config.pluginmanager.get_plugins()
+                   if getattr(plugin, "__file__", "").endswith(os.path.join("conformance", "conftest.py")))
+    target = tmp_path / "summary"
+    monkeypatch.setenv("CROSSATTN_CONFORMANCE_SUMMARY", str(target))
+
+    def session(workerid=None):
+        return SimpleNamespace(config=SimpleNamespace(**({"workerinput": {"workerid": workerid}} if workerid else {})))
+
+    for worker, pair in (("gw0", "a vs numpy-float64"), ("gw1", "b vs itself")):
+        monkeypatch.setattr(tolerances, "RECORDS", [{"pair": pair, "error": 1e-6, "limit": 1e-5}])
+        summary.pytest_sessionfinish(session(worker), 0)
+    monkeypatch.setattr(tolerances, "RECORDS", [{"pair": "a vs numpy-float64", "error": 4e-6, "limit": 1e-5}])
+    summary.pytest_sessionfinish(session(), 0)
+    pairs = json.loads(target.with_suffix(".json").read_text())["pairs"]
+    assert pairs["a vs numpy-float64"]["checks"] == 2 and pairs["a vs numpy-float64"]["worst_error"] == 4e-6
+    assert pairs["b vs itself"]["checks"] == 1
+    assert "| b vs itself | 1 |" in target.with_suffix(".md").read_text()
+    assert not list(tmp_path.glob("*.records.json"))

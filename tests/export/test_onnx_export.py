@@ -94,6 +94,32 @@ def test_float64_model_computes_in_float64(tmp_path, model, opset):
     assert rel_err(got["attention_weights_seq_to_struct"], np.stack(want["attention_weights_seq_to_struct"], axis=1)) <= 1e-13
 
 
+def scalar_scaled_matmuls(model) -> list[str]:
+    """Mul and Div nodes by a one-element constant that take a MatMul's output or feed a MatMul.
+    onnxruntime (1.30, seen) fuses such a pair into a FusedMatMul whose scale is a float32 attribute,
+    which float64 graphs must not be rounded to."""
+    nodes = model.graph.node
+    scalars = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) == 1}
+    made_by_matmul = {out for node in nodes if node.op_type == "MatMul" for out in node.output}
+    into_matmul = {name for node in nodes if node.op_type == "MatMul" for name in node.input}
+    return [node.name or node.output[0] for node in nodes if node.op_type in ("Mul", "Div")
+            and any(name in scalars for name in node.input)
+            and (made_by_matmul & set(node.input) or node.output[0] in into_matmul)]
+
+
+@pytest.mark.parametrize("graph_kind", ["fusion", "multi_head_attention", "sdpa"])
+def test_float64_graphs_scale_no_matmul_by_a_scalar(model, graph_kind):
+    from crossattn_gpu.export.onnx_export import build_attention_model
+
+    arrays = model.get_attention_weights()
+    if graph_kind == "fusion":
+        built = build_fusion_model(arrays, dtype="float64", mask=True, similarity=True, attention_weights=True)
+    else:
+        built = build_attention_model(arrays if graph_kind == "multi_head_attention" else None, 24, opset=17,
+                                      dtype="float64", mask=True, attention_weights=True)
+    assert scalar_scaled_matmuls(built) == []
+
+
 @pytest.mark.parametrize("opset", FLAVOURS)
 def test_float16_model_has_no_nan_or_inf_and_plain_accuracy(tmp_path, model, opset):
     path = to_onnx(model, tmp_path / "m16.onnx", opset=opset, dtype="float16", mask=True, similarity=True)
