@@ -211,23 +211,24 @@ def preferred(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> 
 def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee") -> dict:
     """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch).
 
-    Not timed on a GPU yet. The tiles are the largest of those compiled for sm_90 with which neither
-    pass spills registers (ptxas -v, with mask and lengths and without): 16-bit 128 x 32 blocks, Dk
-    chunks of 64 and Dv chunks of 128 at 8 warps (pass 2 with 128 x 64 blocks spills 84 to 344 bytes);
-    float32 64 x 32 blocks, chunks of 32 and 64, at 8 warps (at 4 warps pass 2 spills 76 bytes). CI
-    holds them to no spills (tests/kernels/compile_triton_variants.py). tl.dot needs every block
-    dimension >= 16.
+    Timed on an H200 on W3's attention (B = 64, H = 8, L = 256, D = 1280, heads summed; two sweeps of
+    2026-11-29): 128 x 64 blocks with Dv chunks of 128 at 8 warps were the fastest of the tiles tried,
+    though pass 2 then spills registers (sm_90, ptxas: 16-bit up to 344 bytes, float32 up to 1.4 KB
+    with mask and lengths). 16-bit, Dk chunks of 64, 3 stages: 0.75 ms (2 stages 1.01; 128 x 32 blocks,
+    which spill nothing, 1.48). float32, Dk chunks of 32, 2 stages: IEEE 8.6 ms, tf32x3 4.6 (64 x 32
+    blocks with Dv chunks of 64, which spill nothing: 15.3 and 9.9). tl.dot needs every block dimension
+    >= 16.
     """
     contract.check_precision(precision)
     half = itemsize <= 2
-    block_m, block_n, block_dk, block_dv = (128, 32, 64, 128) if half else (64, 32, 32, 64)
+    block_m, block_n, block_dk, block_dv = (128, 64, 64, 128) if half else (128, 64, 32, 128)
     return {
         "BLOCK_M": min(block_m, block_at_least_16(len_q)),
         "BLOCK_N": min(block_n, block_at_least_16(len_k)),
         "BLOCK_DK": min(block_dk, block_at_least_16(dim_k)),
         "BLOCK_DV": min(block_dv, block_at_least_16(dim_v)),
         "num_warps": 8,
-        "num_stages": 2,
+        "num_stages": 3 if half else 2,
         "INPUT_PRECISION": "ieee" if half else precision,
     }
 

@@ -83,14 +83,19 @@ def _matmul_fwd(
 
 def launch_config(rows: int, cols: int, depth: int) -> dict:
     """Tiles for C (rows, cols) = A (rows, depth) @ B (depth, cols). tl.dot needs every block dimension
-    >= 16; small matrices take the smallest power of two that covers them."""
+    >= 16; small matrices take the smallest power of two that covers them.
+
+    128 x 64 x 32 tiles at 4 warps and 4 stages (no spill on sm_90) were the fastest of four timed in
+    tf32x3 on an H200 (sweep of 2026-11-29, one direction's projections): W3 (16384 x 1280 by 1280 x
+    20480) 15.2 ms against 23.8 for 128 x 128 x 32 at 8 warps, 3 stages; W2 0.76 against 1.11 ms.
+    """
     return {
         "BLOCK_M": min(128, block_at_least_16(rows)),
-        "BLOCK_N": min(128, block_at_least_16(cols)),
+        "BLOCK_N": min(64, block_at_least_16(cols)),
         "BLOCK_K": min(32, block_at_least_16(depth)),
         "GROUP_M": 8,
-        "num_warps": 8,
-        "num_stages": 3,
+        "num_warps": 4,
+        "num_stages": 4,
     }
 
 

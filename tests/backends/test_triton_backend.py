@@ -141,11 +141,12 @@ def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
     original = kernel.attention
     monkeypatch.setattr(kernel, "attention", lambda *a, **kw: asked.append(kw["need_lse"]) or original(*a, **kw))
     rng = np.random.default_rng(4)
-    seq, struct = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 6, 8))
+    # float16: unmasked float32 fusions without probabilities do not reach the kernels (they take SDPA).
+    seq, struct = rng.standard_normal((2, 5, 8)).astype(np.float16), rng.standard_normal((2, 6, 8)).astype(np.float16)
     for need_weights in (False, True):
         got = tri.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
         want = ref.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
-        close(got["fused_sequential"], want["fused_sequential"], 1e-5)
+        close(got["fused_sequential"], want["fused_sequential"], 2e-3)
     assert asked == [False, False, True, True]
 
 
@@ -190,6 +191,35 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
         close(got_out, want_out, 1e-5)
         for g, w in zip(got_w if isinstance(got_w, list) else [got_w], want_w if isinstance(want_w, list) else [want_w]):
             close(g, w, 1e-5)
+
+
+def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypatch):
+    """float32 fusions without mask, key lengths or probabilities attend through torch's SDPA (faster on
+    an H200, see ``TritonBackend._attention``); every other call through this library's kernels."""
+    ref, tri = models(24, 3)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    kernel = tri._backend.kernel.attention
+    monkeypatch.setattr(tri._backend.kernel, "attention", lambda *a, **k: calls.append("kernel") or kernel(*a, **k))
+    rng = np.random.default_rng(6)
+    seq, struct = rng.standard_normal((3, 17, 24)), rng.standard_normal((3, 9, 24))
+    mask = rng.random((3, 17, 9)) > 0.3
+    for kwargs, dtype, routes in [  # routes: sequential to structural, then back
+        ({}, torch.float32, ["sdpa", "sdpa"]),
+        ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
+        ({"structural_lengths": np.array([9, 1, 4])}, torch.float32, ["kernel", "sdpa"]),  # keys of full length
+        ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
+        ({}, torch.float16, ["kernel", "kernel"]),
+    ]:
+        calls.clear()
+        got = tri.fuse_representations(torch.tensor(seq, dtype=dtype, device=DEVICE),
+                                       torch.tensor(struct, dtype=dtype, device=DEVICE), bidirectional=False, **kwargs)
+        assert calls == routes, (kwargs, dtype)
+        want = ref.fuse_representations(seq, struct, bidirectional=False, **kwargs)
+        for key in ("fused_sequential", "fused_structural"):
+            close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
 
 
 def test_float16_within_twice_plain_error():

@@ -76,7 +76,11 @@ def test_cases_option_selects_and_rejects(capsys):
 
 def test_float32_candidates_include_tf32x3_for_both_operators():
     wide = sweep_triton.candidates(256, 1280, torch.float32)  # W3 float32: two-pass, IEEE then tf32x3
-    assert [(kernel, c["INPUT_PRECISION"]) for kernel, c, _ in wide[:2]] == [("two_pass", "ieee"), ("two_pass", "tf32x3")]
+    tiles = sweep_triton.two_pass.launch_config
+    assert wide[:2] == [("two_pass", tiles(256, 256, 1280, 1280, 4), True),
+                        ("two_pass", tiles(256, 256, 1280, 1280, 4, precision="tf32x3"), True)]
+    assert len({json.dumps(c, sort_keys=True) for c in wide}) == len(wide)
+    assert {c["INPUT_PRECISION"] for kernel, c, _ in wide if kernel == "fused"} == {"ieee", "tf32x3", "tf32"}
 
 
 def test_stages_of_a_float32_case_time_the_tf32x3_projection_and_fusion():
