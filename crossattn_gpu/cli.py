@@ -59,13 +59,16 @@ def _fuse(args) -> int:
         if given:
             raise ValueError("--model fuses with the model's own weights and dtype on onnxruntime; "
                              f"drop {', '.join(given)}")
+    elif args.provider:
+        raise ValueError("--provider names onnxruntime's execution provider for --model; without --model, "
+                         "--backend chooses where the fusion runs")
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
         settings = dict(backend=args.backend or "auto", dtype=args.dtype,
                         float32_precision=args.float32_precision or "ieee")
         if args.model:
             from .export.runner import OnnxFusion
 
-            model = OnnxFusion(args.model)
+            model = OnnxFusion(args.model, providers=args.provider)
         elif args.weights:
             model = CrossAttention.load(args.weights, **settings)
         else:
@@ -212,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--weights", help="weights file (safetensors or npz) written by CrossAttention.save")
     fuse.add_argument("--model", help="instead of weights, an ONNX model written by 'crossattn-gpu export' (or "
                       "to_onnx): fused on onnxruntime, in the model's dtype")
+    fuse.add_argument("--provider", action="append", metavar="NAME",
+                      help="with --model: onnxruntime's execution provider, such as CPUExecutionProvider (repeat "
+                      "for more, in onnxruntime's order of preference; the first must start); default "
+                      "CUDAExecutionProvider where onnxruntime offers it, else CPUExecutionProvider")
     fuse.add_argument("--seed", type=int, help="seed of random weights when --weights is absent (default 0)")
     fuse.add_argument("--heads", type=int, help="heads of random weights when --weights is absent (default 1)")
     fuse.add_argument("--backend", help="backend name, or auto (default: the fastest here; without a GPU, "

@@ -324,6 +324,24 @@ def test_a_model_exported_without_bidirectional_fuses_unequal_lengths(tmp_path, 
                 np.testing.assert_allclose(out[f"{key}/{name}"], want[name], rtol=1e-4, atol=1e-5)
 
 
+def test_fuse_with_a_model_on_a_named_provider(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from crossattn_gpu.export import to_onnx
+
+    write_collection(tmp_path / "seq.npz", [4, 6], 8, seed=0)
+    to_onnx(CrossAttention(8, 2, seed=3), tmp_path / "m.onnx")
+    args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "cpu.npz"), "--model", str(tmp_path / "m.onnx"),
+                 "--provider", "CPUExecutionProvider"]) == 0
+    assert "on onnxruntime (CPUExecutionProvider)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "no.npz"), "--model", str(tmp_path / "m.onnx"),
+                 "--provider", "NoSuchExecutionProvider"]) == 2
+    assert "not NoSuchExecutionProvider" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "no.npz"), "--provider", "CPUExecutionProvider"]) == 2
+    assert "--provider names onnxruntime's execution provider for --model" in capsys.readouterr().err
+    assert not (tmp_path / "no.npz").exists()
+
+
 def test_fuse_with_a_model_refuses_the_options_of_weights(tmp_path, capsys):
     write_collection(tmp_path / "seq.npz", [3], 8, seed=0)
     args = ["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "seq.npz"), "--out",
