@@ -40,7 +40,7 @@ def operands(rows, depth, cols, seed=0):
 def sequential_float32(ta, tb) -> np.ndarray:
     """The textbook float32 GEMM: one running float32 sum per output, the products added in order of
     k, as a tiled GEMM adds them. cuBLAS and OpenBLAS split their sums and can do better: on an H200,
-    cuBLAS had 2.2x to 6x less error than this kernel's IEEE path at K = 17 to 1280 (NumPy here: the
+    cuBLAS had 2x to 6x less error than this kernel's IEEE path at K = 17 to 1280 (NumPy here: the
     same at K <= 130, 2.8x less at 1280)."""
     a, b = ta.cpu().numpy(), tb.cpu().numpy()
     total = np.zeros((a.shape[0], b.shape[1]), np.float32)
