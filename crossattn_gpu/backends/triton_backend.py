@@ -1,6 +1,6 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
-kernels of ``kernels/attention.py`` (float32 fusions without mask or key lengths in torch's SDPA, faster
-there); the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
+kernels of ``kernels/attention.py`` (float32 fusions without mask or key lengths over short sequences in
+torch's SDPA, faster there); the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -189,9 +189,13 @@ class TritonBackend(DeviceFusion):
         SDPA 1.73 ms against 4.5 for the fused kernel (IEEE; tf32x3 about 2.2), W3 (D = 1280) 4.0 ms
         against 8.6 for the two-pass operator (tf32x3 4.6), with IEEE accuracy (7.5e-7). In 16 bits
         the kernels were faster on W2 and W3 (0.26 against 0.47 ms, 0.75 against 1.72). SDPA takes
-        no mask with the seed's fill, hence the kernels for masks and lengths.
+        no mask with the seed's fill, hence the kernels for masks and lengths. Keys at most twice as many
+        as the heads are wide (W2 and W3 are): where SDPA falls back to its math path, its (B, H, Lq, Lk)
+        float32 scores then take at most twice the output's memory; longer sequences keep the kernels,
+        whose memory does not grow with Lk.
         """
-        if sum_heads and q.dtype == self.float32 and masked is None and k_lengths is None and not need_weights:
+        if (sum_heads and q.dtype == self.float32 and masked is None and k_lengths is None and not need_weights
+                and k.shape[2] <= 2 * v.shape[3]):
             keys = k.expand(-1, q.shape[1], -1, -1)
             return self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1), None
         return super()._attention(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths,

@@ -194,8 +194,9 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
 
 
 def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypatch):
-    """float32 fusions without mask, key lengths or probabilities attend through torch's SDPA (faster on
-    an H200, see ``TritonBackend._attention``); every other call through this library's kernels."""
+    """float32 fusions without mask, key lengths or probabilities, whose keys are at most twice as many as
+    the heads are wide, attend through torch's SDPA (faster on an H200, see ``TritonBackend._attention``);
+    every other call through this library's kernels."""
     ref, tri = models(24, 3)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -220,6 +221,17 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
         want = ref.fuse_representations(seq, struct, bidirectional=False, **kwargs)
         for key in ("fused_sequential", "fused_structural"):
             close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
+    narrow_ref, narrow = models(8, 2)  # heads 8 wide
+    monkeypatch.setattr(narrow._backend.kernel, "attention", lambda *a, **k: calls.append("kernel") or kernel(*a, **k))
+    calls.clear()
+    seq, struct = rng.standard_normal((2, 17, 8)), rng.standard_normal((2, 16, 8))
+    got = narrow.fuse_representations(torch.tensor(seq, dtype=torch.float32, device=DEVICE),
+                                      torch.tensor(struct, dtype=torch.float32, device=DEVICE), bidirectional=False)
+    # Towards the structure's 16 keys (twice the width): SDPA; back towards the sequence's 17: the kernels,
+    # whose memory does not grow with the keys.
+    assert calls == ["sdpa", "kernel"]
+    want = narrow_ref.fuse_representations(seq, struct, bidirectional=False)
+    close(got["fused_sequential"], want["fused_sequential"], 1e-5)
 
 
 def test_float16_within_twice_plain_error():
