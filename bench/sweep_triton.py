@@ -69,10 +69,10 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
     found = [("fused", fused, True), ("fused", fused, False)]
     if two_pass.preferred(length, length, width, width, dtype.itemsize):
         base = two_pass.launch_config(length, length, width, width, dtype.itemsize)
-        found[:0] = [("two_pass", base, True)]
+        found.insert(0, ("two_pass", base, True))
         if dtype == torch.float32:
             tf32x3 = two_pass.launch_config(length, length, width, width, dtype.itemsize, precision="tf32x3")
-            found[1:1] = [("two_pass", tf32x3, True)]
+            found.insert(1, ("two_pass", tf32x3, True))
         for block_m, block_n, block_dv, warps, stages in TWO_PASS_VARIANTS:
             config = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DV": block_dv, "num_warps": warps,
                       "num_stages": stages}
