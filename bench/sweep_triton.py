@@ -5,8 +5,9 @@ The fusion calls the kernel with folded queries and values (B, H, L, D), the raw
 by every head (Hk = 1), and asks for the heads' sum and no lse; the sweep times exactly that call under each
 candidate configuration (and with the heads summed after the kernel), after checking its result
 against the float64 reference on two examples. The stages come first: one direction's projection
-GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, two
-alternatives to the kernel (GEMMs around a softmax, and torch's SDPA), and for float32 the projection
+GEMM and kernel call, the whole ``fuse_representations`` call and what it spends beyond them, three
+alternatives to the kernel (GEMMs around a softmax, torch's SDPA, and the backend's GEMM route around
+``kernels/softmax_heads.py``), and for float32 the projection
 and the fusion with ``float32_precision="tf32x3"``. Output: a JSON file and a table.
 
     python -m bench.sweep_triton --out sweep.json            # on a GPU
@@ -86,8 +87,11 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
         found.append(("fused", low_spill, True))
         if width <= 128:  # one 128-wide chunk: the accumulator and the heads' sum in registers (884 bytes spilled)
             found.append(("fused", {**low_spill, "BLOCK_DK": 128, "BLOCK_DV": 128}, True))
-    for block_m, block_n, warps, stages in VARIANTS:
-        config = {**fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    # The block variants, in IEEE (or 16 bits), then for float32 in tf32x3 too.
+    precisions = (fused["INPUT_PRECISION"], "tf32x3") if dtype == torch.float32 else (fused["INPUT_PRECISION"],)
+    for precision, (block_m, block_n, warps, stages) in itertools.product(precisions, VARIANTS):
+        config = {**fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages,
+                  "INPUT_PRECISION": precision}
         if ("fused", config, True) not in found:
             found.append(("fused", config, True))
     return found
@@ -133,16 +137,22 @@ def checked_error(head_sum, q, k, v, scale) -> float:
     return relative_error(head_sum, reference_head_sum(q, k, v, scale))
 
 
-def sweep_case(name, batch, heads, length, width, dtype_name, device, max_configs) -> list[dict]:
-    """The fusion's kernel call (heads summed, output in the inputs' dtype) under each candidate."""
+def sweep_case(name, batch, heads, length, width, dtype_name, device, max_configs, precision=None) -> list[dict]:
+    """The fusion's kernel call (heads summed, output in the inputs' dtype) under each candidate (those
+    whose dots run in ``precision`` only, when given)."""
     dtype = getattr(torch, dtype_name)
     q, k, v = fusion_inputs(batch, heads, length, width, dtype, device)
     scale = width**-0.5
     want = reference_head_sum(q, k, v, scale)  # once: every candidate computes the same function
     rows = []
-    for index, (kernel, config, sum_heads) in enumerate(candidates(length, width, dtype)[:max_configs]):
+    chosen = candidates(length, width, dtype)
+    default = chosen[0]
+    if precision is not None:
+        chosen = [c for c in chosen if c[1]["INPUT_PRECISION"] == precision]
+    for kernel, config, sum_heads in chosen[:max_configs]:
         row = {"case": name, "dtype": dtype_name, "B": batch, "H": heads, "L": length, "D": width,
-               "kernel": kernel, "config": config, "sum_heads": sum_heads, "is_default": index == 0}
+               "kernel": kernel, "config": config, "sum_heads": sum_heads,
+               "is_default": (kernel, config, sum_heads) == default}
 
         def call():
             return KERNELS[kernel](q, k, v, scale=scale, sum_heads=sum_heads, config=config, need_lse=False)[0]
@@ -199,6 +209,12 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     # folded inputs: what routing the unmasked call through SDPA would give.
     result["sdpa_rel_error"] = checked_error(sdpa_head_sum(q, k, v, scale), q, k, v, scale)
     result["sdpa_s"] = seconds(lambda: sdpa_head_sum(q, k, v, scale))
+    # Two GEMMs around kernels/softmax_heads.py (TritonBackend._gemm_head_sum), on the same inputs laid
+    # out (B, L, H, D) as the fusion's projections leave them where it routes wide 16-bit heads there.
+    q_rows, v_rows = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, v))
+    gemm = model._backend._gemm_head_sum
+    result["gemm_rel_error"] = checked_error(gemm(q_rows, k, v_rows, scale), q, k, v, scale)
+    result["gemm_s"] = seconds(lambda: gemm(q_rows, k, v_rows, scale))
     print(json.dumps(result), flush=True)
     return result
 
@@ -226,6 +242,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and two configurations (interpreter tests)")
     parser.add_argument("--max-configs", type=int, default=12)
     parser.add_argument("--cases", help="comma-separated NAME or NAME:dtype (e.g. W3,W2:float32); default all")
+    parser.add_argument("--precision", choices=("ieee", "tf32x3", "tf32"),
+                        help="only the configurations whose dots run in this precision (float32 cases)")
+    parser.add_argument("--no-stages", action="store_true", help="the launch configurations only")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = SMOKE_CASES if args.smoke else CASES
@@ -239,11 +258,11 @@ def main(argv=None) -> int:
               "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
               "configs": [], "stages": []}
     try:
-        if not args.smoke:  # first: the stages are what a short call must not lose
+        if not (args.smoke or args.no_stages):  # first: the stages are what a short call must not lose
             for case in cases:
                 result["stages"].append(stages(*case, device))
         for case in cases:
-            result["configs"] += sweep_case(*case, device, max_configs)
+            result["configs"] += sweep_case(*case, device, max_configs, args.precision)
     except KeyboardInterrupt:  # a time limit's SIGINT (bench/gpu_session.sh): write what was timed
         result["interrupted"] = True
         print("interrupted: writing the stages and cases finished", file=sys.stderr, flush=True)

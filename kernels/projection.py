@@ -12,8 +12,8 @@ which torch 2.9+ refuses to read once its legacy and new APIs are mixed. IEEE fl
 projections stay cuBLAS GEMMs (``crossattn_gpu.backends.triton_backend``).
 
 Tiles: the classic grouped ordering (GROUP_M row blocks walk the same column blocks, so B's tiles are
-reused from L2), 128 x 128 x 32 tiles, 8 warps, 3 stages (float32 tiles: 3 x 32 KiB of shared
-memory). Not yet timed on a GPU; EVEN_* flags drop the bounds checks on full tiles.
+reused from L2), with the tile shapes of ``launch_config`` (timed on an H200); EVEN_* flags drop the
+bounds checks on full tiles.
 """
 
 from __future__ import annotations

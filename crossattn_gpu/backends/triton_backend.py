@@ -1,6 +1,8 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
-kernels of ``kernels/attention.py`` (float32 fusions without mask or key lengths over short sequences in
-torch's SDPA, faster there); the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
+kernels of ``kernels/attention.py``; the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
+Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
+faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
+in torch's SDPA (``TritonBackend._attention``).
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -51,9 +53,13 @@ class TritonBackend(DeviceFusion):
             )
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
-        from ..kernels import projection
+        from ..kernels import attention_two_pass, projection, softmax_heads
 
-        self.kernel, self.projection = kernel, projection
+        self.kernel, self.projection, self.softmax_heads = kernel, projection, softmax_heads
+        self.two_pass = attention_two_pass
+        # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
+        # under the interpreter the CPU takes the inputs in float32 instead.
+        self.float32_scores = self.device.type == "cpu" or self.torch.__version__ >= "2.8"
 
     @staticmethod
     def usable_by_auto() -> bool:
@@ -182,27 +188,83 @@ class TritonBackend(DeviceFusion):
     # --- primitives of DeviceFusion -----------------------------------------------------------------
 
     def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, sum_heads=False):
-        """float32 heads' sums without mask, key lengths or probabilities go through torch's SDPA (the
-        shared keys expanded over the heads, no copy) and a float32 sum; the rest through the kernels.
+        """Heads' sums without mask, key lengths or probabilities: heads wider than 256 over short
+        sequences as two GEMMs (``_gemm_head_sum``), other float32 heads through torch's SDPA (the shared
+        keys expanded over the heads, no copy) and a float32 sum; the rest through the kernels.
 
-        Timed on an H200 on the fusion's own call, one direction (sweep of 2026-11-29): W2 (D = 128)
-        SDPA 1.73 ms against 4.5 for the fused kernel (IEEE; tf32x3 about 2.2), W3 (D = 1280) 4.0 ms
-        against 8.6 for the two-pass operator (tf32x3 4.6), with IEEE accuracy (7.5e-7). In 16 bits
-        the kernels were faster on W2 and W3 (0.26 against 0.47 ms, 0.75 against 1.72). SDPA takes
-        no mask with the seed's fill, hence the kernels for masks and lengths. Keys at most twice as many
-        as the heads are wide (W2 and W3 are): where SDPA falls back to its math path, its (B, H, Lq, Lk)
-        float32 scores then take at most twice the output's memory; longer sequences keep the kernels,
-        whose memory does not grow with Lk.
+        Timed on an H200 on the fusion's own call, one direction (sweeps of 2026-11-29 and 2026-11-30):
+        W3 (D = 1280, L = 256) in bfloat16 as GEMMs 0.34 ms, against 0.75 for the two-pass operator and
+        1.73 for SDPA; in float32 as GEMMs 3.45 ms, SDPA 3.86, the two-pass operator 8.6 (tf32x3 4.6).
+        W2 (D = 128) in float32: SDPA 1.73 ms, GEMMs 1.78, the fused kernel 4.5 (tf32x3, its best tiles:
+        2.1); in bfloat16 the fused kernel 0.26, SDPA 0.47, GEMMs 0.50. W4 (D = 256, L = 4096) in bfloat16:
+        SDPA 0.47, the fused kernel 0.58, but SDPA's per-head outputs would lift the fusion's peak memory
+        past torch's (W4's target), so W4 keeps the kernel. SDPA takes no mask with the seed's fill,
+        hence the kernels for masks and lengths. SDPA only where the keys are at most twice as many as the
+        heads are wide: where it falls back to its math path, its (B, H, Lq, Lk) float32 scores then take
+        at most twice the output's memory; longer sequences keep the kernels, whose memory does not grow
+        with Lk.
         """
-        if (sum_heads and q.dtype == self.float32 and masked is None and k_lengths is None and not need_weights
-                and k.shape[2] <= 2 * v.shape[3]):
-            keys = k.expand(-1, q.shape[1], -1, -1)
-            return self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1), None
+        if sum_heads and masked is None and k_lengths is None and not need_weights:
+            if self._gemm_route(q, k, v):
+                return self._gemm_head_sum(q, k, v, scale), None
+            if q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
+                keys = k.expand(-1, q.shape[1], -1, -1)
+                return self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1), None
         return super()._attention(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths,
                                   need_weights=need_weights, sum_heads=sum_heads)
 
+    def _wide_heads(self, dtype, width: int) -> bool:
+        """Heads wider than 256 (the widest the fused kernel holds in 16 bits) in a dtype the GEMM route
+        takes: float32, or 16 bits where torch's GEMMs give float32 results."""
+        if width <= self.two_pass.FUSED_ONE_CHUNK[2]:
+            return False
+        return dtype == self.float32 or (dtype in (self.torch.float16, self.torch.bfloat16) and self.float32_scores)
+
+    def _gemm_route(self, q, k, v) -> bool:
+        """Wide heads (``_wide_heads``) where the two-pass operator would run (keys no more than the head
+        width), with queries no more than the head width either, so that the float32 scores (B, H, Lq, Lk)
+        take no more memory than the values would in float32 (twice theirs in 16 bits); keys shared by the
+        heads; and
+        queries and values laid out (B, L, H, D) in memory (``_project``), so that every head's rows form
+        one matrix per example."""
+        batch, heads, len_q, width = q.shape
+        len_k = k.shape[2]
+        return (self._wide_heads(q.dtype, width) and k.shape[1] == 1 and len_q <= v.shape[3]
+                and self.two_pass.preferred(len_q, len_k, width, v.shape[3], q.element_size())
+                and self.softmax_heads.fits(heads, len_k)
+                and _heads_within_rows(q) and _heads_within_rows(v))
+
+    def _gemm_head_sum(self, q, k, v, scale):
+        """sum_h softmax(scale * Q_h K^T) V_h as two batched GEMMs, for wide heads over short sequences.
+
+        Per example, the queries of every head as rows (q, h) against the shared keys give the float32
+        scores S (Lq x H, Lk) in one GEMM; ``softmax_heads`` turns them into P (Lq, Lk x H) in the values'
+        dtype; P times the values as rows (k, h), (Lk x H, Dv), is the heads' sum, taken in the GEMM's
+        float32 accumulation. cuBLAS's float32 GEMMs, like the IEEE projections', follow torch's
+        process-wide TF32 setting. W3 on an H200, one direction: bfloat16 0.34 ms, float32 3.45."""
+        torch = self.torch
+        batch, heads, len_q, width = q.shape
+        len_k, width_v = k.shape[2], v.shape[3]
+        rows_q = q.transpose(1, 2).reshape(batch, len_q * heads, width)  # views (_heads_within_rows)
+        rows_v = v.transpose(1, 2).reshape(batch, len_k * heads, width_v)
+        keys_t = k[:, 0].transpose(1, 2)
+        if q.dtype != torch.float32 and q.device.type == "cuda":
+            scores = torch.bmm(rows_q, keys_t, out_dtype=torch.float32)
+        else:  # float32 inputs, or the interpreter's CPU, which has no 16-bit GEMM with float32 results
+            scores = torch.bmm(rows_q.float(), keys_t.float())
+        probs = self.softmax_heads.softmax_heads(scores.view(batch, len_q, heads, len_k), scale=scale,
+                                                 out_dtype=v.dtype)
+        return torch.bmm(probs.view(batch, len_q, len_k * heads), rows_v)
+
     def _kernel_options(self) -> dict:
         return {"precision": self.float32_precision}
+
+    def _project(self, x, weights: DeviceFoldedWeights, parts: str):
+        """Wide heads (``_wide_heads``): queries and values in two GEMMs, each laid out (B, L, H, D), so
+        that the GEMM route (``_gemm_route``) can take every head's rows as one matrix; one GEMM otherwise."""
+        if parts == "qv" and self._wide_heads(x.dtype, weights.width):
+            return super()._project(x, weights, "q") + super()._project(x, weights, "v")
+        return super()._project(x, weights, parts)
 
     def _matmul(self, a, b):
         """cuBLAS (torch) for IEEE float32 and 16-bit projections; TF32 float32 projections in
@@ -223,3 +285,10 @@ class TritonBackend(DeviceFusion):
             return host
         # From pinned memory the copy needs no synchronisation (torch waits for a pageable one).
         return host.pin_memory().to(self.device, non_blocking=True)
+
+
+def _heads_within_rows(x) -> bool:
+    """Whether x (B, H, L, D) is laid out (B, L, H, D) with unit D stride: then x.transpose(1, 2) reshapes
+    to (B, L x H, D) without a copy."""
+    batch, heads, length, width = x.shape
+    return x.stride(3) == 1 and x.stride(1) == width and x.stride(2) == heads * width

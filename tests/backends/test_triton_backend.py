@@ -233,6 +233,61 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
     close(got["fused_sequential"], want["fused_sequential"], 1e-5)
 
 
+def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):
+    """Heads wider than 256 whose queries and keys are no more than the heads are wide, without mask, key
+    lengths or probabilities, attend as two GEMMs around kernels/softmax_heads.py (see
+    ``TritonBackend._gemm_head_sum``), in 16 bits and float32; masks, lengths and probabilities do not."""
+    ref, tri = models(300, 3)
+    backend, calls = tri._backend, []
+    for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
+                                (torch.nn.functional, "scaled_dot_product_attention", "sdpa")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
+    rng = np.random.default_rng(8)
+    seq, struct = rng.standard_normal((3, 17, 300)), rng.standard_normal((3, 9, 300))
+    mask = rng.random((3, 17, 9)) > 0.3
+    for kwargs, dtype, routes in [  # routes: sequential to structural, then back
+        ({}, torch.float16, ["gemm", "gemm"]),
+        ({"mask": mask}, torch.float16, ["kernel", "kernel"]),
+        ({"structural_lengths": np.array([9, 1, 4])}, torch.float16, ["kernel", "gemm"]),  # keys of full length
+        ({"need_weights": True}, torch.float16, ["kernel", "kernel"]),
+        ({}, torch.float32, ["gemm", "gemm"]),
+        ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
+    ]:
+        calls.clear()
+        got = tri.fuse_representations(torch.tensor(seq, dtype=dtype, device=DEVICE),
+                                       torch.tensor(struct, dtype=dtype, device=DEVICE), bidirectional=False, **kwargs)
+        assert calls == routes, (kwargs, dtype)
+        want = ref.fuse_representations(seq, struct, bidirectional=False, **kwargs)
+        for key in ("fused_sequential", "fused_structural"):
+            close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
+    calls.clear()
+    half = [torch.tensor(x, dtype=torch.float16, device=DEVICE) for x in (seq, struct, struct)]
+    out, _ = tri.multi_head_attention(*half)
+    assert calls == ["gemm"]
+    close(out, ref.multi_head_attention(seq, struct, struct)[0], 2e-3)
+
+
+def test_the_gemm_route_needs_wide_heads_short_sequences_and_rows_of_heads():
+    """``_gemm_route`` on shapes alone (no work): its boundaries."""
+    backend = models(8, 1)[1]._backend
+
+    def route(batch=2, heads=3, len_q=17, len_k=9, width=300, dtype=torch.float16, layout="rows", shared_keys=True):
+        q = torch.empty(batch, len_q, heads, width, dtype=dtype).transpose(1, 2)
+        if layout == "heads":  # (B, H, L, D) in memory: no (L x H, D) view
+            q = torch.empty(batch, heads, len_q, width, dtype=dtype)
+        k = torch.empty(batch, 1 if shared_keys else heads, len_k, width, dtype=dtype)
+        v = torch.empty(batch, len_k, heads, width, dtype=dtype).transpose(1, 2)
+        return backend._gemm_route(q, k, v)
+
+    assert route() and route(len_q=300, len_k=300) and route(heads=16, len_k=300, width=1024)
+    assert not route(width=256)  # the fused kernel holds a 16-bit head in one chunk
+    assert route(dtype=torch.float32) and not route(dtype=torch.float32, width=256)
+    assert not route(len_k=301) and not route(len_q=301)
+    assert route(heads=16, len_k=600, width=1280) and not route(heads=17, len_k=600, width=1280)  # one query's heads x keys past softmax_heads' block
+    assert not route(layout="heads") and not route(shared_keys=False)
+
+
 def test_float16_within_twice_plain_error():
     rng = np.random.default_rng(3)
     ref, tri = models(64, 2)

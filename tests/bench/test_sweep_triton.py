@@ -88,3 +88,22 @@ def test_stages_of_a_float32_case_time_the_tf32x3_projection_and_fusion():
     assert stages["projection_tf32x3_s"] > 0 and stages["fusion_tf32x3_s"] > 0
     assert stages["projection_tf32x3_rel_error"] < 1e-6
     assert all(stages[f"projection_tf32x3_{'x'.join(map(str, tiles))}_s"] > 0 for tiles in sweep_triton.PROJECTION_VARIANTS)
+
+
+def test_stages_time_the_gemm_route_on_its_layout():
+    """The backend's GEMM route, on the fusion's inputs laid out (B, L, H, D): timed and checked."""
+    stages = sweep_triton.stages("tiny-wide", 1, 2, 20, 300, "float16", "cuda" if torch.cuda.is_available() else "cpu")
+    assert stages["gemm_s"] > 0 and stages["gemm_rel_error"] < 5e-3
+    assert stages["sdpa_s"] > 0 and stages["unfused_s"] > 0
+
+
+def test_precision_option_keeps_that_precisions_configurations():
+    """--precision tf32x3: only tf32x3 configurations, among them the block variants; the launcher's
+    IEEE default is not among them, so no row claims to be it."""
+    wide = sweep_triton.candidates(256, 128, torch.float32)
+    tf32x3 = [c for c in wide if c[1]["INPUT_PRECISION"] == "tf32x3"]
+    assert len(tf32x3) >= len(sweep_triton.VARIANTS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = sweep_triton.sweep_case("tiny", 1, 2, 20, 24, "float32", device, 2, "tf32x3")
+    assert [r["config"]["INPUT_PRECISION"] for r in rows] == ["tf32x3", "tf32x3"]
+    assert not any(r["is_default"] for r in rows) and all(r["rel_error"] < 1e-5 for r in rows)

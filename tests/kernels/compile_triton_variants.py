@@ -1,11 +1,11 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
-passes, kernels/projection.py's TF32 GEMM) with Triton's real compiler (to PTX and a cubin through
+passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax) with Triton's real compiler (to PTX and a cubin through
 ptxas) for sm_80 and sm_90, in the launch configuration each launcher picks for a shape of every
 kind, with and without mask and lengths, and check that each fits the chip's shared memory: no GPU is
 needed, and the interpreter, which the other kernel tests use, cannot catch what only the compiler
 checks (types, layouts, scf.if, shared memory). For sm_90, the chip this project runs on, Triton's
-own ptxas also reports each variant's registers and spills: the projection GEMM's configurations
-were chosen to spill nothing there (255 registers in tf32x3 at 128 x 64 x 32 tiles, 4 warps); a
+own ptxas also reports each variant's registers and spills: the projection GEMM's and the softmax's
+configurations were chosen to spill nothing there (255 registers in tf32x3 at 128 x 64 x 32 tiles, 4 warps); a
 spill of theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
 float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
 H200, so their spills are only reported.
@@ -29,11 +29,13 @@ from triton.compiler import ASTSource
 from crossattn_gpu.kernels import attention as kernel_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import projection as projection_module
+from crossattn_gpu.kernels import softmax_heads as softmax_module
 
 POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32", "Scores": "*fp32",
                  "RowMax": "*fp32", "RowInvSum": "*fp32"}
 SCALARS = {"rows": "i32", "cols": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
-           "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32"}
+           "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
+           "scale_log2": "fp32"}
 
 
 #: (Lq, Lk, Dk, Dv) whose fused launch configurations are compiled: every branch of launch_config.
@@ -43,6 +45,8 @@ SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096
 TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 #: (M, K, N) of the TF32 projection GEMM: a tiny one (masked edges) and W2's (full tiles).
 PROJECTION_SHAPES = {"tiny": (3, 17, 5), "W2": (131072, 128, 1024)}
+#: (H, Lk) of the softmax: W3's (full blocks), odd ones (masked heads and keys), the largest block.
+SOFTMAX_SHAPES = {"W3": (8, 256), "odd": (3, 17), "largest": (16, 1024)}
 #: Triton's name of each dtype, its size, and the float32 dot precision.
 DTYPES = [("fp32", 4, "ieee"), ("fp32", 4, "tf32x3"), ("fp32", 4, "tf32"), ("fp16", 2, "ieee"), ("bf16", 2, "ieee")]
 #: The fused shapes and the dtypes compiled with 64-bit offsets too (WIDE_OFFSETS).
@@ -69,7 +73,7 @@ def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
-        if name in ("Q", "K", "V", "Out"):
+        if name in ("Q", "K", "V", "Out", "Probs"):
             signature[name] = f"*{dtype}"
         elif name in POINTER_TYPES:
             signature[name] = POINTER_TYPES[name]
@@ -124,10 +128,24 @@ def projection_variants() -> list:
     return found
 
 
+def softmax_variants() -> list:
+    """(label, kernel, dtype of the probabilities, constexprs, options) of the heads' softmax."""
+    found = []
+    for (name, (heads, len_k)), dtype in itertools.product(SOFTMAX_SHAPES.items(), ("fp32", "fp16", "bf16")):
+        cfg = softmax_module.launch_config(heads, len_k)
+        constexprs = {"BLOCK_H": cfg["BLOCK_H"], "BLOCK_K": cfg["BLOCK_K"], "EVEN_H": heads == cfg["BLOCK_H"],
+                      "EVEN_K": len_k == cfg["BLOCK_K"]}
+        found.append((f"{dtype} {name}", softmax_module._softmax_heads_fwd, dtype, constexprs,
+                      {"num_warps": cfg["num_warps"]}))
+    return found
+
+
 def variants() -> list:
     """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
     found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
              for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90])]
+    found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
+              for (label, fn, dtype, constexprs, options), arch in itertools.product(softmax_variants(), [80, 90])]
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
     runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
         plans, DTYPES, [80, 90], [False, True])]

@@ -1,0 +1,118 @@
+"""Every head's softmax over the keys, written with the keys ahead of the heads:
+P[b, q, k, h] = softmax_k(scale * S[b, q, h, :])[k].
+
+The middle step of attention as two cuBLAS GEMMs, for the fusion's wide heads over short sequences
+(``crossattn_gpu.backends.triton_backend``): the first GEMM takes each example's queries of every head as
+rows (q, h) against the shared raw keys, S (Lq x H, Lk) in float32; this kernel turns each row into
+probabilities; the second GEMM multiplies P (Lq, Lk x H) by the values as rows (k, h), (Lk x H, Dv), and so
+sums the heads inside its float32 accumulation. Writing P with the keys ahead of the heads is what lets
+one GEMM take that sum: the values' rows (k, h) are how one projection GEMM lays them out.
+
+One program per (example, query): its H rows of S are one contiguous block of H x Lk scores, and its
+probabilities one contiguous block of Lk x H, so that both the load and the store are whole lines. The
+whole block sits in registers (``MAX_ROW_BLOCK`` elements at most, in base 2 with the scale folded in);
+the float32 scores are read once and the probabilities written once, in the values' dtype, as
+FlashAttention casts them before its second product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contract
+
+#: The most elements (heads x keys, each padded to a power of two) one program holds: 16 heads of 1024
+#: keys, 64 float32 registers per thread at 8 warps.
+MAX_ROW_BLOCK = 16 * 1024
+
+
+@triton.jit
+def _softmax_heads_fwd(
+    Scores, Probs,
+    stride_sb, stride_sq, stride_sh, stride_sk,
+    stride_pb, stride_pq, stride_pk, stride_ph,
+    len_q, num_heads, len_k,
+    scale_log2,  # scale * log2(e): exp2 then gives exp(scale * s)
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_H: tl.constexpr,  # num_heads == BLOCK_H: no head mask
+    EVEN_K: tl.constexpr,  # len_k == BLOCK_K: no key mask
+):
+    row = tl.program_id(0).to(tl.int64)  # (b, q); 64-bit: B x Lq x H x Lk may pass 2**31 elements
+    b, q = row // len_q, row % len_q
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    s_ptrs = Scores + b * stride_sb + q * stride_sq + offs_h[:, None] * stride_sh + offs_k[None, :] * stride_sk
+    p_ptrs = Probs + b * stride_pb + q * stride_pq + offs_h[:, None] * stride_ph + offs_k[None, :] * stride_pk
+    if EVEN_H and EVEN_K:
+        s = tl.load(s_ptrs).to(tl.float32) * scale_log2
+    else:
+        inside = (offs_h[:, None] < num_heads) & (offs_k[None, :] < len_k)
+        s = tl.load(s_ptrs, mask=inside, other=float("-inf")).to(tl.float32) * scale_log2
+        if not EVEN_H:  # padding heads: zeros, not -inf, so that their (unstored) rows hold no NaN
+            s = tl.where(offs_h[:, None] < num_heads, s, 0.0)
+    p = tl.exp2(s - tl.max(s, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    if EVEN_H and EVEN_K:
+        tl.store(p_ptrs, p.to(Probs.dtype.element_ty))
+    else:
+        tl.store(p_ptrs, p.to(Probs.dtype.element_ty), mask=inside)
+
+
+def launch_config(num_heads: int, len_k: int) -> dict:
+    """The block covers all heads and keys of one query (powers of two). Warps grow with it, 32 elements
+    a thread up to 8 warps (W3's 8 heads x 256 keys: 2 warps; ``MAX_ROW_BLOCK``: 8 warps, 64 a thread)."""
+    block_h, block_k = triton.next_power_of_2(num_heads), triton.next_power_of_2(len_k)
+    elements = block_h * block_k
+    return {"BLOCK_H": block_h, "BLOCK_K": block_k, "num_warps": max(1, min(8, elements // 1024))}
+
+
+def fits(num_heads: int, len_k: int) -> bool:
+    """Whether one program can hold a query's heads x keys block (``MAX_ROW_BLOCK``)."""
+    return triton.next_power_of_2(num_heads) * triton.next_power_of_2(len_k) <= MAX_ROW_BLOCK
+
+
+def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None):
+    """Softmax over the keys of float32 scores, the heads moved behind the keys.
+
+    Args:
+        scores: (B, Lq, H, Lk) float32 torch tensor, any strides, with H x Lk (each padded to a power of
+            two) at most ``MAX_ROW_BLOCK``.
+        scale: multiplies the scores first.
+        out_dtype: float32, float16 or bfloat16 (default float32).
+
+    Returns:
+        P (B, Lq, Lk, H) in ``out_dtype``, contiguous, with P[b, q, :, h] summing to 1.
+
+    Raises:
+        TypeError for a non-tensor, non-float32 scores or another out_dtype; ValueError for another rank,
+        an empty head or key axis, a block past ``MAX_ROW_BLOCK`` or more than 2**31 - 1 programs.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor; got {type(scores).__name__}")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"scores must be float32; got {contract.dtype_name(scores)}")
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be (B, Lq, H, Lk); got shape {tuple(scores.shape)}")
+    out_dtype = out_dtype or torch.float32
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
+    batch, len_q, heads, len_k = scores.shape
+    if heads == 0 or len_k == 0:
+        raise ValueError(f"scores need at least one head and one key; got shape {tuple(scores.shape)}")
+    if not fits(heads, len_k):
+        raise ValueError(f"{heads} heads x {len_k} keys pass the {MAX_ROW_BLOCK} elements one program holds")
+    if batch * len_q >= 2**31:
+        raise ValueError(f"B x Lq = {batch * len_q} programs pass what a grid axis takes (2**31 - 1)")
+    probs = torch.empty((batch, len_q, len_k, heads), device=scores.device, dtype=out_dtype)
+    if probs.numel() == 0:
+        return probs
+    cfg = launch_config(heads, len_k)
+    _softmax_heads_fwd[(batch * len_q,)](
+        scores, probs, *scores.stride(), *probs.stride(), len_q, heads, len_k, float(scale) * contract.LOG2E,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], EVEN_H=heads == cfg["BLOCK_H"],
+        EVEN_K=len_k == cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return probs
