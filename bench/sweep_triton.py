@@ -210,7 +210,7 @@ def stages(name, batch, heads, length, width, dtype_name, device) -> dict:
     result["sdpa_rel_error"] = checked_error(sdpa_head_sum(q, k, v, scale), q, k, v, scale)
     result["sdpa_s"] = seconds(lambda: sdpa_head_sum(q, k, v, scale))
     # Two GEMMs around kernels/softmax_heads.py (TritonBackend._gemm_head_sum), on the same inputs laid
-    # out (B, L, H, D) as the fusion's projections leave them where it routes wide 16-bit heads there.
+    # out (B, L, H, D) as the fusion's projections leave them where it routes wide heads there.
     q_rows, v_rows = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, v))
     gemm = model._backend._gemm_head_sum
     result["gemm_rel_error"] = checked_error(gemm(q_rows, k, v_rows, scale), q, k, v, scale)

@@ -245,7 +245,9 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
     float32 dots take ``precision`` (``contract.FLOAT32_PRECISIONS``): IEEE float32 on CUDA cores by
     default, or TF32 tensor cores, three products (``tf32x3``) or one (``tf32``). The blocks are the
-    IEEE ones for all three; tf32x3's are not yet timed on a GPU.
+    IEEE ones for all three; in tf32x3 at W2 they took 2.20 ms, and the best of seven tiles, 128 x 64
+    at 8 warps and 2 stages, 2.08 (bench/results/2026-11-30-nvidia-h200-sweep-2.md): W2's unmasked
+    fusions attend through SDPA (1.73) anyway, so the blocks stay one set until a fusion is timed.
     """
     contract.check_precision(precision)
     half = itemsize <= 2

@@ -224,9 +224,8 @@ class TritonBackend(DeviceFusion):
         """Wide heads (``_wide_heads``) where the two-pass operator would run (keys no more than the head
         width), with queries no more than the head width either, so that the float32 scores (B, H, Lq, Lk)
         take no more memory than the values would in float32 (twice theirs in 16 bits); keys shared by the
-        heads; and
-        queries and values laid out (B, L, H, D) in memory (``_project``), so that every head's rows form
-        one matrix per example."""
+        heads; and queries and values laid out (B, L, H, D) in memory (``_project``), so that every
+        head's rows form one matrix per example."""
         batch, heads, len_q, width = q.shape
         len_k = k.shape[2]
         return (self._wide_heads(q.dtype, width) and k.shape[1] == 1 and len_q <= v.shape[3]
