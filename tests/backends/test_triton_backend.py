@@ -284,7 +284,8 @@ def test_the_gemm_route_needs_wide_heads_short_sequences_and_rows_of_heads():
     assert not route(width=256)  # the fused kernel holds a 16-bit head in one chunk
     assert route(dtype=torch.float32) and not route(dtype=torch.float32, width=256)
     assert not route(len_k=301) and not route(len_q=301)
-    assert route(heads=16, len_k=600, width=1280) and not route(heads=17, len_k=600, width=1280)  # one query's heads x keys past softmax_heads' block
+    # One query's heads x keys (padded: 16 x 1024, 32 x 1024) within softmax_heads' block, then past it.
+    assert route(heads=16, len_k=600, width=1280) and not route(heads=17, len_k=600, width=1280)
     assert not route(layout="heads") and not route(shared_keys=False)
 
 

@@ -1,12 +1,13 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
-passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax) with Triton's real compiler (to PTX and a cubin through
-ptxas) for sm_80 and sm_90, in the launch configuration each launcher picks for a shape of every
-kind, with and without mask and lengths, and check that each fits the chip's shared memory: no GPU is
-needed, and the interpreter, which the other kernel tests use, cannot catch what only the compiler
-checks (types, layouts, scf.if, shared memory). For sm_90, the chip this project runs on, Triton's
-own ptxas also reports each variant's registers and spills: the projection GEMM's and the softmax's
-configurations were chosen to spill nothing there (255 registers in tf32x3 at 128 x 64 x 32 tiles, 4 warps); a
-spill of theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
+passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax) with Triton's real
+compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
+launcher picks for a shape of every kind, with and without mask and lengths, and check that each fits
+the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
+cannot catch what only the compiler checks (types, layouts, scf.if, shared memory). For sm_90, the
+chip this project runs on, Triton's own ptxas also reports each variant's registers and spills: the
+projection GEMM's and the softmax's configurations were chosen to spill nothing there (255 registers
+in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32); a spill of
+theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
 float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
 H200, so their spills are only reported.
 
