@@ -193,27 +193,21 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
             close(g, w, 1e-5)
 
 
-def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypatch):
-    """float32 fusions without mask, key lengths or probabilities, whose keys are at most twice as many as
-    the heads are wide, attend through torch's SDPA (faster on an H200, see ``TritonBackend._attention``);
-    every other call through this library's kernels."""
-    ref, tri = models(24, 3)
+def counted_routes(monkeypatch, backend) -> list:
+    """The list to which every attention call appends its route: "gemm" (``softmax_heads``, between the
+    GEMMs), "kernel" or "sdpa". The kernel modules are shared by every backend, so all are counted."""
     calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
-    kernel = tri._backend.kernel.attention
-    monkeypatch.setattr(tri._backend.kernel, "attention", lambda *a, **k: calls.append("kernel") or kernel(*a, **k))
-    rng = np.random.default_rng(6)
-    seq, struct = rng.standard_normal((3, 17, 24)), rng.standard_normal((3, 9, 24))
-    mask = rng.random((3, 17, 9)) > 0.3
-    for kwargs, dtype, routes in [  # routes: sequential to structural, then back
-        ({}, torch.float32, ["sdpa", "sdpa"]),
-        ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
-        ({"structural_lengths": np.array([9, 1, 4])}, torch.float32, ["kernel", "sdpa"]),  # keys of full length
-        ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
-        ({}, torch.float16, ["kernel", "kernel"]),
-    ]:
+    for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
+                                (torch.nn.functional, "scaled_dot_product_attention", "sdpa")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
+    return calls
+
+
+def check_fusion_routes(ref, tri, calls, seq, struct, cases) -> None:
+    """For each (kwargs, dtype, routes): the one-way fusions' routes, sequential to structural then back,
+    and their results against NumPy's."""
+    for kwargs, dtype, routes in cases:
         calls.clear()
         got = tri.fuse_representations(torch.tensor(seq, dtype=dtype, device=DEVICE),
                                        torch.tensor(struct, dtype=dtype, device=DEVICE), bidirectional=False, **kwargs)
@@ -221,6 +215,24 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
         want = ref.fuse_representations(seq, struct, bidirectional=False, **kwargs)
         for key in ("fused_sequential", "fused_structural"):
             close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypatch):
+    """float32 fusions without mask, key lengths or probabilities, whose keys are at most twice as many as
+    the heads are wide, attend through torch's SDPA (faster on an H200, see ``TritonBackend._attention``);
+    every other call through this library's kernels."""
+    ref, tri = models(24, 3)
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(6)
+    seq, struct = rng.standard_normal((3, 17, 24)), rng.standard_normal((3, 9, 24))
+    mask = rng.random((3, 17, 9)) > 0.3
+    check_fusion_routes(ref, tri, calls, seq, struct, [
+        ({}, torch.float32, ["sdpa", "sdpa"]),
+        ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
+        ({"structural_lengths": np.array([9, 1, 4])}, torch.float32, ["kernel", "sdpa"]),  # keys of full length
+        ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
+        ({}, torch.float16, ["kernel", "kernel"]),
+    ])
     narrow_ref, narrow = models(8, 2)  # heads 8 wide; the same kernel module, still counted
     calls.clear()
     seq, struct = rng.standard_normal((2, 17, 8)), rng.standard_normal((2, 16, 8))
@@ -238,29 +250,18 @@ def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):
     lengths or probabilities, attend as two GEMMs around kernels/softmax_heads.py (see
     ``TritonBackend._gemm_head_sum``), in 16 bits and float32; masks, lengths and probabilities do not."""
     ref, tri = models(300, 3)
-    backend, calls = tri._backend, []
-    for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
-                                (torch.nn.functional, "scaled_dot_product_attention", "sdpa")]:
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
+    calls = counted_routes(monkeypatch, tri._backend)
     rng = np.random.default_rng(8)
     seq, struct = rng.standard_normal((3, 17, 300)), rng.standard_normal((3, 9, 300))
     mask = rng.random((3, 17, 9)) > 0.3
-    for kwargs, dtype, routes in [  # routes: sequential to structural, then back
+    check_fusion_routes(ref, tri, calls, seq, struct, [
         ({}, torch.float16, ["gemm", "gemm"]),
         ({"mask": mask}, torch.float16, ["kernel", "kernel"]),
         ({"structural_lengths": np.array([9, 1, 4])}, torch.float16, ["kernel", "gemm"]),  # keys of full length
         ({"need_weights": True}, torch.float16, ["kernel", "kernel"]),
         ({}, torch.float32, ["gemm", "gemm"]),
         ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
-    ]:
-        calls.clear()
-        got = tri.fuse_representations(torch.tensor(seq, dtype=dtype, device=DEVICE),
-                                       torch.tensor(struct, dtype=dtype, device=DEVICE), bidirectional=False, **kwargs)
-        assert calls == routes, (kwargs, dtype)
-        want = ref.fuse_representations(seq, struct, bidirectional=False, **kwargs)
-        for key in ("fused_sequential", "fused_structural"):
-            close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
+    ])
     calls.clear()
     half = [torch.tensor(x, dtype=torch.float16, device=DEVICE) for x in (seq, struct, struct)]
     out, _ = tri.multi_head_attention(*half)
