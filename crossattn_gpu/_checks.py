@@ -8,7 +8,9 @@ are checked before any kernel runs. On a GPU, reading a value from the device is
 the finiteness of all inputs is one value, their largest magnitude, read once the call's kernels are
 queued (``check_values``): kernels index memory by shapes and lengths, never by the float inputs, so
 NaN or Inf there cannot make them misbehave. The same magnitude bounds the computation against
-overflow (``crossattn_gpu._overflow``).
+overflow (``crossattn_gpu._overflow``). Lengths and float masks already on a GPU are likewise checked
+there and read late (``late_check``), the lengths clamped into range meanwhile so that no kernel reads
+past the padding.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -218,12 +220,29 @@ def check_lengths(lengths, name: str, batch: int, max_len: int, batched: bool, b
     arr = backend.host(lengths, name)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array of shape (B,); got dtype {arr.dtype}")
-    if arr.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) (one length per example); got {arr.shape}")
+    check_lengths_shape(arr.shape, name, batch)
     low, high = int(arr.min()), int(arr.max())
     if low < 1 or high > max_len:
         raise ValueError(f"{name} must lie in 1..{max_len} (the padded length); got values from {low} to {high}")
     return arr.astype(np.int64)
+
+
+def check_lengths_shape(shape: tuple, name: str, batch: int) -> None:
+    if shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one length per example); got {shape}")
+
+
+def late_check(verdict, on_failure: Callable[[], None], what: str) -> Callable[[], None]:
+    """The function that finishes a check made on the device: ``verdict`` is True where it failed (a
+    value, or a function that reads it, see ``Batch.finish_checks``); ``on_failure`` repeats the check
+    on host copies, raising the error that names the problem."""
+
+    def finish() -> None:
+        if verdict() if callable(verdict) else verdict:
+            on_failure()
+            raise AssertionError(f"the device found the {what} invalid, the host did not")  # a backend's bug
+
+    return finish
 
 
 def check_flag(value, name: str) -> bool:
@@ -233,10 +252,13 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
-def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend):
+def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend, late_checks: list | None = None):
     """The positions where ``mask == 0``, as a bool array of rank 3 broadcastable to (B, Lq, Lk).
 
     The mask is returned un-broadcast, so a shared (Lq, Lk) mask costs Lq*Lk bytes, not B*Lq*Lk.
+    ``late_checks`` (``Batch.late_checks``): where the backend reads its arrays' magnitude late (a GPU),
+    a float mask's finiteness is read late too, appended there; NaN or Inf in a mask cannot make a
+    kernel misbehave meanwhile (it only decides which scores are filled). Else it is checked now.
     """
     if mask is None:
         return None
@@ -244,8 +266,8 @@ def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend)
     dtype = backend.dtype_name(arr)
     if dtype != "bool" and not (dtype.startswith(("int", "uint")) or dtype in FLOAT_DTYPES):
         raise TypeError(f"mask must be boolean or real numeric (0 = masked); got dtype {dtype}")
-    if dtype in FLOAT_DTYPES and not backend.all_finite(arr):
-        raise ValueError("mask contains NaN or Inf; use 0 for masked and 1 for kept positions")
+    if dtype in FLOAT_DTYPES:
+        _check_mask_finite(arr, backend, late_checks)
     target = (batch, len_q, len_k) if batched else (len_q, len_k)
     shape = tuple(arr.shape)
     if len(shape) > len(target):
@@ -260,6 +282,21 @@ def check_mask(mask, batch: int, len_q: int, len_k: int, batched: bool, backend)
     return masked.reshape((1,) * (3 - len(shape)) + shape)
 
 
+def _check_mask_finite(arr, backend, late_checks: list | None) -> None:
+    def fail() -> None:
+        raise ValueError("mask contains NaN or Inf; use 0 for masked and 1 for kept positions")
+
+    if late_checks is None:
+        if not backend.all_finite(arr):
+            fail()
+        return
+    magnitude = backend.largest_magnitude(arr)
+    if callable(magnitude):
+        late_checks.append(late_check(lambda: not math.isfinite(magnitude()), fail, "mask"))
+    elif not math.isfinite(magnitude):
+        fail()
+
+
 @dataclass(frozen=True)
 class Batch:
     """Validated, batched inputs of one call, in the backend's compute dtype."""
@@ -269,7 +306,17 @@ class Batch:
     out_dtype: str  # dtype name of the results
     caller_kind: object  # how to hand results back (the backend's token)
     stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
-    finish_checks: Callable[[], float]  # raises if a deferred check failed, else the inputs' largest magnitude
+    finish_values: Callable[[], float]  # raises if the inputs' values failed, else their largest magnitude
+    late_checks: list = field(default_factory=list)  # functions that raise if a check read late failed
+
+    def finish_checks(self) -> float:
+        """Finish the checks read late from the device (a GPU's reads wait for their own copies, not for
+        the call's work): call it once that work is queued, before handing anything back. Raises if one
+        failed; returns the inputs' largest magnitude. The mask's and the lengths' verdicts first, in the
+        order the host checks them."""
+        for check in self.late_checks:
+            check()
+        return self.finish_values()
 
     def unbatch(self, x):
         """Drop the leading batch axis that the front end added to unbatched inputs."""

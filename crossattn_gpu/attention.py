@@ -300,13 +300,11 @@ class CrossAttention:
         """
         batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr})
         xs, xt = batch.arrays
+        bidirectional = _checks.check_flag(bidirectional, "bidirectional")
         masked, s_len, t_len = self._ragged(
             batch, mask, xs.shape[1], xt.shape[1], sequential_lengths, structural_lengths,
-            names=("sequential_lengths", "structural_lengths"),
+            names=("sequential_lengths", "structural_lengths"), equal=bidirectional,
         )
-        bidirectional = _checks.check_flag(bidirectional, "bidirectional")
-        if bidirectional:
-            _check_bidirectional(xs.shape[0], xs.shape[1], xt.shape[1], s_len, t_len)
         need_weights = _default_need_weights(need_weights, batch)
         need_similarity = _checks.check_flag(need_similarity, "need_similarity")
         (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
@@ -507,19 +505,52 @@ class CrossAttention:
         cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
         caller_kind = backend.caller_kind(first)
 
-        def finish_checks() -> float:
+        def finish_values() -> float:
             magnitude = read_magnitude()
             _overflow.check_cast(arrays, magnitude, stages.projections, backend)
             return magnitude
 
-        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_checks)
+        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_values)
 
-    def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths")):
+    def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths"),
+                equal: bool = False):
+        """The mask and the lengths, checked; ``equal`` (the bidirectional fusion's sum): Lq == Lk and
+        equal lengths per example too.
+
+        Lengths already on a GPU backend's device (``checks_lengths_late``) are checked there, and the
+        verdict is read with the inputs' magnitude once the call's work is queued (``Batch.finish_checks``):
+        reading them now would drain the GPU's queue, once per lengths array. The backend clamps
+        them into range meanwhile, so no kernel reads past the padding whatever their values. A float
+        mask's finiteness is read late in the same way (``_checks.check_mask``).
+        """
         size, backend = batch.arrays[0].shape[0], self._backend
-        masked = _checks.check_mask(mask, size, len_q, len_k, batch.batched, backend)
-        q_len = _checks.check_lengths(q_lengths, names[0], size, len_q, batch.batched, backend)
-        k_len = _checks.check_lengths(k_lengths, names[1], size, len_k, batch.batched, backend)
-        return masked, q_len, k_len
+        masked = _checks.check_mask(mask, size, len_q, len_k, batch.batched, backend, batch.late_checks)
+        if equal:
+            _check_equal_lengths(len_q, len_k)
+        given = {names[0]: (q_lengths, len_q), names[1]: (k_lengths, len_k)}
+        if batch.batched and any(n is not None for n, _ in given.values()) and all(
+            n is None or backend.checks_lengths_late(n) for n, _ in given.values()
+        ):
+            for name, (lengths, _) in given.items():
+                if lengths is not None:
+                    _checks.check_lengths_shape(tuple(lengths.shape), name, size)
+            checked, verdict = backend.late_lengths([n for n, _ in given.values()], [len_q, len_k], equal)
+
+            def on_host():  # the checks below on host copies: they raise, naming what failed
+                host = {name: (None if n is None else backend.host(n, name), top) for name, (n, top) in given.items()}
+                self._host_lengths(host, size, batch.batched, equal)
+
+            batch.late_checks.append(_checks.late_check(verdict, on_host, "lengths"))
+            return (masked, *checked)
+        return (masked, *self._host_lengths(given, size, batch.batched, equal))
+
+    def _host_lengths(self, given: dict, size: int, batched: bool, equal: bool) -> list:
+        """The lengths (name -> (lengths, padded length)) checked on the host, as int64 arrays or None."""
+        checked = [_checks.check_lengths(lengths, name, size, top, batched, self._backend)
+                   for name, (lengths, top) in given.items()]
+        if equal:
+            _check_equal_per_example(size, *[top for _, top in given.values()], *checked)
+        return checked
 
     def _projection(self, dtype):
         """The backend's prepared form of the weights in ``dtype``, built once per assignment."""
@@ -584,13 +615,18 @@ def _default_need_weights(need_weights, batch: _checks.Batch) -> bool:
     return (not batch.batched) if need_weights is None else _checks.check_flag(need_weights, "need_weights")
 
 
-def _check_bidirectional(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:
-    hint = "pass bidirectional=False to get fused_sequential and fused_structural alone"
+_BIDIRECTIONAL_HINT = "pass bidirectional=False to get fused_sequential and fused_structural alone"
+
+
+def _check_equal_lengths(len_s: int, len_t: int) -> None:
     if len_s != len_t:
         raise ValueError(
             f"bidirectional_fusion adds fused_sequential (Ls={len_s}) and fused_structural (Lt={len_t}), "
-            f"so it needs Ls == Lt; {hint}"
+            f"so it needs Ls == Lt; {_BIDIRECTIONAL_HINT}"
         )
+
+
+def _check_equal_per_example(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:
     s_len = np.full(batch_size, len_s) if s_len is None else s_len
     t_len = np.full(batch_size, len_t) if t_len is None else t_len
     differs = np.flatnonzero(s_len != t_len)
@@ -598,5 +634,5 @@ def _check_bidirectional(batch_size: int, len_s: int, len_t: int, s_len, t_len) 
         b = int(differs[0])
         raise ValueError(
             "bidirectional_fusion needs equal sequential and structural lengths per example; "
-            f"example {b} has {s_len[b]} and {t_len[b]}; {hint}"
+            f"example {b} has {s_len[b]} and {t_len[b]}; {_BIDIRECTIONAL_HINT}"
         )

@@ -149,6 +149,8 @@ def test_a_late_finiteness_verdict_is_read_after_the_work_and_before_any_result(
         (lambda: model.multi_head_attention(good(4, D), good(4, D), bad), "value_seq contains NaN", "multi_head_attention"),
         (lambda: model.scaled_dot_product_attention(good(4, D), bad, good(4, D)), "keys contains NaN",
          "scaled_dot_product_attention"),
+        (lambda: model.fuse_representations(good(4, D), good(4, D), mask=np.full((4, 4), np.inf)),
+         "mask contains NaN or Inf", "fuse"),  # a float mask's verdict: read late as well, first
     ]
     for call, message, work in calls:
         events.clear()
@@ -158,6 +160,9 @@ def test_a_late_finiteness_verdict_is_read_after_the_work_and_before_any_result(
     events.clear()
     assert model.fuse_representations(good(3, D), good(3, D))["fusion_complete"]
     assert events == ["fuse", "verdict read"]
+    events.clear()
+    assert model.fuse_representations(good(3, D), good(3, D), mask=np.ones((3, 3)))["fusion_complete"]
+    assert events == ["fuse", "verdict read", "verdict read"]
 
 
 def test_a_masked_array_without_masked_entries_is_its_data(model):
@@ -165,3 +170,35 @@ def test_a_masked_array_without_masked_entries_is_its_data(model):
     plain = model.fuse_representations(xs, xt, bidirectional=False)["fused_sequential"]
     unmasked = model.fuse_representations(np.ma.masked_array(xs), xt, bidirectional=False)["fused_sequential"]
     np.testing.assert_array_equal(unmasked, plain)
+
+
+def test_late_length_verdicts_are_read_after_the_work_and_before_any_result(model, monkeypatch):
+    """A backend that checks lengths on its device (the Triton backend's device lengths) hands back
+    clamped lengths and a verdict read later. The front end must queue the work on the clamped lengths
+    first, read the verdict, and on a failed one raise the host check's error (or, if the host finds
+    nothing wrong, an AssertionError: the backend's bug)."""
+    backend, events = model._backend, []
+
+    def late_lengths(lengths, tops, equal):
+        clamped = [None if n is None else np.clip(n, 1, top) for n, top in zip(lengths, tops)]
+        failed = any(n is not None and (n != c).any() for n, c in zip(lengths, clamped))
+        events.append(("clamped", [None if c is None else c.tolist() for c in clamped]))
+        return clamped, lambda: events.append("verdict read") or failed or backend_bug
+
+    backend_bug = False
+    monkeypatch.setattr(backend, "checks_lengths_late", lambda lengths: isinstance(lengths, np.ndarray))
+    monkeypatch.setattr(backend, "late_lengths", late_lengths, raising=False)
+    fuse = backend.fuse
+    monkeypatch.setattr(backend, "fuse", lambda *a, **k: events.append("fuse") or fuse(*a, **k))
+    x = good(2, 4, D)
+    with pytest.raises(ValueError, match=r"structural_lengths must lie in 1..4 .* from 2 to 7"):
+        model.fuse_representations(x, x, structural_lengths=np.array([7, 2]), bidirectional=False)
+    assert events == [("clamped", [None, [4, 2]]), "fuse", "verdict read"]
+    events.clear()
+    out = model.fuse_representations(x, x, sequential_lengths=np.array([4, 2]), structural_lengths=np.array([4, 2]))
+    assert out["fusion_complete"] and events == [("clamped", [[4, 2], [4, 2]]), "fuse", "verdict read"]
+    backend_bug = True
+    with pytest.raises(AssertionError, match="the device found the lengths invalid, the host did not"):
+        model.fuse_representations(x, x, sequential_lengths=np.array([4, 2]), bidirectional=False)
+    with pytest.raises(ValueError, match=r"sequential_lengths must have shape \(2,\)"):  # shapes: at once
+        model.fuse_representations(x, x, sequential_lengths=np.array([4]), bidirectional=False)

@@ -27,6 +27,11 @@ class FoldedFusion:
     #: uses it; the others compute IEEE float32.
     float32_precision = "ieee"
 
+    def checks_lengths_late(self, lengths) -> bool:
+        """Whether this backend checks these lengths' values on its device, read late (``late_lengths``),
+        instead of the front end on the host: here never."""
+        return False
+
     def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         blocks = self._example_blocks(xq.shape[0], max(xq.shape[1], xk.shape[1]), weights)
         if len(blocks) == 1:

@@ -130,20 +130,58 @@ class TritonBackend(DeviceFusion):
         front end queues the call's GEMMs and kernels first and reads the magnitude then: the GPU no
         longer idles from the read until the host's next launch. Under the interpreter it is at hand at
         once."""
-        torch = self.torch
-        top = self._largest_magnitude(arrays)
-        if self.device.type != "cuda":
-            return top.item()
-        host = torch.empty((), dtype=top.dtype, pin_memory=True)
-        host.copy_(top, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(top.device))  # the stream the copy went to
+        return self._read_later(self._largest_magnitude(arrays))
 
-        def read() -> float:
+    def _read_later(self, value):
+        """A 0-d device tensor's value, or on a GPU a function that reads it later: the value is copied
+        into pinned host memory behind an event, and the function waits for that event alone, not for
+        the work queued after it."""
+        torch = self.torch
+        if self.device.type != "cuda":
+            return value.item()
+        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(value.device))  # the stream the copy went to
+
+        def read():
             copied.synchronize()
             return host.item()
 
         return read
+
+    def checks_lengths_late(self, lengths) -> bool:
+        """Whether ``late_lengths`` takes these lengths: an integer tensor already on this backend's device
+        (of a dtype torch compares and clamps: int8 to int64, uint8). The front end checks other lengths
+        on the host, which for a GPU tensor is a read that drains the queue."""
+        torch = self.torch
+        return (isinstance(lengths, torch.Tensor) and lengths.device == self.device
+                and lengths.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+    def late_lengths(self, lengths: list, max_lengths: list, equal: bool):
+        """Lengths checked on the device, read late (``checks_lengths_late``; shapes checked already).
+
+        ``lengths``: (B,) tensors or None; ``max_lengths``: each one's padded length. Returns the lengths
+        as int64 clamped into 1..max (so no kernel can read past the padding, whatever the values) and
+        a verdict: True where some length was out of range or, with ``equal``, two examples' lengths
+        differ (None standing for the full length). Like the magnitude (``largest_magnitude``), the
+        verdict is a value, or on a GPU a function that reads it later: no synchronisation now."""
+        torch = self.torch
+        clamped, failed = [], None
+        for given, top in zip(lengths, max_lengths):
+            if given is None:
+                clamped.append(None)
+                continue
+            wide = given.to(torch.int64)
+            clamped.append(wide.clamp(1, top))
+            outside = (clamped[-1] != wide).any()
+            failed = outside if failed is None else failed | outside
+        if equal:
+            first, second = (torch.full_like(other, top) if given is None else given
+                             for given, other, top in zip(clamped, clamped[::-1], max_lengths))
+            differ = (first != second).any()
+            failed = differ if failed is None else failed | differ
+        return clamped, self._read_later(failed)
 
     def _largest_magnitude(self, arrays):
         """max |x| over the arrays, on the device: one pass over each and no temporaries

@@ -362,6 +362,140 @@ def test_a_ragged_fusion_reads_from_the_device_once():
     close(got["fused_structural"], want["fused_structural"], 1e-5)
 
 
+DEVICE_LENGTH_CASES = [  # method, lengths (query or sequential, key or structural), bidirectional
+    ("fuse_representations", ([9, 4, 1], [7, 7, 2]), False),
+    ("fuse_representations", ([9, 4, 1], None), False),
+    ("fuse_representations", ([7, 4, 1], [7, 4, 1]), True),
+    ("fuse_representations", (None, [7, 7, 7]), True),
+    ("multi_head_attention", ([9, 4, 1], [7, 7, 2]), None),
+    ("scaled_dot_product_attention", (None, [1, 7, 3]), None),
+]
+
+
+def call_with_lengths(model, method, xs, xt, lengths, bidirectional):
+    if method == "fuse_representations":
+        if bidirectional:
+            xs = xs[:, : xt.shape[1]]
+        s_len, t_len = lengths
+        return model.fuse_representations(xs, xt, sequential_lengths=s_len, structural_lengths=t_len,
+                                          bidirectional=bidirectional, need_weights=True)
+    q_len, k_len = lengths
+    out, probs = getattr(model, method)(xs, xt, xt, query_lengths=q_len, key_lengths=k_len, need_weights=True)
+    return {"output": out, "probabilities": probs[0] if isinstance(probs, list) else probs}
+
+
+def host_reads(monkeypatch, backend) -> list:
+    """The names ``backend.host`` is called with from now on (a GPU array's copy to the host)."""
+    names, host = [], backend.host
+    monkeypatch.setattr(backend, "host", lambda x, name: names.append(name) or host(x, name))
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("method,lengths,bidirectional", DEVICE_LENGTH_CASES)
+def test_device_lengths_are_checked_on_the_device(monkeypatch, method, lengths, bidirectional, dtype):
+    """Lengths on the device are never copied to the host (on a GPU each copy drains the queue), and
+    give what host lengths give."""
+    ref, tri = models(16, 2)
+    rng = np.random.default_rng(2)
+    xs, xt = rng.standard_normal((3, 9, 16)).astype(np.float32), rng.standard_normal((3, 7, 16)).astype(np.float32)
+    host_lengths = [None if n is None else np.array(n) for n in lengths]
+    want = call_with_lengths(ref, method, xs, xt, host_lengths, bidirectional)
+    device_lengths = [None if n is None else torch.tensor(n, dtype=dtype, device=DEVICE) for n in lengths]
+    reads = host_reads(monkeypatch, tri._backend)
+    got = call_with_lengths(tri, method, torch.tensor(xs, device=DEVICE), torch.tensor(xt, device=DEVICE),
+                            device_lengths, bidirectional)
+    assert reads == []
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            close(got[key], value, 1e-5)
+
+
+BAD_DEVICE_LENGTHS = [  # lengths (sequential, structural), bidirectional, the message host lengths get
+    (([6, 3], [5, 5]), False, "sequential_lengths must lie in 1..5"),
+    (([0, 3], [5, 5]), False, "sequential_lengths must lie in 1..5 .* from 0 to 3"),
+    (([5, 3], [-2, 5]), False, "structural_lengths must lie in 1..5 .* from -2 to 5"),
+    (([5, 3], [5, 4]), True, "example 1 has 3 and 4"),
+    (([5, 5], None), True, None),
+    (([5, 4], None), True, "example 1 has 4 and 5"),
+    (([9, 3], [5, 4]), True, "sequential_lengths must lie in 1..5"),  # range before equality, as on the host
+    (([5, 3, 3], [5, 5]), False, r"sequential_lengths must have shape \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("lengths,bidirectional,message", BAD_DEVICE_LENGTHS)
+def test_bad_device_lengths_get_the_host_errors_and_never_reach_a_kernel(monkeypatch, lengths, bidirectional, message):
+    _, tri = models(8, 1)
+    backend = tri._backend
+    seen = []
+    attention = backend.kernel.attention
+
+    def recording(q, k, v, *, k_lengths=None, **kwargs):
+        seen.append(None if k_lengths is None else (int(k_lengths.min()), int(k_lengths.max()), k.shape[2]))
+        return attention(q, k, v, k_lengths=k_lengths, **kwargs)
+
+    monkeypatch.setattr(backend.kernel, "attention", recording)
+    xs, xt = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
+    s_len, t_len = (None if n is None else torch.tensor(n, device=DEVICE) for n in lengths)
+
+    def call():
+        return tri.fuse_representations(xs, xt, sequential_lengths=s_len, structural_lengths=t_len,
+                                        bidirectional=bidirectional, need_similarity=False)
+
+    if message is None:
+        assert call()["fusion_complete"]
+    else:
+        host = [None if n is None else np.array(n) for n in lengths]
+        with pytest.raises(ValueError, match=message):  # the message of host lengths, the same text
+            tri.fuse_representations(xs.cpu().numpy(), xt.cpu().numpy(), sequential_lengths=host[0],
+                                     structural_lengths=host[1], bidirectional=bidirectional, need_similarity=False)
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert all(1 <= low and high <= length for low, high, length in filter(None, seen))
+    ok = torch.tensor([5, 2], device=DEVICE)
+    tri.fuse_representations(xs, xt, sequential_lengths=ok, structural_lengths=ok)  # no state left behind
+
+
+def test_late_lengths_clamps_and_flags():
+    _, tri = models(8, 1)
+    backend = tri._backend
+
+    def verdict(lengths, tops, equal):
+        clamped, failed = backend.late_lengths([None if n is None else torch.tensor(n, device=DEVICE) for n in lengths],
+                                               tops, equal)
+        failed = failed() if callable(failed) else failed
+        assert callable(backend.late_lengths([torch.ones(1, device=DEVICE, dtype=torch.int64)], [1], False)[1]) == ON_GPU
+        return [None if c is None else c.cpu().tolist() for c in clamped], failed
+
+    assert verdict(([0, 9, 3], [2, 2, 2]), [5, 4], False) == ([[1, 5, 3], [2, 2, 2]], True)
+    assert verdict(([1, 5], None), [5, 4], False) == ([[1, 5], None], False)
+    assert verdict((None, [4, 4]), [4, 4], True) == ([None, [4, 4]], False)
+    assert verdict((None, [4, 3]), [4, 4], True) == ([None, [4, 3]], True)
+    assert verdict(([2, 3], [2, 3]), [4, 4], True) == ([[2, 3], [2, 3]], False)
+    assert verdict(([255, 3], [2, 3]), [300, 300], False)[1] is False  # uint8-sized values, a wider range
+    assert backend.checks_lengths_late(torch.ones(2, dtype=torch.int32, device=DEVICE))
+    for dtype in (torch.float32, torch.float64, torch.bool):
+        assert not backend.checks_lengths_late(torch.ones(2, dtype=dtype, device=DEVICE))
+    assert not backend.checks_lengths_late(np.ones(2, dtype=np.int64))
+
+
+@gpu_only
+def test_device_lengths_never_drain_the_queue():
+    """On a GPU: the ragged fusion with device lengths waits for events only, never for a stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, tri = models(16, 2)
+    xs, xt = torch.randn(3, 9, 16, device=DEVICE), torch.randn(3, 7, 16, device=DEVICE)
+    lengths = dict(sequential_lengths=torch.tensor([9, 4, 1], device=DEVICE),
+                   structural_lengths=torch.tensor([7, 7, 2], device=DEVICE))
+    tri.fuse_representations(xs, xt, bidirectional=False, **lengths)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tri.fuse_representations(xs, xt, bidirectional=False, **lengths)
+    names = [e.key for e in prof.key_averages()]
+    assert not [n for n in names if n in ("cudaStreamSynchronize", "cudaDeviceSynchronize")], names
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's limits")
 def test_bfloat16_is_refused_under_the_interpreter():
     with pytest.raises(ValueError, match="backend 'triton' supports dtypes"):
