@@ -35,6 +35,11 @@ keys get exactly zero weight and nothing past the end of K or V is read. The see
 score by -1e9 (a fully masked row is uniform). Every block of keys the loop visits holds at least one
 valid key (lengths are >= 1), so the running maximum is finite after the first block: no inf - inf.
 
+Ragged queries (q_lengths): rows at or past the example's query length are written as zeros (the fusion
+wants them so), and a query block wholly past it visits no keys: in a padded batch of antibodies of
+different lengths, the padding's queries cost no attention. Its sum l stays 0, replaced by 1 before the
+division, so no NaN arises that the zeros would have to hide.
+
 Wide heads over short sequences (Lk <= Dv) do not come here: the launcher hands them to
 ``attention_two_pass``, which writes the scores once instead of an accumulator per key block.
 
@@ -62,7 +67,7 @@ _LOG2E = contract.LOG2E
 
 @triton.jit
 def _attention_fwd(
-    Q, K, V, Mask, KLen, Out, Lse, Acc,
+    Q, K, V, Mask, KLen, QLen, Out, Lse, Acc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -74,6 +79,7 @@ def _attention_fwd(
     mask_fill,  # MASK_FILL * log2(e): the seed's -1e9, in the base-2 units of the scores
     HAS_MASK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
@@ -114,6 +120,12 @@ def _attention_fwd(
     k_len = len_k
     if HAS_KLEN:
         k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+    if HAS_QLEN:
+        # Rows at or past the example's query length are written as zeros; a block wholly past it
+        # visits no keys at all.
+        q_len = tl.minimum(tl.load(QLen + off_b).to(tl.int32), len_q)
+        row_live = offs_m < q_len
+        k_len = tl.where(pid_m * BLOCK_M < q_len, k_len, 0)
     if SUM_HEADS:
         total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
 
@@ -190,12 +202,17 @@ def _attention_fwd(
 
         # --- normalise and write (or add to the head sum) ------------------------------------------
         out_base = Out + off_b * stride_ob + off_h * stride_oh
+        if HAS_QLEN:
+            l_i = tl.where(l_i > 0, l_i, 1.0)  # 0 in a block that visited no keys: its rows are zeros
         inv_l = 1.0 / l_i
         if SUM_HEADS:
             total += acc * inv_l[:, None]
         elif SINGLE_DV:
             o_ptrs = out_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-            o = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
+            o = acc * inv_l[:, None]
+            if HAS_QLEN:
+                o = tl.where(row_live[:, None], o, 0.0)
+            o = o.to(Out.dtype.element_ty)
             if EVEN_M and EVEN_DV:
                 tl.store(o_ptrs, o)
             else:
@@ -204,7 +221,11 @@ def _attention_fwd(
             for start_d in range(0, dim_v, BLOCK_DV):
                 dvs = start_d + offs_dv
                 a_ptrs = acc_base + offs_m[:, None] * stride_am + dvs[None, :] * stride_ad
-                o = (tl.load(a_ptrs) * inv_l[:, None]).to(Out.dtype.element_ty)
+                if HAS_QLEN:  # zeros past the length (a block that visited no keys never wrote its scratch)
+                    o = tl.load(a_ptrs, mask=row_live[:, None], other=0.0) * inv_l[:, None]
+                else:
+                    o = tl.load(a_ptrs) * inv_l[:, None]
+                o = o.to(Out.dtype.element_ty)
                 o_ptrs = out_base + offs_m[:, None] * stride_om + dvs[None, :] * stride_od
                 tl.store(o_ptrs, o, mask=row_ok[:, None] & (dvs[None, :] < dim_v))
 
@@ -219,6 +240,8 @@ def _attention_fwd(
 
     if SUM_HEADS:
         o_ptrs = Out + off_b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        if HAS_QLEN:
+            total = tl.where(row_live[:, None], total, 0.0)
         o = total.to(Out.dtype.element_ty)
         if EVEN_M and EVEN_DV:
             tl.store(o_ptrs, o)
@@ -271,9 +294,9 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
             "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": "ieee" if half else precision}
 
 
-def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None, sum_heads: bool = False,
-              precision: str = "ieee", config: dict | None = None, lengths_checked: bool = False,
-              need_lse: bool = True):
+def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=None, out_dtype=None,
+              sum_heads: bool = False, precision: str = "ieee", config: dict | None = None,
+              lengths_checked: bool = False, need_lse: bool = True):
     """Fused attention forward.
 
     Args:
@@ -284,6 +307,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
             0 (the score becomes -1e9).
         k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
             Checking the values reads one flag from the device (a synchronisation).
+        q_lengths: optional int (B,) with values in 1..Lq: output rows at or past the length are zeros,
+            and query blocks wholly past it skip their keys (the lse of those rows is undefined).
+            Checked as k_lengths is.
         out_dtype: dtype of O (default: q's dtype); float32 keeps the accumulator's precision.
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32. When Dv fits one
             chunk, each program loops over the heads and keeps the sum in registers, so the per-head
@@ -294,8 +320,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
             (for tuning sweeps, ``bench/sweep_triton.py``; its INPUT_PRECISION replaces ``precision``); it
             always runs this file's fused kernel.
-        lengths_checked: the caller has checked that k_lengths lie in 1..Lk (the library's front end
-            does, on the host): no read from the device. Values out of range are then not caught (the
+        lengths_checked: the caller has checked that k_lengths lie in 1..Lk and q_lengths in 1..Lq (the
+            library's front end does): no read from the device. Values out of range are then not caught (the
             kernel stays in bounds, but its numbers are wrong).
         need_lse: compute and return the lse (B x H x Lq float32: on W4, 0.25 MiB, the whole difference
             between the fusion's peak memory and torch SDPA's); without it the second result is None.
@@ -313,10 +339,10 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
     """
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     if config is None and two_pass_preferred(len_q, len_k, dim_k, dim_v, q.element_size()):
-        return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, out_dtype=out_dtype,
-                                  sum_heads=sum_heads, precision=precision, lengths_checked=lengths_checked,
-                                  need_lse=need_lse)
-    masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
+        return attention_two_pass(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths, q_lengths=q_lengths,
+                                  out_dtype=out_dtype, sum_heads=sum_heads, precision=precision,
+                                  lengths_checked=lengths_checked, need_lse=need_lse)
+    masked, k_lengths, q_lengths = checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)
@@ -337,7 +363,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         cols = cdiv(dim_v, block_dv) * block_dv
         scratch = torch.empty((batch, heads, rows, cols), device=q.device, dtype=torch.float32)
         scratch_strides = scratch.stride()
-    # Valid pointers that HAS_MASK=False never reads and STORE_LSE=False never writes.
+    # Valid pointers that HAS_MASK, HAS_KLEN and HAS_QLEN = False never read and STORE_LSE=False never writes.
     mask_arg = masked if masked is not None else q
     lse_arg = lse if lse is not None else q
 
@@ -345,7 +371,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
 
     grid = (batch if sum_in_kernel else batch * heads, cdiv(len_q, block_m))
     _attention_fwd[grid](
-        q, k, v, mask_arg, k_lengths if k_lengths is not None else q, out, lse_arg, scratch,
+        q, k, v, mask_arg, k_lengths if k_lengths is not None else q, q_lengths if q_lengths is not None else q,
+        out, lse_arg, scratch,
         *q.stride(),
         k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
@@ -357,6 +384,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=N
         MASK_FILL * _LOG2E,
         HAS_MASK=masked is not None,
         HAS_KLEN=k_lengths is not None,
+        HAS_QLEN=q_lengths is not None,
         SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
         SINGLE_DV=single_dv,
         EVEN_M=len_q % block_m == 0,

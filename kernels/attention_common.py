@@ -114,8 +114,8 @@ def checked_shapes(q, k, v) -> tuple[int, int, int, int, int, int]:
     return contract.check_qkv(q, k, v)
 
 
-def checked_mask_and_lengths(q, masked, k_lengths, dims: tuple, lengths_checked: bool):
-    """The mask as uint8 and the lengths as int32 on q's device (or None), checked against ``dims``."""
+def checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims: tuple, lengths_checked: bool):
+    """The mask as uint8 and both lengths as int32 on q's device (or None), checked against ``dims``."""
     batch, _, len_q, len_k, _, _ = dims
     if masked is not None:
         contract.check_masked(masked, batch, len_q, len_k)
@@ -123,7 +123,10 @@ def checked_mask_and_lengths(q, masked, k_lengths, dims: tuple, lengths_checked:
     if k_lengths is not None:
         contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
-    return masked, k_lengths
+    if q_lengths is not None:
+        contract.check_lengths(q_lengths, batch, len_q, lengths_checked, name="q_lengths")
+        q_lengths = q_lengths.to(device=q.device, dtype=torch.int32)
+    return masked, k_lengths, q_lengths
 
 
 def chosen_config(default: dict, config: dict | None) -> dict:

@@ -33,7 +33,9 @@ scratch per example, no more than the fused kernel's H x Lq x Dv x 4 accumulator
 ``preferred`` requires, for at most ``SCRATCH_BYTES`` worth of examples at a time.
 
 Ragged keys: both passes stop at the example's key length; scores past it in the last block are -inf
-(zero weight), and nothing past the end of K or V is read. The scratch is padded to whole blocks, so
+(zero weight), and nothing past the end of K or V is read. Ragged queries: output rows at or past the
+example's query length are zeros, and a query block wholly past it computes no scores in either pass
+(pass 2 then never reads the scratch rows pass 1 left unwritten). The scratch is padded to whole blocks, so
 its loads and stores need no masks; pass 2 reads only the blocks pass 1 wrote.
 """
 
@@ -52,7 +54,7 @@ from .attention_common import (
 
 @triton.jit
 def _attention_fwd_scores(
-    Q, K, Mask, KLen, Scores, RowMax, RowInvSum, Lse,
+    Q, K, Mask, KLen, QLen, Scores, RowMax, RowInvSum, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mm, stride_mn,
@@ -62,6 +64,7 @@ def _attention_fwd_scores(
     mask_fill,  # the seed's -1e9 times log2(e)
     HAS_MASK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
@@ -84,6 +87,8 @@ def _attention_fwd_scores(
     k_len = len_k
     if HAS_KLEN:  # clamped to len_k, so a bad length stays in bounds
         k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+    if HAS_QLEN:  # a query block wholly past the example's length computes no scores
+        k_len = tl.where(pid_m * BLOCK_M < tl.minimum(tl.load(QLen + off_b).to(tl.int32), len_q), k_len, 0)
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -106,6 +111,8 @@ def _attention_fwd_scores(
         m_i = m_new
 
     stat = pid_bh * rows_padded + offs_m  # padded rows too: pass 2 loads them without masks
+    if HAS_QLEN:
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # 0 in a block that visited no keys
     tl.store(RowMax + stat, m_i)
     tl.store(RowInvSum + stat, 1.0 / l_i)
     if STORE_LSE:
@@ -118,12 +125,13 @@ def _attention_fwd_scores(
 
 @triton.jit
 def _attention_fwd_probs_values(
-    Scores, RowMax, RowInvSum, V, KLen, Out,
+    Scores, RowMax, RowInvSum, V, KLen, QLen, Out,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_s_row,
     num_heads, len_q, len_k, dim_v, rows_padded, blocks_m, blocks_dv,
     HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -158,6 +166,9 @@ def _attention_fwd_probs_values(
     k_len = len_k
     if HAS_KLEN:
         k_len = tl.minimum(tl.load(KLen + off_b).to(tl.int32), len_k)
+    if HAS_QLEN:  # rows at or past the example's query length are zeros; a block wholly past it skips its keys
+        q_len = tl.minimum(tl.load(QLen + off_b).to(tl.int32), len_q)
+        k_len = tl.where(pid_m * BLOCK_M < q_len, k_len, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for head in range(first_head, first_head + head_count):
@@ -181,6 +192,8 @@ def _attention_fwd_probs_values(
 
     o_base = Out + off_b * stride_ob + first_head * stride_oh
     o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    if HAS_QLEN:
+        acc = tl.where((offs_m < q_len)[:, None], acc, 0.0)
     o = acc.to(Out.dtype.element_ty)
     if EVEN_M and EVEN_DV:
         tl.store(o_ptrs, o)
@@ -236,7 +249,7 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     }
 
 
-def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, out_dtype=None,
+def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=None, out_dtype=None,
                        sum_heads: bool = False, precision: str = "ieee", config: dict | None = None,
                        lengths_checked: bool = False, need_lse: bool = True):
     """Attention forward in two passes (scores materialised in float32), for wide heads.
@@ -248,12 +261,15 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
         masked: optional bool or uint8 (Bm, Lq, Lk) with Bm in {1, B}: nonzero where the seed's mask is
             0 (the score becomes -1e9).
         k_lengths: optional int (B,) with values in 1..Lk: keys at or past the length get zero weight.
+        q_lengths: optional int (B,) with values in 1..Lq: output rows at or past the length are zeros,
+            and query blocks wholly past it compute no scores (the lse of those rows is undefined).
         out_dtype: dtype of O (default: q's dtype).
         sum_heads: return the sum of the heads' outputs, (B, Lq, Dv), taken in float32 registers.
         precision: how float32 dots run (``"ieee"``, ``"tf32x3"`` or ``"tf32"``; see ``attention.attention``).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
             (its INPUT_PRECISION replaces ``precision``).
-        lengths_checked: the caller has checked that k_lengths lie in 1..Lk: no read from the device.
+        lengths_checked: the caller has checked that k_lengths lie in 1..Lk and q_lengths in 1..Lq: no read
+            from the device.
         need_lse: compute and return the lse; without it the second result is None.
 
     Returns:
@@ -267,7 +283,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     for at most ``SCRATCH_BYTES`` worth of examples at a time (more examples: more launches).
     """
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
-    masked, k_lengths = checked_mask_and_lengths(q, masked, k_lengths, dims, lengths_checked)
+    masked, k_lengths, q_lengths = checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
     block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)  # pass 1's grid
@@ -297,11 +313,12 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
     for first in range(0, batch, step):
         rows_b = slice(first, min(batch, first + step))
         count = rows_b.stop - first
-        # Absent mask and lengths pass a valid pointer (q) that HAS_MASK / HAS_KLEN = False never reads.
+        # Absent mask and lengths pass a valid pointer (q) that HAS_MASK / HAS_KLEN / HAS_QLEN = False never reads.
         mask_arg = q if masked is None else (masked if masked.shape[0] == 1 else masked[rows_b])
         lengths_arg = q if k_lengths is None else k_lengths[rows_b]
+        q_lengths_arg = q if q_lengths is None else q_lengths[rows_b]
         _attention_fwd_scores[(count * heads, blocks_m)](
-            q[rows_b], k[rows_b], mask_arg, lengths_arg, scores, row_max, row_inv_sum,
+            q[rows_b], k[rows_b], mask_arg, lengths_arg, q_lengths_arg, scores, row_max, row_inv_sum,
             row_max if lse is None else lse[rows_b],  # a valid pointer that STORE_LSE=False never writes
             *q.stride(),
             k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
@@ -310,18 +327,18 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, ou
             heads, len_q, len_k, dim_k, rows,
             float(scale) * contract.LOG2E,
             contract.MASK_FILL * contract.LOG2E,
-            HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None,
+            HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None, HAS_QLEN=q_lengths is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
             EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
             INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=need_lse, WIDE_OFFSETS=wide, **launch,
         )
         _attention_fwd_probs_values[(programs_per_example * count,)](
-            scores, row_max, row_inv_sum, v[rows_b], lengths_arg, out[rows_b],
+            scores, row_max, row_inv_sum, v[rows_b], lengths_arg, q_lengths_arg, out[rows_b],
             v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),
             *out_strides,
             cols,
             heads, len_q, len_k, dim_v, rows, blocks_m, blocks_dv,
-            HAS_KLEN=k_lengths is not None,
+            HAS_KLEN=k_lengths is not None, HAS_QLEN=q_lengths is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv,
             EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DV=dim_v % block_dv == 0,
             INPUT_PRECISION=cfg["INPUT_PRECISION"], SUM_HEADS=sum_heads, WIDE_OFFSETS=wide, **launch,

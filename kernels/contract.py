@@ -75,14 +75,14 @@ def check_masked(masked, batch: int, len_q: int, len_k: int) -> None:
         raise TypeError(f"masked must be bool or uint8; got {dtype_name(masked)}")
 
 
-def check_lengths(k_lengths, batch: int, len_k: int, checked: bool = False) -> None:
-    """Integer (B,) lengths in 1..Lk. The range check reads one flag from the device (a synchronisation);
-    ``checked`` (the caller has checked the values, as the library's front end does on the host)
-    skips it and checks only the shape and dtype."""
-    name = dtype_name(k_lengths)
-    if tuple(k_lengths.shape) != (batch,) or not name.startswith(("int", "uint")):
-        raise ValueError(f"k_lengths must be an integer tensor of shape ({batch},); got {name} {tuple(k_lengths.shape)}")
-    if checked or not bool(((k_lengths < 1) | (k_lengths > len_k)).any()):
+def check_lengths(lengths, batch: int, length: int, checked: bool = False, name: str = "k_lengths") -> None:
+    """Integer (B,) lengths in 1..length (Lk for ``k_lengths``, Lq for ``q_lengths``). The range check
+    reads one flag from the device (a synchronisation); ``checked`` (the caller has checked the values,
+    as the library's front end does) skips it and checks only the shape and dtype."""
+    dtype = dtype_name(lengths)
+    if tuple(lengths.shape) != (batch,) or not dtype.startswith(("int", "uint")):
+        raise ValueError(f"{name} must be an integer tensor of shape ({batch},); got {dtype} {tuple(lengths.shape)}")
+    if checked or not bool(((lengths < 1) | (lengths > length)).any()):
         return
-    low, high = int(k_lengths.min()), int(k_lengths.max())
-    raise ValueError(f"k_lengths must lie in 1..{len_k}; got values from {low} to {high}")
+    low, high = int(lengths.min()), int(lengths.max())
+    raise ValueError(f"{name} must lie in 1..{length}; got values from {low} to {high}")

@@ -53,6 +53,9 @@ class DeviceFusion(FoldedFusion):
     xp = None
     float32 = None
     kernel = None
+    #: Whether ``kernel.attention`` takes ``q_lengths`` (writes the rows past them as zeros and skips the
+    #: query blocks wholly past them); else the rows are zeroed after it.
+    kernel_takes_query_lengths = False
     #: A call's fixed cost in FLOPs of fusion work (``ragged.length_batches``): W1 took 0.64 ms on an
     #: H200 (Triton, 2026-11-28), where the fusion's GEMMs run at tens (float32) to hundreds (16-bit) of
     #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
@@ -97,17 +100,21 @@ class DeviceFusion(FoldedFusion):
         shape[axis] = x.shape[axis]
         return self.cast(self.xp.where(pad.reshape(shape), 0, x), x.dtype)
 
-    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, sum_heads=False):
-        """The kernel (the heads' outputs, or their sum), plus the probabilities rebuilt from its
-        log-sum-exp when asked."""
+    def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
+        """The kernel (the heads' outputs, or their sum), its rows at or past ``q_lengths`` zero, plus the
+        probabilities rebuilt from its log-sum-exp when asked (their rows past ``q_lengths`` undefined)."""
         xp = self.xp
         if masked is not None:
             masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
+        in_kernel = {"q_lengths": q_lengths} if self.kernel_takes_query_lengths else {}
         # The lse serves only to rebuild the probabilities: without them the kernel neither computes
         # nor allocates it (W4: 0.25 MiB, the fusion's whole excess over torch SDPA's peak memory).
         out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads,
-                                         lengths_checked=True, need_lse=need_weights, **self._kernel_options())
+                                         lengths_checked=True, need_lse=need_weights, **in_kernel,
+                                         **self._kernel_options())
+        if not in_kernel:
+            out = self._zero_padded_rows(out, q_lengths, axis=out.ndim - 2)
         probs = None
         if need_weights:
             scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
@@ -138,13 +145,12 @@ class DeviceFusion(FoldedFusion):
 
     def _attend(self, q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
         head_sum, probs = self._attention(
-            q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, k_lengths=k_lengths,
+            q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
             need_weights=need_weights, sum_heads=True,
         )
-        out = self._zero_padded_rows(head_sum, q_lengths, axis=1)
         if probs is not None:
             probs = self._zero_padded_rows(probs, q_lengths, axis=2)
-        return out, probs
+        return head_sum, probs
 
     def _cosine_similarity(self, a, b):
         """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN.
@@ -175,9 +181,10 @@ class DeviceFusion(FoldedFusion):
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
         q_lengths, k_lengths = self._on_device(q_lengths, k_lengths)
         out, probs = self._attention(
-            q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, k_lengths=k_lengths, need_weights=need_weights
+            q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
+            need_weights=need_weights,
         )
-        out = self._zero_padded_rows(out[:, 0], q_lengths, axis=1)
+        out = out[:, 0]
         if probs is not None:
             probs = self._zero_padded_rows(probs[:, 0], q_lengths, axis=1)
         return out, probs

@@ -34,6 +34,7 @@ class TritonBackend(DeviceFusion):
     """Runs the fusion on a CUDA GPU with Triton kernels (or under Triton's interpreter on the CPU)."""
 
     name = "triton"
+    kernel_takes_query_lengths = True
 
     def __init__(self):
         self.torch = self.xp = require("torch", "backend 'triton'")
@@ -162,19 +163,21 @@ class TritonBackend(DeviceFusion):
         """Lengths checked on the device, read late (``checks_lengths_late``; shapes checked already).
 
         ``lengths``: (B,) tensors or None; ``max_lengths``: each one's padded length. Returns the lengths
-        as int64 clamped into 1..max (so no kernel can read past the padding, whatever the values) and
-        a verdict: True where some length was out of range or, with ``equal``, two examples' lengths
-        differ (None standing for the full length). Like the magnitude (``largest_magnitude``), the
-        verdict is a value, or on a GPU a function that reads it later: no synchronisation now."""
+        clamped into 1..max, as int32 (the kernels' dtype), so that no kernel reads past the padding
+        whatever the values, and a verdict: True where some length was out of range or, with ``equal``,
+        two examples' lengths differ (None standing for the full length). Like the magnitude
+        (``largest_magnitude``), the verdict is a value, or on a GPU a function that reads it later: no
+        synchronisation now."""
         torch = self.torch
         clamped, failed = [], None
         for given, top in zip(lengths, max_lengths):
             if given is None:
                 clamped.append(None)
                 continue
-            wide = given.to(torch.int64)
-            clamped.append(wide.clamp(1, top))
-            outside = (clamped[-1] != wide).any()
+            wide = given if given.dtype in (torch.int32, torch.int64) else given.to(torch.int64)
+            bounded = wide.clamp(1, top)
+            outside = (bounded != wide).any()
+            clamped.append(self.cast(bounded, torch.int32))
             failed = outside if failed is None else failed | outside
         if equal:
             first, second = (torch.full_like(other, top) if given is None else given
@@ -225,7 +228,7 @@ class TritonBackend(DeviceFusion):
 
     # --- primitives of DeviceFusion -----------------------------------------------------------------
 
-    def _attention(self, q, k, v, *, scale, masked, k_lengths, need_weights, sum_heads=False):
+    def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
         """Heads' sums without mask, key lengths or probabilities: heads wider than 256 over short
         sequences as two GEMMs (``_gemm_head_sum``), other float32 heads through torch's SDPA (the shared
         keys expanded over the heads, no copy) and a float32 sum; the rest through the kernels.
@@ -243,12 +246,15 @@ class TritonBackend(DeviceFusion):
         with Lk.
         """
         if sum_heads and masked is None and k_lengths is None and not need_weights:
+            out = None
             if self._gemm_route(q, k, v):
-                return self._gemm_head_sum(q, k, v, scale), None
-            if q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
+                out = self._gemm_head_sum(q, k, v, scale)
+            elif q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
                 keys = k.expand(-1, q.shape[1], -1, -1)
-                return self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1), None
-        return super()._attention(q, k, v, scale=scale, masked=masked, k_lengths=k_lengths,
+                out = self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1)
+            if out is not None:
+                return self._zero_padded_rows(out, q_lengths, axis=1), None
+        return super()._attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
                                   need_weights=need_weights, sum_heads=sum_heads)
 
     def _wide_heads(self, dtype, width: int) -> bool:
@@ -314,10 +320,11 @@ class TritonBackend(DeviceFusion):
         return self.torch.arange(length, device=self.device)
 
     def _device_lengths(self, lengths):
+        """Host lengths go over as int32, the kernels' dtype (checked: none is longer than its sequence)."""
         torch = self.torch
         if isinstance(lengths, torch.Tensor):
             return lengths.to(self.device)
-        host = torch.from_numpy(np.ascontiguousarray(lengths))
+        host = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         if self.device.type != "cuda":
             return host
         # From pinned memory the copy needs no synchronisation (torch waits for a pageable one).

@@ -362,6 +362,39 @@ def test_a_ragged_fusion_reads_from_the_device_once():
     close(got["fused_structural"], want["fused_structural"], 1e-5)
 
 
+def test_the_kernels_zero_padded_queries_themselves(monkeypatch):
+    """Ragged queries reach the kernel, which writes their padded rows as zeros (no pass over the output
+    after it); the routes that take no lengths (SDPA here: float32, keys unpadded) zero them after."""
+    ref, tri = models(16, 2)
+    backend = tri._backend
+    zeroed, seen = [], []
+    zero_rows, attention = backend._zero_padded_rows, backend.kernel.attention
+    monkeypatch.setattr(backend, "_zero_padded_rows",
+                        lambda x, lengths, axis: zeroed.append(lengths is not None) or zero_rows(x, lengths, axis))
+
+    def recording(q, k, v, *, q_lengths=None, **kwargs):
+        seen.append(q_lengths is not None)
+        return attention(q, k, v, q_lengths=q_lengths, **kwargs)
+
+    monkeypatch.setattr(backend.kernel, "attention", recording)
+    rng = np.random.default_rng(3)
+    xs, xt = rng.standard_normal((3, 70, 16)).astype(np.float32), rng.standard_normal((3, 7, 16)).astype(np.float32)
+    s_len, t_len = np.array([70, 4, 1]), np.array([7, 7, 2])  # 70 queries: blocks wholly past 4 and 1
+    kwargs = dict(bidirectional=False, need_similarity=False)
+    for lengths, kernel_calls, zeroed_after in [
+        (dict(sequential_lengths=s_len, structural_lengths=t_len), [True, True], []),
+        (dict(sequential_lengths=s_len), [False], [True]),  # seq -> struct through SDPA
+    ]:
+        zeroed.clear(), seen.clear()
+        got = tri.fuse_representations(torch.tensor(xs, device=DEVICE), torch.tensor(xt, device=DEVICE), **lengths,
+                                       **kwargs)
+        assert (seen, zeroed) == (kernel_calls, zeroed_after)
+        want = ref.fuse_representations(xs, xt, **lengths, **kwargs)
+        for key in ("fused_sequential", "fused_structural"):
+            close(got[key], want[key], 1e-5)
+        assert not got["fused_sequential"][1, 4:].any() and not got["fused_sequential"][2, 1:].any()
+
+
 DEVICE_LENGTH_CASES = [  # method, lengths (query or sequential, key or structural), bidirectional
     ("fuse_representations", ([9, 4, 1], [7, 7, 2]), False),
     ("fuse_representations", ([9, 4, 1], None), False),

@@ -27,7 +27,9 @@ def plain_torch(q, k, v, scale, masked, k_lengths):
 def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v, dtype, mask=False, ragged=False,
           seed=0):
     """``attention`` (a launcher) against the reference on random inputs of this shape: per-head
-    outputs, the heads' sum and the lse; float32 within 1e-5, 16-bit within twice plain torch."""
+    outputs, the heads' sum and the lse; float32 within 1e-5, 16-bit within twice plain torch.
+    ``ragged``: key lengths (one example's 1) and query lengths (another's 1), whose padded rows must
+    come out zero."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, heads, len_q, dim_k))
     k = rng.standard_normal((batch, heads_k, len_k, dim_k))
@@ -37,8 +39,10 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
         masked = rng.random((batch, len_q, len_k)) < 0.3
         masked[:, 0] = True  # a fully masked row: uniform weights
     lengths = rng.integers(1, len_k + 1, size=batch) if ragged else None
+    q_lengths = rng.integers(1, len_q + 1, size=batch) if ragged else None
     if ragged:
         lengths[0] = 1  # one example of length 1
+        q_lengths[-1] = 1  # and one of one query: its later query blocks visit no keys
     scale = 1.0 / np.sqrt(dim_k)
 
     def dev(x, dt=dtype):
@@ -51,15 +55,23 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
     )
     t_masked = None if masked is None else torch.tensor(masked, device=DEVICE)
     t_lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
-    out, lse = attention(tq, tk, tv, scale=scale, masked=t_masked, k_lengths=t_lengths)
+    live = np.ones((batch, len_q), dtype=bool)
+    if ragged:
+        live = np.arange(len_q)[None, :] < q_lengths[:, None]
+        want = np.where(live[:, None, :, None], want, 0.0)
+        t_lengths = dict(k_lengths=t_lengths, q_lengths=torch.tensor(q_lengths, device=DEVICE))
+    else:
+        t_lengths = dict(k_lengths=t_lengths)
+    out, lse = attention(tq, tk, tv, scale=scale, masked=t_masked, **t_lengths)
     assert out.dtype == dtype and out.shape == (batch, heads, len_q, dim_v)
     got = out.double().cpu().numpy()
     assert np.isfinite(got).all()
     err = np.abs(got - want).max() / np.abs(want).max()
     # The heads' sum, as the fusion asks for it (in registers when Dv fits one chunk).
-    summed, summed_lse = attention(tq, tk, tv, scale=scale, masked=t_masked, k_lengths=t_lengths, sum_heads=True)
+    summed, summed_lse = attention(tq, tk, tv, scale=scale, masked=t_masked, sum_heads=True, **t_lengths)
     assert summed.dtype == dtype and summed.shape == (batch, len_q, dim_v)
-    torch.testing.assert_close(summed_lse, lse, rtol=1e-6, atol=1e-6)
+    live_lse = np.repeat(live[:, None, :], heads, axis=1)  # the lse of padded queries is undefined
+    torch.testing.assert_close(summed_lse[live_lse], lse[live_lse], rtol=1e-6, atol=1e-6)
     want_sum = want.sum(1)
     got_sum = summed.double().cpu().numpy()
     assert np.isfinite(got_sum).all()
@@ -68,7 +80,8 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
         assert err <= 1e-5, err
         assert err_sum <= 1e-5, err_sum
     else:
-        yard_heads = plain_torch(tq, tk, tv, scale, t_masked, t_lengths)
+        yard_heads = plain_torch(tq, tk, tv, scale, t_masked, t_lengths["k_lengths"])
+        yard_heads = yard_heads * torch.tensor(live[:, None, :, None], device=DEVICE)
         yard = yard_heads.double().cpu().numpy()
         yard_err = np.abs(yard - want).max() / np.abs(want).max()
         assert err <= 2 * yard_err, (err, yard_err)
@@ -77,7 +90,7 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
         assert err_sum <= 2 * yard_sum_err, (err_sum, yard_sum_err)
     # lse: compare where rows are not fully masked (there lse is about -1e9 and float32 holds it coarsely)
     lse_err = np.abs(lse.double().cpu().numpy() - want_lse) / np.maximum(np.abs(want_lse), 1.0)
-    assert lse_err.max() <= (1e-5 if dtype == torch.float32 else 2e-3)
+    assert lse_err[live_lse].max() <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
 def check_float32_precisions(attention):

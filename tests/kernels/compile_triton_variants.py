@@ -1,7 +1,7 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
 passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax) with Triton's real
 compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
-launcher picks for a shape of every kind, with and without mask and lengths, and check that each fits
+launcher picks for a shape of every kind, with and without mask and both lengths, and check that each fits
 the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
 cannot catch what only the compiler checks (types, layouts, scf.if, shared memory). For sm_90, the
 chip this project runs on, Triton's own ptxas also reports each variant's registers and spills: the
@@ -32,8 +32,8 @@ from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import projection as projection_module
 from crossattn_gpu.kernels import softmax_heads as softmax_module
 
-POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "Lse": "*fp32", "Acc": "*fp32", "Scores": "*fp32",
-                 "RowMax": "*fp32", "RowInvSum": "*fp32"}
+POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "QLen": "*i32", "Lse": "*fp32",
+                 "Acc": "*fp32", "Scores": "*fp32", "RowMax": "*fp32", "RowInvSum": "*fp32"}
 SCALARS = {"rows": "i32", "cols": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
            "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
            "scale_log2": "fp32"}
@@ -94,7 +94,7 @@ def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: bool
     """(kernel, constexprs) of the fused kernel as the launcher would use them."""
     len_q, len_k, dim_k, dim_v = shape
     constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    constexprs.update(HAS_MASK=extras, HAS_KLEN=extras, SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
+    constexprs.update(HAS_MASK=extras, HAS_KLEN=extras, HAS_QLEN=extras, SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
                       SINGLE_DV=dim_v <= cfg["BLOCK_DV"], EVEN_M=len_q % cfg["BLOCK_M"] == 0,
                       EVEN_N=len_k % cfg["BLOCK_N"] == 0 and not extras, EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
                       EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
@@ -109,7 +109,7 @@ def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: b
     len_q, len_k, dim_k, dim_v = shape
     even = {"EVEN_M": len_q % cfg["BLOCK_M"] == 0, "EVEN_N": len_k % cfg["BLOCK_N"] == 0 and not extras}
     common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "INPUT_PRECISION": cfg["INPUT_PRECISION"],
-              "HAS_KLEN": extras, "WIDE_OFFSETS": wide, **even}
+              "HAS_KLEN": extras, "HAS_QLEN": extras, "WIDE_OFFSETS": wide, **even}
     scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0,
               "STORE_LSE": not extras}
     values = {**common, "BLOCK_DV": cfg["BLOCK_DV"], "EVEN_DV": dim_v % cfg["BLOCK_DV"] == 0, "SUM_HEADS": extras}
