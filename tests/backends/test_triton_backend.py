@@ -362,11 +362,15 @@ def test_a_ragged_fusion_reads_from_the_device_once():
     close(got["fused_structural"], want["fused_structural"], 1e-5)
 
 
-def test_the_kernels_zero_padded_queries_themselves(monkeypatch):
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["triton", "kernel-without-query-lengths"])
+def test_the_kernels_zero_padded_queries_themselves(monkeypatch, in_kernel):
     """Ragged queries reach the kernel, which writes their padded rows as zeros (no pass over the output
-    after it); the routes that take no lengths (SDPA here: float32, keys unpadded) zero them after."""
+    after it); the routes that take no lengths (SDPA here: float32, keys unpadded) zero them after. A
+    kernel without query lengths (the CUDA C one of the CuPy backend, which shares this code) gets its
+    rows zeroed after it too."""
     ref, tri = models(16, 2)
     backend = tri._backend
+    monkeypatch.setattr(backend, "kernel_takes_query_lengths", in_kernel)
     zeroed, seen = [], []
     zero_rows, attention = backend._zero_padded_rows, backend.kernel.attention
     monkeypatch.setattr(backend, "_zero_padded_rows",
@@ -382,8 +386,8 @@ def test_the_kernels_zero_padded_queries_themselves(monkeypatch):
     s_len, t_len = np.array([70, 4, 1]), np.array([7, 7, 2])  # 70 queries: blocks wholly past 4 and 1
     kwargs = dict(bidirectional=False, need_similarity=False)
     for lengths, kernel_calls, zeroed_after in [
-        (dict(sequential_lengths=s_len, structural_lengths=t_len), [True, True], []),
-        (dict(sequential_lengths=s_len), [False], [True]),  # seq -> struct through SDPA
+        (dict(sequential_lengths=s_len, structural_lengths=t_len), [in_kernel] * 2, [] if in_kernel else [True] * 2),
+        (dict(sequential_lengths=s_len), [False], [True] if in_kernel else [True, False]),  # seq -> struct: SDPA
     ]:
         zeroed.clear(), seen.clear()
         got = tri.fuse_representations(torch.tensor(xs, device=DEVICE), torch.tensor(xt, device=DEVICE), **lengths,
