@@ -152,7 +152,8 @@ def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
 
 def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):
     """A batch whose projections pass DEVICE_BLOCK_ELEMENTS runs in blocks of examples (here 2, 2 and
-    1), with per-example masks and lengths sliced, a shared mask kept, and every output joined."""
+    1), with per-example masks and lengths (host or device) sliced, a shared mask kept, and every
+    output joined."""
     from crossattn_gpu.backends import device_common
 
     rng = np.random.default_rng(7)
@@ -163,10 +164,11 @@ def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):
     monkeypatch.setattr(device_common, "DEVICE_BLOCK_ELEMENTS", 2 * 6 * 2 * 2 * 8)
     blocks = tri._backend._example_blocks(5, 6, device_common.DeviceFoldedWeights(heads=2, width=8, query_value=None, magnitudes=None))
     assert [b.stop - b.start for b in blocks] == [2, 2, 1]
-    for mask in (rng.random((5, 6, 4)) > 0.3, rng.random((6, 4)) > 0.3):
+    on_device = {name: torch.tensor(n, device=DEVICE) for name, n in lengths.items()}  # checked late, sliced too
+    for mask, given in ((rng.random((5, 6, 4)) > 0.3, lengths), (rng.random((6, 4)) > 0.3, on_device)):
         kwargs = dict(mask=mask, bidirectional=False, need_weights=True, **lengths)
         want = ref.fuse_representations(seq.cpu().numpy(), struct.cpu().numpy(), **kwargs)
-        got = tri.fuse_representations(seq, struct, **{**kwargs, "mask": torch.tensor(mask, device=DEVICE)})
+        got = tri.fuse_representations(seq, struct, **{**kwargs, **given, "mask": torch.tensor(mask, device=DEVICE)})
         for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
             close(got[key], want[key], 1e-5)
         for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
