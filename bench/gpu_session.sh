@@ -116,7 +116,7 @@ grep -E "^\| " "$work/sweep.log" 2> /dev/null
 grep -E '"rest_s"' "$work/sweep.log" 2> /dev/null | cut -c1-900
 grep -E "^(W[0-9])" "$work/bench.log" 2> /dev/null
 grep -A 12 "^## Targets" "$work/bench.log" 2> /dev/null
-grep -E "^\| W[0-9] \|" "$work/profile.log" 2> /dev/null
+grep -E "^\| W[0-9]" "$work/profile.log" 2> /dev/null
 cat "$work/host-path.log" 2> /dev/null
 cat "$work/huge-batch.log" 2> /dev/null
 tail -c 2000 "$work/collection.log" 2> /dev/null

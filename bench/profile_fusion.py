@@ -1,7 +1,8 @@
 """python -m bench.profile_fusion: where one fusion call's time goes, on the host and on the device.
 
 The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
-similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16), under ``torch.profiler``.
+similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16; its lengths on the device, as
+the harness passes them, and on the host, as ``fuse_collection`` does), under ``torch.profiler``.
 Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
 (``aten::_local_scalar_dense``), the waits among them that drain the GPU's queue and those that wait on
 an event only (the late finiteness verdict), host-device copies, torch's GEMMs, and
@@ -15,6 +16,7 @@ share (the "rest" of ``bench/sweep_triton.py``'s stages), which these counts att
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -26,8 +28,12 @@ from crossattn_gpu import CrossAttention
 
 from .workloads import WORKLOADS
 
-CASES = [("W1", "float32"), ("W2", "bfloat16"), ("W5", "bfloat16")]
-SMOKE_CASES = [("W1", "float32")]
+#: (workload, dtype, where ragged lengths are: "device" or "host").
+CASES = [("W1", "float32", "device"), ("W2", "bfloat16", "device"), ("W5", "bfloat16", "device"),
+         ("W5", "bfloat16", "host")]
+#: The smoke run's (tests, under the interpreter): W1, and W5 cut to a size the interpreter runs quickly.
+SMOKE_CASES = [("W1", "float32", "device"), ("W5", "float32", "device"), ("W5", "float32", "host")]
+SMOKE_W5 = dict(batch=2, len_s=16, len_t=16, width=16, ragged=(5, 16))
 PROFILED_CALLS = 5
 TOP_OPS = 12
 #: Host-side names of a kernel launch (torch's kernels, and Triton's through the driver API).
@@ -36,7 +42,7 @@ LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
 DRAIN_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
-def _inputs(workload, dtype, device):
+def _inputs(workload, dtype, device, lengths_on: str):
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape_s = (workload.batch, workload.len_s, workload.width)
     shape_t = (workload.batch, workload.len_t, workload.width)
@@ -45,8 +51,9 @@ def _inputs(workload, dtype, device):
     kwargs = dict(need_similarity=False, bidirectional=False)
     lengths = workload.lengths()
     if lengths is not None:
-        kwargs.update(sequential_lengths=torch.tensor(lengths[0], device=device),
-                      structural_lengths=torch.tensor(lengths[1], device=device))
+        if lengths_on == "device":
+            lengths = [torch.tensor(n, device=device) for n in lengths]
+        kwargs.update(sequential_lengths=lengths[0], structural_lengths=lengths[1])
     return xs, xt, kwargs
 
 
@@ -55,10 +62,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_case(name: str, dtype_name: str, device: str) -> dict:
-    workload = WORKLOADS[name]
+def profile_case(name: str, dtype_name: str, lengths_on: str, device: str, **changes) -> dict:
+    """One case's row; ``changes``: fields of the workload replaced (the smoke run's sizes)."""
+    workload = dataclasses.replace(WORKLOADS[name], **changes)
     model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
-    xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device)
+    xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device, lengths_on)
 
     def call():
         return model.fuse_representations(xs, xt, **kwargs)
@@ -90,7 +98,8 @@ def profile_case(name: str, dtype_name: str, device: str) -> dict:
     host_ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("cuda") or
                        e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
-        "case": name, "dtype": dtype_name, "device": device,
+        "case": name if workload.ragged is None else f"{name} ({lengths_on} lengths)", "dtype": dtype_name,
+        "device": device,
         "wall_ms": statistics.median(walls) * 1e3,
         "device_kernel_ms": per_call(sum(device_us(e) for e in kernels)) / 1e3,
         "kernels": {e.key[:80]: per_call(e.count) for e in kernels},
@@ -124,10 +133,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_fusion", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--smoke", action="store_true", help="W1 only (tests, under the interpreter)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="W1 and a small W5 in float32 (tests, under the interpreter)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [profile_case(name, dtype, device) for name, dtype in (SMOKE_CASES if args.smoke else CASES)]
+    if args.smoke:
+        rows = [profile_case(*case, device, **(SMOKE_W5 if case[0] == "W5" else {})) for case in SMOKE_CASES]
+    else:
+        rows = [profile_case(*case, device) for case in CASES]
     print(markdown(rows))
     if args.out:
         with open(args.out, "w") as fh:
