@@ -37,8 +37,8 @@ valid key (lengths are >= 1), so the running maximum is finite after the first b
 
 Ragged queries (q_lengths): rows at or past the example's query length are written as zeros (the fusion
 wants them so), and a query block wholly past it visits no keys: in a padded batch of antibodies of
-different lengths, the padding's queries cost no attention. Its sum l stays 0, replaced by 1 before the
-division, so no NaN arises that the zeros would have to hide.
+different lengths, the padding's queries cost no attention. Such a block's sum l stays 0 and is replaced
+by 1 before the division, so no NaN arises that the zeros would have to hide.
 
 Wide heads over short sequences (Lk <= Dv) do not come here: the launcher hands them to
 ``attention_two_pass``, which writes the scores once instead of an accumulator per key block.
@@ -321,8 +321,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
             (for tuning sweeps, ``bench/sweep_triton.py``; its INPUT_PRECISION replaces ``precision``); it
             always runs this file's fused kernel.
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk and q_lengths in 1..Lq (the
-            library's front end does): no read from the device. Values out of range are then not caught (the
-            kernel stays in bounds, but its numbers are wrong).
+            library's front end does): no read from the device. Values out of range are then not caught
+            (the kernel stays in bounds, but its numbers are wrong).
         need_lse: compute and return the lse (B x H x Lq float32: on W4, 0.25 MiB, the whole difference
             between the fusion's peak memory and torch SDPA's); without it the second result is None.
 

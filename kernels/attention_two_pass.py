@@ -35,8 +35,8 @@ scratch per example, no more than the fused kernel's H x Lq x Dv x 4 accumulator
 Ragged keys: both passes stop at the example's key length; scores past it in the last block are -inf
 (zero weight), and nothing past the end of K or V is read. Ragged queries: output rows at or past the
 example's query length are zeros, and a query block wholly past it computes no scores in either pass
-(pass 2 then never reads the scratch rows pass 1 left unwritten). The scratch is padded to whole blocks, so
-its loads and stores need no masks; pass 2 reads only the blocks pass 1 wrote.
+(pass 2 then never reads the scratch rows pass 1 left unwritten). The scratch is padded to whole
+blocks, so its loads and stores need no masks; pass 2 reads only the blocks pass 1 wrote.
 """
 
 from __future__ import annotations

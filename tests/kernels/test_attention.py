@@ -89,6 +89,12 @@ def test_launcher_rejects_bad_lengths_and_masks():
         attention(q, q, q, scale=1.0, k_lengths=torch.tensor([0, 2], device=DEVICE))
     with pytest.raises(ValueError, match="k_lengths must be an integer tensor"):
         attention(q, q, q, scale=1.0, k_lengths=torch.tensor([1.0, 2.0], device=DEVICE))
+    k = torch.randn(2, 1, 7, 8, device=DEVICE)  # Lq = 5, Lk = 7: each lengths' own bound
+    with pytest.raises(ValueError, match=r"q_lengths must lie in 1..5; got values from 2 to 6"):
+        attention(q, k, k, scale=1.0, q_lengths=torch.tensor([6, 2], device=DEVICE),
+                  k_lengths=torch.tensor([7, 7], device=DEVICE))
+    with pytest.raises(ValueError, match=r"q_lengths must be an integer tensor of shape \(2,\)"):
+        attention(q, k, k, scale=1.0, q_lengths=torch.tensor([5], device=DEVICE), lengths_checked=True)
     with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 5, 5\)"):
         attention(q, q, q, scale=1.0, masked=torch.ones(3, 5, 5, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="masked must be bool or uint8"):

@@ -86,6 +86,8 @@ def test_rejects_bad_lengths_and_masks():
     q = torch.randn(2, 1, 5, 300, device=DEVICE)
     with pytest.raises(ValueError, match=r"k_lengths must lie in 1..5"):
         attention_two_pass(q, q, q, scale=1.0, k_lengths=torch.tensor([5, 6], device=DEVICE))
+    with pytest.raises(ValueError, match=r"q_lengths must lie in 1..5"):
+        attention_two_pass(q, q, q, scale=1.0, q_lengths=torch.tensor([0, 5], device=DEVICE))
     with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 5, 5\)"):
         attention_two_pass(q, q, q, scale=1.0, masked=torch.ones(3, 5, 5, dtype=torch.bool, device=DEVICE))
 
