@@ -13,6 +13,11 @@ probabilities one contiguous block of Lk x H, so that both the load and the stor
 whole block sits in registers (``MAX_ROW_BLOCK`` elements at most, in base 2 with the scale folded in);
 the float32 scores are read once and the probabilities written once, in the values' dtype, as
 FlashAttention casts them before its second product.
+
+Ragged batches: keys at or past the example's key length get probability 0 (their scores are -inf),
+and queries at or past its query length get a row of zeros, so that the second GEMM gives those
+queries zero rows. The GEMMs still multiply the padding (unlike the attention kernels, which skip it),
+so its rows must hold finite values: the backend zeroes padded input rows before the projections.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ MAX_ROW_BLOCK = 16 * 1024
 
 @triton.jit
 def _softmax_heads_fwd(
-    Scores, Probs,
+    Scores, Probs, KLen, QLen,
     stride_sb, stride_sq, stride_sh, stride_sk,
     stride_pb, stride_pq, stride_pk, stride_ph,
     len_q, num_heads, len_k,
@@ -39,6 +44,8 @@ def _softmax_heads_fwd(
     BLOCK_K: tl.constexpr,
     EVEN_H: tl.constexpr,  # num_heads == BLOCK_H: no head mask
     EVEN_K: tl.constexpr,  # len_k == BLOCK_K: no key mask
+    HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # (b, q); 64-bit: B x Lq x H x Lk may pass 2**31 elements
     b, q = row // len_q, row % len_q
@@ -53,8 +60,12 @@ def _softmax_heads_fwd(
         s = tl.load(s_ptrs, mask=inside, other=float("-inf")).to(tl.float32) * scale_log2
         if not EVEN_H:  # padding heads: zeros, not -inf, so that their (unstored) rows hold no NaN
             s = tl.where(offs_h[:, None] < num_heads, s, 0.0)
+    if HAS_KLEN:  # keys past the length: -inf, weight 0 (lengths are >= 1: the maximum stays finite)
+        s = tl.where(offs_k[None, :] < tl.load(KLen + b).to(tl.int32), s, float("-inf"))
     p = tl.exp2(s - tl.max(s, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
+    if HAS_QLEN:  # a query past the length: a row of zeros (whatever its scores held)
+        p = tl.where(q < tl.load(QLen + b), p, 0.0)
     if EVEN_H and EVEN_K:
         tl.store(p_ptrs, p.to(Probs.dtype.element_ty))
     else:
@@ -74,7 +85,8 @@ def fits(num_heads: int, len_k: int) -> bool:
     return triton.next_power_of_2(num_heads) * triton.next_power_of_2(len_k) <= MAX_ROW_BLOCK
 
 
-def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None):
+def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None, k_lengths=None, q_lengths=None,
+                  lengths_checked: bool = False):
     """Softmax over the keys of float32 scores, the heads moved behind the keys.
 
     Args:
@@ -82,13 +94,19 @@ def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None):
             two) at most ``MAX_ROW_BLOCK``.
         scale: multiplies the scores first.
         out_dtype: float32, float16 or bfloat16 (default float32).
+        k_lengths: optional int (B,) in 1..Lk: keys at or past the length get probability 0.
+        q_lengths: optional int (B,) in 1..Lq: queries at or past the length get rows of zeros.
+        lengths_checked: the caller has checked the lengths' values (the library's front end does): no
+            read from the device (``contract.check_lengths``).
 
     Returns:
-        P (B, Lq, Lk, H) in ``out_dtype``, contiguous, with P[b, q, :, h] summing to 1.
+        P (B, Lq, Lk, H) in ``out_dtype``, contiguous, with P[b, q, :, h] summing to 1 (0 for padded
+        queries).
 
     Raises:
         TypeError for a non-tensor, non-float32 scores or another out_dtype; ValueError for another rank,
-        an empty head or key axis, a block past ``MAX_ROW_BLOCK`` or more than 2**31 - 1 programs.
+        an empty head or key axis, a block past ``MAX_ROW_BLOCK``, more than 2**31 - 1 programs, or
+        lengths of another shape, dtype or range.
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor; got {type(scores).__name__}")
@@ -106,13 +124,21 @@ def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None):
         raise ValueError(f"{heads} heads x {len_k} keys pass the {MAX_ROW_BLOCK} elements one program holds")
     if batch * len_q >= 2**31:
         raise ValueError(f"B x Lq = {batch * len_q} programs pass what a grid axis takes (2**31 - 1)")
+    given = {}
+    for name, lengths, length in (("k_lengths", k_lengths, len_k), ("q_lengths", q_lengths, len_q)):
+        if lengths is not None:
+            contract.check_lengths(lengths, batch, length, lengths_checked, name=name)
+            given[name] = lengths.to(device=scores.device, dtype=torch.int32)
     probs = torch.empty((batch, len_q, len_k, heads), device=scores.device, dtype=out_dtype)
     if probs.numel() == 0:
         return probs
     cfg = launch_config(heads, len_k)
+    # Absent lengths pass a valid pointer (the scores) that HAS_KLEN / HAS_QLEN = False never reads.
     _softmax_heads_fwd[(batch * len_q,)](
-        scores, probs, *scores.stride(), *probs.stride(), len_q, heads, len_k, float(scale) * contract.LOG2E,
+        scores, probs, given.get("k_lengths", scores), given.get("q_lengths", scores),
+        *scores.stride(), *probs.stride(), len_q, heads, len_k, float(scale) * contract.LOG2E,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], EVEN_H=heads == cfg["BLOCK_H"],
-        EVEN_K=len_k == cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        EVEN_K=len_k == cfg["BLOCK_K"], HAS_KLEN="k_lengths" in given, HAS_QLEN="q_lengths" in given,
+        num_warps=cfg["num_warps"],
     )
     return probs

@@ -229,9 +229,10 @@ class TritonBackend(DeviceFusion):
     # --- primitives of DeviceFusion -----------------------------------------------------------------
 
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
-        """Heads' sums without mask, key lengths or probabilities: heads wider than 256 over short
-        sequences as two GEMMs (``_gemm_head_sum``), other float32 heads through torch's SDPA (the shared
-        keys expanded over the heads, no copy) and a float32 sum; the rest through the kernels.
+        """Heads' sums without mask or probabilities: heads wider than 256 over short sequences as two
+        GEMMs (``_gemm_head_sum``, ragged ones too), other float32 heads without key lengths through
+        torch's SDPA (the shared keys expanded over the heads, no copy) and a float32 sum; the rest
+        through the kernels.
 
         Timed on an H200 on the fusion's own call, one direction (sweeps of 2026-11-29 and 2026-11-30):
         W3 (D = 1280, L = 256) in bfloat16 as GEMMs 0.34 ms, against 0.75 for the two-pass operator and
@@ -245,14 +246,12 @@ class TritonBackend(DeviceFusion):
         at most twice the output's memory; longer sequences keep the kernels, whose memory does not grow
         with Lk.
         """
-        if sum_heads and masked is None and k_lengths is None and not need_weights:
-            out = None
+        if sum_heads and masked is None and not need_weights:
             if self._gemm_route(q, k, v):
-                out = self._gemm_head_sum(q, k, v, scale)
-            elif q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
+                return self._gemm_head_sum(q, k, v, scale, q_lengths, k_lengths), None
+            if k_lengths is None and q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
                 keys = k.expand(-1, q.shape[1], -1, -1)
                 out = self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1)
-            if out is not None:
                 return self._zero_padded_rows(out, q_lengths, axis=1), None
         return super()._attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
                                   need_weights=need_weights, sum_heads=sum_heads)
@@ -277,14 +276,18 @@ class TritonBackend(DeviceFusion):
                 and self.softmax_heads.fits(heads, len_k)
                 and _heads_within_rows(q) and _heads_within_rows(v))
 
-    def _gemm_head_sum(self, q, k, v, scale):
+    def _gemm_head_sum(self, q, k, v, scale, q_lengths=None, k_lengths=None):
         """sum_h softmax(scale * Q_h K^T) V_h as two batched GEMMs, for wide heads over short sequences.
 
         Per example, the queries of every head as rows (q, h) against the shared keys give the float32
         scores S (Lq x H, Lk) in one GEMM; ``softmax_heads`` turns them into P (Lq, Lk x H) in the values'
         dtype; P times the values as rows (k, h), (Lk x H, Dv), is the heads' sum, taken in the GEMM's
         float32 accumulation. cuBLAS's float32 GEMMs, like the IEEE projections', follow torch's
-        process-wide TF32 setting. W3 on an H200, one direction: bfloat16 0.34 ms, float32 3.45."""
+        process-wide TF32 setting. W3 on an H200, one direction: bfloat16 0.34 ms, float32 3.45.
+
+        Ragged batches: P is 0 for keys past the length and for queries past theirs (rows of zeros out).
+        The GEMMs multiply the padding all the same, so the padded value rows must be finite: the fusions
+        zero their inputs' padded rows first (``_fuse_block``)."""
         torch = self.torch
         batch, heads, len_q, width = q.shape
         len_k, width_v = k.shape[2], v.shape[3]
@@ -296,8 +299,28 @@ class TritonBackend(DeviceFusion):
         else:  # float32 inputs, or the interpreter's CPU, which has no 16-bit GEMM with float32 results
             scores = torch.bmm(rows_q.float(), keys_t.float())
         probs = self.softmax_heads.softmax_heads(scores.view(batch, len_q, heads, len_k), scale=scale,
-                                                 out_dtype=v.dtype)
+                                                 out_dtype=v.dtype, k_lengths=k_lengths, q_lengths=q_lengths,
+                                                 lengths_checked=True)
         return torch.bmm(probs.view(batch, len_q, len_k * heads), rows_v)
+
+    def _zeroes_padding_first(self, dtype, weights: DeviceFoldedWeights, masked, need_weights) -> bool:
+        """Whether a block's attention may take the GEMM route (wide heads, no mask, no probabilities),
+        whose GEMMs multiply the padding: then its inputs' padded rows are zeroed before the projections,
+        so that no padded value row holds an Inf (a float16 projection of large padding can overflow,
+        and Inf times a probability of 0 is NaN). One pass over each input, a fraction of a projection."""
+        return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
+
+    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
+            xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
+        return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
+                                   need_weights=need_weights, need_similarity=need_similarity)
+
+    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+        if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):
+            xv = self._zero_padded_rows(xv, k_lengths, axis=1)  # the values; padded keys are masked
+        return super()._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
+                                                   k_lengths=k_lengths, need_weights=need_weights)
 
     def _kernel_options(self) -> dict:
         return {"precision": self.float32_precision}

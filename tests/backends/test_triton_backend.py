@@ -248,27 +248,36 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
 
 
 def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):
-    """Heads wider than 256 whose queries and keys are no more than the heads are wide, without mask, key
-    lengths or probabilities, attend as two GEMMs around kernels/softmax_heads.py (see
-    ``TritonBackend._gemm_head_sum``), in 16 bits and float32; masks, lengths and probabilities do not."""
+    """Heads wider than 256 whose queries and keys are no more than the heads are wide, without mask or
+    probabilities, attend as two GEMMs around kernels/softmax_heads.py (see
+    ``TritonBackend._gemm_head_sum``), in 16 bits and float32, ragged ones too; masks and probabilities
+    do not. Padding whose float16 projections overflow leaves no trace: it is zeroed first."""
     ref, tri = models(300, 3)
     calls = counted_routes(monkeypatch, tri._backend)
     rng = np.random.default_rng(8)
     seq, struct = rng.standard_normal((3, 17, 300)), rng.standard_normal((3, 9, 300))
     mask = rng.random((3, 17, 9)) > 0.3
+    s_len, t_len = np.array([17, 5, 1]), np.array([9, 1, 4])
+    padded_seq, padded_struct = seq.copy(), struct.copy()
+    for x, lengths in ((padded_seq, s_len), (padded_struct, t_len)):
+        for b, n in enumerate(lengths):
+            x[b, n:] = 6e4 * np.sign(rng.standard_normal(x[b, n:].shape))  # finite in float16; its projections are not
+    ragged = {"sequential_lengths": s_len, "structural_lengths": t_len}
     check_fusion_routes(ref, tri, calls, seq, struct, [
         ({}, torch.float16, ["gemm", "gemm"]),
         ({"mask": mask}, torch.float16, ["kernel", "kernel"]),
-        ({"structural_lengths": np.array([9, 1, 4])}, torch.float16, ["kernel", "gemm"]),  # keys of full length
+        ({"structural_lengths": t_len}, torch.float16, ["gemm", "gemm"]),
         ({"need_weights": True}, torch.float16, ["kernel", "kernel"]),
         ({}, torch.float32, ["gemm", "gemm"]),
         ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
+        (ragged, torch.float32, ["gemm", "gemm"]),
     ])
+    check_fusion_routes(ref, tri, calls, padded_seq, padded_struct, [(ragged, torch.float16, ["gemm", "gemm"])])
     calls.clear()
-    half = [torch.tensor(x, dtype=torch.float16, device=DEVICE) for x in (seq, struct, struct)]
-    out, _ = tri.multi_head_attention(*half)
+    half = [torch.tensor(x, dtype=torch.float16, device=DEVICE) for x in (seq, struct, padded_struct)]
+    out, _ = tri.multi_head_attention(*half, key_lengths=t_len)
     assert calls == ["gemm"]
-    close(out, ref.multi_head_attention(seq, struct, struct)[0], 2e-3)
+    close(out, ref.multi_head_attention(seq, struct, padded_struct, key_lengths=t_len)[0], 2e-3)
 
 
 def test_the_gemm_route_needs_wide_heads_short_sequences_and_rows_of_heads():

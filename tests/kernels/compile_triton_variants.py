@@ -46,7 +46,7 @@ SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096
 TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 #: (M, K, N) of the TF32 projection GEMM: a tiny one (masked edges) and W2's (full tiles).
 PROJECTION_SHAPES = {"tiny": (3, 17, 5), "W2": (131072, 128, 1024)}
-#: (H, Lk) of the softmax: W3's (full blocks), odd ones (masked heads and keys), the largest block.
+#: (H, Lk) of the softmax: W3's (full blocks), odd ones (masked heads and keys, ragged), the largest block.
 SOFTMAX_SHAPES = {"W3": (8, 256), "odd": (3, 17), "largest": (16, 1024)}
 #: Triton's name of each dtype, its size, and the float32 dot precision.
 DTYPES = [("fp32", 4, "ieee"), ("fp32", 4, "tf32x3"), ("fp32", 4, "tf32"), ("fp16", 2, "ieee"), ("bf16", 2, "ieee")]
@@ -135,7 +135,7 @@ def softmax_variants() -> list:
     for (name, (heads, len_k)), dtype in itertools.product(SOFTMAX_SHAPES.items(), ("fp32", "fp16", "bf16")):
         cfg = softmax_module.launch_config(heads, len_k)
         constexprs = {"BLOCK_H": cfg["BLOCK_H"], "BLOCK_K": cfg["BLOCK_K"], "EVEN_H": heads == cfg["BLOCK_H"],
-                      "EVEN_K": len_k == cfg["BLOCK_K"]}
+                      "EVEN_K": len_k == cfg["BLOCK_K"], "HAS_KLEN": name == "odd", "HAS_QLEN": name == "odd"}
         found.append((f"{dtype} {name}", softmax_module._softmax_heads_fwd, dtype, constexprs,
                       {"num_warps": cfg["num_warps"]}))
     return found

@@ -60,6 +60,28 @@ def test_strided_scores_and_large_magnitudes():
     assert torch.allclose(uniform, torch.full_like(uniform, 1 / 19))
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("batch,len_q,heads,len_k", [(3, 5, 3, 17), (2, 4, 8, 256), (2, 3, 1, 1)])
+def test_ragged_keys_and_queries(batch, len_q, heads, len_k, out_dtype):
+    """Keys past each example's length get probability 0, the rest a softmax of their own; queries past
+    its query length get rows of zeros, even where their scores are huge."""
+    rng = np.random.default_rng(len_k)
+    scores = rng.standard_normal((batch, len_q, heads, len_k)).astype(np.float32) * 4
+    k_len = rng.integers(1, len_k + 1, size=batch)
+    q_len = rng.integers(1, len_q + 1, size=batch)
+    k_len[0], q_len[-1] = 1, 1
+    scores[-1, 1:] = 3e38  # padded queries: their scores never reach the probabilities
+    got = softmax_heads(torch.tensor(scores, device=DEVICE), scale=0.5, out_dtype=out_dtype,
+                        k_lengths=torch.tensor(k_len, device=DEVICE), q_lengths=torch.tensor(q_len, device=DEVICE))
+    got = got.cpu().double().numpy()
+    assert np.isfinite(got).all()
+    for b in range(batch):
+        want = reference(scores[b : b + 1, : q_len[b], :, : k_len[b]], 0.5)[0]
+        tolerance = 4 * ROUNDING[out_dtype] if out_dtype != torch.float32 else 2e-5
+        assert np.abs(got[b, : q_len[b], : k_len[b]] - want).max() <= tolerance
+        assert not got[b, q_len[b] :].any() and not got[b, :, k_len[b] :].any()
+
+
 def test_empty_batch_or_queries():
     for shape in [(0, 3, 2, 5), (2, 0, 2, 5)]:
         assert softmax_heads(torch.zeros(shape, device=DEVICE)).shape == (shape[0], shape[1], 5, 2)
@@ -86,3 +108,7 @@ def test_bad_arguments_name_the_problem():
         softmax_heads(torch.zeros(1, 2, 3, 0, device=DEVICE))
     with pytest.raises(ValueError, match="17 heads x 1024 keys pass"):
         softmax_heads(torch.zeros(1, 1, 17, 1024, device=DEVICE))
+    with pytest.raises(ValueError, match=r"k_lengths must lie in 1..4"):
+        softmax_heads(good, k_lengths=torch.tensor([5], device=DEVICE))
+    with pytest.raises(ValueError, match=r"q_lengths must be an integer tensor of shape \(1,\)"):
+        softmax_heads(good, q_lengths=torch.tensor([1, 2], device=DEVICE), lengths_checked=True)
