@@ -515,11 +515,12 @@ def test_late_lengths_clamps_and_flags():
     _, tri = models(8, 1)
     backend = tri._backend
 
-    def verdict(lengths, tops, equal):
-        clamped, failed = backend.late_lengths([None if n is None else torch.tensor(n, device=DEVICE) for n in lengths],
-                                               tops, equal)
-        failed = failed() if callable(failed) else failed
-        assert callable(backend.late_lengths([torch.ones(1, device=DEVICE, dtype=torch.int64)], [1], False)[1]) == ON_GPU
+    def verdict(lengths, tops, equal, dtype=torch.int64):
+        given = [None if n is None else torch.tensor(n, dtype=dtype, device=DEVICE) for n in lengths]
+        clamped, failed = backend.late_lengths(given, tops, equal)
+        assert callable(failed) == ON_GPU  # read late on a GPU
+        assert all(c is None or c.dtype == torch.int32 for c in clamped)  # the kernels' dtype
+        failed = failed() if ON_GPU else failed
         return [None if c is None else c.cpu().tolist() for c in clamped], failed
 
     assert verdict(([0, 9, 3], [2, 2, 2]), [5, 4], False) == ([[1, 5, 3], [2, 2, 2]], True)
@@ -527,7 +528,7 @@ def test_late_lengths_clamps_and_flags():
     assert verdict((None, [4, 4]), [4, 4], True) == ([None, [4, 4]], False)
     assert verdict((None, [4, 3]), [4, 4], True) == ([None, [4, 3]], True)
     assert verdict(([2, 3], [2, 3]), [4, 4], True) == ([[2, 3], [2, 3]], False)
-    assert verdict(([255, 3], [2, 3]), [300, 300], False)[1] is False  # uint8-sized values, a wider range
+    assert verdict(([255, 0], [2, 3]), [300, 300], False, torch.uint8) == ([[255, 1], [2, 3]], True)  # widened first
     assert backend.checks_lengths_late(torch.ones(2, dtype=torch.int32, device=DEVICE))
     for dtype in (torch.float32, torch.float64, torch.bool):
         assert not backend.checks_lengths_late(torch.ones(2, dtype=dtype, device=DEVICE))
