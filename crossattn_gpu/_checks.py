@@ -286,14 +286,13 @@ def _check_mask_finite(arr, backend, late_checks: list | None) -> None:
     def fail() -> None:
         raise ValueError("mask contains NaN or Inf; use 0 for masked and 1 for kept positions")
 
-    if late_checks is None:
-        if not backend.all_finite(arr):
-            fail()
-        return
     magnitude = backend.largest_magnitude(arr)
-    if callable(magnitude):
-        late_checks.append(late_check(lambda: not math.isfinite(magnitude()), fail, "mask"))
-    elif not math.isfinite(magnitude):
+    if callable(magnitude):  # a GPU's value, read late where the caller finishes late checks
+        if late_checks is not None:
+            late_checks.append(late_check(lambda: not math.isfinite(magnitude()), fail, "mask"))
+            return
+        magnitude = magnitude()
+    if not math.isfinite(magnitude):
         fail()
 
 
