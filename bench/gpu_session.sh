@@ -3,17 +3,18 @@
 # files): install the package from a wheel built beforehand, then, each step under its own time limit
 # so that one slow step cannot starve the rest, most needed first: racecheck of the CUDA C kernel, the
 # GPU tests, the benchmark, a profile of single fusion calls (host and device), the host path under
-# the interpreter (to compare this host with the development CPU), a batch past the device memory
-# bound in blocks and at once (bench.huge_batch), the Triton sweep
+# the interpreter (to compare this host with the development CPU), small examples in one launch against
+# the multi-launch path (bench.small_fusion), a batch past the device memory bound in blocks and at
+# once (bench.huge_batch), the Triton sweep
 # (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
 # tests on odd shapes, the conformance suite with its summary, and fuse_collection's batching against a loop
 # of calls (bench.collection). Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 570 s; the steps usually end
+# failing step is logged and the others still run. The limits add up to 590 s; the steps usually end
 # well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
-#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=570)
+#   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=600)
 #   some steps:     run(command="STEPS='tests bench sweep' bash bench/gpu_session.sh", ...)
 #                   (names as in the log lines; the sanitizer steps are sanitizer-TOOL-KERNEL)
 #
@@ -67,12 +68,14 @@ sanitize() {  # sanitize TOOL KERNEL [NAME [TESTS]]: compute-sanitizer over one 
         "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_$2.py" -k "$select"
 }
 have_sanitizer=$(command -v compute-sanitizer)
-# The CUDA C kernel's racecheck first: the one check the CuPy issue still lacks. Then the heads' softmax
-# (kernels/softmax_heads.py, new on 2026-11-30), on every test of its file.
+# The CUDA C kernel's racecheck first: the one check the CuPy issue still lacks. Then memcheck of the
+# heads' softmax (kernels/softmax_heads.py; its racecheck found 0 hazards on 2026-11-30) and of the
+# one-launch fusion (kernels/small_fusion.py, new on 2026-11-30 and not yet run on a GPU), on every test
+# of their files.
 if [ -n "$have_sanitizer" ]; then
     sanitize racecheck attention_cuda
     sanitize memcheck softmax_heads softmax_heads_fwd "not bad_arguments"
-    sanitize racecheck softmax_heads softmax_heads_fwd "not bad_arguments"
+    sanitize memcheck small_fusion small_fusion_fwd "not bad_arguments"
 fi
 # The Triton compile test is CPU-only work that CI already does.
 step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/tests" --ignore="$repo/tests/conformance" \
@@ -82,6 +85,8 @@ step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/te
 # shellcheck disable=SC2086
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
 step profile 30 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
+# Is one launch faster for every batch of small examples (kernels/small_fusion.py), or only for few?
+step small 20 "$py" -m bench.small_fusion --out "$work/results/small.json"
 # The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
 # how much slower this host's Python is.
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
@@ -117,6 +122,7 @@ grep -E '"rest_s"' "$work/sweep.log" 2> /dev/null | cut -c1-900
 grep -E "^(W[0-9])" "$work/bench.log" 2> /dev/null
 grep -A 12 "^## Targets" "$work/bench.log" 2> /dev/null
 grep -E "^\| W[0-9]" "$work/profile.log" 2> /dev/null
+awk '/^\| L \|/ { table = "" } { table = table $0 "\n" } END { printf "%s", table }' "$work/small.log" 2> /dev/null
 cat "$work/host-path.log" 2> /dev/null
 cat "$work/huge-batch.log" 2> /dev/null
 tail -c 2000 "$work/collection.log" 2> /dev/null

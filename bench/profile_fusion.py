@@ -1,8 +1,9 @@
 """python -m bench.profile_fusion: where one fusion call's time goes, on the host and on the device.
 
 The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
-similarities), on W1 (latency), W2 (bfloat16) and W5 (ragged, bfloat16; its lengths on the device, as
-the harness passes them, and on the host, as ``fuse_collection`` does), under ``torch.profiler``.
+similarities), on W1 (latency; in one launch, ``kernels/small_fusion.py``, and through the multi-launch
+path beside it), W2 (bfloat16) and W5 (ragged, bfloat16; its lengths on the device, as the harness passes
+them, and on the host, as ``fuse_collection`` does), under ``torch.profiler``.
 Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
 (``aten::_local_scalar_dense``), the waits among them that drain the GPU's queue and those that wait on
 an event only (the late finiteness verdict), host-device copies, torch's GEMMs, and
@@ -28,12 +29,14 @@ from crossattn_gpu import CrossAttention
 
 from .workloads import WORKLOADS
 
-#: (workload, dtype, where ragged lengths are: "device" or "host").
-CASES = [("W1", "float32", "device"), ("W2", "bfloat16", "device"), ("W5", "bfloat16", "device"),
-         ("W5", "bfloat16", "host")]
-#: The smoke run's (tests, under the interpreter): W1, and W5 cut to a size the interpreter runs quickly.
-SMOKE_CASES = [("W1", "float32", "device"), ("W5", "float32", "device"), ("W5", "float32", "host")]
-SMOKE_W5 = dict(batch=2, len_s=16, len_t=16, width=16, ragged=(5, 16))
+#: (workload, dtype, where ragged lengths are: "device" or "host", whether small examples take one launch).
+CASES = [("W1", "float32", "device", True), ("W1", "float32", "device", False), ("W2", "bfloat16", "device", True),
+         ("W5", "bfloat16", "device", True), ("W5", "bfloat16", "host", True)]
+#: The smoke run's (tests, under the interpreter): W1 both ways, and W5 cut to a size the interpreter runs
+#: quickly, still too long for the one launch in float32 (past 16), as W5 is.
+SMOKE_CASES = [("W1", "float32", "device", True), ("W1", "float32", "device", False),
+               ("W5", "float32", "device", True), ("W5", "float32", "host", True)]
+SMOKE_W5 = dict(batch=2, len_s=20, len_t=20, width=16, ragged=(5, 20))
 PROFILED_CALLS = 5
 TOP_OPS = 12
 #: Host-side names of a kernel launch (torch's kernels, and Triton's through the driver API).
@@ -62,10 +65,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_case(name: str, dtype_name: str, lengths_on: str, device: str, **changes) -> dict:
-    """One case's row; ``changes``: fields of the workload replaced (the smoke run's sizes)."""
+def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, device: str, **changes) -> dict:
+    """One case's row; ``one_launch`` False: small examples take the multi-launch path (the backend's
+    ``one_launch_fusion``); ``changes``: fields of the workload replaced (the smoke run's sizes)."""
     workload = dataclasses.replace(WORKLOADS[name], **changes)
     model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
+    model._backend.one_launch_fusion = one_launch  # the model's own backend instance
     xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device, lengths_on)
 
     def call():
@@ -98,7 +103,8 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, device: str, **cha
     host_ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("cuda") or
                        e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
-        "case": name if workload.ragged is None else f"{name} ({lengths_on} lengths)", "dtype": dtype_name,
+        "case": name + (f" ({lengths_on} lengths)" if workload.ragged else "") + ("" if one_launch else " (multi-launch)"),
+        "dtype": dtype_name,
         "device": device,
         "wall_ms": statistics.median(walls) * 1e3,
         "device_kernel_ms": per_call(sum(device_us(e) for e in kernels)) / 1e3,

@@ -1,5 +1,7 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
 kernels of ``kernels/attention.py``; the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
+Fusions of small examples without probabilities (``kernels/small_fusion.py``'s ``fits``: the seed's demo)
+run in one launch instead, projections and both directions included.
 Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
 faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
 in torch's SDPA (``TritonBackend._attention``).
@@ -35,6 +37,9 @@ class TritonBackend(DeviceFusion):
 
     name = "triton"
     kernel_takes_query_lengths = True
+    #: Whether fusions of small examples without probabilities run in one launch
+    #: (``kernels/small_fusion.py``); the benchmarks turn it off to time the multi-launch path beside it.
+    one_launch_fusion = True
 
     def __init__(self):
         self.torch = self.xp = require("torch", "backend 'triton'")
@@ -54,9 +59,10 @@ class TritonBackend(DeviceFusion):
             )
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
-        from ..kernels import attention_two_pass, projection, softmax_heads
+        from ..kernels import attention_two_pass, projection, small_fusion, softmax_heads
 
         self.kernel, self.projection, self.softmax_heads = kernel, projection, softmax_heads
+        self.small_fusion = small_fusion
         self.two_pass = attention_two_pass
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
         # under the interpreter the CPU takes the inputs in float32 instead.
@@ -311,10 +317,26 @@ class TritonBackend(DeviceFusion):
         return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+        if self._in_one_launch(xs, xt, weights, need_weights):
+            if masked is not None:
+                masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
+            fused_s, fused_t = self.small_fusion.small_fusion(
+                xs, xt, weights.query_value, heads=weights.heads, masked=masked, s_lengths=s_lengths,
+                t_lengths=t_lengths, precision=self.float32_precision, lengths_checked=True)
+            similarity = self._cosine_similarity if need_similarity else None
+            return self._fusion_result(xs, xt, (fused_s, None), (fused_t, None), s_lengths, t_lengths, similarity)
         if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity)
+
+    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_weights: bool) -> bool:
+        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``), and no
+        probabilities, which only the attention kernels' lse rebuilds. W1 (the seed's demo, L = 10,
+        D = 64, H = 2, float32) took 9 launches and 0.367 ms on an H200, for 0.031 ms of kernels."""
+        return (self.one_launch_fusion and not need_weights
+                and self.small_fusion.fits(xs.shape[1], xt.shape[1], weights.width, xs.element_size(),
+                                           self.float32_precision))
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):

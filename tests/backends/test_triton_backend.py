@@ -136,6 +136,7 @@ def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
     """The lse rebuilds the probabilities; a fusion without them asks the kernel for none (W4: its
     0.25 MiB were the fusion's whole excess over torch SDPA's peak memory)."""
     ref, tri = models(8, 2)
+    monkeypatch.setattr(tri._backend, "one_launch_fusion", False)  # these examples would take it
     asked = []
     kernel = tri._backend.kernel
     original = kernel.attention
@@ -197,10 +198,12 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
 
 def counted_routes(monkeypatch, backend) -> list:
     """The list to which every attention call appends its route: "gemm" (``softmax_heads``, between the
-    GEMMs), "kernel" or "sdpa". The kernel modules are shared by every backend, so all are counted."""
+    GEMMs), "kernel", "sdpa", or "one launch" (``small_fusion``: both directions in one). The kernel
+    modules are shared by every backend, so all are counted."""
     calls = []
     for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
-                                (torch.nn.functional, "scaled_dot_product_attention", "sdpa")]:
+                                (torch.nn.functional, "scaled_dot_product_attention", "sdpa"),
+                                (backend.small_fusion, "small_fusion", "one launch")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
     return calls
@@ -233,7 +236,7 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
         ({"mask": mask}, torch.float32, ["kernel", "kernel"]),
         ({"structural_lengths": np.array([9, 1, 4])}, torch.float32, ["kernel", "sdpa"]),  # keys of full length
         ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
-        ({}, torch.float16, ["kernel", "kernel"]),
+        ({}, torch.float16, ["one launch"]),  # 16-bit examples this short: see the next test
     ])
     narrow_ref, narrow = models(8, 2)  # heads 8 wide; the same kernel module, still counted
     calls.clear()
@@ -245,6 +248,61 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
     assert calls == ["sdpa", "kernel"]
     want = narrow_ref.fuse_representations(seq, struct, bidirectional=False)
     close(got["fused_sequential"], want["fused_sequential"], 1e-5)
+
+
+def test_small_fusions_take_one_launch(monkeypatch):
+    """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64; heads up
+    to 64 wide) without probabilities run in one launch, projections included, with masks, lengths
+    (host or device), similarities and the bidirectional sum; longer examples, probabilities, or
+    ``one_launch_fusion`` off take the other routes. W1 (the seed's demo) calls no GEMM at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref, tri = models(64, 2)
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(12)
+    seq, struct = rng.standard_normal((1, 10, 64)), rng.standard_normal((1, 10, 64))
+    check_fusion_routes(ref, tri, calls, seq, struct, [
+        ({}, torch.float32, ["one launch"]),
+        ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
+    ])
+    w1 = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq, struct)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tri.fuse_representations(*w1, bidirectional=False, need_similarity=False)
+    assert not {e.key for e in prof.key_averages()} & {"aten::mm", "aten::matmul", "aten::bmm"}
+
+    ref, tri = models(24, 3)
+    calls = counted_routes(monkeypatch, tri._backend)
+    seq, struct = rng.standard_normal((3, 40, 24)), rng.standard_normal((3, 7, 24))
+    mask = rng.random((3, 40, 7)) > 0.3
+    s_len, t_len = np.array([40, 3, 1]), np.array([7, 1, 5])
+    check_fusion_routes(ref, tri, calls, seq, struct, [
+        ({"mask": mask, "sequential_lengths": s_len, "structural_lengths": t_len}, torch.float16, ["one launch"]),
+        ({"mask": mask[:1, :1]}, torch.float16, ["one launch"]),  # broadcast over the batch and the queries
+        ({}, torch.float32, ["sdpa", "sdpa"]),  # 40 queries: past float32's 16
+    ])
+    s_len = np.minimum(s_len, 7)  # float32 below: 7 x 7 examples, each length 1 in one direction
+    want = ref.fuse_representations(seq[:, :7], struct, sequential_lengths=s_len, structural_lengths=t_len,
+                                     need_similarity=True, bidirectional=False)
+    for lengths in ((s_len, t_len), tuple(torch.tensor(n, device=DEVICE) for n in (s_len, t_len))):  # host, device
+        calls.clear()
+        got = tri.fuse_representations(*(torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq[:, :7], struct)),
+                                       sequential_lengths=lengths[0], structural_lengths=lengths[1],
+                                       need_similarity=True, bidirectional=False)
+        assert calls == ["one launch"]
+        for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
+            close(got[key], want[key], 1e-5)
+
+    _, tf32x3 = models(24, 3, float32_precision="tf32x3")
+    calls = counted_routes(monkeypatch, tf32x3._backend)
+    pair = [torch.tensor(x[:, :32], dtype=torch.float32, device=DEVICE) for x in (seq, seq)]
+    got = tf32x3.fuse_representations(*pair)
+    assert calls == ["one launch"]
+    close(got["bidirectional_fusion"], ref.fuse_representations(seq[:, :32], seq[:, :32])["bidirectional_fusion"], 1e-5)
+
+    monkeypatch.setattr(tf32x3._backend, "one_launch_fusion", False)
+    calls.clear()
+    tf32x3.fuse_representations(*pair, bidirectional=False, need_similarity=False)
+    assert calls == ["sdpa", "sdpa"]
 
 
 def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):

@@ -1,12 +1,14 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
-passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax) with Triton's real
+passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax, kernels/small_fusion.py's
+one-launch fusion) with Triton's real
 compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
 launcher picks for a shape of every kind, with and without mask and both lengths, and check that each fits
 the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
 cannot catch what only the compiler checks (types, layouts, scf.if, shared memory). For sm_90, the
 chip this project runs on, Triton's own ptxas also reports each variant's registers and spills: the
 projection GEMM's and the softmax's configurations were chosen to spill nothing there (255 registers
-in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32); a spill of
+in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32), and the
+one-launch fusion's longest sequences by dtype likewise (``small_fusion.MAX_BLOCK_L``); a spill of
 theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
 float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
 H200, so their spills are only reported.
@@ -30,13 +32,15 @@ from triton.compiler import ASTSource
 from crossattn_gpu.kernels import attention as kernel_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import projection as projection_module
+from crossattn_gpu.kernels import small_fusion as small_fusion_module
 from crossattn_gpu.kernels import softmax_heads as softmax_module
 
 POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "QLen": "*i32", "Lse": "*fp32",
-                 "Acc": "*fp32", "Scores": "*fp32", "RowMax": "*fp32", "RowInvSum": "*fp32"}
+                 "Acc": "*fp32", "Scores": "*fp32", "RowMax": "*fp32", "RowInvSum": "*fp32", "SLen": "*i32",
+                 "TLen": "*i32"}
 SCALARS = {"rows": "i32", "cols": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
            "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
-           "scale_log2": "fp32"}
+           "scale_log2": "fp32", "len_s": "i32", "len_t": "i32", "dim": "i32"}
 
 
 #: (Lq, Lk, Dk, Dv) whose fused launch configurations are compiled: every branch of launch_config.
@@ -74,7 +78,7 @@ def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
-        if name in ("Q", "K", "V", "Out", "Probs"):
+        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "W", "OutS", "OutT"):
             signature[name] = f"*{dtype}"
         elif name in POINTER_TYPES:
             signature[name] = POINTER_TYPES[name]
@@ -141,12 +145,34 @@ def softmax_variants() -> list:
     return found
 
 
+def small_fusion_variants() -> list:
+    """(label, kernel, dtype, constexprs, options) of the one-launch fusion: W1's shape (float32, as the
+    seed's demo calls it), and in every dtype and precision the longest sequences it takes at D = 64,
+    with mask and lengths (its largest blocks)."""
+    found = []
+    shapes = [("W1", (10, 10, 64), "fp32", 4, "ieee", False)]
+    shapes += [("longest", None, dtype, itemsize, precision, True) for dtype, itemsize, precision in DTYPES]
+    for name, shape, dtype, itemsize, precision, extras in shapes:
+        if shape is None:
+            longest = small_fusion_module.longest(itemsize, precision)
+            shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
+        cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
+        constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras)
+        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} {name} {shape} mask+lengths={extras}",
+                      small_fusion_module._small_fusion_fwd, dtype, constexprs,
+                      {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+    return found
+
+
 def variants() -> list:
     """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
     found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
              for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90])]
     found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
               for (label, fn, dtype, constexprs, options), arch in itertools.product(softmax_variants(), [80, 90])]
+    found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
+              for (label, fn, dtype, constexprs, options), arch in itertools.product(small_fusion_variants(), [80, 90])]
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
     runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
         plans, DTYPES, [80, 90], [False, True])]

@@ -1,0 +1,231 @@
+"""The whole fusion of small examples in one launch: both directions, every head, projections included.
+
+For sequences and heads this small the fusion's arithmetic takes microseconds on a GPU, and a call's
+time is its launches: W1 (the seed's demo, B = 1, L = 10, D = 64, H = 2) took 0.367 ms on an H200
+through two projection GEMMs, two attentions and two heads' sums (bench/NOTES.md, 2026-11-30), for
+0.031 ms of kernels. Here one program per (example, direction) does all of it in registers, in the
+folded formulation of SPEC section 4: with W = [A_0 .. A_H-1 | U_0 .. U_H-1] (D, 2 H D),
+
+    out_s = sum_h softmax(Xs A_h Xt^T, masked) (Xt U_h)    (sequential queries, structural keys)
+    out_t = sum_h softmax(Xt A_h Xs^T, masked^T) (Xs U_h)  (and the reverse)
+
+The scale 1/sqrt(D) is inside A_h. The rounding follows the multi-launch path's: the folded queries
+Xq A_h and values Xk U_h are rounded to the inputs' dtype (as the projection GEMMs store them), the
+probabilities are cast to it before their product with the values (as FlashAttention does), and the
+scores and the heads' sum are accumulated in float32.
+
+Ragged examples: rows of either input at or past its example's length are loaded as zeros (whatever
+the padding holds, no Inf reaches a product), keys past the key length get -inf scores (zero weight;
+lengths are >= 1, so every row keeps a finite maximum), and output rows past the query length are
+written as zeros. The seed's mask replaces a score by -1e9, except that an Inf or NaN score stays NaN
+(``attention_common.scaled_masked``).
+
+Every offset is taken in 64 bits: the blocks are small, and any strides (views) then stay in bounds
+without a second variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import contract
+from .attention_common import block_at_least_16, chosen_config, mask_strides
+
+#: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
+MAX_BLOCK_D = 64
+#: The longest sequence one program holds (padded likewise), by how its dots run: the largest blocks that
+#: spill no registers at 8 warps with mask and lengths (sm_90, Triton 3.6's ptxas, D = 64). IEEE float32
+#: dots are the hungriest: 16 x 64 blocks take 239 registers (4 warps: 636 bytes of spills), 32 x 64 spill
+#: 600 bytes; TF32 products fit 32 x 64 (208 registers), 16-bit 64 x 64 (234).
+MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
+
+
+@triton.jit
+def _one_direction(
+    Xq, Xk, W, Out, Mask, QLen, KLen, b,
+    stride_qb, stride_qm, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_wd, stride_wc,
+    stride_ob, stride_om, stride_od,
+    stride_mb, stride_mm, stride_mn,
+    len_q, len_k, dim, num_heads, mask_fill,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed."""
+    offs_q = tl.arange(0, BLOCK_Q).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = offs_d < dim
+    q_len = len_q
+    if HAS_QLEN:
+        q_len = tl.minimum(tl.load(QLen + b).to(tl.int32), len_q)  # clamped: a bad length stays in bounds
+    k_len = len_k
+    if HAS_KLEN:
+        k_len = tl.minimum(tl.load(KLen + b).to(tl.int32), len_k)
+    q_live = offs_q < q_len
+    k_live = offs_k < k_len
+
+    xq = tl.load(Xq + b * stride_qb + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 mask=q_live[:, None] & d_ok[None, :], other=0.0)
+    xk = tl.load(Xk + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                 mask=k_live[:, None] & d_ok[None, :], other=0.0)
+    xk_t = tl.trans(xk)
+    if HAS_MASK:
+        masked = tl.load(Mask + b * stride_mb + offs_q[:, None] * stride_mm + offs_k[None, :] * stride_mn,
+                         mask=(offs_q[:, None] < len_q) & (offs_k[None, :] < len_k), other=0)
+    w_rows = W + offs_d[:, None] * stride_wd
+    w_ok = d_ok[:, None] & d_ok[None, :]
+    total = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for head in range(num_heads):
+        a = tl.load(w_rows + (head * dim + offs_d[None, :]) * stride_wc, mask=w_ok, other=0.0)
+        qf = tl.dot(xq, a, input_precision=INPUT_PRECISION).to(xq.dtype)
+        s = tl.dot(qf, xk_t, input_precision=INPUT_PRECISION) * 1.4426950408889634  # log2(e): exp2 below
+        if HAS_MASK:
+            s = tl.where(masked != 0, mask_fill + s * 0.0, s)
+        s = tl.where(k_live[None, :], s, float("-inf"))
+        p = tl.exp2(s - tl.max(s, 1)[:, None])
+        inv_l = 1.0 / tl.sum(p, 1)
+        u = tl.load(w_rows + ((num_heads + head) * dim + offs_d[None, :]) * stride_wc, mask=w_ok, other=0.0)
+        v = tl.dot(xk, u, input_precision=INPUT_PRECISION).to(xk.dtype)
+        total += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) * inv_l[:, None]
+    total = tl.where(q_live[:, None], total, 0.0)
+    tl.store(Out + b * stride_ob + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od,
+             total.to(Out.dtype.element_ty), mask=(offs_q[:, None] < len_q) & d_ok[None, :])
+
+
+@triton.jit
+def _small_fusion_fwd(
+    Xs, Xt, W, OutS, OutT, Mask, SLen, TLen,
+    stride_sb, stride_sm, stride_sd,
+    stride_tb, stride_tm, stride_td,
+    stride_wd, stride_wc,
+    stride_osb, stride_osm, stride_osd,
+    stride_otb, stride_otm, stride_otd,
+    stride_mb, stride_ms, stride_mt,
+    len_s, len_t, dim, num_heads,
+    mask_fill,  # MASK_FILL * log2(e): the seed's -1e9 in the scores' base-2 units
+    BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SLEN: tl.constexpr,
+    HAS_TLEN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Grid: (B, 2). Axis 1 picks the direction; the structural direction reads the mask transposed.
+    b = tl.program_id(0).to(tl.int64)
+    if tl.program_id(1) == 0:
+        _one_direction(Xs, Xt, W, OutS, Mask, SLen, TLen, b,
+                       stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_wd, stride_wc,
+                       stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
+                       len_s, len_t, dim, num_heads, mask_fill,
+                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, INPUT_PRECISION)
+    else:
+        _one_direction(Xt, Xs, W, OutT, Mask, TLen, SLen, b,
+                       stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_wd, stride_wc,
+                       stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
+                       len_t, len_s, dim, num_heads, mask_fill,
+                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, INPUT_PRECISION)
+
+
+def longest(itemsize: int, precision: str = "ieee") -> int:
+    """The longest sequence one program holds for inputs of ``itemsize`` bytes (``MAX_BLOCK_L``)."""
+    return MAX_BLOCK_L["16-bit" if itemsize <= 2 else contract.check_precision(precision)]
+
+
+def fits(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee") -> bool:
+    """Whether one program holds an example's sequences and heads (``MAX_BLOCK_L``, ``MAX_BLOCK_D``)."""
+    return max(len_s, len_t) <= longest(itemsize, precision) and dim <= MAX_BLOCK_D
+
+
+def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee") -> dict:
+    """Blocks that cover the sequences and the width, 8 warps (4 spill at W1's shape in float32, above),
+    one stage (the kernel has no loop over a sequence to pipeline)."""
+    block_s, block_t, block_d = block_at_least_16(len_s), block_at_least_16(len_t), block_at_least_16(dim)
+    return {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 1,
+            "INPUT_PRECISION": "ieee" if itemsize <= 2 else contract.check_precision(precision)}
+
+
+def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
+                 precision: str = "ieee", lengths_checked: bool = False, config: dict | None = None):
+    """Both directions of the folded fusion of small examples, in one launch.
+
+    Args:
+        xs: (B, Ls, D) sequential inputs; xt: (B, Lt, D) structural inputs; one dtype among float32,
+            float16 and bfloat16, one device, any strides, with Ls, Lt and D within ``fits``.
+        weights: (D, 2 x heads x D) folded weights [A_0 .. A_H-1 | U_0 .. U_H-1] in the inputs' dtype
+            (``crossattn_gpu.folding.fold_weights``: the scale 1/sqrt(D) inside the A_h).
+        heads: H.
+        masked: optional bool or uint8 (Bm, Ls, Lt), Bm in {1, B}: nonzero where the seed's mask is 0
+            (the score becomes -1e9); the structural direction reads it transposed.
+        s_lengths, t_lengths: optional int (B,) in 1..Ls and 1..Lt: rows at or past the length are
+            neither keys nor values, and their output rows are zeros.
+        precision: how float32 dots run (``contract.FLOAT32_PRECISIONS``); 16-bit inputs ignore it.
+        lengths_checked: the caller has checked the lengths' values (the library's front end does): no
+            read from the device (``contract.check_lengths``).
+        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
+
+    Returns:
+        (out_s (B, Ls, D), out_t (B, Lt, D)) in the inputs' dtype, each the sum over heads of its
+        direction's attention outputs.
+
+    Raises:
+        TypeError for non-tensors, other dtypes or differing dtypes; ValueError for other ranks, empty
+        axes, differing batches or widths, weights of another shape, shapes past ``fits``, devices that
+        differ, a precision not in ``contract.FLOAT32_PRECISIONS``, or a mask or lengths of another
+        shape, dtype or range.
+    """
+    contract.check_precision(precision)
+    for name, t in (("xs", xs), ("xt", xt), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.device != xs.device:
+            raise ValueError(f"{name} is on {t.device} but xs is on {xs.device}")
+    names = {contract.dtype_name(t) for t in (xs, xt, weights)}
+    if len(names) != 1 or not names <= set(contract.DTYPES):
+        raise TypeError(f"xs, xt and weights must share one dtype among float32, float16 and bfloat16; got "
+                        f"{contract.dtype_name(xs)}, {contract.dtype_name(xt)}, {contract.dtype_name(weights)}")
+    if xs.ndim != 3 or xt.ndim != 3:
+        raise ValueError(f"xs and xt must be (B, L, D); got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
+    batch, len_s, dim = xs.shape
+    len_t = xt.shape[1]
+    if 0 in tuple(xs.shape) + tuple(xt.shape):
+        raise ValueError(f"xs and xt must have no empty axis; got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
+    if xt.shape[0] != batch or xt.shape[2] != dim:
+        raise ValueError(f"xs and xt must share B and D; got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
+    if heads < 1 or tuple(weights.shape) != (dim, 2 * heads * dim):
+        raise ValueError(f"weights must be (D, 2 x heads x D) = ({dim}, {2 * heads * dim}) for {heads} heads; "
+                         f"got {tuple(weights.shape)}")
+    if not fits(len_s, len_t, dim, xs.element_size(), precision):
+        raise ValueError(f"Ls = {len_s}, Lt = {len_t}, D = {dim} pass what one program holds in "
+                         f"{contract.dtype_name(xs)} (L <= {longest(xs.element_size(), precision)}, "
+                         f"D <= {MAX_BLOCK_D}); use kernels.attention")
+    if masked is not None:
+        contract.check_masked(masked, batch, len_s, len_t)
+        masked = masked.to(device=xs.device, dtype=torch.uint8)
+    given = {}
+    for name, lengths, length in (("s_lengths", s_lengths, len_s), ("t_lengths", t_lengths, len_t)):
+        if lengths is not None:
+            contract.check_lengths(lengths, batch, length, lengths_checked, name=name)
+            given[name] = lengths.to(device=xs.device, dtype=torch.int32)
+    default = launch_config(len_s, len_t, dim, xs.element_size(), precision)
+    cfg = chosen_config(default, config)
+    out_s, out_t = torch.empty_like(xs, memory_format=torch.contiguous_format), torch.empty_like(
+        xt, memory_format=torch.contiguous_format)
+    # Absent mask and lengths pass a valid pointer (xs) that HAS_MASK / HAS_*LEN = False never reads.
+    _small_fusion_fwd[(batch, 2)](
+        xs, xt, weights, out_s, out_t, masked if masked is not None else xs,
+        given.get("s_lengths", xs), given.get("t_lengths", xs),
+        *xs.stride(), *xt.stride(), *weights.stride(), *out_s.stride(), *out_t.stride(), *mask_strides(masked),
+        len_s, len_t, dim, heads, contract.MASK_FILL * contract.LOG2E,
+        HAS_MASK=masked is not None, HAS_SLEN="s_lengths" in given, HAS_TLEN="t_lengths" in given, **cfg,
+    )
+    return out_s, out_t

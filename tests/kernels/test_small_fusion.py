@@ -1,0 +1,232 @@
+"""kernels/small_fusion.py (both directions of the folded fusion in one launch) against the float64 NumPy
+reference of the kernel contract, with a plain torch fusion in the same dtype as the yardstick for 16-bit
+inputs (under Triton's interpreter on a machine without a GPU): odd lengths and widths up to the largest
+blocks, 1 to 16 heads, masks (a fully masked row, a shared mask), ragged lengths with padding that holds
+NaN, strided views, the float32 precisions, and the errors of bad arguments."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from attention_check import DEVICE, DTYPES, plain_torch  # noqa: E402
+from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
+from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+from crossattn_gpu.folding import fold_weights  # noqa: E402
+from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
+    MAX_BLOCK_D, MAX_BLOCK_L, fits, launch_config, longest, small_fusion,
+)
+
+if not interpreter_mode() and not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+def folded(dim: int, heads: int, seed: int) -> np.ndarray:
+    """The seed's weights (standard normal x 0.1), folded: (D, 2 H D) float64."""
+    rng = np.random.default_rng(seed)
+    query, key, value = (rng.standard_normal((heads, dim, dim)) * 0.1 for _ in range(3))
+    return fold_weights(query, key, value, rng.standard_normal((heads * dim, dim)) * 0.1)
+
+
+def split(x, w, heads: int):
+    """Folded queries (B, H, L, D) and values (B, H, L, D) of x (B, L, D) under w (D, 2 H D)."""
+    batch, length, dim = x.shape
+    both = (x @ w).reshape(batch, length, 2, heads, dim)
+    return both[:, :, 0].swapaxes(1, 2), both[:, :, 1].swapaxes(1, 2)
+
+
+def expected(xs, xt, w, heads, masked, s_len, t_len):
+    """Both directions in float64 from the kernel contract's reference, padded query rows zero."""
+    outs = []
+    for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
+                                      (xt, xs, None if masked is None else masked.swapaxes(1, 2), t_len, s_len)):
+        q, _ = split(xq, w, heads)
+        _, v = split(xk, w, heads)
+        if mask is not None:
+            mask = np.broadcast_to(mask, (xq.shape[0], xq.shape[1], xk.shape[1]))
+        out = reference(q, xk[:, None], v, scale=1.0, masked=mask, k_lengths=k_len)[0].sum(1)
+        if q_len is not None:
+            out = np.where(np.arange(xq.shape[1])[None, :, None] < q_len[:, None, None], out, 0.0)
+        outs.append(out)
+    return outs
+
+
+def yardstick(xs, xt, w, heads, masked, s_len, t_len):
+    """The same fusion written plainly in torch in the inputs' dtype (projections, attention, heads' sum)."""
+    outs = []
+    for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
+                                      (xt, xs, None if masked is None else masked.transpose(1, 2), t_len, s_len)):
+        q, _ = split(xq, w, heads)
+        _, v = split(xk, w, heads)
+        if mask is not None:
+            mask = mask.expand(xq.shape[0], xq.shape[1], xk.shape[1])
+        out = plain_torch(q, xk[:, None], v, 1.0, mask, k_len).float().sum(1).to(xq.dtype)
+        if q_len is not None:
+            out = out * (torch.arange(xq.shape[1], device=DEVICE)[None, :, None] < q_len[:, None, None])
+        outs.append(out)
+    return outs
+
+
+def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, precision="ieee", seed=0):
+    """The kernel against the float64 reference: float32 within 1e-5 (relative to the largest output),
+    16-bit within twice the plain torch fusion's error; padded query rows exactly zero."""
+    rng = np.random.default_rng(seed)
+    xs, xt = rng.standard_normal((batch, len_s, dim)), rng.standard_normal((batch, len_t, dim))
+    masked = s_len = t_len = None
+    if mask:
+        masked = rng.random((batch, len_s, len_t)) < 0.3
+        masked[:, 0] = True  # a fully masked row: uniform weights
+    if ragged:
+        s_len, t_len = rng.integers(1, len_s + 1, size=batch), rng.integers(1, len_t + 1, size=batch)
+        s_len[0], t_len[-1] = 1, 1
+        xs[0, 1:] = np.nan  # padding: never read, whatever it holds
+        xt[-1, 1:] = np.inf
+
+    def dev(x, dt=dtype):
+        return None if x is None else torch.tensor(x, dtype=dt, device=DEVICE)
+
+    ts, tt, tw = dev(xs), dev(xt), dev(folded(dim, heads, seed))
+    t_masked = None if masked is None else torch.tensor(masked, device=DEVICE)
+    lengths = {} if not ragged else dict(s_lengths=torch.tensor(s_len, device=DEVICE),
+                                         t_lengths=torch.tensor(t_len, device=DEVICE))
+    got = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, **lengths)
+    # The reference sees the inputs and weights as rounded to the dtype, in float64, padding zeroed.
+    rounded = [np.nan_to_num(t.double().cpu().numpy(), nan=0.0, posinf=0.0) for t in (ts, tt, tw)]
+    want = expected(*rounded, heads, masked, s_len, t_len)
+    yard = None
+    if dtype != torch.float32:
+        clean_s, clean_t = (torch.tensor(r, dtype=dtype, device=DEVICE) for r in rounded[:2])
+        yard = yardstick(clean_s, clean_t, tw, heads, t_masked, lengths.get("s_lengths"), lengths.get("t_lengths"))
+    for index, (out, ref) in enumerate(zip(got, want)):
+        assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+        out = out.double().cpu().numpy()
+        assert np.isfinite(out).all()
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        if yard is None:
+            assert err <= 1e-5, (index, err)
+        else:
+            yard_err = np.abs(yard[index].double().cpu().numpy() - ref).max() / np.abs(ref).max()
+            assert err <= 2 * yard_err, (index, err, yard_err)
+        if ragged:
+            q_len = (s_len, t_len)[index]
+            assert not out[np.arange(out.shape[1])[None, :] >= q_len[:, None]].any()
+
+
+SHAPES = [  # B, Ls, Lt, D, H: within every dtype's longest blocks (float32's 16)
+    (1, 1, 1, 1, 1),
+    (1, 10, 10, 64, 2),  # W1, the seed's demo
+    (2, 3, 16, 8, 3),
+    (3, 16, 5, 17, 4),
+    (1, 13, 16, 33, 16),
+    (2, 16, 16, 64, 1),  # full blocks
+]
+#: 16-bit only: up to 64 x 64 blocks.
+LONG_SHAPES = [(2, 64, 63, 64, 2), (3, 17, 40, 24, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(shape, dtype):
+    check(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 16, 5, 17, 4), (2, 3, 16, 8, 3)], ids=str)
+def test_mask_and_ragged_lengths(shape, dtype):
+    check(*shape, dtype=dtype, mask=True, ragged=True, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=str)
+def test_longest_16_bit_sequences(shape, dtype):
+    check(*shape, dtype=dtype, mask=True, ragged=True, seed=2)
+
+
+def test_float32_precisions_reach_the_dots():
+    """tf32x3 meets float32's bound on sequences up to its 32; one TF32 product (``tf32``) misses it by far
+    (under the interpreter, tests/tensor_cores.py rounds TF32 dots as tensor cores do)."""
+    check(2, 32, 29, 64, 3, torch.float32, mask=True, ragged=True, precision="tf32x3", seed=3)
+    with pytest.raises(AssertionError):
+        check(1, 10, 10, 64, 2, torch.float32, precision="tf32", seed=3)
+
+
+def test_strided_views_and_a_shared_mask():
+    """Inputs that are views (D not innermost, every other example), weights transposed in memory, and one
+    mask shared by the batch (its batch stride 0)."""
+    rng = np.random.default_rng(4)
+    dim, heads = 24, 3
+    base_s = torch.tensor(rng.standard_normal((6, dim, 9)), dtype=torch.float32, device=DEVICE)
+    base_t = torch.tensor(rng.standard_normal((3, 7, dim)), dtype=torch.float32, device=DEVICE)
+    xs, xt = base_s.transpose(1, 2)[::2], base_t
+    w = torch.tensor(folded(dim, heads, 4), dtype=torch.float32, device=DEVICE)
+    w_strided = w.t().contiguous().t()
+    masked = torch.tensor(rng.random((1, 9, 7)) < 0.4, device=DEVICE)
+    got = small_fusion(xs, xt, w_strided, heads=heads, masked=masked)
+    want = small_fusion(xs.contiguous(), xt, w, heads=heads, masked=masked.expand(3, 9, 7).contiguous())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    ref = expected(*(t.double().cpu().numpy() for t in (xs, xt, w)), heads, masked.cpu().numpy(), None, None)
+    for g, r in zip(got, ref):
+        assert np.abs(g.double().cpu().numpy() - r).max() <= 1e-5 * np.abs(r).max()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
+    """A row whose every key is masked averages the values (the seed's -1e9 fill); a query whose score is
+    NaN keeps it NaN through the fill (for the front end's overflow check to find), not a finite row."""
+    dim, heads = 8, 1
+    w = torch.tensor(folded(dim, heads, 5), dtype=torch.float32, device=DEVICE)
+    xs = torch.tensor(np.random.default_rng(5).standard_normal((1, 2, dim)), dtype=torch.float32, device=DEVICE)
+    xt = torch.tensor(np.random.default_rng(6).standard_normal((1, 3, dim)), dtype=torch.float32, device=DEVICE)
+    masked = torch.ones(1, 2, 3, dtype=torch.bool, device=DEVICE)
+    out_s, _ = small_fusion(xs, xt, w, heads=heads, masked=masked)
+    values = (xt[0] @ w[:, dim:]).mean(0)
+    torch.testing.assert_close(out_s[0, 0], values, rtol=1e-5, atol=1e-6)
+    xs_nan = xs.clone()
+    xs_nan[0, 1, 0] = float("nan")
+    out_s, out_t = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
+    assert torch.isnan(out_s[0, 1]).all() and torch.isfinite(out_s[0, 0]).all()
+
+
+def test_launch_config_fits_and_longest():
+    assert launch_config(10, 10, 64, 4) == {"BLOCK_S": 16, "BLOCK_T": 16, "BLOCK_D": 64, "num_warps": 8,
+                                            "num_stages": 1, "INPUT_PRECISION": "ieee"}
+    assert launch_config(3, 40, 1, 2, "tf32x3")["BLOCK_T"] == 64
+    assert launch_config(3, 40, 1, 2, "tf32x3")["INPUT_PRECISION"] == "ieee"  # 16-bit dots ignore it
+    assert launch_config(3, 4, 5, 4, "tf32x3")["INPUT_PRECISION"] == "tf32x3"
+    assert (longest(4), longest(4, "tf32x3"), longest(4, "tf32"), longest(2)) == (16, 32, 32, 64)
+    assert set(MAX_BLOCK_L) == {"ieee", "tf32x3", "tf32", "16-bit"}
+    assert fits(16, 1, 64, 4) and not fits(17, 1, 64, 4) and fits(32, 17, 64, 4, "tf32x3")
+    assert fits(64, 64, MAX_BLOCK_D, 2) and not fits(64, 65, 64, 2) and not fits(3, 3, MAX_BLOCK_D + 1, 2)
+
+
+def test_bad_arguments_name_the_problem():
+    xs, xt = torch.zeros(2, 3, 4, device=DEVICE), torch.zeros(2, 5, 4, device=DEVICE)
+    w = torch.zeros(4, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="xt must be a torch.Tensor"):
+        small_fusion(xs, np.zeros((2, 5, 4), np.float32), w, heads=2)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        small_fusion(xs, xt.double(), w, heads=2)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        small_fusion(xs.half(), xt.half(), w, heads=2)
+    with pytest.raises(ValueError, match=r"xs and xt must be \(B, L, D\)"):
+        small_fusion(xs[0], xt, w, heads=2)
+    with pytest.raises(ValueError, match="no empty axis"):
+        small_fusion(xs[:, :0], xt, w, heads=2)
+    with pytest.raises(ValueError, match="must share B and D"):
+        small_fusion(xs[:1], xt, w, heads=2)
+    with pytest.raises(ValueError, match=r"weights must be \(D, 2 x heads x D\) = \(4, 24\) for 3 heads"):
+        small_fusion(xs, xt, w, heads=3)
+    with pytest.raises(ValueError, match=r"weights must be"):
+        small_fusion(xs, xt, w, heads=0)
+    with pytest.raises(ValueError, match=r"Lt = 17, D = 4 pass what one program holds in float32 \(L <= 16"):
+        small_fusion(xs, torch.zeros(2, 17, 4, device=DEVICE), w, heads=2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        small_fusion(xs, xt, w, heads=2, precision="fast")
+    with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 3, 5\)"):
+        small_fusion(xs, xt, w, heads=2, masked=torch.zeros(2, 5, 3, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"t_lengths must lie in 1..5"):
+        small_fusion(xs, xt, w, heads=2, t_lengths=torch.tensor([5, 6], device=DEVICE))
+    with pytest.raises(ValueError, match=r"s_lengths must be an integer tensor of shape \(2,\)"):
+        small_fusion(xs, xt, w, heads=2, s_lengths=torch.tensor([1.0, 2.0], device=DEVICE))
