@@ -67,10 +67,11 @@ def _sync(device: str) -> None:
 
 def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, device: str, **changes) -> dict:
     """One case's row; ``one_launch`` False: small examples take the multi-launch path (the backend's
-    ``one_launch_fusion``); ``changes``: fields of the workload replaced (the smoke run's sizes)."""
+    ``one_launch_flops`` 0); ``changes``: fields of the workload replaced (the smoke run's sizes)."""
     workload = dataclasses.replace(WORKLOADS[name], **changes)
     model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
-    model._backend.one_launch_fusion = one_launch  # the model's own backend instance
+    if not one_launch:
+        model._backend.one_launch_flops = 0  # the model's own backend instance
     xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device, lengths_on)
 
     def call():

@@ -1,11 +1,11 @@
 """python -m bench.small_fusion: small examples' fusions in one launch against the multi-launch path.
 
 The Triton backend fuses examples within ``kernels/small_fusion.py``'s ``fits`` (float32 up to 16 long,
-TF32 32, 16-bit 64; heads up to 64 wide) in one launch, one program per (example, direction), whatever
-the batch. That wins where launches dominate (W1); with thousands of examples the multi-launch path's
-cuBLAS projections may win instead. This times ``fuse_representations`` (device arrays, no similarities,
-as the harness calls it) both ways, the backend's ``one_launch_fusion`` on and off, alternating, over
-batch sizes, and reports the medians, their ratio and the largest difference between the two routes'
+TF32 32, 16-bit 64; heads up to 64 wide) in one launch, one program per (example, direction), up to
+the backend's ``one_launch_flops``. That wins where launches dominate (W1); with thousands of examples
+the multi-launch path's cuBLAS projections may win instead. This times ``fuse_representations`` (device
+arrays, no similarities, as the harness calls it) both ways (``one_launch_flops`` infinite and 0),
+alternating, over batch sizes (the FLOPs of each row say where the bound would fall), and reports the medians, their ratio and the largest difference between the two routes'
 outputs, as JSON and a table. Under Triton's interpreter (no GPU) it runs tiny shapes for the tests,
 where times mean nothing.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -44,7 +45,7 @@ def measure(length: int, width: int, heads: int, dtype: str, batch: int, repeats
         raise ValueError(f"L = {length}, D = {width} in {dtype} do not fit one launch: both ways would be the same")
 
     def call(one_launch: bool):
-        backend.one_launch_fusion = one_launch
+        backend.one_launch_flops = math.inf if one_launch else 0
         return model.fuse_representations(*pair, **kwargs)
 
     outputs = {way: call(way)["fused_sequential"].float() for way in (True, False)}  # compile, warm up
@@ -56,14 +57,15 @@ def measure(length: int, width: int, heads: int, dtype: str, batch: int, repeats
     one, multi = (statistics.median(times[way]) * 1e3 for way in (True, False))
     scale = float(outputs[False].abs().max())
     return {"length": length, "width": width, "heads": heads, "dtype": dtype, "batch": batch,
-            "one_launch_ms": one, "multi_launch_ms": multi, "speedup": multi / one,
+            "flops": backend.small_fusion.flops(batch, length, length, width, heads), "one_launch_ms": one, "multi_launch_ms": multi, "speedup": multi / one,
             "max_relative_difference": float((outputs[True] - outputs[False]).abs().max()) / scale}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| L | D | H | dtype | B | one launch ms | multi-launch ms | multi / one | difference |",
-             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['length']} | {r['width']} | {r['heads']} | {r['dtype']} | {r['batch']} | {r['one_launch_ms']:.4f} | "
+    lines = ["| L | D | H | dtype | B | GFLOP | one launch ms | multi-launch ms | multi / one | difference |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['length']} | {r['width']} | {r['heads']} | {r['dtype']} | {r['batch']} | {r['flops'] / 1e9:.3g} | "
+              f"{r['one_launch_ms']:.4f} | "
               f"{r['multi_launch_ms']:.4f} | {r['speedup']:.2f} | {r['max_relative_difference']:.1e} |" for r in rows]
     return "\n".join(lines)
 

@@ -146,6 +146,12 @@ def fits(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee
     return max(len_s, len_t) <= longest(itemsize, precision) and dim <= MAX_BLOCK_D
 
 
+def flops(batch: int, len_s: int, len_t: int, dim: int, heads: int) -> float:
+    """The fusion's FLOPs (both directions, unpadded): per example and head, the four projections
+    (queries and values of both inputs) and the two directions' scores and probabilities times values."""
+    return 2.0 * batch * heads * dim * (2 * (len_s + len_t) * dim + 4 * len_s * len_t)
+
+
 def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee") -> dict:
     """Blocks that cover the sequences and the width, 8 warps (4 spill at W1's shape in float32, above),
     one stage (the kernel has no loop over a sequence to pipeline)."""

@@ -37,9 +37,12 @@ class TritonBackend(DeviceFusion):
 
     name = "triton"
     kernel_takes_query_lengths = True
-    #: Whether fusions of small examples without probabilities run in one launch
-    #: (``kernels/small_fusion.py``); the benchmarks turn it off to time the multi-launch path beside it.
-    one_launch_fusion = True
+    #: Fusions of small examples without probabilities run in one launch (``kernels/small_fusion.py``)
+    #: up to this many FLOPs (``small_fusion.flops``): where the multi-launch path's fixed cost (W1 on an
+    #: H200: 0.367 ms, of which 0.031 kernels) outweighs the arithmetic even at 10 TFLOP/s. Larger batches
+    #: of small examples keep the measured path (cuBLAS projections) until ``bench.small_fusion`` has
+    #: timed both; it sets this to 0 (never) and to infinity (whenever the examples fit).
+    one_launch_flops = 1e9
 
     def __init__(self):
         self.torch = self.xp = require("torch", "backend 'triton'")
@@ -331,12 +334,11 @@ class TritonBackend(DeviceFusion):
                                    need_weights=need_weights, need_similarity=need_similarity)
 
     def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_weights: bool) -> bool:
-        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``), and no
-        probabilities, which only the attention kernels' lse rebuilds. W1 (the seed's demo, L = 10,
-        D = 64, H = 2, float32) took 9 launches and 0.367 ms on an H200, for 0.031 ms of kernels."""
-        return (self.one_launch_fusion and not need_weights
-                and self.small_fusion.fits(xs.shape[1], xt.shape[1], weights.width, xs.element_size(),
-                                           self.float32_precision))
+        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``), no
+        probabilities (only the attention kernels' lse rebuilds them), and at most ``one_launch_flops``."""
+        (batch, len_s, width), len_t = xs.shape, xt.shape[1]
+        return (not need_weights and self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision)
+                and self.small_fusion.flops(batch, len_s, len_t, width, weights.heads) <= self.one_launch_flops)
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):

@@ -136,7 +136,7 @@ def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
     """The lse rebuilds the probabilities; a fusion without them asks the kernel for none (W4: its
     0.25 MiB were the fusion's whole excess over torch SDPA's peak memory)."""
     ref, tri = models(8, 2)
-    monkeypatch.setattr(tri._backend, "one_launch_fusion", False)  # these examples would take it
+    monkeypatch.setattr(tri._backend, "one_launch_flops", 0)  # these examples would take it
     asked = []
     kernel = tri._backend.kernel
     original = kernel.attention
@@ -252,9 +252,9 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
 
 def test_small_fusions_take_one_launch(monkeypatch):
     """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64; heads up
-    to 64 wide) without probabilities run in one launch, projections included, with masks, lengths
-    (host or device), similarities and the bidirectional sum; longer examples, probabilities, or
-    ``one_launch_fusion`` off take the other routes. W1 (the seed's demo) calls no GEMM at all."""
+    to 64 wide) without probabilities, up to ``one_launch_flops``, run in one launch, projections
+    included, with masks, lengths (host or device), similarities and the bidirectional sum; longer
+    examples, probabilities, or more FLOPs take the other routes. W1 (the seed's demo) calls no GEMM."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
@@ -299,10 +299,12 @@ def test_small_fusions_take_one_launch(monkeypatch):
     assert calls == ["one launch"]
     close(got["bidirectional_fusion"], ref.fuse_representations(seq[:, :32], seq[:, :32])["bidirectional_fusion"], 1e-5)
 
-    monkeypatch.setattr(tf32x3._backend, "one_launch_fusion", False)
-    calls.clear()
-    tf32x3.fuse_representations(*pair, bidirectional=False, need_similarity=False)
-    assert calls == ["sdpa", "sdpa"]
+    fusion_flops = tf32x3._backend.small_fusion.flops(3, 32, 32, 24, 3)
+    for bound, routes in ((fusion_flops, ["one launch"]), (fusion_flops - 1, ["sdpa", "sdpa"]), (0, ["sdpa", "sdpa"])):
+        monkeypatch.setattr(tf32x3._backend, "one_launch_flops", bound)
+        calls.clear()
+        tf32x3.fuse_representations(*pair, bidirectional=False, need_similarity=False)
+        assert calls == routes, bound
 
 
 def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):

@@ -15,7 +15,7 @@ from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa:
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
-    MAX_BLOCK_D, MAX_BLOCK_L, fits, launch_config, longest, small_fusion,
+    MAX_BLOCK_D, MAX_BLOCK_L, fits, flops, launch_config, longest, small_fusion,
 )
 
 if not interpreter_mode() and not torch.cuda.is_available():
@@ -187,6 +187,13 @@ def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     xs_nan[0, 1, 0] = float("nan")
     out_s, out_t = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
     assert torch.isnan(out_s[0, 1]).all() and torch.isfinite(out_s[0, 0]).all()
+
+
+def test_flops_count_both_directions():
+    # W1: per head and direction, the query and value projections (2 x 10 x 64 x 64 each) and the scores and
+    # probabilities times values (2 x 10 x 10 x 64 each); 2 heads, 2 directions.
+    assert flops(1, 10, 10, 64, 2) == 2 * 2 * (2 * (2 * 10 * 64 * 64) + 2 * (2 * 10 * 10 * 64))
+    assert flops(3, 5, 7, 8, 2) == 3 * flops(1, 5, 7, 8, 2) and flops(1, 5, 7, 8, 2) == flops(1, 7, 5, 8, 2)
 
 
 def test_launch_config_fits_and_longest():
