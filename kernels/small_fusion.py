@@ -14,6 +14,9 @@ Xq A_h and values Xk U_h are rounded to the inputs' dtype (as the projection GEM
 probabilities are cast to it before their product with the values (as FlashAttention does), and the
 scores and the heads' sum are accumulated in float32.
 
+Probabilities, when asked (STORE_PROBS), are written from the same registers: (B, H, Lq, Lk) per
+direction in the inputs' dtype, zero for keys past the key length and for rows past the query length.
+
 Ragged examples: rows of either input at or past its example's length are loaded as zeros (whatever
 the padding holds, no Inf reaches a product), keys past the key length get -inf scores (zero weight;
 lengths are >= 1, so every row keeps a finite maximum), and output rows past the query length are
@@ -36,15 +39,16 @@ from .attention_common import block_at_least_16, chosen_config, mask_strides
 #: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
 MAX_BLOCK_D = 64
 #: The longest sequence one program holds (padded likewise), by how its dots run: the largest blocks that
-#: spill no registers at 8 warps with mask and lengths (sm_90, Triton 3.6's ptxas, D = 64). IEEE float32
-#: dots are the hungriest: 16 x 64 blocks take 239 registers (4 warps: 636 bytes of spills), 32 x 64 spill
-#: 600 bytes; TF32 products fit 32 x 64 (208 registers), 16-bit 64 x 64 (234).
+#: spill no registers at 8 warps with mask, lengths and probabilities (sm_90, Triton 3.6's ptxas, D = 64).
+#: IEEE float32 dots are the hungriest: 16 x 64 blocks take 242 registers (W1 at 4 warps, without mask:
+#: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit 32 x 64 (tf32x3 224 registers),
+#: 16-bit 64 x 64 (255).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 
 
 @triton.jit
 def _one_direction(
-    Xq, Xk, W, Out, Mask, QLen, KLen, b,
+    Xq, Xk, W, Out, Probs, Mask, QLen, KLen, b,
     stride_qb, stride_qm, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_wd, stride_wc,
@@ -57,9 +61,11 @@ def _one_direction(
     HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr,
     HAS_KLEN: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed."""
+    """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed; with
+    STORE_PROBS, each head's probabilities into Probs (B, H, Lq, Lk), contiguous."""
     offs_q = tl.arange(0, BLOCK_Q).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -93,6 +99,10 @@ def _one_direction(
         s = tl.where(k_live[None, :], s, float("-inf"))
         p = tl.exp2(s - tl.max(s, 1)[:, None])
         inv_l = 1.0 / tl.sum(p, 1)
+        if STORE_PROBS:
+            probs = tl.where(q_live[:, None], p * inv_l[:, None], 0.0)
+            tl.store(Probs + ((b * num_heads + head) * len_q + offs_q[:, None]) * len_k + offs_k[None, :],
+                     probs.to(Probs.dtype.element_ty), mask=(offs_q[:, None] < len_q) & (offs_k[None, :] < len_k))
         u = tl.load(w_rows + ((num_heads + head) * dim + offs_d[None, :]) * stride_wc, mask=w_ok, other=0.0)
         v = tl.dot(xk, u, input_precision=INPUT_PRECISION).to(xk.dtype)
         total += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) * inv_l[:, None]
@@ -103,7 +113,7 @@ def _one_direction(
 
 @triton.jit
 def _small_fusion_fwd(
-    Xs, Xt, W, OutS, OutT, Mask, SLen, TLen,
+    Xs, Xt, W, OutS, OutT, ProbsS, ProbsT, Mask, SLen, TLen,
     stride_sb, stride_sm, stride_sd,
     stride_tb, stride_tm, stride_td,
     stride_wd, stride_wc,
@@ -118,22 +128,23 @@ def _small_fusion_fwd(
     HAS_MASK: tl.constexpr,
     HAS_SLEN: tl.constexpr,
     HAS_TLEN: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Grid: (B, 2). Axis 1 picks the direction; the structural direction reads the mask transposed.
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _one_direction(Xs, Xt, W, OutS, Mask, SLen, TLen, b,
+        _one_direction(Xs, Xt, W, OutS, ProbsS, Mask, SLen, TLen, b,
                        stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_wd, stride_wc,
                        stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
                        len_s, len_t, dim, num_heads, mask_fill,
-                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, INPUT_PRECISION)
+                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, INPUT_PRECISION)
     else:
-        _one_direction(Xt, Xs, W, OutT, Mask, TLen, SLen, b,
+        _one_direction(Xt, Xs, W, OutT, ProbsT, Mask, TLen, SLen, b,
                        stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_wd, stride_wc,
                        stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
                        len_t, len_s, dim, num_heads, mask_fill,
-                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, INPUT_PRECISION)
+                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, INPUT_PRECISION)
 
 
 def longest(itemsize: int, precision: str = "ieee") -> int:
@@ -161,7 +172,8 @@ def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: st
 
 
 def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
-                 precision: str = "ieee", lengths_checked: bool = False, config: dict | None = None):
+                 need_probs: bool = False, precision: str = "ieee", lengths_checked: bool = False,
+                 config: dict | None = None):
     """Both directions of the folded fusion of small examples, in one launch.
 
     Args:
@@ -174,14 +186,16 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
             (the score becomes -1e9); the structural direction reads it transposed.
         s_lengths, t_lengths: optional int (B,) in 1..Ls and 1..Lt: rows at or past the length are
             neither keys nor values, and their output rows are zeros.
+        need_probs: also return each head's attention probabilities.
         precision: how float32 dots run (``contract.FLOAT32_PRECISIONS``); 16-bit inputs ignore it.
         lengths_checked: the caller has checked the lengths' values (the library's front end does): no
             read from the device (``contract.check_lengths``).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
 
     Returns:
-        (out_s (B, Ls, D), out_t (B, Lt, D)) in the inputs' dtype, each the sum over heads of its
-        direction's attention outputs.
+        ((out_s, probs_st), (out_t, probs_ts)): out_s (B, Ls, D) and out_t (B, Lt, D), each the sum over
+        heads of its direction's attention outputs; probs_st (B, H, Ls, Lt) and probs_ts (B, H, Lt, Ls),
+        or None without ``need_probs``, zero for padded keys and rows; all in the inputs' dtype.
 
     Raises:
         TypeError for non-tensors, other dtypes or differing dtypes; ValueError for other ranks, empty
@@ -226,12 +240,19 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     cfg = chosen_config(default, config)
     out_s, out_t = torch.empty_like(xs, memory_format=torch.contiguous_format), torch.empty_like(
         xt, memory_format=torch.contiguous_format)
-    # Absent mask and lengths pass a valid pointer (xs) that HAS_MASK / HAS_*LEN = False never reads.
+    probs_st = probs_ts = None
+    if need_probs:
+        probs_st = torch.empty((batch, heads, len_s, len_t), dtype=xs.dtype, device=xs.device)
+        probs_ts = torch.empty((batch, heads, len_t, len_s), dtype=xs.dtype, device=xs.device)
+    # Absent mask, lengths and probabilities pass a valid pointer (xs) that HAS_MASK, HAS_*LEN and
+    # STORE_PROBS = False never read or write.
     _small_fusion_fwd[(batch, 2)](
-        xs, xt, weights, out_s, out_t, masked if masked is not None else xs,
+        xs, xt, weights, out_s, out_t, xs if probs_st is None else probs_st, xs if probs_ts is None else probs_ts,
+        masked if masked is not None else xs,
         given.get("s_lengths", xs), given.get("t_lengths", xs),
         *xs.stride(), *xt.stride(), *weights.stride(), *out_s.stride(), *out_t.stride(), *mask_strides(masked),
         len_s, len_t, dim, heads, contract.MASK_FILL * contract.LOG2E,
-        HAS_MASK=masked is not None, HAS_SLEN="s_lengths" in given, HAS_TLEN="t_lengths" in given, **cfg,
+        HAS_MASK=masked is not None, HAS_SLEN="s_lengths" in given, HAS_TLEN="t_lengths" in given,
+        STORE_PROBS=need_probs, **cfg,
     )
-    return out_s, out_t
+    return (out_s, probs_st), (out_t, probs_ts)

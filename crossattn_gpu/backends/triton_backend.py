@@ -1,7 +1,7 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
 kernels of ``kernels/attention.py``; the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
-Fusions of small examples without probabilities (``kernels/small_fusion.py``'s ``fits``: the seed's demo)
-run in one launch instead, projections and both directions included.
+Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's demo) run in one launch
+instead, projections, both directions and the probabilities (when asked) included.
 Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
 faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
 in torch's SDPA (``TritonBackend._attention``).
@@ -37,7 +37,7 @@ class TritonBackend(DeviceFusion):
 
     name = "triton"
     kernel_takes_query_lengths = True
-    #: Fusions of small examples without probabilities run in one launch (``kernels/small_fusion.py``)
+    #: Fusions of small examples run in one launch (``kernels/small_fusion.py``)
     #: up to this many FLOPs (``small_fusion.flops``): where the multi-launch path's fixed cost (W1 on an
     #: H200: 0.367 ms, of which 0.031 kernels) outweighs the arithmetic even at 10 TFLOP/s. Larger batches
     #: of small examples keep the measured path (cuBLAS projections) until ``bench.small_fusion`` has
@@ -320,24 +320,24 @@ class TritonBackend(DeviceFusion):
         return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        if self._in_one_launch(xs, xt, weights, need_weights):
+        if self._in_one_launch(xs, xt, weights):
             if masked is not None:
                 masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
-            fused_s, fused_t = self.small_fusion.small_fusion(
+            seq_to_struct, struct_to_seq = self.small_fusion.small_fusion(
                 xs, xt, weights.query_value, heads=weights.heads, masked=masked, s_lengths=s_lengths,
-                t_lengths=t_lengths, precision=self.float32_precision, lengths_checked=True)
+                t_lengths=t_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True)
             similarity = self._cosine_similarity if need_similarity else None
-            return self._fusion_result(xs, xt, (fused_s, None), (fused_t, None), s_lengths, t_lengths, similarity)
+            return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
         if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity)
 
-    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_weights: bool) -> bool:
-        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``), no
-        probabilities (only the attention kernels' lse rebuilds them), and at most ``one_launch_flops``."""
+    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights) -> bool:
+        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``) and at most
+        ``one_launch_flops``. The probabilities, when asked, come from the same registers."""
         (batch, len_s, width), len_t = xs.shape, xt.shape[1]
-        return (not need_weights and self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision)
+        return (self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision)
                 and self.small_fusion.flops(batch, len_s, len_t, width, weights.heads) <= self.one_launch_flops)
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):

@@ -252,9 +252,9 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
 
 def test_small_fusions_take_one_launch(monkeypatch):
     """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64; heads up
-    to 64 wide) without probabilities, up to ``one_launch_flops``, run in one launch, projections
-    included, with masks, lengths (host or device), similarities and the bidirectional sum; longer
-    examples, probabilities, or more FLOPs take the other routes. W1 (the seed's demo) calls no GEMM."""
+    to 64 wide), up to ``one_launch_flops``, run in one launch, projections included, with masks,
+    lengths (host or device), probabilities, similarities and the bidirectional sum; longer examples
+    or more FLOPs take the other routes. W1 (the seed's demo) calls no GEMM."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
@@ -263,7 +263,7 @@ def test_small_fusions_take_one_launch(monkeypatch):
     seq, struct = rng.standard_normal((1, 10, 64)), rng.standard_normal((1, 10, 64))
     check_fusion_routes(ref, tri, calls, seq, struct, [
         ({}, torch.float32, ["one launch"]),
-        ({"need_weights": True}, torch.float32, ["kernel", "kernel"]),
+        ({"need_weights": True}, torch.float32, ["one launch"]),
     ])
     w1 = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq, struct)]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -291,6 +291,16 @@ def test_small_fusions_take_one_launch(monkeypatch):
         assert calls == ["one launch"]
         for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
             close(got[key], want[key], 1e-5)
+    # The probabilities from the same launch, with a mask and both lengths: zero past either length.
+    kwargs = dict(mask=mask[:, :7], sequential_lengths=s_len, structural_lengths=t_len, need_weights=True,
+                  bidirectional=False)
+    calls.clear()
+    got = tri.fuse_representations(*(torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq[:, :7], struct)),
+                                   **kwargs)
+    assert calls == ["one launch"]
+    want = ref.fuse_representations(seq[:, :7], struct, **kwargs)
+    for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq", "fused_sequential"):
+        close(got[key], want[key], 1e-5)
 
     _, tf32x3 = models(24, 3, float32_precision="tf32x3")
     calls = counted_routes(monkeypatch, tf32x3._backend)

@@ -78,7 +78,7 @@ def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
-        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "W", "OutS", "OutT"):
+        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "W", "OutS", "OutT", "ProbsS", "ProbsT"):
             signature[name] = f"*{dtype}"
         elif name in POINTER_TYPES:
             signature[name] = POINTER_TYPES[name]
@@ -147,8 +147,8 @@ def softmax_variants() -> list:
 
 def small_fusion_variants() -> list:
     """(label, kernel, dtype, constexprs, options) of the one-launch fusion: W1's shape (float32, as the
-    seed's demo calls it), and in every dtype and precision the longest sequences it takes at D = 64,
-    with mask and lengths (its largest blocks)."""
+    harness calls it), and in every dtype and precision the longest sequences it takes at D = 64, with
+    mask, lengths and probabilities (its largest blocks)."""
     found = []
     shapes = [("W1", (10, 10, 64), "fp32", 4, "ieee", False)]
     shapes += [("longest", None, dtype, itemsize, precision, True) for dtype, itemsize, precision in DTYPES]
@@ -158,8 +158,8 @@ def small_fusion_variants() -> list:
             shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
         cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
         constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras)
-        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} {name} {shape} mask+lengths={extras}",
+        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras, STORE_PROBS=extras)
+        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} {name} {shape} mask+lengths+probabilities={extras}",
                       small_fusion_module._small_fusion_fwd, dtype, constexprs,
                       {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
     return found

@@ -1,8 +1,9 @@
 """kernels/small_fusion.py (both directions of the folded fusion in one launch) against the float64 NumPy
 reference of the kernel contract, with a plain torch fusion in the same dtype as the yardstick for 16-bit
-inputs (under Triton's interpreter on a machine without a GPU): odd lengths and widths up to the largest
-blocks, 1 to 16 heads, masks (a fully masked row, a shared mask), ragged lengths with padding that holds
-NaN, strided views, the float32 precisions, and the errors of bad arguments."""
+inputs (under Triton's interpreter on a machine without a GPU): outputs and probabilities, odd lengths
+and widths up to the largest blocks, 1 to 16 heads, masks (a fully masked row, a shared mask), ragged
+lengths with padding that holds NaN, strided views, the float32 precisions, and the errors of bad
+arguments."""
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ def split(x, w, heads: int):
 
 
 def expected(xs, xt, w, heads, masked, s_len, t_len):
-    """Both directions in float64 from the kernel contract's reference, padded query rows zero."""
+    """Both directions' (output, probabilities) in float64 from the kernel contract's reference, padded
+    query rows zero."""
     outs = []
     for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
                                       (xt, xs, None if masked is None else masked.swapaxes(1, 2), t_len, s_len)):
@@ -45,10 +47,12 @@ def expected(xs, xt, w, heads, masked, s_len, t_len):
         _, v = split(xk, w, heads)
         if mask is not None:
             mask = np.broadcast_to(mask, (xq.shape[0], xq.shape[1], xk.shape[1]))
-        out = reference(q, xk[:, None], v, scale=1.0, masked=mask, k_lengths=k_len)[0].sum(1)
+        out, _, probs = reference(q, xk[:, None], v, scale=1.0, masked=mask, k_lengths=k_len, need_weights=True)
+        out = out.sum(1)
         if q_len is not None:
-            out = np.where(np.arange(xq.shape[1])[None, :, None] < q_len[:, None, None], out, 0.0)
-        outs.append(out)
+            live = np.arange(xq.shape[1])[None, :, None] < q_len[:, None, None]
+            out, probs = np.where(live, out, 0.0), np.where(live[:, None], probs, 0.0)
+        outs.append((out, probs))
     return outs
 
 
@@ -69,8 +73,10 @@ def yardstick(xs, xt, w, heads, masked, s_len, t_len):
 
 
 def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, precision="ieee", seed=0):
-    """The kernel against the float64 reference: float32 within 1e-5 (relative to the largest output),
-    16-bit within twice the plain torch fusion's error; padded query rows exactly zero."""
+    """The kernel against the float64 reference: outputs in float32 within 1e-5 (relative to the largest),
+    in 16 bits within twice the plain torch fusion's error; probabilities within 1e-5 in float32, 4 units
+    of the dtype's rounding in 16 bits (they are at most 1), and the same bits whether asked or not for
+    the outputs; padded query rows exactly zero."""
     rng = np.random.default_rng(seed)
     xs, xt = rng.standard_normal((batch, len_s, dim)), rng.standard_normal((batch, len_t, dim))
     masked = s_len = t_len = None
@@ -90,7 +96,10 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
     t_masked = None if masked is None else torch.tensor(masked, device=DEVICE)
     lengths = {} if not ragged else dict(s_lengths=torch.tensor(s_len, device=DEVICE),
                                          t_lengths=torch.tensor(t_len, device=DEVICE))
+    asked = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, need_probs=True, **lengths)
     got = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, **lengths)
+    for (out, probs), (out_asked, _) in zip(got, asked):
+        assert probs is None and torch.equal(out, out_asked)
     # The reference sees the inputs and weights as rounded to the dtype, in float64, padding zeroed.
     rounded = [np.nan_to_num(t.double().cpu().numpy(), nan=0.0, posinf=0.0) for t in (ts, tt, tw)]
     want = expected(*rounded, heads, masked, s_len, t_len)
@@ -98,7 +107,10 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
     if dtype != torch.float32:
         clean_s, clean_t = (torch.tensor(r, dtype=dtype, device=DEVICE) for r in rounded[:2])
         yard = yardstick(clean_s, clean_t, tw, heads, t_masked, lengths.get("s_lengths"), lengths.get("t_lengths"))
-    for index, (out, ref) in enumerate(zip(got, want)):
+    for index, ((out, _), (_, probs), (ref, ref_probs)) in enumerate(zip(got, asked, want)):
+        assert probs.dtype == dtype and probs.shape == ref_probs.shape
+        probs = probs.double().cpu().numpy()
+        assert np.abs(probs - ref_probs).max() <= (1e-5 if dtype == torch.float32 else 4 * 2.0**-8)
         assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
         out = out.double().cpu().numpy()
         assert np.isfinite(out).all()
@@ -109,8 +121,10 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
             yard_err = np.abs(yard[index].double().cpu().numpy() - ref).max() / np.abs(ref).max()
             assert err <= 2 * yard_err, (index, err, yard_err)
         if ragged:
-            q_len = (s_len, t_len)[index]
+            q_len, k_len = (s_len, t_len)[index], (t_len, s_len)[index]
             assert not out[np.arange(out.shape[1])[None, :] >= q_len[:, None]].any()
+            assert not probs.transpose(0, 2, 1, 3)[np.arange(out.shape[1])[None, :] >= q_len[:, None]].any()
+            assert not probs.transpose(0, 3, 1, 2)[np.arange(probs.shape[3])[None, :] >= k_len[:, None]].any()
 
 
 SHAPES = [  # B, Ls, Lt, D, H: within every dtype's longest blocks (float32's 16)
@@ -162,12 +176,13 @@ def test_strided_views_and_a_shared_mask():
     w = torch.tensor(folded(dim, heads, 4), dtype=torch.float32, device=DEVICE)
     w_strided = w.t().contiguous().t()
     masked = torch.tensor(rng.random((1, 9, 7)) < 0.4, device=DEVICE)
-    got = small_fusion(xs, xt, w_strided, heads=heads, masked=masked)
-    want = small_fusion(xs.contiguous(), xt, w, heads=heads, masked=masked.expand(3, 9, 7).contiguous())
+    got = small_fusion(xs, xt, w_strided, heads=heads, masked=masked, need_probs=True)
+    want = small_fusion(xs.contiguous(), xt, w, heads=heads, masked=masked.expand(3, 9, 7).contiguous(),
+                        need_probs=True)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
     ref = expected(*(t.double().cpu().numpy() for t in (xs, xt, w)), heads, masked.cpu().numpy(), None, None)
-    for g, r in zip(got, ref):
+    for (g, _), (r, _) in zip(got, ref):
         assert np.abs(g.double().cpu().numpy() - r).max() <= 1e-5 * np.abs(r).max()
 
 
@@ -180,12 +195,13 @@ def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     xs = torch.tensor(np.random.default_rng(5).standard_normal((1, 2, dim)), dtype=torch.float32, device=DEVICE)
     xt = torch.tensor(np.random.default_rng(6).standard_normal((1, 3, dim)), dtype=torch.float32, device=DEVICE)
     masked = torch.ones(1, 2, 3, dtype=torch.bool, device=DEVICE)
-    out_s, _ = small_fusion(xs, xt, w, heads=heads, masked=masked)
+    (out_s, probs), _ = small_fusion(xs, xt, w, heads=heads, masked=masked, need_probs=True)
     values = (xt[0] @ w[:, dim:]).mean(0)
     torch.testing.assert_close(out_s[0, 0], values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, torch.full_like(probs, 1 / 3))
     xs_nan = xs.clone()
     xs_nan[0, 1, 0] = float("nan")
-    out_s, out_t = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
+    (out_s, _), _ = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
     assert torch.isnan(out_s[0, 1]).all() and torch.isfinite(out_s[0, 0]).all()
 
 
