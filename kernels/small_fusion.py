@@ -16,6 +16,10 @@ scores and the heads' sum are accumulated in float32.
 
 Probabilities, when asked (STORE_PROBS), are written from the same registers: (B, H, Lq, Lk) per
 direction in the inputs' dtype, zero for keys past the key length and for rows past the query length.
+So are the seed's cosine similarities (STORE_SIM): the query input's rows against the output's rows as
+returned (rounded to the dtype), (B, Lq, Lq) in float32, each row divided by its largest magnitude and
+then by its norm first (as ``device_common.DeviceFusion._cosine_similarity``: no overflow or underflow
+of the squares; a zero row, padding included, gives 0).
 
 Ragged examples: rows of either input at or past its example's length are loaded as zeros (whatever
 the padding holds, no Inf reaches a product), keys past the key length get -inf scores (zero weight;
@@ -44,11 +48,24 @@ MAX_BLOCK_D = 64
 #: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit 32 x 64 (tf32x3 224 registers),
 #: 16-bit 64 x 64 (255).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
+#: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
+#: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 224 registers.
+MAX_BLOCK_L_WITH_SIMILARITY = {**MAX_BLOCK_L, "16-bit": 32}
+
+
+@triton.jit
+def _unit_rows(x):
+    """float32 rows scaled to unit length: by their largest magnitude first, then by their norm; a zero
+    row stays zero."""
+    top = tl.max(tl.abs(x), 1)
+    x = x / tl.where(top == 0.0, 1.0, top)[:, None]
+    norm = tl.sqrt(tl.sum(x * x, 1))
+    return x / tl.where(norm == 0.0, 1.0, norm)[:, None]
 
 
 @triton.jit
 def _one_direction(
-    Xq, Xk, W, Out, Probs, Mask, QLen, KLen, b,
+    Xq, Xk, W, Out, Probs, Sim, Mask, QLen, KLen, b,
     stride_qb, stride_qm, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_wd, stride_wc,
@@ -62,10 +79,12 @@ def _one_direction(
     HAS_QLEN: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     STORE_PROBS: tl.constexpr,
+    STORE_SIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed; with
-    STORE_PROBS, each head's probabilities into Probs (B, H, Lq, Lk), contiguous."""
+    STORE_PROBS, each head's probabilities into Probs (B, H, Lq, Lk), with STORE_SIM the cosine
+    similarities of Xq's rows and the output's into Sim (B, Lq, Lq), both contiguous."""
     offs_q = tl.arange(0, BLOCK_Q).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -106,14 +125,18 @@ def _one_direction(
         u = tl.load(w_rows + ((num_heads + head) * dim + offs_d[None, :]) * stride_wc, mask=w_ok, other=0.0)
         v = tl.dot(xk, u, input_precision=INPUT_PRECISION).to(xk.dtype)
         total += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) * inv_l[:, None]
-    total = tl.where(q_live[:, None], total, 0.0)
-    tl.store(Out + b * stride_ob + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od,
-             total.to(Out.dtype.element_ty), mask=(offs_q[:, None] < len_q) & d_ok[None, :])
+    out = tl.where(q_live[:, None], total, 0.0).to(Out.dtype.element_ty)
+    tl.store(Out + b * stride_ob + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od, out,
+             mask=(offs_q[:, None] < len_q) & d_ok[None, :])
+    if STORE_SIM:  # padded rows of both are zero: their similarities 0
+        sim = tl.dot(_unit_rows(xq.to(tl.float32)), tl.trans(_unit_rows(out.to(tl.float32))), input_precision="ieee")
+        tl.store(Sim + (b * len_q + offs_q[:, None]) * len_q + offs_q[None, :], sim,
+                 mask=(offs_q[:, None] < len_q) & (offs_q[None, :] < len_q))
 
 
 @triton.jit
 def _small_fusion_fwd(
-    Xs, Xt, W, OutS, OutT, ProbsS, ProbsT, Mask, SLen, TLen,
+    Xs, Xt, W, OutS, OutT, ProbsS, ProbsT, SimS, SimT, Mask, SLen, TLen,
     stride_sb, stride_sm, stride_sd,
     stride_tb, stride_tm, stride_td,
     stride_wd, stride_wc,
@@ -129,32 +152,38 @@ def _small_fusion_fwd(
     HAS_SLEN: tl.constexpr,
     HAS_TLEN: tl.constexpr,
     STORE_PROBS: tl.constexpr,
+    STORE_SIM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Grid: (B, 2). Axis 1 picks the direction; the structural direction reads the mask transposed.
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _one_direction(Xs, Xt, W, OutS, ProbsS, Mask, SLen, TLen, b,
+        _one_direction(Xs, Xt, W, OutS, ProbsS, SimS, Mask, SLen, TLen, b,
                        stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_wd, stride_wc,
                        stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
                        len_s, len_t, dim, num_heads, mask_fill,
-                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, INPUT_PRECISION)
+                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, STORE_SIM,
+                       INPUT_PRECISION)
     else:
-        _one_direction(Xt, Xs, W, OutT, ProbsT, Mask, TLen, SLen, b,
+        _one_direction(Xt, Xs, W, OutT, ProbsT, SimT, Mask, TLen, SLen, b,
                        stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_wd, stride_wc,
                        stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
                        len_t, len_s, dim, num_heads, mask_fill,
-                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, INPUT_PRECISION)
+                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, STORE_SIM,
+                       INPUT_PRECISION)
 
 
-def longest(itemsize: int, precision: str = "ieee") -> int:
-    """The longest sequence one program holds for inputs of ``itemsize`` bytes (``MAX_BLOCK_L``)."""
-    return MAX_BLOCK_L["16-bit" if itemsize <= 2 else contract.check_precision(precision)]
+def longest(itemsize: int, precision: str = "ieee", need_similarity: bool = False) -> int:
+    """The longest sequence one program holds for inputs of ``itemsize`` bytes (``MAX_BLOCK_L``, or
+    ``MAX_BLOCK_L_WITH_SIMILARITY`` with the similarities)."""
+    table = MAX_BLOCK_L_WITH_SIMILARITY if need_similarity else MAX_BLOCK_L
+    return table["16-bit" if itemsize <= 2 else contract.check_precision(precision)]
 
 
-def fits(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee") -> bool:
-    """Whether one program holds an example's sequences and heads (``MAX_BLOCK_L``, ``MAX_BLOCK_D``)."""
-    return max(len_s, len_t) <= longest(itemsize, precision) and dim <= MAX_BLOCK_D
+def fits(len_s: int, len_t: int, dim: int, itemsize: int, precision: str = "ieee",
+         need_similarity: bool = False) -> bool:
+    """Whether one program holds an example's sequences and heads (``longest``, ``MAX_BLOCK_D``)."""
+    return max(len_s, len_t) <= longest(itemsize, precision, need_similarity) and dim <= MAX_BLOCK_D
 
 
 def flops(batch: int, len_s: int, len_t: int, dim: int, heads: int) -> float:
@@ -172,13 +201,14 @@ def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: st
 
 
 def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
-                 need_probs: bool = False, precision: str = "ieee", lengths_checked: bool = False,
-                 config: dict | None = None):
+                 need_probs: bool = False, need_similarity: bool = False, precision: str = "ieee",
+                 lengths_checked: bool = False, config: dict | None = None):
     """Both directions of the folded fusion of small examples, in one launch.
 
     Args:
         xs: (B, Ls, D) sequential inputs; xt: (B, Lt, D) structural inputs; one dtype among float32,
-            float16 and bfloat16, one device, any strides, with Ls, Lt and D within ``fits``.
+            float16 and bfloat16, one device, any strides, with Ls, Lt and D within ``fits`` (16-bit
+            sequences with the similarities up to 32 long, without them 64).
         weights: (D, 2 x heads x D) folded weights [A_0 .. A_H-1 | U_0 .. U_H-1] in the inputs' dtype
             (``crossattn_gpu.folding.fold_weights``: the scale 1/sqrt(D) inside the A_h).
         heads: H.
@@ -187,15 +217,19 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
         s_lengths, t_lengths: optional int (B,) in 1..Ls and 1..Lt: rows at or past the length are
             neither keys nor values, and their output rows are zeros.
         need_probs: also return each head's attention probabilities.
+        need_similarity: also return the cosine similarities of each input's rows (padded rows zero)
+            and its direction's output rows.
         precision: how float32 dots run (``contract.FLOAT32_PRECISIONS``); 16-bit inputs ignore it.
         lengths_checked: the caller has checked the lengths' values (the library's front end does): no
             read from the device (``contract.check_lengths``).
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
 
     Returns:
-        ((out_s, probs_st), (out_t, probs_ts)): out_s (B, Ls, D) and out_t (B, Lt, D), each the sum over
-        heads of its direction's attention outputs; probs_st (B, H, Ls, Lt) and probs_ts (B, H, Lt, Ls),
-        or None without ``need_probs``, zero for padded keys and rows; all in the inputs' dtype.
+        ((out_s, probs_st, sim_s), (out_t, probs_ts, sim_t)): out_s (B, Ls, D) and out_t (B, Lt, D), each
+        the sum over heads of its direction's attention outputs; probs_st (B, H, Ls, Lt) and probs_ts
+        (B, H, Lt, Ls), or None without ``need_probs``, zero for padded keys and rows; all in the
+        inputs' dtype; sim_s (B, Ls, Ls) and sim_t (B, Lt, Lt) float32, or None without
+        ``need_similarity``.
 
     Raises:
         TypeError for non-tensors, other dtypes or differing dtypes; ValueError for other ranks, empty
@@ -224,10 +258,11 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     if heads < 1 or tuple(weights.shape) != (dim, 2 * heads * dim):
         raise ValueError(f"weights must be (D, 2 x heads x D) = ({dim}, {2 * heads * dim}) for {heads} heads; "
                          f"got {tuple(weights.shape)}")
-    if not fits(len_s, len_t, dim, xs.element_size(), precision):
+    if not fits(len_s, len_t, dim, xs.element_size(), precision, need_similarity):
         raise ValueError(f"Ls = {len_s}, Lt = {len_t}, D = {dim} pass what one program holds in "
-                         f"{contract.dtype_name(xs)} (L <= {longest(xs.element_size(), precision)}, "
-                         f"D <= {MAX_BLOCK_D}); use kernels.attention")
+                         f"{contract.dtype_name(xs)}{' with the similarities' * need_similarity} "
+                         f"(L <= {longest(xs.element_size(), precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
+                         f"use kernels.attention")
     if masked is not None:
         contract.check_masked(masked, batch, len_s, len_t)
         masked = masked.to(device=xs.device, dtype=torch.uint8)
@@ -240,19 +275,22 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     cfg = chosen_config(default, config)
     out_s, out_t = torch.empty_like(xs, memory_format=torch.contiguous_format), torch.empty_like(
         xt, memory_format=torch.contiguous_format)
-    probs_st = probs_ts = None
+    probs_st = probs_ts = sim_s = sim_t = None
     if need_probs:
         probs_st = torch.empty((batch, heads, len_s, len_t), dtype=xs.dtype, device=xs.device)
         probs_ts = torch.empty((batch, heads, len_t, len_s), dtype=xs.dtype, device=xs.device)
-    # Absent mask, lengths and probabilities pass a valid pointer (xs) that HAS_MASK, HAS_*LEN and
-    # STORE_PROBS = False never read or write.
+    if need_similarity:
+        sim_s = torch.empty((batch, len_s, len_s), dtype=torch.float32, device=xs.device)
+        sim_t = torch.empty((batch, len_t, len_t), dtype=torch.float32, device=xs.device)
+    # Absent mask, lengths, probabilities and similarities pass a valid pointer (xs) that HAS_MASK,
+    # HAS_*LEN, STORE_PROBS and STORE_SIM = False never read or write.
     _small_fusion_fwd[(batch, 2)](
-        xs, xt, weights, out_s, out_t, xs if probs_st is None else probs_st, xs if probs_ts is None else probs_ts,
+        xs, xt, weights, out_s, out_t, *(xs if t is None else t for t in (probs_st, probs_ts, sim_s, sim_t)),
         masked if masked is not None else xs,
         given.get("s_lengths", xs), given.get("t_lengths", xs),
         *xs.stride(), *xt.stride(), *weights.stride(), *out_s.stride(), *out_t.stride(), *mask_strides(masked),
         len_s, len_t, dim, heads, contract.MASK_FILL * contract.LOG2E,
         HAS_MASK=masked is not None, HAS_SLEN="s_lengths" in given, HAS_TLEN="t_lengths" in given,
-        STORE_PROBS=need_probs, **cfg,
+        STORE_PROBS=need_probs, STORE_SIM=need_similarity, **cfg,
     )
-    return (out_s, probs_st), (out_t, probs_ts)
+    return (out_s, probs_st, sim_s), (out_t, probs_ts, sim_t)

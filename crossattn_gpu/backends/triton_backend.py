@@ -1,7 +1,7 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
 kernels of ``kernels/attention.py``; the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
 Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's demo) run in one launch
-instead, projections, both directions and the probabilities (when asked) included.
+instead, projections, both directions, the probabilities and the similarities (when asked) included.
 Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
 faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
 in torch's SDPA (``TritonBackend._attention``).
@@ -320,24 +320,28 @@ class TritonBackend(DeviceFusion):
         return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        if self._in_one_launch(xs, xt, weights):
+        if self._in_one_launch(xs, xt, weights, need_similarity):
             if masked is not None:
                 masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
-            seq_to_struct, struct_to_seq = self.small_fusion.small_fusion(
+            (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = self.small_fusion.small_fusion(
                 xs, xt, weights.query_value, heads=weights.heads, masked=masked, s_lengths=s_lengths,
-                t_lengths=t_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True)
-            similarity = self._cosine_similarity if need_similarity else None
-            return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
+                t_lengths=t_lengths, need_probs=need_weights, need_similarity=need_similarity,
+                precision=self.float32_precision, lengths_checked=True)
+            result = self._fusion_result(xs, xt, (fused_s, probs_st), (fused_t, probs_ts), s_lengths, t_lengths, None)
+            if need_similarity:
+                result.update(seq_similarity=sim_s, struct_similarity=sim_t)
+            return result
         if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity)
 
-    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights) -> bool:
+    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_similarity: bool) -> bool:
         """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``) and at most
-        ``one_launch_flops``. The probabilities, when asked, come from the same registers."""
+        ``one_launch_flops``. The probabilities and similarities, when asked, come from the same registers."""
         (batch, len_s, width), len_t = xs.shape, xt.shape[1]
-        return (self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision)
+        return (self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision,
+                                       need_similarity)
                 and self.small_fusion.flops(batch, len_s, len_t, width, weights.heads) <= self.one_launch_flops)
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):

@@ -251,8 +251,8 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
 
 
 def test_small_fusions_take_one_launch(monkeypatch):
-    """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64; heads up
-    to 64 wide), up to ``one_launch_flops``, run in one launch, projections included, with masks,
+    """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64, or 32
+    with the similarities; heads up to 64 wide), up to ``one_launch_flops``, run in one launch, projections included, with masks,
     lengths (host or device), probabilities, similarities and the bidirectional sum; longer examples
     or more FLOPs take the other routes. W1 (the seed's demo) calls no GEMM."""
     from torch.profiler import ProfilerActivity, profile
@@ -276,8 +276,10 @@ def test_small_fusions_take_one_launch(monkeypatch):
     mask = rng.random((3, 40, 7)) > 0.3
     s_len, t_len = np.array([40, 3, 1]), np.array([7, 1, 5])
     check_fusion_routes(ref, tri, calls, seq, struct, [
-        ({"mask": mask, "sequential_lengths": s_len, "structural_lengths": t_len}, torch.float16, ["one launch"]),
-        ({"mask": mask[:1, :1]}, torch.float16, ["one launch"]),  # broadcast over the batch and the queries
+        ({"mask": mask, "sequential_lengths": s_len, "structural_lengths": t_len, "need_similarity": False},
+         torch.float16, ["one launch"]),
+        ({"mask": mask[:1, :1], "need_similarity": False}, torch.float16, ["one launch"]),  # broadcast mask
+        ({"mask": mask}, torch.float16, ["kernel", "kernel"]),  # with the similarities: past 16-bit's 32
         ({}, torch.float32, ["sdpa", "sdpa"]),  # 40 queries: past float32's 16
     ])
     s_len = np.minimum(s_len, 7)  # float32 below: 7 x 7 examples, each length 1 in one direction

@@ -1,6 +1,7 @@
 """kernels/small_fusion.py (both directions of the folded fusion in one launch) against the float64 NumPy
 reference of the kernel contract, with a plain torch fusion in the same dtype as the yardstick for 16-bit
-inputs (under Triton's interpreter on a machine without a GPU): outputs and probabilities, odd lengths
+inputs (under Triton's interpreter on a machine without a GPU): outputs, probabilities and cosine
+similarities, odd lengths
 and widths up to the largest blocks, 1 to 16 heads, masks (a fully masked row, a shared mask), ragged
 lengths with padding that holds NaN, strided views, the float32 precisions, and the errors of bad
 arguments."""
@@ -16,7 +17,7 @@ from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa:
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
-    MAX_BLOCK_D, MAX_BLOCK_L, fits, flops, launch_config, longest, small_fusion,
+    MAX_BLOCK_D, MAX_BLOCK_L, MAX_BLOCK_L_WITH_SIMILARITY, fits, flops, launch_config, longest, small_fusion,
 )
 
 if not interpreter_mode() and not torch.cuda.is_available():
@@ -72,11 +73,21 @@ def yardstick(xs, xt, w, heads, masked, s_len, t_len):
     return outs
 
 
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float64; a zero row gives 0."""
+    def unit(x):
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        return x / np.where(norm == 0, 1.0, norm)
+
+    return unit(a) @ unit(b).swapaxes(1, 2)
+
+
 def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, precision="ieee", seed=0):
     """The kernel against the float64 reference: outputs in float32 within 1e-5 (relative to the largest),
     in 16 bits within twice the plain torch fusion's error; probabilities within 1e-5 in float32, 4 units
-    of the dtype's rounding in 16 bits (they are at most 1), and the same bits whether asked or not for
-    the outputs; padded query rows exactly zero."""
+    of the dtype's rounding in 16 bits (they are at most 1); similarities (where they fit) of the inputs'
+    rows (padding zero) and the outputs as returned within 1e-5; the outputs the same bits whether the
+    rest is asked or not; padded query rows exactly zero."""
     rng = np.random.default_rng(seed)
     xs, xt = rng.standard_normal((batch, len_s, dim)), rng.standard_normal((batch, len_t, dim))
     masked = s_len = t_len = None
@@ -96,10 +107,12 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
     t_masked = None if masked is None else torch.tensor(masked, device=DEVICE)
     lengths = {} if not ragged else dict(s_lengths=torch.tensor(s_len, device=DEVICE),
                                          t_lengths=torch.tensor(t_len, device=DEVICE))
-    asked = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, need_probs=True, **lengths)
+    similarity = fits(len_s, len_t, dim, ts.element_size(), precision, need_similarity=True)
+    asked = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, need_probs=True,
+                         need_similarity=similarity, **lengths)
     got = small_fusion(ts, tt, tw, heads=heads, masked=t_masked, precision=precision, **lengths)
-    for (out, probs), (out_asked, _) in zip(got, asked):
-        assert probs is None and torch.equal(out, out_asked)
+    for (out, probs, sim), (out_asked, _, _) in zip(got, asked):
+        assert probs is None and sim is None and torch.equal(out, out_asked)
     # The reference sees the inputs and weights as rounded to the dtype, in float64, padding zeroed.
     rounded = [np.nan_to_num(t.double().cpu().numpy(), nan=0.0, posinf=0.0) for t in (ts, tt, tw)]
     want = expected(*rounded, heads, masked, s_len, t_len)
@@ -107,10 +120,19 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
     if dtype != torch.float32:
         clean_s, clean_t = (torch.tensor(r, dtype=dtype, device=DEVICE) for r in rounded[:2])
         yard = yardstick(clean_s, clean_t, tw, heads, t_masked, lengths.get("s_lengths"), lengths.get("t_lengths"))
-    for index, ((out, _), (_, probs), (ref, ref_probs)) in enumerate(zip(got, asked, want)):
+    for index, ((out, _, _), (_, probs, sim), (ref, ref_probs)) in enumerate(zip(got, asked, want)):
         assert probs.dtype == dtype and probs.shape == ref_probs.shape
         probs = probs.double().cpu().numpy()
         assert np.abs(probs - ref_probs).max() <= (1e-5 if dtype == torch.float32 else 4 * 2.0**-8)
+        if not similarity:
+            assert sim is None
+            continue
+        inputs = rounded[index]
+        if ragged:
+            inputs = np.where(np.arange(inputs.shape[1])[None, :, None] < (s_len, t_len)[index][:, None, None], inputs, 0)
+        ref_sim = cosine_similarity(inputs, out.double().cpu().numpy())
+        assert sim.dtype == torch.float32 and sim.shape == ref_sim.shape
+        assert np.abs(sim.double().cpu().numpy() - ref_sim).max() <= 1e-5
         assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
         out = out.double().cpu().numpy()
         assert np.isfinite(out).all()
@@ -182,7 +204,7 @@ def test_strided_views_and_a_shared_mask():
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
     ref = expected(*(t.double().cpu().numpy() for t in (xs, xt, w)), heads, masked.cpu().numpy(), None, None)
-    for (g, _), (r, _) in zip(got, ref):
+    for (g, _, _), (r, _) in zip(got, ref):
         assert np.abs(g.double().cpu().numpy() - r).max() <= 1e-5 * np.abs(r).max()
 
 
@@ -195,13 +217,13 @@ def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     xs = torch.tensor(np.random.default_rng(5).standard_normal((1, 2, dim)), dtype=torch.float32, device=DEVICE)
     xt = torch.tensor(np.random.default_rng(6).standard_normal((1, 3, dim)), dtype=torch.float32, device=DEVICE)
     masked = torch.ones(1, 2, 3, dtype=torch.bool, device=DEVICE)
-    (out_s, probs), _ = small_fusion(xs, xt, w, heads=heads, masked=masked, need_probs=True)
+    (out_s, probs, _), _ = small_fusion(xs, xt, w, heads=heads, masked=masked, need_probs=True)
     values = (xt[0] @ w[:, dim:]).mean(0)
     torch.testing.assert_close(out_s[0, 0], values, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs, torch.full_like(probs, 1 / 3))
     xs_nan = xs.clone()
     xs_nan[0, 1, 0] = float("nan")
-    (out_s, _), _ = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
+    (out_s, _, _), _ = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
     assert torch.isnan(out_s[0, 1]).all() and torch.isfinite(out_s[0, 0]).all()
 
 
@@ -210,6 +232,22 @@ def test_flops_count_both_directions():
     # probabilities times values (2 x 10 x 10 x 64 each); 2 heads, 2 directions.
     assert flops(1, 10, 10, 64, 2) == 2 * 2 * (2 * (2 * 10 * 64 * 64) + 2 * (2 * 10 * 10 * 64))
     assert flops(3, 5, 7, 8, 2) == 3 * flops(1, 5, 7, 8, 2) and flops(1, 5, 7, 8, 2) == flops(1, 7, 5, 8, 2)
+
+
+def test_similarities_of_tiny_rows():
+    """Rows whose squares underflow float32 (inputs of 1e-30, and so outputs) still give exact similarities:
+    each row is divided by its largest magnitude first. A zero row gives 0."""
+    rng = np.random.default_rng(7)
+    dim, heads = 16, 2
+    xs, xt = (torch.tensor(rng.standard_normal((2, 5, dim)) * 1e-30, dtype=torch.float32, device=DEVICE)
+              for _ in range(2))
+    xs[1, 2] = 0.0
+    w = torch.tensor(folded(dim, heads, 7), dtype=torch.float32, device=DEVICE)
+    (out_s, _, sim_s), (out_t, _, sim_t) = small_fusion(xs, xt, w, heads=heads, need_similarity=True)
+    for x, out, sim in ((xs, out_s, sim_s), (xt, out_t, sim_t)):
+        want = cosine_similarity(x.double().cpu().numpy(), out.double().cpu().numpy())
+        assert np.isfinite(want).all() and np.abs(sim.double().cpu().numpy() - want).max() <= 1e-5
+    assert not sim_s[1, 2].any()
 
 
 def test_launch_config_fits_and_longest():
@@ -222,6 +260,10 @@ def test_launch_config_fits_and_longest():
     assert set(MAX_BLOCK_L) == {"ieee", "tf32x3", "tf32", "16-bit"}
     assert fits(16, 1, 64, 4) and not fits(17, 1, 64, 4) and fits(32, 17, 64, 4, "tf32x3")
     assert fits(64, 64, MAX_BLOCK_D, 2) and not fits(64, 65, 64, 2) and not fits(3, 3, MAX_BLOCK_D + 1, 2)
+    # With the similarities, 16-bit sequences up to 32 (64 spill registers); float32 as without.
+    assert (longest(2, need_similarity=True), longest(4, need_similarity=True)) == (32, 16)
+    assert fits(32, 3, 64, 2, need_similarity=True) and not fits(33, 3, 64, 2, need_similarity=True)
+    assert MAX_BLOCK_L_WITH_SIMILARITY["tf32x3"] == MAX_BLOCK_L["tf32x3"]
 
 
 def test_bad_arguments_name_the_problem():
@@ -245,6 +287,10 @@ def test_bad_arguments_name_the_problem():
         small_fusion(xs, xt, w, heads=0)
     with pytest.raises(ValueError, match=r"Lt = 17, D = 4 pass what one program holds in float32 \(L <= 16"):
         small_fusion(xs, torch.zeros(2, 17, 4, device=DEVICE), w, heads=2)
+    with pytest.raises(ValueError, match=r"Ls = 33, Lt = 5, D = 4 pass what one program holds in float16 with the "
+                                         r"similarities \(L <= 32"):
+        small_fusion(torch.zeros(2, 33, 4, dtype=torch.float16, device=DEVICE), xt.half(), w.half(), heads=2,
+                     need_similarity=True)
     with pytest.raises(ValueError, match="precision must be one of"):
         small_fusion(xs, xt, w, heads=2, precision="fast")
     with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 3, 5\)"):
