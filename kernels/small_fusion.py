@@ -43,10 +43,10 @@ from .attention_common import block_at_least_16, chosen_config, mask_strides
 #: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
 MAX_BLOCK_D = 64
 #: The longest sequence one program holds (padded likewise), by how its dots run: the largest blocks that
-#: spill no registers at 8 warps with mask, lengths and probabilities (sm_90, Triton 3.6's ptxas, D = 64).
-#: IEEE float32 dots are the hungriest: 16 x 64 blocks take 242 registers (W1 at 4 warps, without mask:
-#: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit 32 x 64 (tf32x3 224 registers),
-#: 16-bit 64 x 64 (255).
+#: spill no registers at 8 warps with mask, lengths, probabilities and similarities (sm_90, Triton 3.6's
+#: ptxas, D = 64). IEEE float32 dots are the hungriest: 16 x 64 blocks take 248 registers (W1 at 4 warps,
+#: without any of those: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit 32 x 64 (tf32x3
+#: 240 registers), 16-bit 64 x 64 without the similarities (255).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 #: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
 #: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 224 registers.
