@@ -56,8 +56,9 @@ MAX_BLOCK_L_WITH_SIMILARITY = {**MAX_BLOCK_L, "16-bit": 32}
 @triton.jit
 def _unit_rows(x):
     """float32 rows scaled to unit length: by their largest magnitude first, then by their norm; a zero
-    row stays zero."""
-    top = tl.max(tl.abs(x), 1)
+    row stays zero, and a row holding NaN (an output that overflowed, which the front end reports) NaN."""
+    # NaN left out of the maximum, as a GPU's max does anyway; Triton's interpreter warns on a row of NaN.
+    top = tl.max(tl.where(x == x, tl.abs(x), 0.0), 1)
     x = x / tl.where(top == 0.0, 1.0, top)[:, None]
     norm = tl.sqrt(tl.sum(x * x, 1))
     return x / tl.where(norm == 0.0, 1.0, norm)[:, None]

@@ -211,7 +211,8 @@ def test_strided_views_and_a_shared_mask():
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
 def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     """A row whose every key is masked averages the values (the seed's -1e9 fill); a query whose score is
-    NaN keeps it NaN through the fill (for the front end's overflow check to find), not a finite row."""
+    NaN keeps it NaN through the fill (for the front end's overflow check to find), not a finite row, and
+    so do its similarities."""
     dim, heads = 8, 1
     w = torch.tensor(folded(dim, heads, 5), dtype=torch.float32, device=DEVICE)
     xs = torch.tensor(np.random.default_rng(5).standard_normal((1, 2, dim)), dtype=torch.float32, device=DEVICE)
@@ -223,8 +224,9 @@ def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     torch.testing.assert_close(probs, torch.full_like(probs, 1 / 3))
     xs_nan = xs.clone()
     xs_nan[0, 1, 0] = float("nan")
-    (out_s, _, _), _ = small_fusion(xs_nan, xt, w, heads=heads, masked=masked)
+    (out_s, _, sim_s), _ = small_fusion(xs_nan, xt, w, heads=heads, masked=masked, need_similarity=True)
     assert torch.isnan(out_s[0, 1]).all() and torch.isfinite(out_s[0, 0]).all()
+    assert torch.isnan(sim_s[0, 1]).all() and torch.isnan(sim_s[0, :, 1]).all()  # its similarities too
 
 
 def test_flops_count_both_directions():
