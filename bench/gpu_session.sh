@@ -10,7 +10,7 @@
 # tests on odd shapes, the conformance suite with its summary, and fuse_collection's batching against a loop
 # of calls (bench.collection). Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 590 s; the steps usually end
+# failing step is logged and the others still run. The limits add up to 600 s; the steps usually end
 # well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
@@ -86,7 +86,7 @@ step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/te
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
 step profile 30 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # Is one launch faster for every batch of small examples (kernels/small_fusion.py), or only for few?
-step small 20 "$py" -m bench.small_fusion --out "$work/results/small.json"
+step small 30 "$py" -m bench.small_fusion --out "$work/results/small.json"
 # The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
 # how much slower this host's Python is.
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
