@@ -38,20 +38,28 @@ def split(x, w, heads: int):
     return both[:, :, 0].swapaxes(1, 2), both[:, :, 1].swapaxes(1, 2)
 
 
+def directions(xs, xt, w, heads, masked, s_len, t_len):
+    """Per direction: queries (B, H, Lq, D), raw keys (B, Lk, D), values (B, H, Lk, D), the mask
+    (B or 1, Lq, Lk) or None, and the query and key lengths; NumPy arrays or torch tensors alike."""
+    found = []
+    for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
+                                      (xt, xs, None if masked is None else masked.swapaxes(1, 2), t_len, s_len)):
+        (q, _), (_, v) = split(xq, w, heads), split(xk, w, heads)
+        found.append((q, xk, v, mask, q_len, k_len))
+    return found
+
+
 def expected(xs, xt, w, heads, masked, s_len, t_len):
     """Both directions' (output, probabilities) in float64 from the kernel contract's reference, padded
     query rows zero."""
     outs = []
-    for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
-                                      (xt, xs, None if masked is None else masked.swapaxes(1, 2), t_len, s_len)):
-        q, _ = split(xq, w, heads)
-        _, v = split(xk, w, heads)
+    for q, xk, v, mask, q_len, k_len in directions(xs, xt, w, heads, masked, s_len, t_len):
         if mask is not None:
-            mask = np.broadcast_to(mask, (xq.shape[0], xq.shape[1], xk.shape[1]))
+            mask = np.broadcast_to(mask, (q.shape[0], q.shape[2], xk.shape[1]))
         out, _, probs = reference(q, xk[:, None], v, scale=1.0, masked=mask, k_lengths=k_len, need_weights=True)
         out = out.sum(1)
         if q_len is not None:
-            live = np.arange(xq.shape[1])[None, :, None] < q_len[:, None, None]
+            live = np.arange(q.shape[2])[None, :, None] < q_len[:, None, None]
             out, probs = np.where(live, out, 0.0), np.where(live[:, None], probs, 0.0)
         outs.append((out, probs))
     return outs
@@ -60,15 +68,12 @@ def expected(xs, xt, w, heads, masked, s_len, t_len):
 def yardstick(xs, xt, w, heads, masked, s_len, t_len):
     """The same fusion written plainly in torch in the inputs' dtype (projections, attention, heads' sum)."""
     outs = []
-    for xq, xk, mask, q_len, k_len in ((xs, xt, masked, s_len, t_len),
-                                      (xt, xs, None if masked is None else masked.transpose(1, 2), t_len, s_len)):
-        q, _ = split(xq, w, heads)
-        _, v = split(xk, w, heads)
+    for q, xk, v, mask, q_len, k_len in directions(xs, xt, w, heads, masked, s_len, t_len):
         if mask is not None:
-            mask = mask.expand(xq.shape[0], xq.shape[1], xk.shape[1])
-        out = plain_torch(q, xk[:, None], v, 1.0, mask, k_len).float().sum(1).to(xq.dtype)
+            mask = mask.expand(q.shape[0], q.shape[2], xk.shape[1])
+        out = plain_torch(q, xk[:, None], v, 1.0, mask, k_len).float().sum(1).to(q.dtype)
         if q_len is not None:
-            out = out * (torch.arange(xq.shape[1], device=DEVICE)[None, :, None] < q_len[:, None, None])
+            out = out * (torch.arange(q.shape[2], device=DEVICE)[None, :, None] < q_len[:, None, None])
         outs.append(out)
     return outs
 
