@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import contract
-from .attention_common import block_at_least_16, chosen_config, mask_strides
+from .attention_common import block_at_least_16, mask_strides
 
 #: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
 MAX_BLOCK_D = 64
@@ -203,7 +203,7 @@ def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: st
 
 def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
                  need_probs: bool = False, need_similarity: bool = False, precision: str = "ieee",
-                 lengths_checked: bool = False, config: dict | None = None):
+                 lengths_checked: bool = False):
     """Both directions of the folded fusion of small examples, in one launch.
 
     Args:
@@ -223,7 +223,6 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
         precision: how float32 dots run (``contract.FLOAT32_PRECISIONS``); 16-bit inputs ignore it.
         lengths_checked: the caller has checked the lengths' values (the library's front end does): no
             read from the device (``contract.check_lengths``).
-        config: a launch configuration with the keys of ``launch_config``'s result, used instead of it.
 
     Returns:
         ((out_s, probs_st, sim_s), (out_t, probs_ts, sim_t)): out_s (B, Ls, D) and out_t (B, Lt, D), each
@@ -272,8 +271,7 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
         if lengths is not None:
             contract.check_lengths(lengths, batch, length, lengths_checked, name=name)
             given[name] = lengths.to(device=xs.device, dtype=torch.int32)
-    default = launch_config(len_s, len_t, dim, xs.element_size(), precision)
-    cfg = chosen_config(default, config)
+    cfg = launch_config(len_s, len_t, dim, xs.element_size(), precision)
     out_s, out_t = torch.empty_like(xs, memory_format=torch.contiguous_format), torch.empty_like(
         xt, memory_format=torch.contiguous_format)
     probs_st = probs_ts = sim_s = sim_t = None
