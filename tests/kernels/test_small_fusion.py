@@ -129,15 +129,16 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
         assert probs.dtype == dtype and probs.shape == ref_probs.shape
         probs = probs.double().cpu().numpy()
         assert np.abs(probs - ref_probs).max() <= (1e-5 if dtype == torch.float32 else 4 * 2.0**-8)
-        if not similarity:
+        if similarity:
+            inputs = rounded[index]
+            if ragged:
+                live = np.arange(inputs.shape[1])[None, :, None] < (s_len, t_len)[index][:, None, None]
+                inputs = np.where(live, inputs, 0.0)
+            ref_sim = cosine_similarity(inputs, out.double().cpu().numpy())
+            assert sim.dtype == torch.float32 and sim.shape == ref_sim.shape
+            assert np.abs(sim.double().cpu().numpy() - ref_sim).max() <= 1e-5
+        else:
             assert sim is None
-            continue
-        inputs = rounded[index]
-        if ragged:
-            inputs = np.where(np.arange(inputs.shape[1])[None, :, None] < (s_len, t_len)[index][:, None, None], inputs, 0)
-        ref_sim = cosine_similarity(inputs, out.double().cpu().numpy())
-        assert sim.dtype == torch.float32 and sim.shape == ref_sim.shape
-        assert np.abs(sim.double().cpu().numpy() - ref_sim).max() <= 1e-5
         assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
         out = out.double().cpu().numpy()
         assert np.isfinite(out).all()
