@@ -1,5 +1,6 @@
 """What the two Triton attention operators (``attention.py``, ``attention_two_pass.py``) share: the block
-of scaled, masked scores their kernels compute, and their launchers' input checks."""
+of scaled, masked scores their kernels compute, and their launchers' input checks (the mask and lengths'
+also serve ``softmax_heads.py`` and ``small_fusion.py``)."""
 
 from __future__ import annotations
 
@@ -114,19 +115,32 @@ def checked_shapes(q, k, v) -> tuple[int, int, int, int, int, int]:
     return contract.check_qkv(q, k, v)
 
 
+def checked_mask(masked, batch: int, len_q: int, len_k: int, device):
+    """A (Bm, Lq, Lk) mask checked (``contract.check_masked``), as uint8 on ``device``; None stays None."""
+    if masked is None:
+        return None
+    contract.check_masked(masked, batch, len_q, len_k)
+    return masked.to(device=device, dtype=torch.uint8)
+
+
+def checked_lengths(named: dict, batch: int, device, checked: bool) -> dict:
+    """Lengths named ``name -> (lengths or None, padded length)``, each given one checked in that order
+    (``contract.check_lengths``) and moved to ``device`` as int32, the kernels' dtype: name -> tensor."""
+    given = {}
+    for name, (lengths, length) in named.items():
+        if lengths is not None:
+            contract.check_lengths(lengths, batch, length, checked, name=name)
+            given[name] = lengths.to(device=device, dtype=torch.int32)
+    return given
+
+
 def checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims: tuple, lengths_checked: bool):
     """The mask as uint8 and both lengths as int32 on q's device (or None), checked against ``dims``."""
     batch, _, len_q, len_k, _, _ = dims
-    if masked is not None:
-        contract.check_masked(masked, batch, len_q, len_k)
-        masked = masked.to(device=q.device, dtype=torch.uint8)
-    if k_lengths is not None:
-        contract.check_lengths(k_lengths, batch, len_k, lengths_checked)
-        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32)
-    if q_lengths is not None:
-        contract.check_lengths(q_lengths, batch, len_q, lengths_checked, name="q_lengths")
-        q_lengths = q_lengths.to(device=q.device, dtype=torch.int32)
-    return masked, k_lengths, q_lengths
+    masked = checked_mask(masked, batch, len_q, len_k, q.device)
+    given = checked_lengths({"k_lengths": (k_lengths, len_k), "q_lengths": (q_lengths, len_q)}, batch, q.device,
+                            lengths_checked)
+    return masked, given.get("k_lengths"), given.get("q_lengths")
 
 
 def chosen_config(default: dict, config: dict | None) -> dict:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import contract
-from .attention_common import block_at_least_16, mask_strides
+from .attention_common import block_at_least_16, checked_lengths, checked_mask, mask_strides
 
 #: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
 MAX_BLOCK_D = 64
@@ -263,14 +263,9 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
                          f"{contract.dtype_name(xs)}{' with the similarities' * need_similarity} "
                          f"(L <= {longest(xs.element_size(), precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
                          f"use kernels.attention")
-    if masked is not None:
-        contract.check_masked(masked, batch, len_s, len_t)
-        masked = masked.to(device=xs.device, dtype=torch.uint8)
-    given = {}
-    for name, lengths, length in (("s_lengths", s_lengths, len_s), ("t_lengths", t_lengths, len_t)):
-        if lengths is not None:
-            contract.check_lengths(lengths, batch, length, lengths_checked, name=name)
-            given[name] = lengths.to(device=xs.device, dtype=torch.int32)
+    masked = checked_mask(masked, batch, len_s, len_t, xs.device)
+    given = checked_lengths({"s_lengths": (s_lengths, len_s), "t_lengths": (t_lengths, len_t)}, batch, xs.device,
+                            lengths_checked)
     cfg = launch_config(len_s, len_t, dim, xs.element_size(), precision)
     out_s, out_t = torch.empty_like(xs, memory_format=torch.contiguous_format), torch.empty_like(
         xt, memory_format=torch.contiguous_format)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import contract
+from .attention_common import checked_lengths
 
 #: The most elements (heads x keys, each padded to a power of two) one program holds: 16 heads of 1024
 #: keys, 64 float32 registers per thread at 8 warps.
@@ -124,11 +125,8 @@ def softmax_heads(scores, *, scale: float = 1.0, out_dtype=None, k_lengths=None,
         raise ValueError(f"{heads} heads x {len_k} keys pass the {MAX_ROW_BLOCK} elements one program holds")
     if batch * len_q >= 2**31:
         raise ValueError(f"B x Lq = {batch * len_q} programs pass what a grid axis takes (2**31 - 1)")
-    given = {}
-    for name, lengths, length in (("k_lengths", k_lengths, len_k), ("q_lengths", q_lengths, len_q)):
-        if lengths is not None:
-            contract.check_lengths(lengths, batch, length, lengths_checked, name=name)
-            given[name] = lengths.to(device=scores.device, dtype=torch.int32)
+    given = checked_lengths({"k_lengths": (k_lengths, len_k), "q_lengths": (q_lengths, len_q)}, batch,
+                            scores.device, lengths_checked)
     probs = torch.empty((batch, len_q, len_k, heads), device=scores.device, dtype=out_dtype)
     if probs.numel() == 0:
         return probs
