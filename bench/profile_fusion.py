@@ -104,7 +104,8 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
     host_ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("cuda") or
                        e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
-        "case": name + (f" ({lengths_on} lengths)" if workload.ragged else "") + ("" if one_launch else " (multi-launch)"),
+        "case": (name + (f" ({lengths_on} lengths)" if workload.ragged else "")
+                 + ("" if one_launch else " (multi-launch)")),
         "dtype": dtype_name,
         "device": device,
         "wall_ms": statistics.median(walls) * 1e3,

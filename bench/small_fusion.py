@@ -5,9 +5,9 @@ TF32 32, 16-bit 64; heads up to 64 wide) in one launch, one program per (example
 the backend's ``one_launch_flops``. That wins where launches dominate (W1); with thousands of examples
 the multi-launch path's cuBLAS projections may win instead. This times ``fuse_representations`` (device
 arrays, no similarities, as the harness calls it) both ways (``one_launch_flops`` infinite and 0),
-alternating, over batch sizes (the FLOPs of each row say where the bound would fall), and reports the medians, their ratio and the largest difference between the two routes'
-outputs, as JSON and a table. Under Triton's interpreter (no GPU) it runs tiny shapes for the tests,
-where times mean nothing.
+alternating, over batch sizes (the FLOPs of each row say where the bound would fall), and reports the
+medians, their ratio and the largest difference between the two routes' outputs, as JSON and a table.
+Under Triton's interpreter (no GPU) it runs tiny shapes for the tests, where times mean nothing.
 
     python -m bench.small_fusion --out small.json        # on a GPU
     TRITON_INTERPRET=1 python -m bench.small_fusion --smoke
@@ -57,7 +57,8 @@ def measure(length: int, width: int, heads: int, dtype: str, batch: int, repeats
     one, multi = (statistics.median(times[way]) * 1e3 for way in (True, False))
     scale = float(outputs[False].abs().max())
     return {"length": length, "width": width, "heads": heads, "dtype": dtype, "batch": batch,
-            "flops": backend.small_fusion.flops(batch, length, length, width, heads), "one_launch_ms": one, "multi_launch_ms": multi, "speedup": multi / one,
+            "flops": backend.small_fusion.flops(batch, length, length, width, heads),
+            "one_launch_ms": one, "multi_launch_ms": multi, "speedup": multi / one,
             "max_relative_difference": float((outputs[True] - outputs[False]).abs().max()) / scale}
 
 

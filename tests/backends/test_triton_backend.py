@@ -252,9 +252,10 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
 
 def test_small_fusions_take_one_launch(monkeypatch):
     """Fusions of examples within ``small_fusion.fits`` (float32 up to 16 long, TF32 32, 16-bit 64, or 32
-    with the similarities; heads up to 64 wide), up to ``one_launch_flops``, run in one launch, projections included, with masks,
-    lengths (host or device), probabilities, similarities and the bidirectional sum; longer examples
-    or more FLOPs take the other routes. W1 (the seed's demo) calls no GEMM."""
+    with the similarities; heads up to 64 wide), up to ``one_launch_flops``, run in one launch,
+    projections included, with masks, lengths (host or device), probabilities, similarities and the
+    bidirectional sum; longer examples or more FLOPs take the other routes. W1 (the seed's demo) calls
+    no GEMM."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
