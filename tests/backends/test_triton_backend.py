@@ -284,12 +284,12 @@ def test_small_fusions_take_one_launch(monkeypatch):
         ({}, torch.float32, ["sdpa", "sdpa"]),  # 40 queries: past float32's 16
     ])
     s_len = np.minimum(s_len, 7)  # float32 below: 7 x 7 examples, each length 1 in one direction
+    short = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq[:, :7], struct)]
     want = ref.fuse_representations(seq[:, :7], struct, sequential_lengths=s_len, structural_lengths=t_len,
                                      need_similarity=True, bidirectional=False)
     for lengths in ((s_len, t_len), tuple(torch.tensor(n, device=DEVICE) for n in (s_len, t_len))):  # host, device
         calls.clear()
-        got = tri.fuse_representations(*(torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq[:, :7], struct)),
-                                       sequential_lengths=lengths[0], structural_lengths=lengths[1],
+        got = tri.fuse_representations(*short, sequential_lengths=lengths[0], structural_lengths=lengths[1],
                                        need_similarity=True, bidirectional=False)
         assert calls == ["one launch"]
         for key in ("fused_sequential", "fused_structural", "seq_similarity", "struct_similarity"):
@@ -298,8 +298,7 @@ def test_small_fusions_take_one_launch(monkeypatch):
     kwargs = dict(mask=mask[:, :7], sequential_lengths=s_len, structural_lengths=t_len, need_weights=True,
                   bidirectional=False)
     calls.clear()
-    got = tri.fuse_representations(*(torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq[:, :7], struct)),
-                                   **kwargs)
+    got = tri.fuse_representations(*short, **kwargs)
     assert calls == ["one launch"]
     want = ref.fuse_representations(seq[:, :7], struct, **kwargs)
     for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq", "fused_sequential"):
