@@ -29,6 +29,13 @@ def median_us(fn, calls: int) -> float:
     return statistics.median(time_calls(lambda _: fn(), [None], "cpu", repeats=calls, warmup=0)) * 1e6
 
 
+def no_launch(*args, STORE_MAGNITUDE=False, **kwargs) -> None:
+    """A kernel launch that runs nothing, except that the inputs' magnitudes the one-launch kernel would
+    write (``small_fusion``'s 10th argument) are set to 0, a finite value the front end's check reads."""
+    if STORE_MAGNITUDE:
+        args[9].zero_()
+
+
 def measure(calls: int) -> dict:
     """Median microseconds of one W1 call: the NumPy backend's, and the Triton backend's host path."""
     if not interpreter_mode():
@@ -43,7 +50,7 @@ def measure(calls: int) -> dict:
     ts, tt = torch.from_numpy(xs), torch.from_numpy(xt)
     results = {"numpy_w1_us": median_us(lambda: numpy_model.fuse_representations(xs, xt, **kwargs), calls)}
     original = InterpretedFunction.__getitem__
-    InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kw: None)  # launches do nothing
+    InterpretedFunction.__getitem__ = lambda self, grid: no_launch  # launches do nothing
     try:
         results["triton_host_path_us"] = median_us(lambda: triton_model.fuse_representations(ts, tt, **kwargs), calls)
     finally:

@@ -163,16 +163,17 @@ def check_input(arr, name: str, backend) -> None:
         raise ValueError(f"{name} has an empty axis {axis} (shape {shape}); {need}")
 
 
-def check_values(arrays: dict, backend) -> Callable[[], float]:
+def check_values(arrays: dict, backend, pending=None) -> Callable[[], float]:
     """No NaN or Inf in any of the named arrays, from one value for all of them: their largest magnitude.
 
     Returns the function that finishes the check and returns that magnitude. ``backend.largest_magnitude``
     gives either the value itself (the check ends here, and raises here) or a function that reads it
     later: on a GPU that read is a synchronisation, so the front end calls the returned function only
     once the call's work is queued, and the read no longer leaves the device idle while the host
-    prepares that work.
+    prepares that work. ``pending`` (``backend.pending_magnitude``, not None) stands in for it: a
+    magnitude the call's own kernel may write, read likewise.
     """
-    magnitude = backend.largest_magnitude(*arrays.values())
+    magnitude = backend.largest_magnitude(*arrays.values()) if pending is None else pending
     if callable(magnitude):
         return lambda: _finite_magnitude(magnitude(), arrays, backend)
     magnitude = _finite_magnitude(magnitude, arrays, backend)
@@ -307,6 +308,7 @@ class Batch:
     stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
     finish_values: Callable[[], float]  # raises if the inputs' values failed, else their largest magnitude
     late_checks: list = field(default_factory=list)  # functions that raise if a check read late failed
+    pending_magnitude: object = None  # the backend's pending_magnitude, for its fuse, or None
 
     def finish_checks(self) -> float:
         """Finish the checks read late from the device (a GPU's reads wait for their own copies, not for

@@ -298,7 +298,8 @@ class CrossAttention:
             (list of H (…, Lt, Ls)), ``seq_similarity``, ``struct_similarity`` and ``fusion_complete``
             (True). Entries that were not asked for are None.
         """
-        batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr})
+        batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr},
+                            magnitude_by_kernel=True)
         xs, xt = batch.arrays
         bidirectional = _checks.check_flag(bidirectional, "bidirectional")
         masked, s_len, t_len = self._ragged(
@@ -315,9 +316,10 @@ class CrossAttention:
         }, remedy="pass need_weights=False or need_similarity=False, or fewer examples per call")
         weights = self._projection(xs.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
+        by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
         parts = self._backend.fuse(
             xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
-            need_weights=need_weights, need_similarity=need_similarity,
+            need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
         )
         fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
         both = fused_s + fused_t if bidirectional else None
@@ -476,7 +478,7 @@ class CrossAttention:
 
     # --- helpers -------------------------------------------------------------------------------------
 
-    def _batch(self, named_inputs: dict, free_width: tuple = ()) -> _checks.Batch:
+    def _batch(self, named_inputs: dict, free_width: tuple = (), magnitude_by_kernel: bool = False) -> _checks.Batch:
         """Validate the inputs and return them batched, as backend arrays in the compute dtype.
 
         Every input must be D wide except those named in ``free_width``. Results go back in the kind of
@@ -484,12 +486,15 @@ class CrossAttention:
         On a GPU the inputs' largest magnitude is read late: call ``finish_checks()`` on the result once
         the work is queued, before handing anything back; it raises for NaN, Inf, or an input too large
         for the compute dtype, and returns that magnitude (for ``_overflow.check_results``).
+        ``magnitude_by_kernel`` (a fusion's two inputs): where the backend's kernel may write that
+        magnitude (``pending_magnitude``), the result's ``pending_magnitude`` goes to its ``fuse``.
         """
         backend = self._backend
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}
         for name, arr in arrays.items():
             _checks.check_input(arr, name, backend)
-        read_magnitude = _checks.check_values(arrays, backend)
+        pending = backend.pending_magnitude(*arrays.values()) if magnitude_by_kernel else None
+        read_magnitude = _checks.check_values(arrays, backend, pending)
         batched = _checks.check_same_rank(arrays)
         for name, arr in arrays.items():
             if name not in free_width:
@@ -510,7 +515,8 @@ class CrossAttention:
             _overflow.check_cast(arrays, magnitude, stages.projections, backend)
             return magnitude
 
-        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_values)
+        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_values,
+                             pending_magnitude=pending)
 
     def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths"),
                 equal: bool = False):

@@ -21,6 +21,11 @@ returned (rounded to the dtype), (B, Lq, Lq) in float32, each row divided by its
 then by its norm first (as ``device_common.DeviceFusion._cosine_similarity``: no overflow or underflow
 of the squares; a zero row, padding included, gives 0).
 
+The inputs' largest magnitudes, when asked (STORE_MAGNITUDE), come from the same loads: each program
+writes its query input's max |x| over the whole example, padding included, NaN where one holds NaN, for
+the front end's check of the inputs' values (``triton_backend.KernelMagnitude``), which would otherwise
+take three launches of its own.
+
 Ragged examples: rows of either input at or past its example's length are loaded as zeros (whatever
 the padding holds, no Inf reaches a product), keys past the key length get -inf scores (zero weight;
 lengths are >= 1, so every row keeps a finite maximum), and output rows past the query length are
@@ -43,13 +48,13 @@ from .attention_common import block_at_least_16, checked_lengths, checked_mask, 
 #: The widest head one program holds (padded to a power of two, at least 16: tl.dot's smallest block).
 MAX_BLOCK_D = 64
 #: The longest sequence one program holds (padded likewise), by how its dots run: the largest blocks that
-#: spill no registers at 8 warps with mask, lengths, probabilities and similarities (sm_90, Triton 3.6's
-#: ptxas, D = 64). IEEE float32 dots are the hungriest: 16 x 64 blocks take 248 registers (W1 at 4 warps,
-#: without any of those: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit 32 x 64 (tf32x3
-#: 240 registers), 16-bit 64 x 64 without the similarities (255).
+#: spill no registers at 8 warps with mask, lengths, probabilities, similarities and magnitudes (sm_90,
+#: Triton 3.6's ptxas, D = 64). IEEE float32 dots are the hungriest: 16 x 64 blocks take 240 registers (W1
+#: at 4 warps, without any of those: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit
+#: 32 x 64 (tf32x3 244 registers), 16-bit 64 x 64 without the similarities (248).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 #: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
-#: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 224 registers.
+#: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 238 registers.
 MAX_BLOCK_L_WITH_SIMILARITY = {**MAX_BLOCK_L, "16-bit": 32}
 
 
@@ -65,8 +70,17 @@ def _unit_rows(x):
 
 
 @triton.jit
+def _largest_magnitude(x):
+    """max |x| over a block in float32, NaN when the block holds NaN (a GPU's max leaves NaN out)."""
+    x = x.to(tl.float32)
+    top = tl.max(tl.max(tl.where(x == x, tl.abs(x), 0.0), 1), 0)
+    has_nan = tl.max(tl.max((x != x).to(tl.int32), 1), 0)
+    return tl.where(has_nan > 0, float("nan"), top)
+
+
+@triton.jit
 def _one_direction(
-    Xq, Xk, W, Out, Probs, Sim, Mask, QLen, KLen, b,
+    Xq, Xk, W, Out, Probs, Sim, Magnitude, Mask, QLen, KLen, b,
     stride_qb, stride_qm, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_wd, stride_wc,
@@ -81,11 +95,13 @@ def _one_direction(
     HAS_KLEN: tl.constexpr,
     STORE_PROBS: tl.constexpr,
     STORE_SIM: tl.constexpr,
+    STORE_MAGNITUDE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed; with
     STORE_PROBS, each head's probabilities into Probs (B, H, Lq, Lk), with STORE_SIM the cosine
-    similarities of Xq's rows and the output's into Sim (B, Lq, Lq), both contiguous."""
+    similarities of Xq's rows and the output's into Sim (B, Lq, Lq), both contiguous; with
+    STORE_MAGNITUDE, the largest |x| of the example's whole Xq, padding included, at Magnitude[2 b]."""
     offs_q = tl.arange(0, BLOCK_Q).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -99,8 +115,15 @@ def _one_direction(
     q_live = offs_q < q_len
     k_live = offs_k < k_len
 
-    xq = tl.load(Xq + b * stride_qb + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                 mask=q_live[:, None] & d_ok[None, :], other=0.0)
+    xq_ptrs = Xq + b * stride_qb + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if STORE_MAGNITUDE and HAS_QLEN:  # the front end's check covers the padding too: loaded, then zeroed
+        xq = tl.load(xq_ptrs, mask=(offs_q[:, None] < len_q) & d_ok[None, :], other=0.0)
+        tl.store(Magnitude + 2 * b, _largest_magnitude(xq))
+        xq = tl.where(q_live[:, None], xq, 0.0)  # a select: padding's Inf or NaN leaves no trace
+    else:
+        xq = tl.load(xq_ptrs, mask=q_live[:, None] & d_ok[None, :], other=0.0)
+        if STORE_MAGNITUDE:
+            tl.store(Magnitude + 2 * b, _largest_magnitude(xq))
     xk = tl.load(Xk + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                  mask=k_live[:, None] & d_ok[None, :], other=0.0)
     xk_t = tl.trans(xk)
@@ -137,7 +160,7 @@ def _one_direction(
 
 @triton.jit
 def _small_fusion_fwd(
-    Xs, Xt, W, OutS, OutT, ProbsS, ProbsT, SimS, SimT, Mask, SLen, TLen,
+    Xs, Xt, W, OutS, OutT, ProbsS, ProbsT, SimS, SimT, Magnitudes, Mask, SLen, TLen,
     stride_sb, stride_sm, stride_sd,
     stride_tb, stride_tm, stride_td,
     stride_wd, stride_wc,
@@ -154,24 +177,26 @@ def _small_fusion_fwd(
     HAS_TLEN: tl.constexpr,
     STORE_PROBS: tl.constexpr,
     STORE_SIM: tl.constexpr,
+    STORE_MAGNITUDE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Grid: (B, 2). Axis 1 picks the direction; the structural direction reads the mask transposed.
+    # Magnitudes (B, 2): each direction's program writes its query input's, column 0 Xs's, 1 Xt's.
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _one_direction(Xs, Xt, W, OutS, ProbsS, SimS, Mask, SLen, TLen, b,
+        _one_direction(Xs, Xt, W, OutS, ProbsS, SimS, Magnitudes, Mask, SLen, TLen, b,
                        stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_wd, stride_wc,
                        stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
                        len_s, len_t, dim, num_heads, mask_fill,
                        BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, STORE_SIM,
-                       INPUT_PRECISION)
+                       STORE_MAGNITUDE, INPUT_PRECISION)
     else:
-        _one_direction(Xt, Xs, W, OutT, ProbsT, SimT, Mask, TLen, SLen, b,
+        _one_direction(Xt, Xs, W, OutT, ProbsT, SimT, Magnitudes + 1, Mask, TLen, SLen, b,
                        stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_wd, stride_wc,
                        stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
                        len_t, len_s, dim, num_heads, mask_fill,
                        BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, STORE_SIM,
-                       INPUT_PRECISION)
+                       STORE_MAGNITUDE, INPUT_PRECISION)
 
 
 def longest(itemsize: int, precision: str = "ieee", need_similarity: bool = False) -> int:
@@ -203,7 +228,7 @@ def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: st
 
 def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
                  need_probs: bool = False, need_similarity: bool = False, precision: str = "ieee",
-                 lengths_checked: bool = False):
+                 lengths_checked: bool = False, magnitudes=None):
     """Both directions of the folded fusion of small examples, in one launch.
 
     Args:
@@ -223,6 +248,10 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
         precision: how float32 dots run (``contract.FLOAT32_PRECISIONS``); 16-bit inputs ignore it.
         lengths_checked: the caller has checked the lengths' values (the library's front end does): no
             read from the device (``contract.check_lengths``).
+        magnitudes: optional contiguous float32 (B, 2) tensor on the inputs' device, written with each
+            example's largest |x| over the whole of xs[b] (column 0) and xt[b] (column 1), padding past
+            the lengths included, NaN where one holds NaN: the front end's check of the inputs' values
+            without a launch of its own.
 
     Returns:
         ((out_s, probs_st, sim_s), (out_t, probs_ts, sim_t)): out_s (B, Ls, D) and out_t (B, Lt, D), each
@@ -234,8 +263,8 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     Raises:
         TypeError for non-tensors, other dtypes or differing dtypes; ValueError for other ranks, empty
         axes, differing batches or widths, weights of another shape, shapes past ``fits``, devices that
-        differ, a precision not in ``contract.FLOAT32_PRECISIONS``, or a mask or lengths of another
-        shape, dtype or range.
+        differ, a precision not in ``contract.FLOAT32_PRECISIONS``, a mask or lengths of another shape,
+        dtype or range, or ``magnitudes`` of another shape, dtype, device or layout.
     """
     contract.check_precision(precision)
     for name, t in (("xs", xs), ("xt", xt), ("weights", weights)):
@@ -263,6 +292,10 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
                          f"{contract.dtype_name(xs)}{' with the similarities' * need_similarity} "
                          f"(L <= {longest(xs.element_size(), precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
                          f"use kernels.attention")
+    if magnitudes is not None and not (
+            isinstance(magnitudes, torch.Tensor) and tuple(magnitudes.shape) == (batch, 2)
+            and magnitudes.dtype == torch.float32 and magnitudes.device == xs.device and magnitudes.is_contiguous()):
+        raise ValueError(f"magnitudes must be a contiguous float32 ({batch}, 2) tensor on {xs.device}")
     masked = checked_mask(masked, batch, len_s, len_t, xs.device)
     given = checked_lengths({"s_lengths": (s_lengths, len_s), "t_lengths": (t_lengths, len_t)}, batch, xs.device,
                             lengths_checked)
@@ -276,15 +309,16 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     if need_similarity:
         sim_s = torch.empty((batch, len_s, len_s), dtype=torch.float32, device=xs.device)
         sim_t = torch.empty((batch, len_t, len_t), dtype=torch.float32, device=xs.device)
-    # Absent mask, lengths, probabilities and similarities pass a valid pointer (xs) that HAS_MASK,
-    # HAS_*LEN, STORE_PROBS and STORE_SIM = False never read or write.
+    # Absent mask, lengths, probabilities, similarities and magnitudes pass a valid pointer (xs) that
+    # HAS_MASK, HAS_*LEN, STORE_PROBS, STORE_SIM and STORE_MAGNITUDE = False never read or write.
     _small_fusion_fwd[(batch, 2)](
-        xs, xt, weights, out_s, out_t, *(xs if t is None else t for t in (probs_st, probs_ts, sim_s, sim_t)),
+        xs, xt, weights, out_s, out_t,
+        *(xs if t is None else t for t in (probs_st, probs_ts, sim_s, sim_t, magnitudes)),
         masked if masked is not None else xs,
         given.get("s_lengths", xs), given.get("t_lengths", xs),
         *xs.stride(), *xt.stride(), *weights.stride(), *out_s.stride(), *out_t.stride(), *mask_strides(masked),
         len_s, len_t, dim, heads, contract.MASK_FILL * contract.LOG2E,
         HAS_MASK=masked is not None, HAS_SLEN="s_lengths" in given, HAS_TLEN="t_lengths" in given,
-        STORE_PROBS=need_probs, STORE_SIM=need_similarity, **cfg,
+        STORE_PROBS=need_probs, STORE_SIM=need_similarity, STORE_MAGNITUDE=magnitudes is not None, **cfg,
     )
     return (out_s, probs_st, sim_s), (out_t, probs_ts, sim_t)

@@ -27,6 +27,11 @@ class FoldedFusion:
     #: uses it; the others compute IEEE float32.
     float32_precision = "ieee"
 
+    def pending_magnitude(self, *arrays):
+        """A fusion's inputs' largest magnitude that this backend's fusion kernel would write itself (see
+        ``TritonBackend.pending_magnitude``), handed to ``fuse`` as ``magnitude``: here None, never."""
+        return None
+
     def checks_lengths_late(self, lengths) -> bool:
         """Whether this backend checks these lengths' values on its device, read late (``late_lengths``),
         instead of the front end on the host: here never."""
@@ -41,11 +46,15 @@ class FoldedFusion:
         return self._in_example_blocks(self._multi_head_attention_block, blocks, weights, batched,
                                        need_weights=need_weights)
 
-    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+    def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity, magnitude=None):
+        """``magnitude``: this backend's ``pending_magnitude`` of xs and xt, which a block's kernel may
+        write; any other route reduces it before queuing its work."""
         blocks = self._example_blocks(xs.shape[0], max(xs.shape[1], xt.shape[1]), weights)
         if len(blocks) == 1:
             return self._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
-                                    need_weights=need_weights, need_similarity=need_similarity)
+                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
+        if magnitude is not None:
+            magnitude.reduce()
         batched = dict(xs=xs, xt=xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths)
         return self._in_example_blocks(self._fuse_block, blocks, weights, batched,
                                        need_weights=need_weights, need_similarity=need_similarity)
@@ -60,7 +69,10 @@ class FoldedFusion:
     def _project_pair(self, xs, xt, weights):
         return self._project(xs, weights, "qv"), self._project(xt, weights, "qv")
 
-    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
+                    magnitude=None):
+        if magnitude is not None:
+            magnitude.reduce()
         (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
         seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)

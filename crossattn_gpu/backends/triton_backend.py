@@ -142,6 +142,11 @@ class TritonBackend(DeviceFusion):
         once."""
         return self._read_later(self._largest_magnitude(arrays))
 
+    def pending_magnitude(self, *arrays) -> "KernelMagnitude":
+        """The largest magnitude of a fusion's two inputs, for ``fuse`` to have the one-launch kernel
+        write (``KernelMagnitude``) instead of reducing the inputs with torch."""
+        return KernelMagnitude(self, arrays)
+
     def _read_later(self, value):
         """A 0-d device tensor's value, or on a GPU a function that reads it later: the value is copied
         into pinned host memory behind an event, and the function waits for that event alone, not for
@@ -319,14 +324,16 @@ class TritonBackend(DeviceFusion):
         and Inf times a probability of 0 is NaN). One pass over each input, a fraction of a projection."""
         return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
 
-    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
+    def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
+                    magnitude=None):
         if self._in_one_launch(xs, xt, weights, need_similarity):
             if masked is not None:
                 masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
             (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = self.small_fusion.small_fusion(
                 xs, xt, weights.query_value, heads=weights.heads, masked=masked, s_lengths=s_lengths,
                 t_lengths=t_lengths, need_probs=need_weights, need_similarity=need_similarity,
-                precision=self.float32_precision, lengths_checked=True)
+                precision=self.float32_precision, lengths_checked=True,
+                magnitudes=None if magnitude is None else magnitude.kernel_buffer(xs, xt))
             result = self._fusion_result(xs, xt, (fused_s, probs_st), (fused_t, probs_ts), s_lengths, t_lengths, None)
             if need_similarity:
                 result.update(seq_similarity=sim_s, struct_similarity=sim_t)
@@ -334,7 +341,7 @@ class TritonBackend(DeviceFusion):
         if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
-                                   need_weights=need_weights, need_similarity=need_similarity)
+                                   need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
 
     def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_similarity: bool) -> bool:
         """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``) and at most
@@ -387,3 +394,57 @@ def _heads_within_rows(x) -> bool:
     to (B, L x H, D) without a copy."""
     batch, heads, length, width = x.shape
     return x.stride(3) == 1 and x.stride(1) == width and x.stride(2) == heads * width
+
+
+class KernelMagnitude:
+    """A fusion's inputs' largest magnitude, written by the one-launch kernel where the fusion takes it.
+
+    The front end checks the inputs for NaN and Inf, and bounds overflow, from their largest |x|
+    (``_checks.check_values``). Reduced by torch (``TritonBackend.largest_magnitude``) that is two norms
+    and a maximum, three launches: in W1's profile of 2026-11-30 on an H200, 67 us of their operators'
+    host time and three of the nine launches' 78, beside one launch for the whole fusion since then.
+    ``small_fusion`` loads each input whole anyway, and writes it for a reduction and a store a program
+    (its ``magnitudes``).
+
+    The backend's fuse either hands the kernel ``kernel_buffer(xs, xt)`` or, on any other route, calls
+    ``reduce()`` before queuing its work, so that the late read waits for the norms alone, as before.
+    Called (once the work is queued: ``Batch.finish_checks``), it returns the magnitude, NaN if an input
+    holds NaN. From the kernel's buffer that read waits for the kernel: on the one-launch route, at most
+    ``TritonBackend.one_launch_flops`` of work.
+    """
+
+    def __init__(self, backend: TritonBackend, arrays: tuple):
+        self._backend, self._arrays = backend, arrays
+        self._per_example = None  # the kernel's (B, 2) magnitudes
+        self._read = None  # torch's reduction: its value, or on a GPU the function that reads it
+
+    def kernel_buffer(self, xs, xt):
+        """(B, 2) float32 for ``small_fusion`` to write, when xs and xt are the two checked arrays
+        themselves (the same memory, dtype and strides, with the batch axis the front end adds to
+        (L, D) inputs): the kernel's magnitude is then theirs. Else None, and the inputs are reduced now."""
+        if self._per_example is None and self._read is None and len(self._arrays) == 2 and all(
+            map(_same_values, (xs, xt), self._arrays)
+        ):
+            self._per_example = self._backend.torch.empty((xs.shape[0], 2), dtype=self._backend.float32,
+                                                          device=xs.device)
+            return self._per_example
+        self.reduce()
+        return None
+
+    def reduce(self) -> None:
+        """Reduce the inputs with torch now, unless the kernel has their magnitude or they are reduced."""
+        if self._per_example is None and self._read is None:
+            self._read = self._backend._read_later(self._backend._largest_magnitude(self._arrays))
+
+    def __call__(self) -> float:
+        if self._per_example is not None:
+            return self._per_example.cpu().amax().item()  # torch's amax keeps NaN
+        self.reduce()
+        return self._read() if callable(self._read) else self._read
+
+
+def _same_values(x, arr) -> bool:
+    """Whether ``x`` views the memory of ``arr`` as it is, or with a leading axis of 1 added."""
+    rank = arr.ndim
+    return (x.dtype == arr.dtype and x.data_ptr() == arr.data_ptr() and x.numel() == arr.numel()
+            and tuple(x.shape[-rank:]) == tuple(arr.shape) and x.stride()[-rank:] == arr.stride())

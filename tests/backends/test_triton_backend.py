@@ -319,6 +319,47 @@ def test_small_fusions_take_one_launch(monkeypatch):
         assert calls == routes, bound
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+def test_one_launch_writes_the_inputs_magnitude():
+    """On the one-launch route the kernel writes the inputs' largest magnitude for the front end's check
+    (``KernelMagnitude``): W1 and the seed's 2-D call reduce nothing with torch, and NaN or Inf anywhere,
+    padding included, is still the ValueError that names the input. Inputs cast to the compute dtype (the
+    check is of the caller's values) and other routes reduce with torch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref, tri = models(64, 2)
+    rng = np.random.default_rng(13)
+    seq, struct = rng.standard_normal((1, 10, 64)), rng.standard_normal((1, 10, 64))
+    w1 = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq, struct)]
+
+    def reductions(model, *inputs, **kwargs) -> set:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.fuse_representations(*inputs, **kwargs)
+        return {e.key for e in prof.key_averages()} & {"aten::linalg_vector_norm", "aten::maximum"}
+
+    torch_reduction = {"aten::linalg_vector_norm", "aten::maximum"}
+    assert not reductions(tri, *w1, bidirectional=False, need_similarity=False)
+    assert not reductions(tri, w1[0][0], w1[1][0])  # the seed's 2-D call: probabilities and similarities too
+    assert reductions(tri, *(t.double() for t in w1)) == torch_reduction  # computed in float32
+    assert reductions(tri, *(t.repeat(1, 2, 1) for t in w1)) == torch_reduction  # 20 long: past float32's 16
+    lengths = {"sequential_lengths": np.array([4]), "structural_lengths": np.array([4])}
+    want = ref.fuse_representations(seq, struct, **lengths)
+    for position, value, name, what in (((0, 3, 0), np.nan, "sequential_repr", "NaN"),
+                                        ((1, 9, 63), np.inf, "structural_repr", "Inf"),  # in the padding
+                                        ((0, 9, 5), -np.inf, "sequential_repr", "Inf")):
+        bad = [t.clone() for t in w1]
+        bad[position[0]][(0,) + position[1:]] = value
+        with pytest.raises(ValueError, match=f"{name} contains {what}; inputs must be finite"):
+            tri.fuse_representations(*bad, **lengths)
+        clean = tri.fuse_representations(*w1, **lengths)  # a failed call leaves nothing behind
+        close(clean["bidirectional_fusion"], want["bidirectional_fusion"], 1e-5)
+    _, narrow = models(64, 2, dtype="float16")
+    loud = [t.clone() for t in w1]
+    loud[0][0, 9, 0] = 1e5  # finite in float32, past float16's largest
+    with pytest.raises(ValueError, match="sequential_repr reaches 1e[+]05 in magnitude, past float16's largest"):
+        narrow.fuse_representations(*loud)
+
+
 def test_wide_heads_sums_take_two_gemms_and_the_rest_the_kernels(monkeypatch):
     """Heads wider than 256 whose queries and keys are no more than the heads are wide, without mask or
     probabilities, attend as two GEMMs around kernels/softmax_heads.py (see

@@ -37,7 +37,7 @@ from crossattn_gpu.kernels import softmax_heads as softmax_module
 
 POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "QLen": "*i32", "Lse": "*fp32",
                  "Acc": "*fp32", "Scores": "*fp32", "RowMax": "*fp32", "RowInvSum": "*fp32", "SLen": "*i32",
-                 "TLen": "*i32", "SimS": "*fp32", "SimT": "*fp32"}
+                 "TLen": "*i32", "SimS": "*fp32", "SimT": "*fp32", "Magnitudes": "*fp32"}
 SCALARS = {"rows": "i32", "cols": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
            "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
            "scale_log2": "fp32", "len_s": "i32", "len_t": "i32", "dim": "i32"}
@@ -146,8 +146,8 @@ def softmax_variants() -> list:
 
 
 def small_fusion_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the one-launch fusion: W1's shape (float32, as the
-    harness calls it), and in every dtype and precision the longest sequences it takes at D = 64 with
+    """(label, kernel, dtype, constexprs, options) of the one-launch fusion, writing the inputs' magnitudes:
+    W1's shape (float32, as the harness calls it), and in every dtype and precision the longest sequences it takes at D = 64 with
     mask, lengths, probabilities and similarities, and in 16 bits, whose sequences are longer without
     the similarities, without them (its largest blocks)."""
     found = []
@@ -160,7 +160,9 @@ def small_fusion_variants() -> list:
             shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
         cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
         constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras, STORE_PROBS=extras, STORE_SIM=similarity)
+        # The inputs' magnitudes always: the front end asks for them (``KernelMagnitude``).
+        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras, STORE_PROBS=extras, STORE_SIM=similarity,
+                          STORE_MAGNITUDE=True)
         found.append((f"{dtype}/{cfg['INPUT_PRECISION']} {name} {shape} mask+lengths+probabilities={extras} "
                       f"similarities={similarity}",
                       small_fusion_module._small_fusion_fwd, dtype, constexprs,

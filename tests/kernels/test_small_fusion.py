@@ -235,6 +235,32 @@ def test_a_fully_masked_row_is_uniform_and_nan_scores_stay_nan():
     assert torch.isnan(sim_s[0, 1]).all() and torch.isnan(sim_s[0, :, 1]).all()  # its similarities too
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_magnitudes_cover_each_input_whole(dtype):
+    """``magnitudes`` (B, 2): each example's largest |x| of xs and of xt, exactly, over the whole example,
+    padding past the lengths included (an Inf or NaN there too), NaN where one holds NaN, for strided views;
+    the outputs the same bits with or without it."""
+    rng = np.random.default_rng(9)
+    dim, heads = 24, 3
+    base = torch.tensor(rng.standard_normal((8, dim, 13)) * 100, dtype=dtype, device=DEVICE)
+    xs = base.transpose(1, 2)[::2]  # (4, 13, 24), D not innermost
+    xt = torch.tensor(rng.standard_normal((4, 5, dim)), dtype=dtype, device=DEVICE)
+    xs[1, 12, 23] = -60000.0  # the last element, in the padding below
+    xt[2, 4, 0] = float("inf")  # padding too
+    xs[3, 6, 5] = float("nan")
+    s_len, t_len = (torch.tensor(n, device=DEVICE) for n in ([13, 2, 7, 1], [5, 3, 1, 2]))
+    w = torch.tensor(folded(dim, heads, 9), dtype=dtype, device=DEVICE)
+    magnitudes = torch.full((4, 2), -1.0, device=DEVICE)
+    got = small_fusion(xs, xt, w, heads=heads, s_lengths=s_len, t_lengths=t_len, magnitudes=magnitudes)
+    want = torch.stack([x.float().abs().amax((1, 2)) for x in (xs, xt)], 1)  # amax keeps NaN
+    torch.testing.assert_close(magnitudes, want, rtol=0, atol=0, equal_nan=True)
+    assert magnitudes[1, 0] == 60000.0 and magnitudes[2, 1] == float("inf")
+    plain = small_fusion(xs, xt, w, heads=heads, s_lengths=s_len, t_lengths=t_len)
+    for (out, _, _), (ref, _, _) in zip(got, plain):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
 def test_flops_count_both_directions():
     # W1: per head and direction, the query and value projections (2 x 10 x 64 x 64 each) and the scores and
     # probabilities times values (2 x 10 x 10 x 64 each); 2 heads, 2 directions.
@@ -301,6 +327,10 @@ def test_bad_arguments_name_the_problem():
                      need_similarity=True)
     with pytest.raises(ValueError, match="precision must be one of"):
         small_fusion(xs, xt, w, heads=2, precision="fast")
+    for magnitudes in (torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 2, dtype=torch.float64, device=DEVICE),
+                       torch.zeros(2, 4, device=DEVICE)[:, ::2], np.zeros((2, 2), np.float32)):
+        with pytest.raises(ValueError, match=r"magnitudes must be a contiguous float32 \(2, 2\) tensor on"):
+            small_fusion(xs, xt, w, heads=2, magnitudes=magnitudes)
     with pytest.raises(ValueError, match=r"masked must have shape \(1 or 2, 3, 5\)"):
         small_fusion(xs, xt, w, heads=2, masked=torch.zeros(2, 5, 3, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match=r"t_lengths must lie in 1..5"):
