@@ -48,7 +48,7 @@ class FoldedFusion:
 
     def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity, magnitude=None):
         """``magnitude``: this backend's ``pending_magnitude`` of xs and xt, which a block's kernel may
-        write; any other route reduces it before queuing its work."""
+        write; any other route reduces it once its first work (the projections) is queued."""
         blocks = self._example_blocks(xs.shape[0], max(xs.shape[1], xt.shape[1]), weights)
         if len(blocks) == 1:
             return self._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
@@ -71,9 +71,9 @@ class FoldedFusion:
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):
-        if magnitude is not None:
-            magnitude.reduce()
         (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
+        if magnitude is not None:  # after the projections' launch: they no longer wait for the host's reduction
+            magnitude.reduce()
         seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
         struct_to_seq = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)

@@ -407,7 +407,8 @@ class KernelMagnitude:
     (its ``magnitudes``).
 
     The backend's fuse either hands the kernel ``kernel_buffer(xs, xt)`` or, on any other route, calls
-    ``reduce()`` before queuing its work, so that the late read waits for the norms alone, as before.
+    ``reduce()`` once the projections are queued: the GPU starts on them while the host queues the norms,
+    and the late read waits for the projections and the norms, not for the attention queued after.
     Called (once the work is queued: ``Batch.finish_checks``), it returns the magnitude, NaN if an input
     holds NaN. From the kernel's buffer that read waits for the kernel: on the one-launch route, at most
     ``TritonBackend.one_launch_flops`` of work.

@@ -324,7 +324,7 @@ def test_one_launch_writes_the_inputs_magnitude():
     """On the one-launch route the kernel writes the inputs' largest magnitude for the front end's check
     (``KernelMagnitude``): W1 and the seed's 2-D call reduce nothing with torch, and NaN or Inf anywhere,
     padding included, is still the ValueError that names the input. Inputs cast to the compute dtype (the
-    check is of the caller's values) and other routes reduce with torch."""
+    check is of the caller's values) and other routes reduce with torch, once the projections are queued."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
@@ -341,7 +341,12 @@ def test_one_launch_writes_the_inputs_magnitude():
     assert not reductions(tri, *w1, bidirectional=False, need_similarity=False)
     assert not reductions(tri, w1[0][0], w1[1][0])  # the seed's 2-D call: probabilities and similarities too
     assert reductions(tri, *(t.double() for t in w1)) == torch_reduction  # computed in float32
-    assert reductions(tri, *(t.repeat(1, 2, 1) for t in w1)) == torch_reduction  # 20 long: past float32's 16
+    longer = [t.repeat(1, 2, 1) for t in w1]  # 20 long: past float32's 16
+    assert reductions(tri, *longer) == torch_reduction
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tri.fuse_representations(*longer)
+    order = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::linalg_vector_norm")]
+    assert order[:2] == ["aten::mm", "aten::mm"] and "aten::linalg_vector_norm" in order
     lengths = {"sequential_lengths": np.array([4]), "structural_lengths": np.array([4])}
     want = ref.fuse_representations(seq, struct, **lengths)
     for position, value, name, what in (((0, 3, 0), np.nan, "sequential_repr", "NaN"),
