@@ -57,25 +57,27 @@ parallel=()
 "$py" -c "import xdist" 2> /dev/null && parallel=(-n 8)
 
 step info 10 "$py" -m crossattn_gpu info
-sanitize() {  # sanitize TOOL KERNEL [NAME [TESTS]]: compute-sanitizer over one kernel test file's odd shapes
+sanitize() {  # sanitize TOOL KERNELS [NAME [TESTS [SECONDS]]]: compute-sanitizer over kernel test files
+    # KERNELS: one kernel test file's name, or several joined by commas (tests/kernels/test_KERNEL.py).
     # Only this project's kernels whose names hold NAME (default: Triton's _attention_fwd*, the CUDA C
     # attention_fwd_*): the tests' torch yardsticks run cuBLAS kernels, whose own shared-memory hazards
     # racecheck would report. TESTS: a pytest -k expression (default: the odd shapes).
-    local name=${3:-attention_fwd} select=${4:-'113x130 or 130x113 or 1280 or 17x113 or 17x65'}
+    local name=${3:-attention_fwd} select=${4:-'113x130 or 130x113 or 1280 or 17x113 or 17x65'} files=() kernel
+    for kernel in ${2//,/ }; do files+=("$repo/tests/kernels/test_$kernel.py"); done
     local only_ours=(--kernel-name "kns=$name")
     compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" || only_ours=(--filter "kns=$name")
-    step "sanitizer-$1-$2" 20 compute-sanitizer --tool "$1" "${only_ours[@]}" --error-exitcode 9 \
-        "$py" -m pytest "${pytest_args[@]}" "$repo/tests/kernels/test_$2.py" -k "$select"
+    step "sanitizer-$1-$2" "${5:-20}" compute-sanitizer --tool "$1" "${only_ours[@]}" --error-exitcode 9 \
+        "$py" -m pytest "${pytest_args[@]}" "${files[@]}" -k "$select"
 }
 have_sanitizer=$(command -v compute-sanitizer)
 # The CUDA C kernel's racecheck first: the one check the CuPy issue still lacks. Then memcheck of the
 # heads' softmax (kernels/softmax_heads.py; its racecheck found 0 hazards on 2026-11-30) and of the
-# one-launch fusion (kernels/small_fusion.py, new on 2026-11-30 and not yet run on a GPU), on every test
-# of their files.
+# one-launch fusion and attention (kernels/small_fusion.py, kernels/small_attention.py, new on 2026-11-30
+# and not yet run on a GPU), on every test of their files.
 if [ -n "$have_sanitizer" ]; then
     sanitize racecheck attention_cuda
     sanitize memcheck softmax_heads softmax_heads_fwd "not bad_arguments"
-    sanitize memcheck small_fusion small_fusion_fwd "not bad_arguments"
+    sanitize memcheck small_fusion,small_attention _small_ "not bad_arguments" 30
 fi
 # The Triton compile test is CPU-only work that CI already does.
 step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/tests" --ignore="$repo/tests/conformance" \
@@ -93,7 +95,7 @@ step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 20 "$py" -m bench.huge_batch
 # shellcheck disable=SC2086
-step sweep 60 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
+step sweep 50 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.

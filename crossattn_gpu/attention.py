@@ -247,7 +247,7 @@ class CrossAttention:
             (output (…, Lq, D), list of H weight arrays (…, Lq, Lk) or None).
         """
         names = ("query_seq", "key_seq", "value_seq")
-        batch = self._batch(dict(zip(names, (query_seq, key_seq, value_seq))))
+        batch = self._batch(dict(zip(names, (query_seq, key_seq, value_seq))), magnitude_by_kernel=True)
         xq, xk, xv = batch.arrays
         if xk.shape[1] != xv.shape[1]:
             raise ValueError(f"key_seq and value_seq must have the same length; got {xk.shape[1]} and {xv.shape[1]}")
@@ -258,8 +258,10 @@ class CrossAttention:
                                         "probabilities (need_weights)": need_weights and size * heads * len_q * len_k})
         weights = self._projection(xq.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
+        by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
         out, probs = self._backend.multi_head_attention(
             xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
+            **by_kernel,
         )
         magnitude = batch.finish_checks()
         bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes)
@@ -486,8 +488,9 @@ class CrossAttention:
         On a GPU the inputs' largest magnitude is read late: call ``finish_checks()`` on the result once
         the work is queued, before handing anything back; it raises for NaN, Inf, or an input too large
         for the compute dtype, and returns that magnitude (for ``_overflow.check_results``).
-        ``magnitude_by_kernel`` (a fusion's two inputs): where the backend's kernel may write that
-        magnitude (``pending_magnitude``), the result's ``pending_magnitude`` goes to its ``fuse``.
+        ``magnitude_by_kernel`` (a fusion's or a multi-head attention's inputs): where the backend's kernel
+        may write that magnitude (``pending_magnitude``), the result's ``pending_magnitude`` goes to the
+        backend's ``fuse`` or ``multi_head_attention``.
         """
         backend = self._backend
         arrays = {n: backend.native(x, n) for n, x in named_inputs.items()}

@@ -51,7 +51,7 @@ MAX_BLOCK_D = 64
 #: spill no registers at 8 warps with mask, lengths, probabilities, similarities and magnitudes (sm_90,
 #: Triton 3.6's ptxas, D = 64). IEEE float32 dots are the hungriest: 16 x 64 blocks take 240 registers (W1
 #: at 4 warps, without any of those: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit
-#: 32 x 64 (tf32x3 244 registers), 16-bit 64 x 64 without the similarities (248).
+#: 32 x 64 (tf32x3 245 registers), 16-bit 64 x 64 without the similarities (248).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 #: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
 #: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 238 registers.
@@ -79,10 +79,27 @@ def _largest_magnitude(x):
 
 
 @triton.jit
-def _one_direction(
-    Xq, Xk, W, Out, Probs, Sim, Magnitude, Mask, QLen, KLen, b,
+def _rows(ptrs, rows, length, padded, d_ok, WHOLE_MAGNITUDE: tl.constexpr):
+    """An example's rows (BLOCK, BLOCK_D), zero at or past ``length`` whatever they hold, and with
+    WHOLE_MAGNITUDE the largest |x| of all ``padded`` rows, padding included (the front end's check
+    covers it; else 0): the rows are then loaded whole and the padding zeroed by a select, so that no
+    second load is needed (a second load of 16-bit 64 x 64 blocks spilled)."""
+    if WHOLE_MAGNITUDE:
+        x = tl.load(ptrs, mask=(rows < padded)[:, None] & d_ok[None, :], other=0.0)
+        top = _largest_magnitude(x)
+        x = tl.where((rows < length)[:, None], x, 0.0)  # a select: the padding's Inf or NaN leaves no trace
+    else:
+        x = tl.load(ptrs, mask=(rows < length)[:, None] & d_ok[None, :], other=0.0)
+        top = 0.0
+    return x, top
+
+
+@triton.jit
+def one_direction(
+    Xq, Xk, Xv, W, Out, Probs, Sim, Magnitude, Mask, QLen, KLen, b,
     stride_qb, stride_qm, stride_qd,
     stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd,
     stride_wd, stride_wc,
     stride_ob, stride_om, stride_od,
     stride_mb, stride_mm, stride_mn,
@@ -96,12 +113,16 @@ def _one_direction(
     STORE_PROBS: tl.constexpr,
     STORE_SIM: tl.constexpr,
     STORE_MAGNITUDE: tl.constexpr,
+    STORE_KV_MAGNITUDES: tl.constexpr,
+    VALUES_ARE_KEYS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One example's output rows for queries Xq against keys Xk (values Xk U_h), heads summed; with
+    """One example's output rows for queries Xq against keys Xk (values Xv U_h, Xv the keys themselves
+    with VALUES_ARE_KEYS, as in the fusion: then Xv is not read), heads summed; with
     STORE_PROBS, each head's probabilities into Probs (B, H, Lq, Lk), with STORE_SIM the cosine
     similarities of Xq's rows and the output's into Sim (B, Lq, Lq), both contiguous; with
-    STORE_MAGNITUDE, the largest |x| of the example's whole Xq, padding included, at Magnitude[2 b]."""
+    STORE_MAGNITUDE, the largest |x| of the example's whole Xq, padding included, at Magnitude[0], and
+    with STORE_KV_MAGNITUDES those of Xk and Xv at Magnitude[1] and Magnitude[2]."""
     offs_q = tl.arange(0, BLOCK_Q).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -115,18 +136,22 @@ def _one_direction(
     q_live = offs_q < q_len
     k_live = offs_k < k_len
 
-    xq_ptrs = Xq + b * stride_qb + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if STORE_MAGNITUDE and HAS_QLEN:  # the front end's check covers the padding too: loaded, then zeroed
-        xq = tl.load(xq_ptrs, mask=(offs_q[:, None] < len_q) & d_ok[None, :], other=0.0)
-        tl.store(Magnitude + 2 * b, _largest_magnitude(xq))
-        xq = tl.where(q_live[:, None], xq, 0.0)  # a select: padding's Inf or NaN leaves no trace
-    else:
-        xq = tl.load(xq_ptrs, mask=q_live[:, None] & d_ok[None, :], other=0.0)
-        if STORE_MAGNITUDE:
-            tl.store(Magnitude + 2 * b, _largest_magnitude(xq))
-    xk = tl.load(Xk + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=k_live[:, None] & d_ok[None, :], other=0.0)
+    xq, top = _rows(Xq + b * stride_qb + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    offs_q, q_len, len_q, d_ok, STORE_MAGNITUDE)
+    if STORE_MAGNITUDE:
+        tl.store(Magnitude, top)
+    xk, top = _rows(Xk + b * stride_kb + offs_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    offs_k, k_len, len_k, d_ok, STORE_KV_MAGNITUDES)
+    if STORE_KV_MAGNITUDES:
+        tl.store(Magnitude + 1, top)
     xk_t = tl.trans(xk)
+    if VALUES_ARE_KEYS:
+        xv = xk
+    else:
+        xv, top = _rows(Xv + b * stride_vb + offs_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        offs_k, k_len, len_k, d_ok, STORE_KV_MAGNITUDES)
+    if STORE_KV_MAGNITUDES:
+        tl.store(Magnitude + 2, top)  # the keys' again where they are the values
     if HAS_MASK:
         masked = tl.load(Mask + b * stride_mb + offs_q[:, None] * stride_mm + offs_k[None, :] * stride_mn,
                          mask=(offs_q[:, None] < len_q) & (offs_k[None, :] < len_k), other=0)
@@ -147,7 +172,7 @@ def _one_direction(
             tl.store(Probs + ((b * num_heads + head) * len_q + offs_q[:, None]) * len_k + offs_k[None, :],
                      probs.to(Probs.dtype.element_ty), mask=(offs_q[:, None] < len_q) & (offs_k[None, :] < len_k))
         u = tl.load(w_rows + ((num_heads + head) * dim + offs_d[None, :]) * stride_wc, mask=w_ok, other=0.0)
-        v = tl.dot(xk, u, input_precision=INPUT_PRECISION).to(xk.dtype)
+        v = tl.dot(xv, u, input_precision=INPUT_PRECISION).to(xv.dtype)
         total += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) * inv_l[:, None]
     out = tl.where(q_live[:, None], total, 0.0).to(Out.dtype.element_ty)
     tl.store(Out + b * stride_ob + offs_q[:, None] * stride_om + offs_d[None, :] * stride_od, out,
@@ -184,19 +209,19 @@ def _small_fusion_fwd(
     # Magnitudes (B, 2): each direction's program writes its query input's, column 0 Xs's, 1 Xt's.
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _one_direction(Xs, Xt, W, OutS, ProbsS, SimS, Magnitudes, Mask, SLen, TLen, b,
-                       stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_wd, stride_wc,
-                       stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
-                       len_s, len_t, dim, num_heads, mask_fill,
-                       BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, STORE_SIM,
-                       STORE_MAGNITUDE, INPUT_PRECISION)
+        one_direction(Xs, Xt, Xt, W, OutS, ProbsS, SimS, Magnitudes + 2 * b, Mask, SLen, TLen, b,
+                      stride_sb, stride_sm, stride_sd, stride_tb, stride_tm, stride_td, stride_tb, stride_tm, stride_td,
+                      stride_wd, stride_wc, stride_osb, stride_osm, stride_osd, stride_mb, stride_ms, stride_mt,
+                      len_s, len_t, dim, num_heads, mask_fill,
+                      BLOCK_S, BLOCK_T, BLOCK_D, HAS_MASK, HAS_SLEN, HAS_TLEN, STORE_PROBS, STORE_SIM,
+                      STORE_MAGNITUDE, False, True, INPUT_PRECISION)
     else:
-        _one_direction(Xt, Xs, W, OutT, ProbsT, SimT, Magnitudes + 1, Mask, TLen, SLen, b,
-                       stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_wd, stride_wc,
-                       stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
-                       len_t, len_s, dim, num_heads, mask_fill,
-                       BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, STORE_SIM,
-                       STORE_MAGNITUDE, INPUT_PRECISION)
+        one_direction(Xt, Xs, Xs, W, OutT, ProbsT, SimT, Magnitudes + 2 * b + 1, Mask, TLen, SLen, b,
+                      stride_tb, stride_tm, stride_td, stride_sb, stride_sm, stride_sd, stride_sb, stride_sm, stride_sd,
+                      stride_wd, stride_wc, stride_otb, stride_otm, stride_otd, stride_mb, stride_mt, stride_ms,
+                      len_t, len_s, dim, num_heads, mask_fill,
+                      BLOCK_T, BLOCK_S, BLOCK_D, HAS_MASK, HAS_TLEN, HAS_SLEN, STORE_PROBS, STORE_SIM,
+                      STORE_MAGNITUDE, False, True, INPUT_PRECISION)
 
 
 def longest(itemsize: int, precision: str = "ieee", need_similarity: bool = False) -> int:
@@ -224,6 +249,46 @@ def launch_config(len_s: int, len_t: int, dim: int, itemsize: int, precision: st
     block_s, block_t, block_d = block_at_least_16(len_s), block_at_least_16(len_t), block_at_least_16(dim)
     return {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 1,
             "INPUT_PRECISION": "ieee" if itemsize <= 2 else contract.check_precision(precision)}
+
+
+def check_inputs(named: dict, weights, heads: int) -> None:
+    """The launchers' common checks: the named inputs and the weights are torch tensors on one device, of
+    one dtype among float32, float16 and bfloat16; the inputs are (B, L, D) with no empty axis, sharing
+    B and D; the weights (D, 2 x heads x D)."""
+    first = next(iter(named.values()))
+    for name, t in (*named.items(), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {next(iter(named))} is on {first.device}")
+    inputs, shapes = _listing(list(named)), _listing([str(tuple(t.shape)) for t in named.values()])
+    dtypes = [contract.dtype_name(t) for t in (*named.values(), weights)]
+    if len(set(dtypes)) != 1 or dtypes[0] not in contract.DTYPES:
+        raise TypeError(f"{_listing([*named, 'weights'])} must share one dtype among float32, float16 and bfloat16; "
+                        f"got {', '.join(dtypes)}")
+    if any(t.ndim != 3 for t in named.values()):
+        raise ValueError(f"{inputs} must be (B, L, D); got shapes {shapes}")
+    if any(0 in t.shape for t in named.values()):
+        raise ValueError(f"{inputs} must have no empty axis; got shapes {shapes}")
+    batch, _, dim = first.shape
+    if any(t.shape[0] != batch or t.shape[2] != dim for t in named.values()):
+        raise ValueError(f"{inputs} must share B and D; got shapes {shapes}")
+    if heads < 1 or tuple(weights.shape) != (dim, 2 * heads * dim):
+        raise ValueError(f"weights must be (D, 2 x heads x D) = ({dim}, {2 * heads * dim}) for {heads} heads; "
+                         f"got {tuple(weights.shape)}")
+
+
+def check_magnitudes(magnitudes, inputs: int, batch: int, device) -> None:
+    """None, or a contiguous float32 (B, inputs) tensor on ``device``: the launchers' ``magnitudes``."""
+    if magnitudes is not None and not (
+            isinstance(magnitudes, torch.Tensor) and tuple(magnitudes.shape) == (batch, inputs)
+            and magnitudes.dtype == torch.float32 and magnitudes.device == device and magnitudes.is_contiguous()):
+        raise ValueError(f"magnitudes must be a contiguous float32 ({batch}, {inputs}) tensor on {device}")
+
+
+def _listing(items: list) -> str:
+    """'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_lengths=None,
@@ -267,35 +332,14 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
         dtype or range, or ``magnitudes`` of another shape, dtype, device or layout.
     """
     contract.check_precision(precision)
-    for name, t in (("xs", xs), ("xt", xt), ("weights", weights)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.device != xs.device:
-            raise ValueError(f"{name} is on {t.device} but xs is on {xs.device}")
-    names = {contract.dtype_name(t) for t in (xs, xt, weights)}
-    if len(names) != 1 or not names <= set(contract.DTYPES):
-        raise TypeError(f"xs, xt and weights must share one dtype among float32, float16 and bfloat16; got "
-                        f"{contract.dtype_name(xs)}, {contract.dtype_name(xt)}, {contract.dtype_name(weights)}")
-    if xs.ndim != 3 or xt.ndim != 3:
-        raise ValueError(f"xs and xt must be (B, L, D); got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
-    batch, len_s, dim = xs.shape
-    len_t = xt.shape[1]
-    if 0 in tuple(xs.shape) + tuple(xt.shape):
-        raise ValueError(f"xs and xt must have no empty axis; got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
-    if xt.shape[0] != batch or xt.shape[2] != dim:
-        raise ValueError(f"xs and xt must share B and D; got shapes {tuple(xs.shape)} and {tuple(xt.shape)}")
-    if heads < 1 or tuple(weights.shape) != (dim, 2 * heads * dim):
-        raise ValueError(f"weights must be (D, 2 x heads x D) = ({dim}, {2 * heads * dim}) for {heads} heads; "
-                         f"got {tuple(weights.shape)}")
+    check_inputs({"xs": xs, "xt": xt}, weights, heads)
+    (batch, len_s, dim), len_t = xs.shape, xt.shape[1]
     if not fits(len_s, len_t, dim, xs.element_size(), precision, need_similarity):
         raise ValueError(f"Ls = {len_s}, Lt = {len_t}, D = {dim} pass what one program holds in "
                          f"{contract.dtype_name(xs)}{' with the similarities' * need_similarity} "
                          f"(L <= {longest(xs.element_size(), precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
                          f"use kernels.attention")
-    if magnitudes is not None and not (
-            isinstance(magnitudes, torch.Tensor) and tuple(magnitudes.shape) == (batch, 2)
-            and magnitudes.dtype == torch.float32 and magnitudes.device == xs.device and magnitudes.is_contiguous()):
-        raise ValueError(f"magnitudes must be a contiguous float32 ({batch}, 2) tensor on {xs.device}")
+    check_magnitudes(magnitudes, 2, batch, xs.device)
     masked = checked_mask(masked, batch, len_s, len_t, xs.device)
     given = checked_lengths({"s_lengths": (s_lengths, len_s), "t_lengths": (t_lengths, len_t)}, batch, xs.device,
                             lengths_checked)

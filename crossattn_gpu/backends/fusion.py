@@ -28,8 +28,9 @@ class FoldedFusion:
     float32_precision = "ieee"
 
     def pending_magnitude(self, *arrays):
-        """A fusion's inputs' largest magnitude that this backend's fusion kernel would write itself (see
-        ``TritonBackend.pending_magnitude``), handed to ``fuse`` as ``magnitude``: here None, never."""
+        """A call's inputs' largest magnitude that this backend's kernel would write itself (see
+        ``TritonBackend.pending_magnitude``), handed to ``fuse`` or ``multi_head_attention`` as
+        ``magnitude``: here None, never."""
         return None
 
     def checks_lengths_late(self, lengths) -> bool:
@@ -37,11 +38,16 @@ class FoldedFusion:
         instead of the front end on the host: here never."""
         return False
 
-    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+    def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights,
+                             magnitude=None):
+        """``magnitude``: as in ``fuse``, of xq, xk and xv."""
         blocks = self._example_blocks(xq.shape[0], max(xq.shape[1], xk.shape[1]), weights)
         if len(blocks) == 1:
             return self._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
-                                                    k_lengths=k_lengths, need_weights=need_weights)
+                                                    k_lengths=k_lengths, need_weights=need_weights,
+                                                    magnitude=magnitude)
+        if magnitude is not None:
+            magnitude.reduce()
         batched = dict(xq=xq, xk=xk, xv=xv, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths)
         return self._in_example_blocks(self._multi_head_attention_block, blocks, weights, batched,
                                        need_weights=need_weights)
@@ -61,9 +67,12 @@ class FoldedFusion:
 
     # --- one block of examples ----------------------------------------------------------------------
 
-    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights,
+                                    magnitude=None):
         (q,) = self._project(xq, weights, "q")
         (v,) = self._project(xv, weights, "v")
+        if magnitude is not None:  # after the projections' launch, as in _fuse_block
+            magnitude.reduce()
         return self._attend(q, xk, v, masked, q_lengths, k_lengths, need_weights)
 
     def _project_pair(self, xs, xt, weights):

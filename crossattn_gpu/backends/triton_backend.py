@@ -1,7 +1,8 @@
 """Triton backend: projections as torch GEMMs (or ``kernels/projection.py`` for TF32), attention in the
 kernels of ``kernels/attention.py``; the fusion itself is ``device_common.DeviceFusion`` on torch tensors.
 Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's demo) run in one launch
-instead, projections, both directions, the probabilities and the similarities (when asked) included.
+instead, projections, both directions, the probabilities and the similarities (when asked) included, and
+so do their multi-head attentions (``kernels/small_attention.py``).
 Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
 faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
 in torch's SDPA (``TritonBackend._attention``).
@@ -37,11 +38,12 @@ class TritonBackend(DeviceFusion):
 
     name = "triton"
     kernel_takes_query_lengths = True
-    #: Fusions of small examples run in one launch (``kernels/small_fusion.py``)
-    #: up to this many FLOPs (``small_fusion.flops``): where the multi-launch path's fixed cost (W1 on an
-    #: H200: 0.367 ms, of which 0.031 kernels) outweighs the arithmetic even at 10 TFLOP/s. Larger batches
-    #: of small examples keep the measured path (cuBLAS projections) until ``bench.small_fusion`` has
-    #: timed both; it sets this to 0 (never) and to infinity (whenever the examples fit).
+    #: Fusions and multi-head attentions of small examples run in one launch (``kernels/small_fusion.py``,
+    #: ``kernels/small_attention.py``) up to this many FLOPs (their ``flops``): where the multi-launch
+    #: path's fixed cost (W1 on an H200: 0.367 ms, of which 0.031 kernels) outweighs the arithmetic even at
+    #: 10 TFLOP/s. Larger batches of small examples keep the measured path (cuBLAS projections) until
+    #: ``bench.small_fusion`` has timed both; it sets this to 0 (never) and to infinity (whenever the
+    #: examples fit).
     one_launch_flops = 1e9
 
     def __init__(self):
@@ -62,10 +64,10 @@ class TritonBackend(DeviceFusion):
             )
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
-        from ..kernels import attention_two_pass, projection, small_fusion, softmax_heads
+        from ..kernels import attention_two_pass, projection, small_attention, small_fusion, softmax_heads
 
         self.kernel, self.projection, self.softmax_heads = kernel, projection, softmax_heads
-        self.small_fusion = small_fusion
+        self.small_fusion, self.small_attention = small_fusion, small_attention
         self.two_pass = attention_two_pass
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
         # under the interpreter the CPU takes the inputs in float32 instead.
@@ -143,8 +145,9 @@ class TritonBackend(DeviceFusion):
         return self._read_later(self._largest_magnitude(arrays))
 
     def pending_magnitude(self, *arrays) -> "KernelMagnitude":
-        """The largest magnitude of a fusion's two inputs, for ``fuse`` to have the one-launch kernel
-        write (``KernelMagnitude``) instead of reducing the inputs with torch."""
+        """The largest magnitude of a fusion's or a multi-head attention's inputs, for ``fuse`` and
+        ``multi_head_attention`` to have the one-launch kernels write (``KernelMagnitude``) instead of
+        reducing the inputs with torch."""
         return KernelMagnitude(self, arrays)
 
     def _read_later(self, value):
@@ -326,7 +329,8 @@ class TritonBackend(DeviceFusion):
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):
-        if self._in_one_launch(xs, xt, weights, need_similarity):
+        fusion_flops = self.small_fusion.flops(xs.shape[0], xs.shape[1], xt.shape[1], weights.width, weights.heads)
+        if self._in_one_launch(xs, xt, fusion_flops, need_similarity):
             if masked is not None:
                 masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
             (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = self.small_fusion.small_fusion(
@@ -343,19 +347,28 @@ class TritonBackend(DeviceFusion):
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
 
-    def _in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_similarity: bool) -> bool:
-        """Whether a fusion runs in ``small_fusion``'s one launch: small examples (``fits``) and at most
-        ``one_launch_flops``. The probabilities and similarities, when asked, come from the same registers."""
-        (batch, len_s, width), len_t = xs.shape, xt.shape[1]
-        return (self.small_fusion.fits(len_s, len_t, width, xs.element_size(), self.float32_precision,
-                                       need_similarity)
-                and self.small_fusion.flops(batch, len_s, len_t, width, weights.heads) <= self.one_launch_flops)
+    def _in_one_launch(self, x, other, flops: float, need_similarity: bool = False) -> bool:
+        """Whether a call on x (B, L, D) and other (B, L', D) runs in one launch (``small_fusion``,
+        ``small_attention``): small examples (``small_fusion.fits``) and at most ``one_launch_flops``. The
+        probabilities and similarities, when asked, come from the same registers."""
+        return (self.small_fusion.fits(x.shape[1], other.shape[1], x.shape[2], x.element_size(),
+                                       self.float32_precision, need_similarity)
+                and flops <= self.one_launch_flops)
 
-    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
+    def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights,
+                                    magnitude=None):
+        (batch, len_q, width), len_k = xq.shape, xk.shape[1]
+        if self._in_one_launch(xq, xk, self.small_attention.flops(batch, len_q, len_k, width, weights.heads)):
+            if masked is not None:
+                masked = masked.expand(masked.shape[0], len_q, len_k)  # a view
+            return self.small_attention.small_attention(
+                xq, xk, xv, weights.query_value, heads=weights.heads, masked=masked, q_lengths=q_lengths,
+                k_lengths=k_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True,
+                magnitudes=None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):
             xv = self._zero_padded_rows(xv, k_lengths, axis=1)  # the values; padded keys are masked
         return super()._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
-                                                   k_lengths=k_lengths, need_weights=need_weights)
+                                                   k_lengths=k_lengths, need_weights=need_weights, magnitude=magnitude)
 
     def _kernel_options(self) -> dict:
         return {"precision": self.float32_precision}
@@ -397,16 +410,17 @@ def _heads_within_rows(x) -> bool:
 
 
 class KernelMagnitude:
-    """A fusion's inputs' largest magnitude, written by the one-launch kernel where the fusion takes it.
+    """A call's inputs' largest magnitude, written by the one-launch kernel where the call takes it.
 
     The front end checks the inputs for NaN and Inf, and bounds overflow, from their largest |x|
     (``_checks.check_values``). Reduced by torch (``TritonBackend.largest_magnitude``) that is two norms
     and a maximum, three launches: in W1's profile of 2026-11-30 on an H200, 67 us of their operators'
     host time and three of the nine launches' 78, beside one launch for the whole fusion since then.
-    ``small_fusion`` loads each input whole anyway, and writes it for a reduction and a store a program
-    (its ``magnitudes``).
+    ``small_fusion`` and ``small_attention`` load each input whole anyway, and write it for a reduction
+    and a store an input (their ``magnitudes``).
 
-    The backend's fuse either hands the kernel ``kernel_buffer(xs, xt)`` or, on any other route, calls
+    The backend's fuse (or multi_head_attention) either hands the kernel ``kernel_buffer(xs, xt)`` (or
+    ``kernel_buffer(xq, xk, xv)``) or, on any other route, calls
     ``reduce()`` once the projections are queued: the GPU starts on them while the host queues the norms,
     and the late read waits for the projections and the norms, not for the attention queued after.
     Called (once the work is queued: ``Batch.finish_checks``), it returns the magnitude, NaN if an input
@@ -419,15 +433,15 @@ class KernelMagnitude:
         self._per_example = None  # the kernel's (B, 2) magnitudes
         self._read = None  # torch's reduction: its value, or on a GPU the function that reads it
 
-    def kernel_buffer(self, xs, xt):
-        """(B, 2) float32 for ``small_fusion`` to write, when xs and xt are the two checked arrays
-        themselves (the same memory, dtype and strides, with the batch axis the front end adds to
-        (L, D) inputs): the kernel's magnitude is then theirs. Else None, and the inputs are reduced now."""
-        if self._per_example is None and self._read is None and len(self._arrays) == 2 and all(
-            map(_same_values, (xs, xt), self._arrays)
+    def kernel_buffer(self, *inputs):
+        """(B, inputs) float32 for a one-launch kernel to write, when the inputs are the checked arrays
+        themselves (the same memory, dtype and strides, with the batch axis the front end adds to (L, D)
+        inputs): the kernel's magnitude is then theirs. Else None, and the inputs are reduced now."""
+        if self._per_example is None and self._read is None and len(inputs) == len(self._arrays) and all(
+            map(_same_values, inputs, self._arrays)
         ):
-            self._per_example = self._backend.torch.empty((xs.shape[0], 2), dtype=self._backend.float32,
-                                                          device=xs.device)
+            self._per_example = self._backend.torch.empty((inputs[0].shape[0], len(inputs)),
+                                                          dtype=self._backend.float32, device=inputs[0].device)
             return self._per_example
         self.reduce()
         return None

@@ -198,12 +198,14 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
 
 def counted_routes(monkeypatch, backend) -> list:
     """The list to which every attention call appends its route: "gemm" (``softmax_heads``, between the
-    GEMMs), "kernel", "sdpa", or "one launch" (``small_fusion``: both directions in one). The kernel
-    modules are shared by every backend, so all are counted."""
+    GEMMs), "kernel", "sdpa", or "one launch" (``small_fusion``: both directions in one; ``small_attention``:
+    a multi-head attention, projections included). The kernel modules are shared by every backend, so all
+    are counted."""
     calls = []
     for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
                                 (torch.nn.functional, "scaled_dot_product_attention", "sdpa"),
-                                (backend.small_fusion, "small_fusion", "one launch")]:
+                                (backend.small_fusion, "small_fusion", "one launch"),
+                                (backend.small_attention, "small_attention", "one launch")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
     return calls
@@ -319,12 +321,56 @@ def test_small_fusions_take_one_launch(monkeypatch):
         assert calls == routes, bound
 
 
+def test_small_multi_head_attentions_take_one_launch(monkeypatch):
+    """``multi_head_attention`` on examples within ``small_fusion.fits``, up to ``one_launch_flops``, runs in
+    one launch (``kernels/small_attention.py``), projections included, with masks, lengths (host or
+    device), probabilities and the seed's 2-D call; longer examples or more FLOPs take the other routes."""
+    ref, tri = models(24, 3)
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(14)
+    xq, xk, xv = rng.standard_normal((3, 9, 24)), rng.standard_normal((3, 13, 24)), rng.standard_normal((3, 13, 24))
+    mask = rng.random((3, 9, 13)) > 0.3
+    ragged = {"query_lengths": np.array([9, 1, 4]), "key_lengths": np.array([13, 2, 1])}
+    on_device = {name: torch.tensor(n, device=DEVICE) for name, n in ragged.items()}
+    for kwargs, dtype in (({}, torch.float32), ({"mask": mask, **ragged, "need_weights": True}, torch.float32),
+                          ({"mask": mask, **on_device, "need_weights": True}, torch.float32),
+                          ({"mask": mask[:1, :1], **ragged}, torch.float16)):
+        calls.clear()
+        out, probs = tri.multi_head_attention(*(torch.tensor(x, dtype=dtype, device=DEVICE) for x in (xq, xk, xv)),
+                                              **kwargs)
+        assert calls == ["one launch"], kwargs
+        host = {name: np.asarray(n) for name, n in kwargs.items() if name.endswith("lengths")}
+        want_out, want_probs = ref.multi_head_attention(xq, xk, xv, **{**kwargs, **host})
+        close(out, want_out, 1e-5 if dtype == torch.float32 else 2e-3)
+        for got, want in zip(probs or [], want_probs or []):
+            close(got, want, 1e-5)
+        assert (probs is None) == (want_probs is None)
+    calls.clear()
+    out, probs = tri.multi_head_attention(*(torch.tensor(x[0], dtype=torch.float32, device=DEVICE)
+                                            for x in (xq, xk, xv)))
+    assert calls == ["one launch"] and len(probs) == 3  # the seed's 2-D call: probabilities by default
+    want_out, want_probs = ref.multi_head_attention(xq[0], xk[0], xv[0])
+    close(out, want_out, 1e-5)
+    close(probs[2], want_probs[2], 1e-5)
+
+    inputs = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (xq, xk, xv)]
+    longer = [torch.cat([x, x], 1) for x in inputs]  # 18 queries: past float32's 16
+    attention_flops = tri._backend.small_attention.flops(3, 9, 13, 24, 3)
+    for inputs, bound, one_launch in ((longer, math.inf, False), (inputs, attention_flops, True),
+                                      (inputs, attention_flops - 1, False)):
+        monkeypatch.setattr(tri._backend, "one_launch_flops", bound)
+        calls.clear()
+        tri.multi_head_attention(*inputs)
+        assert calls and ("one launch" in calls) == one_launch
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
 def test_one_launch_writes_the_inputs_magnitude():
-    """On the one-launch route the kernel writes the inputs' largest magnitude for the front end's check
-    (``KernelMagnitude``): W1 and the seed's 2-D call reduce nothing with torch, and NaN or Inf anywhere,
-    padding included, is still the ValueError that names the input. Inputs cast to the compute dtype (the
-    check is of the caller's values) and other routes reduce with torch, once the projections are queued."""
+    """On the one-launch routes the kernels write the inputs' largest magnitude for the front end's check
+    (``KernelMagnitude``): W1, the seed's 2-D call and small multi-head attentions reduce nothing with
+    torch, and NaN or Inf anywhere, padding included, is still the ValueError that names the input.
+    Inputs cast to the compute dtype (the check is of the caller's values) and other routes reduce with
+    torch, once the projections are queued."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
@@ -358,6 +404,18 @@ def test_one_launch_writes_the_inputs_magnitude():
             tri.fuse_representations(*bad, **lengths)
         clean = tri.fuse_representations(*w1, **lengths)  # a failed call leaves nothing behind
         close(clean["bidirectional_fusion"], want["bidirectional_fusion"], 1e-5)
+    # multi_head_attention likewise, of its three inputs: the values' padding too, and values that are the keys.
+    mha_lengths = {"query_lengths": np.array([10]), "key_lengths": np.array([3])}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tri.multi_head_attention(w1[0], w1[1], w1[1], **mha_lengths)
+        tri.multi_head_attention(w1[0][0], w1[1][0], w1[0][0])
+    assert not {e.key for e in prof.key_averages()} & torch_reduction
+    for index, name in ((0, "query_seq"), (1, "key_seq"), (2, "value_seq")):
+        bad = [w1[0], w1[1], w1[1].clone()]
+        bad[index] = bad[index].clone()
+        bad[index][0, 9, 0] = np.nan  # past the key length for the keys and values
+        with pytest.raises(ValueError, match=f"{name} contains NaN; inputs must be finite"):
+            tri.multi_head_attention(*bad, **mha_lengths)
     _, narrow = models(64, 2, dtype="float16")
     loud = [t.clone() for t in w1]
     loud[0][0, 9, 0] = 1e5  # finite in float32, past float16's largest

@@ -1,11 +1,13 @@
 """The shared check of an attention launcher against the NumPy reference of the kernel contract, with a
-plain torch implementation in the same dtype as the accuracy yardstick for 16-bit inputs."""
+plain torch implementation in the same dtype as the accuracy yardstick for 16-bit inputs; and the folded
+weights and projections of the one-launch kernels' tests."""
 
 import numpy as np
 import torch
 
 from crossattn_gpu.backends.numpy_backend import attention as reference
 from crossattn_gpu.backends.triton_backend import interpreter_mode
+from crossattn_gpu.folding import fold_weights
 
 DEVICE = "cpu" if interpreter_mode() else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([] if interpreter_mode() else [torch.bfloat16])
@@ -132,3 +134,17 @@ def check_without_lse(attention):
         out, lse = attention(q, k, v, need_lse=False, **kwargs)
         assert lse is None
         assert torch.equal(out, attention(q, k, v, **kwargs)[0])
+
+
+def folded(dim: int, heads: int, seed: int) -> np.ndarray:
+    """The seed's weights (standard normal x 0.1), folded: (D, 2 H D) float64."""
+    rng = np.random.default_rng(seed)
+    query, key, value = (rng.standard_normal((heads, dim, dim)) * 0.1 for _ in range(3))
+    return fold_weights(query, key, value, rng.standard_normal((heads * dim, dim)) * 0.1)
+
+
+def split(x, w, heads: int):
+    """Folded queries (B, H, L, D) and values (B, H, L, D) of x (B, L, D) under w (D, 2 H D)."""
+    batch, length, dim = x.shape
+    both = (x @ w).reshape(batch, length, 2, heads, dim)
+    return both[:, :, 0].swapaxes(1, 2), both[:, :, 1].swapaxes(1, 2)

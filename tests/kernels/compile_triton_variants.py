@@ -1,6 +1,6 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
 passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax, kernels/small_fusion.py's
-one-launch fusion) with Triton's real
+one-launch fusion and kernels/small_attention.py's one-launch attention) with Triton's real
 compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
 launcher picks for a shape of every kind, with and without mask and both lengths, and check that each fits
 the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
@@ -8,7 +8,8 @@ cannot catch what only the compiler checks (types, layouts, scf.if, shared memor
 chip this project runs on, Triton's own ptxas also reports each variant's registers and spills: the
 projection GEMM's and the softmax's configurations were chosen to spill nothing there (255 registers
 in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32), and the
-one-launch fusion's longest sequences by dtype likewise (``small_fusion.MAX_BLOCK_L``); a spill of
+one-launch fusion's longest sequences by dtype likewise (``small_fusion.MAX_BLOCK_L``, which the
+one-launch attention shares); a spill of
 theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
 float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
 H200, so their spills are only reported.
@@ -32,6 +33,7 @@ from triton.compiler import ASTSource
 from crossattn_gpu.kernels import attention as kernel_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import projection as projection_module
+from crossattn_gpu.kernels import small_attention as small_attention_module
 from crossattn_gpu.kernels import small_fusion as small_fusion_module
 from crossattn_gpu.kernels import softmax_heads as softmax_module
 
@@ -78,7 +80,8 @@ def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
-        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "W", "OutS", "OutT", "ProbsS", "ProbsT"):
+        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "Xq", "Xk", "Xv", "W", "OutS", "OutT", "ProbsS",
+                    "ProbsT"):
             signature[name] = f"*{dtype}"
         elif name in POINTER_TYPES:
             signature[name] = POINTER_TYPES[name]
@@ -170,6 +173,24 @@ def small_fusion_variants() -> list:
     return found
 
 
+def small_attention_variants() -> list:
+    """(label, kernel, dtype, constexprs, options) of the one-launch multi-head attention in every dtype and
+    precision, at the longest sequences it takes (the fusion's, without similarities) at D = 64, with mask,
+    lengths, probabilities and the inputs' magnitudes, values apart from the keys."""
+    found = []
+    for dtype, itemsize, precision in DTYPES:
+        longest = small_fusion_module.longest(itemsize, precision)
+        shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
+        cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
+        constexprs = {"BLOCK_Q": cfg["BLOCK_S"], "BLOCK_K": cfg["BLOCK_T"], "BLOCK_D": cfg["BLOCK_D"], "HAS_MASK": True,
+                      "HAS_QLEN": True, "HAS_KLEN": True, "STORE_PROBS": True, "STORE_MAGNITUDE": True,
+                      "VALUES_ARE_KEYS": False, "INPUT_PRECISION": cfg["INPUT_PRECISION"]}
+        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} longest {shape} mask+lengths+probabilities+magnitudes",
+                      small_attention_module._small_attention_fwd, dtype, constexprs,
+                      {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+    return found
+
+
 def variants() -> list:
     """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
     found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
@@ -177,7 +198,8 @@ def variants() -> list:
     found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
               for (label, fn, dtype, constexprs, options), arch in itertools.product(softmax_variants(), [80, 90])]
     found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
-              for (label, fn, dtype, constexprs, options), arch in itertools.product(small_fusion_variants(), [80, 90])]
+              for (label, fn, dtype, constexprs, options), arch in itertools.product(
+                  small_fusion_variants() + small_attention_variants(), [80, 90])]
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
     runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
         plans, DTYPES, [80, 90], [False, True])]

@@ -12,30 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from attention_check import DEVICE, DTYPES, plain_torch  # noqa: E402
+from attention_check import DEVICE, DTYPES, folded, plain_torch, split  # noqa: E402
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.folding import fold_weights  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
     MAX_BLOCK_D, MAX_BLOCK_L, MAX_BLOCK_L_WITH_SIMILARITY, fits, flops, launch_config, longest, small_fusion,
 )
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-
-
-def folded(dim: int, heads: int, seed: int) -> np.ndarray:
-    """The seed's weights (standard normal x 0.1), folded: (D, 2 H D) float64."""
-    rng = np.random.default_rng(seed)
-    query, key, value = (rng.standard_normal((heads, dim, dim)) * 0.1 for _ in range(3))
-    return fold_weights(query, key, value, rng.standard_normal((heads * dim, dim)) * 0.1)
-
-
-def split(x, w, heads: int):
-    """Folded queries (B, H, L, D) and values (B, H, L, D) of x (B, L, D) under w (D, 2 H D)."""
-    batch, length, dim = x.shape
-    both = (x @ w).reshape(batch, length, 2, heads, dim)
-    return both[:, :, 0].swapaxes(1, 2), both[:, :, 1].swapaxes(1, 2)
 
 
 def directions(xs, xt, w, heads, masked, s_len, t_len):
