@@ -148,3 +148,17 @@ def split(x, w, heads: int):
     batch, length, dim = x.shape
     both = (x @ w).reshape(batch, length, 2, heads, dim)
     return both[:, :, 0].swapaxes(1, 2), both[:, :, 1].swapaxes(1, 2)
+
+
+def drawn_mask_and_lengths(rng, batch: int, len_q: int, len_k: int, mask: bool, ragged: bool):
+    """(masked (B, Lq, Lk) bool or None, q_len (B,) or None, k_len (B,) or None) for the one-launch kernels'
+    tests: a mask with a fully masked first row, and lengths with a first example of one query and a last
+    of one key."""
+    masked = q_len = k_len = None
+    if mask:
+        masked = rng.random((batch, len_q, len_k)) < 0.3
+        masked[:, 0] = True  # a fully masked row: uniform weights
+    if ragged:
+        q_len, k_len = rng.integers(1, len_q + 1, size=batch), rng.integers(1, len_k + 1, size=batch)
+        q_len[0], k_len[-1] = 1, 1
+    return masked, q_len, k_len

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from attention_check import DEVICE, DTYPES, folded, plain_torch, split  # noqa: E402
+from attention_check import DEVICE, DTYPES, drawn_mask_and_lengths, folded, plain_torch, split  # noqa: E402
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.kernels.small_attention import flops, small_attention  # noqa: E402
@@ -28,13 +28,8 @@ def check(batch, len_q, len_k, dim, heads, dtype, mask=False, ragged=False, prec
     padded query rows and padded keys' probabilities exactly zero."""
     rng = np.random.default_rng(seed)
     xq, xk, xv = (rng.standard_normal((batch, n, dim)) for n in (len_q, len_k, len_k))
-    masked = q_len = k_len = None
-    if mask:
-        masked = rng.random((batch, len_q, len_k)) < 0.3
-        masked[:, 0] = True  # a fully masked row: uniform weights
+    masked, q_len, k_len = drawn_mask_and_lengths(rng, batch, len_q, len_k, mask, ragged)
     if ragged:
-        q_len, k_len = rng.integers(1, len_q + 1, size=batch), rng.integers(1, len_k + 1, size=batch)
-        q_len[0], k_len[-1] = 1, 1
         xq[0, 1:], xk[-1, 1:], xv[-1, 1:] = np.nan, np.inf, np.nan  # padding: never read, whatever it holds
 
     def dev(x):

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from attention_check import DEVICE, DTYPES, folded, plain_torch, split  # noqa: E402
+from attention_check import DEVICE, DTYPES, drawn_mask_and_lengths, folded, plain_torch, split  # noqa: E402
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
@@ -80,13 +80,8 @@ def check(batch, len_s, len_t, dim, heads, dtype, mask=False, ragged=False, prec
     rest is asked or not; padded query rows exactly zero."""
     rng = np.random.default_rng(seed)
     xs, xt = rng.standard_normal((batch, len_s, dim)), rng.standard_normal((batch, len_t, dim))
-    masked = s_len = t_len = None
-    if mask:
-        masked = rng.random((batch, len_s, len_t)) < 0.3
-        masked[:, 0] = True  # a fully masked row: uniform weights
+    masked, s_len, t_len = drawn_mask_and_lengths(rng, batch, len_s, len_t, mask, ragged)
     if ragged:
-        s_len, t_len = rng.integers(1, len_s + 1, size=batch), rng.integers(1, len_t + 1, size=batch)
-        s_len[0], t_len[-1] = 1, 1
         xs[0, 1:] = np.nan  # padding: never read, whatever it holds
         xt[-1, 1:] = np.inf
 
