@@ -151,20 +151,25 @@ class TritonBackend(DeviceFusion):
         return KernelMagnitude(self, arrays)
 
     def _read_later(self, value):
-        """A 0-d device tensor's value, or on a GPU a function that reads it later: the value is copied
-        into pinned host memory behind an event, and the function waits for that event alone, not for
-        the work queued after it."""
+        """A 0-d device tensor's value, or on a GPU a function that reads it later (``_copy_later``)."""
+        copy = self._copy_later(value)
+        return (lambda: copy().item()) if callable(copy) else copy.item()
+
+    def _copy_later(self, value):
+        """A device tensor on the host, or on a GPU a function that returns it later: it is copied into
+        pinned host memory behind an event, and the function waits for that event alone, not for the
+        work queued after it."""
         torch = self.torch
         if self.device.type != "cuda":
-            return value.item()
-        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            return value
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
         host.copy_(value, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(value.device))  # the stream the copy went to
 
         def read():
             copied.synchronize()
-            return host.item()
+            return host
 
         return read
 
@@ -453,7 +458,8 @@ class KernelMagnitude:
 
     def __call__(self) -> float:
         if self._per_example is not None:
-            return self._per_example.cpu().amax().item()  # torch's amax keeps NaN
+            copy = self._backend._copy_later(self._per_example)  # the read waits for its event, not the queue
+            return (copy() if callable(copy) else copy).amax().item()  # on the host; torch's amax keeps NaN
         self.reduce()
         return self._read() if callable(self._read) else self._read
 
