@@ -261,18 +261,22 @@ def check_inputs(named: dict, weights, heads: int) -> None:
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {next(iter(named))} is on {first.device}")
-    inputs, shapes = _listing(list(named)), _listing([str(tuple(t.shape)) for t in named.values()])
     dtypes = [contract.dtype_name(t) for t in (*named.values(), weights)]
     if len(set(dtypes)) != 1 or dtypes[0] not in contract.DTYPES:
         raise TypeError(f"{_listing([*named, 'weights'])} must share one dtype among float32, float16 and bfloat16; "
                         f"got {', '.join(dtypes)}")
+
+    def shapes_error(need: str) -> ValueError:  # the message is formatted on failure only, not every call
+        shapes = _listing([str(tuple(t.shape)) for t in named.values()])
+        return ValueError(f"{_listing(list(named))} must {need}; got shapes {shapes}")
+
     if any(t.ndim != 3 for t in named.values()):
-        raise ValueError(f"{inputs} must be (B, L, D); got shapes {shapes}")
+        raise shapes_error("be (B, L, D)")
     if any(0 in t.shape for t in named.values()):
-        raise ValueError(f"{inputs} must have no empty axis; got shapes {shapes}")
+        raise shapes_error("have no empty axis")
     batch, _, dim = first.shape
     if any(t.shape[0] != batch or t.shape[2] != dim for t in named.values()):
-        raise ValueError(f"{inputs} must share B and D; got shapes {shapes}")
+        raise shapes_error("share B and D")
     if heads < 1 or tuple(weights.shape) != (dim, 2 * heads * dim):
         raise ValueError(f"weights must be (D, 2 x heads x D) = ({dim}, {2 * heads * dim}) for {heads} heads; "
                          f"got {tuple(weights.shape)}")
