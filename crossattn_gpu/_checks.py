@@ -308,7 +308,7 @@ class Batch:
     stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
     finish_values: Callable[[], float]  # raises if the inputs' values failed, else their largest magnitude
     late_checks: list = field(default_factory=list)  # functions that raise if a check read late failed
-    pending_magnitude: object = None  # the backend's pending_magnitude, for its fuse, or None
+    pending_magnitude: object = None  # backend.pending_magnitude or None, for fuse or multi_head_attention
 
     def finish_checks(self) -> float:
         """Finish the checks read late from the device (a GPU's reads wait for their own copies, not for
