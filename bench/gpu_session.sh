@@ -87,15 +87,16 @@ step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/te
 # shellcheck disable=SC2086
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
 step profile 30 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
-# Is one launch faster for every batch of small examples (kernels/small_fusion.py), or only for few?
-step small 30 "$py" -m bench.small_fusion --out "$work/results/small.json"
+# Is one launch faster for every batch of small examples (kernels/small_fusion.py, small_attention.py), or
+# only for few?
+step small 40 "$py" -m bench.small_fusion --out "$work/results/small.json"
 # The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
 # how much slower this host's Python is.
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 20 "$py" -m bench.huge_batch
 # shellcheck disable=SC2086
-step sweep 50 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
+step sweep 40 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.
@@ -124,7 +125,7 @@ grep -E '"rest_s"' "$work/sweep.log" 2> /dev/null | cut -c1-900
 grep -E "^(W[0-9])" "$work/bench.log" 2> /dev/null
 grep -A 12 "^## Targets" "$work/bench.log" 2> /dev/null
 grep -E "^\| W[0-9]" "$work/profile.log" 2> /dev/null
-awk '/^\| L \|/ { table = "" } { table = table $0 "\n" } END { printf "%s", table }' "$work/small.log" 2> /dev/null
+awk '/^\| operation \|/ { table = "" } { table = table $0 "\n" } END { printf "%s", table }' "$work/small.log" 2> /dev/null
 cat "$work/host-path.log" 2> /dev/null
 cat "$work/huge-batch.log" 2> /dev/null
 tail -c 2000 "$work/collection.log" 2> /dev/null
