@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import contract
 from .attention_common import checked_lengths, checked_mask, mask_strides
-from .small_fusion import MAX_BLOCK_D, check_inputs, check_magnitudes, fits, launch_config, longest, one_direction
+from .small_fusion import check_fits, check_inputs, check_magnitudes, launch_config, one_direction
 
 
 @triton.jit
@@ -110,10 +110,7 @@ def small_attention(xq, xk, xv, weights, *, heads: int, masked=None, q_lengths=N
     (batch, len_q, dim), len_k = xq.shape, xk.shape[1]
     if xv.shape[1] != len_k:
         raise ValueError(f"xk and xv must have the same length; got {len_k} and {xv.shape[1]}")
-    if not fits(len_q, len_k, dim, xq.element_size(), precision):
-        raise ValueError(f"Lq = {len_q}, Lk = {len_k}, D = {dim} pass what one program holds in "
-                         f"{contract.dtype_name(xq)} (L <= {longest(xq.element_size(), precision)}, "
-                         f"D <= {MAX_BLOCK_D}); use kernels.attention")
+    check_fits({"Lq": len_q, "Lk": len_k}, xq, precision)
     check_magnitudes(magnitudes, 3, batch, xq.device)
     masked = checked_mask(masked, batch, len_q, len_k, xq.device)
     given = checked_lengths({"q_lengths": (q_lengths, len_q), "k_lengths": (k_lengths, len_k)}, batch, xq.device,

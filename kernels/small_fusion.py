@@ -282,6 +282,17 @@ def check_inputs(named: dict, weights, heads: int) -> None:
                          f"got {tuple(weights.shape)}")
 
 
+def check_fits(lengths: dict, x, precision: str, need_similarity: bool = False) -> None:
+    """ValueError, naming the two ``lengths`` (name -> L) and x's width, when they pass ``fits``."""
+    (len_a, len_b), dim, itemsize = lengths.values(), x.shape[-1], x.element_size()
+    if not fits(len_a, len_b, dim, itemsize, precision, need_similarity):
+        named = ", ".join(f"{name} = {length}" for name, length in lengths.items())
+        raise ValueError(f"{named}, D = {dim} pass what one program holds in "
+                         f"{contract.dtype_name(x)}{' with the similarities' * need_similarity} "
+                         f"(L <= {longest(itemsize, precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
+                         f"use kernels.attention")
+
+
 def check_magnitudes(magnitudes, inputs: int, batch: int, device) -> None:
     """None, or a contiguous float32 (B, inputs) tensor on ``device``: the launchers' ``magnitudes``."""
     if magnitudes is not None and not (
@@ -338,11 +349,7 @@ def small_fusion(xs, xt, weights, *, heads: int, masked=None, s_lengths=None, t_
     contract.check_precision(precision)
     check_inputs({"xs": xs, "xt": xt}, weights, heads)
     (batch, len_s, dim), len_t = xs.shape, xt.shape[1]
-    if not fits(len_s, len_t, dim, xs.element_size(), precision, need_similarity):
-        raise ValueError(f"Ls = {len_s}, Lt = {len_t}, D = {dim} pass what one program holds in "
-                         f"{contract.dtype_name(xs)}{' with the similarities' * need_similarity} "
-                         f"(L <= {longest(xs.element_size(), precision, need_similarity)}, D <= {MAX_BLOCK_D}); "
-                         f"use kernels.attention")
+    check_fits({"Ls": len_s, "Lt": len_t}, xs, precision, need_similarity)
     check_magnitudes(magnitudes, 2, batch, xs.device)
     masked = checked_mask(masked, batch, len_s, len_t, xs.device)
     given = checked_lengths({"s_lengths": (s_lengths, len_s), "t_lengths": (t_lengths, len_t)}, batch, xs.device,
