@@ -90,8 +90,8 @@ step profile 30 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # Is one launch faster for every batch of small examples (kernels/small_fusion.py, small_attention.py), or
 # only for few?
 step small 40 "$py" -m bench.small_fusion --out "$work/results/small.json"
-# The host path of a W1 call under the interpreter, as measured on the development CPU (bench/NOTES.md):
-# how much slower this host's Python is.
+# The host path of a W1 call, and the host's time before a W2-shaped call's first launch, under the
+# interpreter, as measured on the development CPU (bench/NOTES.md): how much slower this host's Python is.
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 20 "$py" -m bench.huge_batch

@@ -7,6 +7,11 @@ replaced by a no-op, so what remains is the host path a GPU call also takes (the
 the projections' GEMMs, which are tiny here, and the launchers' own Python), without a GPU. Triton's
 own launch and CUDA's are not in it. Medians of many calls, with the NumPy backend's whole W1 call
 (which computes everything) beside it for scale.
+
+A large call is bound by its kernels, but the GPU idles from the call's start until its first launch,
+and a harness that waits for each call sees that wait whole. ``w2_until_first_launch_us`` times it:
+a W2-shaped fusion (float16, since the interpreter has no bfloat16; device inputs, no lengths, so
+nothing is queued before the projection GEMM), from the call to its first GEMM or Triton launch.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import argparse
 import functools
 import inspect
 import statistics
+import time
 
 import numpy as np
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from crossattn_gpu import CrossAttention
-from crossattn_gpu.backends.triton_backend import interpreter_mode
+from crossattn_gpu.backends.triton_backend import TritonBackend, interpreter_mode
 
 from .timing import time_calls
 from .workloads import WORKLOADS
@@ -45,17 +51,54 @@ def no_launch(kernel: InterpretedFunction):
     return launch
 
 
-def measure(calls: int) -> dict:
-    """Median microseconds of one W1 call: the NumPy backend's, and the Triton backend's host path."""
-    if not interpreter_mode():
-        raise RuntimeError("bench.host_path needs TRITON_INTERPRET=1, set before the kernels are imported")
-    workload = WORKLOADS["W1"]
+class _FirstLaunch(Exception):
+    """Raised by the first launch of a call timed up to it, with the time of that launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.at = time.perf_counter()
+
+
+def _stop(*args, **kwargs):
+    raise _FirstLaunch
+
+
+def until_first_launch_us(fn, calls: int) -> float:
+    """Median microseconds from calling ``fn`` to its first projection GEMM or Triton launch (each raises)."""
+    original = TritonBackend._matmul, InterpretedFunction.__getitem__
+    TritonBackend._matmul, InterpretedFunction.__getitem__ = _stop, lambda self, grid: _stop
+
+    def one() -> float:
+        start = time.perf_counter()
+        try:
+            fn()
+        except _FirstLaunch as launch:
+            return launch.at - start
+        raise RuntimeError("the call launched nothing")
+
+    try:
+        return statistics.median(one() for _ in range(calls)) * 1e6
+    finally:
+        TritonBackend._matmul, InterpretedFunction.__getitem__ = original
+
+
+def _inputs(name: str, dtype=np.float32) -> list:
+    workload = WORKLOADS[name]
     rng = np.random.default_rng(0)
     shape = (workload.batch, workload.len_s, workload.width)
-    xs, xt = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
+    return [rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False) for _ in range(2)]
+
+
+def measure(calls: int) -> dict:
+    """Median microseconds of one W1 call (the NumPy backend's, and the Triton backend's host path), and
+    of a W2-shaped call's host time before its first launch (``calls // 10`` of those)."""
+    if not interpreter_mode():
+        raise RuntimeError("bench.host_path needs TRITON_INTERPRET=1, set before the kernels are imported")
+    w1, w2 = WORKLOADS["W1"], WORKLOADS["W2"]
+    xs, xt = _inputs("W1")
     kwargs = dict(need_similarity=False, bidirectional=False)
-    numpy_model = CrossAttention(workload.width, workload.heads, seed=0, backend="numpy")
-    triton_model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
+    numpy_model = CrossAttention(w1.width, w1.heads, seed=0, backend="numpy")
+    triton_model = CrossAttention(w1.width, w1.heads, seed=0, backend="triton")
     ts, tt = torch.from_numpy(xs), torch.from_numpy(xt)
     results = {"numpy_w1_us": median_us(lambda: numpy_model.fuse_representations(xs, xt, **kwargs), calls)}
     original = InterpretedFunction.__getitem__
@@ -64,6 +107,10 @@ def measure(calls: int) -> dict:
         results["triton_host_path_us"] = median_us(lambda: triton_model.fuse_representations(ts, tt, **kwargs), calls)
     finally:
         InterpretedFunction.__getitem__ = original
+    large_model = CrossAttention(w2.width, w2.heads, seed=0, backend="triton")
+    large = [torch.from_numpy(x) for x in _inputs("W2", np.float16)]
+    results["w2_until_first_launch_us"] = until_first_launch_us(
+        lambda: large_model.fuse_representations(*large, need_similarity=False), max(1, calls // 10))
     return results
 
 

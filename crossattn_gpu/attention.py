@@ -583,10 +583,12 @@ class CrossAttention:
         return None if x is None else batch.unbatch(self._backend.to_caller(x, batch.caller_kind, batch.out_dtype))
 
     def _head_list(self, probs, batch: _checks.Batch):
-        """(B, H, Lq, Lk) -> the seed's list of H arrays ((B,) Lq, Lk), or None."""
+        """(B, H, Lq, Lk) -> the seed's list of H arrays ((B,) Lq, Lk), or None: views of one conversion
+        to the caller's kind and dtype (from a GPU to NumPy, one copy to the host, not one per head)."""
         if probs is None:
             return None
-        return [self._out(probs[:, h], batch) for h in range(probs.shape[1])]
+        heads = self._out(probs, batch)
+        return [heads[:, h] if batch.batched else heads[h] for h in range(probs.shape[1])]
 
 
 _PRECISION_TEXT = {
@@ -636,6 +638,8 @@ def _check_equal_lengths(len_s: int, len_t: int) -> None:
 
 
 def _check_equal_per_example(batch_size: int, len_s: int, len_t: int, s_len, t_len) -> None:
+    if s_len is None and t_len is None:  # whole sequences, and Ls == Lt is checked: no arrays to compare
+        return
     s_len = np.full(batch_size, len_s) if s_len is None else s_len
     t_len = np.full(batch_size, len_t) if t_len is None else t_len
     differs = np.flatnonzero(s_len != t_len)

@@ -125,6 +125,28 @@ def test_batched_call_builds_no_probabilities_by_default():
     assert weights is None and out.shape == (2, 4, 8)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_heads_probabilities_are_converted_once_not_once_a_head(monkeypatch, batched):
+    # From a GPU to NumPy each conversion is a copy to the host: the H heads' arrays are views of one.
+    rng = np.random.default_rng(5)
+    model = CrossAttention(8, 4, seed=0, backend="numpy")
+    conversions = []
+    to_caller = model._backend.to_caller
+    monkeypatch.setattr(model._backend, "to_caller", lambda x, *a: conversions.append(x.shape) or to_caller(x, *a))
+    lead = (2,) if batched else ()
+    seq, struct = rand(rng, *lead, 5, 8), rand(rng, *lead, 3, 8)
+    got = model.fuse_representations(seq, struct, need_weights=True, bidirectional=False)
+    assert len(conversions) == 2 + 2 + 2  # two outputs, two directions' probabilities, two similarities
+    assert len(got["attention_weights_seq_to_struct"]) == 4
+    for b in range(2 if batched else 1):
+        want = reference.fuse(*reference.params(model), seq[b] if batched else seq, struct[b] if batched else struct)
+        for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+            for h in range(4):
+                assert_close(got[key][h][b] if batched else got[key][h], want[key][h])
+    out, probs = model.multi_head_attention(seq, struct, struct, need_weights=True)
+    assert len(conversions) == 6 + 2 and len(probs) == 4 and probs[0].shape == (*lead, 5, 3)
+
+
 @pytest.mark.parametrize("mask_shape", [(6, 9), (1, 6, 9), (4, 6, 9), (4, 1, 9), (9,)])
 def test_ragged_batch_equals_unpadded_examples(mask_shape):
     rng = np.random.default_rng(4)

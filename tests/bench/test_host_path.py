@@ -10,13 +10,26 @@ from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 
 
 @pytest.mark.skipif(not interpreter_mode(), reason="times the host path under Triton's interpreter")
-def test_prints_both_medians_and_restores_the_launches(capsys):
-    launch = host_path.InterpretedFunction.__getitem__
+def test_prints_the_medians_and_restores_the_launches(capsys):
+    launch, matmul = host_path.InterpretedFunction.__getitem__, host_path.TritonBackend._matmul
     assert host_path.main(["--calls", "5", "--repeats", "1"]) == 0
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
-    assert set(printed) == {"numpy_w1_us", "triton_host_path_us"}
+    assert set(printed) == {"numpy_w1_us", "triton_host_path_us", "w2_until_first_launch_us"}
     assert all(float(v) > 0 for v in printed.values())
-    assert host_path.InterpretedFunction.__getitem__ is launch
+    assert host_path.InterpretedFunction.__getitem__ is launch and host_path.TritonBackend._matmul is matmul
+
+
+@pytest.mark.skipif(not interpreter_mode(), reason="times the host path under Triton's interpreter")
+def test_the_time_to_the_first_launch_stops_there_and_needs_a_launch():
+    ran_after = []
+
+    def call():
+        host_path.TritonBackend._matmul(None, None, None)
+        ran_after.append(True)
+
+    assert host_path.until_first_launch_us(call, 3) > 0 and not ran_after
+    with pytest.raises(RuntimeError, match="launched nothing"):
+        host_path.until_first_launch_us(lambda: None, 1)
 
 
 @pytest.mark.skipif(interpreter_mode(), reason="the refusal shows only without the interpreter")
