@@ -8,7 +8,9 @@ Per call: the wall time, the device's kernel time, kernel launches, reads of dev
 (``aten::_local_scalar_dense``), the waits among them that drain the GPU's queue and those that wait on
 an event only (the late finiteness verdict), host-device copies, torch's GEMMs, and
 the operators that take the most host time. What the wall time holds beyond the kernels is the host's
-share (the "rest" of ``bench/sweep_triton.py``'s stages), which these counts attribute.
+share (the "rest" of ``bench/sweep_triton.py``'s stages), which these counts attribute. On a GPU the
+device's timeline says where in the call the GPU idled (``device_timeline``): before its first work (the
+host preparing the call), or between pieces of work (the host launching slower than the GPU runs them).
 
     python -m bench.profile_fusion --out profile.json           # on a GPU
     TRITON_INTERPRET=1 python -m bench.profile_fusion --smoke   # tiny shapes on the CPU (tests)
@@ -23,7 +25,7 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from crossattn_gpu import CrossAttention
 
@@ -43,6 +45,8 @@ TOP_OPS = 12
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 #: Waits for a whole stream or device: each drains the GPU's queue (a CUDA tensor's ``.item()`` is one).
 DRAIN_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+#: The host's range of each profiled call, for the device's timeline.
+CALL_RANGE = "profiled fusion call"
 
 
 def _inputs(workload, dtype, device, lengths_on: str):
@@ -90,9 +94,14 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(PROFILED_CALLS):
-            call()
+            with record_function(CALL_RANGE):
+                call()
         _sync(device)
     events = prof.key_averages()
+    timeline = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                if e.name == CALL_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
+    device_work = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
 
     def per_call(total):
         return total / PROFILED_CALLS
@@ -120,8 +129,47 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
         "torch_gemms": per_call(sum(e.count for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))),
         "top_host_ops": [{"op": e.key[:60], "calls": per_call(e.count), "self_host_us": per_call(e.self_cpu_time_total)}
                          for e in host_ops[:TOP_OPS]],
+        "device_timeline": device_timeline(timeline, device_work) if device_work else None,
     }
     return result
+
+
+def _merged(intervals: list) -> list:
+    """The union of (start, end) intervals, as sorted disjoint intervals."""
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def device_timeline(calls: list, work: list) -> dict:
+    """Where a call's time goes on the device, from the host's (start, end) of each call and the device's
+    (start, end) of each piece of work (kernels, copies, memsets), in us on the profiler's one clock.
+
+    A call owns the work that starts from its start until the next call's. Medians over the calls of:
+    ``before_first_us``, from the call's start to its first work (the GPU idles while the host prepares
+    the call); ``gaps_us``, the device idle between the call's pieces of work (the host launching
+    slower than the GPU runs them); ``busy_us``, the union of its work; ``past_return_us``, from the
+    call's return to the end of its work (negative: the GPU had finished before the host returned).
+    """
+    calls = sorted(calls)
+    per_call = {"before_first_us": [], "gaps_us": [], "busy_us": [], "past_return_us": []}
+    for index, (start, end) in enumerate(calls):
+        until = calls[index + 1][0] if index + 1 < len(calls) else float("inf")
+        merged = _merged([w for w in work if start <= w[0] < until])
+        if not merged:
+            continue
+        busy = sum(b - a for a, b in merged)
+        per_call["before_first_us"].append(merged[0][0] - start)
+        per_call["gaps_us"].append(merged[-1][1] - merged[0][0] - busy)
+        per_call["busy_us"].append(busy)
+        per_call["past_return_us"].append(merged[-1][1] - end)
+    if not per_call["busy_us"]:
+        return None
+    return {key: statistics.median(values) for key, values in per_call.items()}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -131,6 +179,16 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['case']} | {r['dtype']} | {r['wall_ms']:.3f} | {r['device_kernel_ms']:.3f} | "
                      f"{r['launches']:.0f} | {r['host_reads_of_device_values']:.0f} | {r['queue_drains']:.0f} | "
                      f"{r['event_waits']:.0f} | {r['copies']:.0f} |")
+    timed = [r for r in rows if r.get("device_timeline")]
+    if timed:
+        lines += ["", "The device's timeline (per call, medians, us): idle before its first work, idle between its "
+                  "pieces of work, busy, and its work past the host's return.", "",
+                  "| case | dtype | idle before first | idle between | busy | past return |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in timed:
+            t = r["device_timeline"]
+            lines.append(f"| {r['case']} | {r['dtype']} | {t['before_first_us']:.1f} | {t['gaps_us']:.1f} | "
+                         f"{t['busy_us']:.1f} | {t['past_return_us']:.1f} |")
     for r in rows:
         lines += ["", f"{r['case']} {r['dtype']}, host time by operator (per call):", "",
                   "| operator | calls | self host us |", "| --- | ---: | ---: |"]

@@ -19,6 +19,7 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     waits = 1 if torch.cuda.is_available() else 0
     for name, row in rows.items():
         assert row["wall_ms"] > 0 and row["top_host_ops"] and row["top_host_ops"][0]["self_host_us"] > 0
+        assert (row["device_timeline"] is not None) == torch.cuda.is_available()  # the CPU has no device work
         # Never a wait for the whole queue (the profile's own final synchronize is 1/5 a call).
         assert row["queue_drains"] < 1
         # One projection GEMM per input, attention in the Triton kernels; W1 in one launch: none.
@@ -30,6 +31,22 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     assert rows["W5 (device lengths)"]["host_reads_of_device_values"] == 2
     assert rows["W5 (device lengths)"]["event_waits"] == 2 * waits
     assert rows["W5 (host lengths)"]["host_reads_of_device_values"] == 1
+    timed = dict(rows["W1"], device_timeline={"before_first_us": 1.0, "gaps_us": 2.0, "busy_us": 3.0,
+                                              "past_return_us": -4.0})
+    assert "| W1 | float32 | 1.0 | 2.0 | 3.0 | -4.0 |" in profile_fusion.markdown([timed])  # a GPU's table
     printed = capsys.readouterr().out
     assert "| W1 | float32 |" in printed and "| W5 (host lengths) | float32 |" in printed
     assert "| W1 (multi-launch) | float32 |" in printed
+
+
+def test_the_device_timeline_splits_a_call_into_idle_before_idle_between_and_busy():
+    calls = [(100.0, 150.0), (0.0, 40.0)]  # host ranges, out of order
+    work = [(10.0, 20.0), (15.0, 25.0), (30.0, 35.0), (60.0, 70.0),  # call 1: [10, 25] and [30, 35], then 60..70
+            (130.0, 140.0), (145.0, 155.0)]  # call 2
+    timeline = profile_fusion.device_timeline(calls, work)
+    # Call 1: first work 10 us in, busy 15 + 5 + 10 = 30, idle between 60 - 30 = 30, 30 us past its return;
+    # call 2: 30 in, busy 20, idle 5 between, 5 past. Medians of the two.
+    assert timeline == {"before_first_us": 20.0, "gaps_us": 17.5, "busy_us": 25.0, "past_return_us": 17.5}
+    assert profile_fusion.device_timeline(calls, []) is None
+    assert profile_fusion.device_timeline([(0.0, 1.0)], [(5.0, 6.0)]) == {
+        "before_first_us": 5.0, "gaps_us": 0.0, "busy_us": 1.0, "past_return_us": 5.0}
