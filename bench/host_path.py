@@ -40,13 +40,17 @@ def median_us(fn, calls: int) -> float:
 @functools.cache
 def no_launch(kernel: InterpretedFunction):
     """A launch of ``kernel`` that runs nothing, except that the inputs' magnitudes the one-launch kernels
-    would write (their ``Magnitudes``) are set to 0, a finite value the front end's check reads. One per
-    kernel: its parameters are looked up once, not in the timed calls."""
+    would write (their ``Magnitudes``), or kernels/magnitude.py its ``Partials``, are set to 0, a finite
+    value the front end's check reads. One per kernel: its parameters are looked up once, not in the
+    timed calls."""
     names = list(inspect.signature(kernel.fn).parameters)
+    partials = names.index("Partials") if "Partials" in names else None
 
     def launch(*args, STORE_MAGNITUDE=False, **kwargs) -> None:
         if STORE_MAGNITUDE:
             args[names.index("Magnitudes")].zero_()
+        if partials is not None:
+            args[partials].zero_()
 
     return launch
 

@@ -64,9 +64,9 @@ class TritonBackend(DeviceFusion):
             )
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
-        from ..kernels import attention_two_pass, projection, small_attention, small_fusion, softmax_heads
+        from ..kernels import attention_two_pass, magnitude, projection, small_attention, small_fusion, softmax_heads
 
-        self.kernel, self.projection, self.softmax_heads = kernel, projection, softmax_heads
+        self.kernel, self.projection, self.softmax_heads, self.magnitude = kernel, projection, softmax_heads, magnitude
         self.small_fusion, self.small_attention = small_fusion, small_attention
         self.two_pass = attention_two_pass
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
@@ -131,7 +131,7 @@ class TritonBackend(DeviceFusion):
 
     def all_finite(self, *arrays) -> bool:
         """One read from the device (a synchronisation) for all the arrays."""
-        return math.isfinite(self._largest_magnitude(arrays).item())
+        return math.isfinite(self._largest_magnitude(arrays).amax().item())
 
     def largest_magnitude(self, *arrays):
         """The largest |x| over the arrays (NaN if one holds NaN, else Inf if one holds Inf), as a
@@ -151,9 +151,10 @@ class TritonBackend(DeviceFusion):
         return KernelMagnitude(self, arrays)
 
     def _read_later(self, value):
-        """A 0-d device tensor's value, or on a GPU a function that reads it later (``_copy_later``)."""
+        """A device tensor's largest value (a 0-d one's value), or on a GPU a function that reads it later
+        (``_copy_later``); the maximum is taken on the host, NaN kept."""
         copy = self._copy_later(value)
-        return (lambda: copy().item()) if callable(copy) else copy.item()
+        return (lambda: copy().amax().item()) if callable(copy) else copy.amax().item()
 
     def _copy_later(self, value):
         """A device tensor on the host, or on a GPU a function that returns it later: it is copied into
@@ -209,11 +210,16 @@ class TritonBackend(DeviceFusion):
         return clamped, self._read_later(failed)
 
     def _largest_magnitude(self, arrays):
-        """max |x| over the arrays, on the device: one pass over each and no temporaries
-        (``isfinite(x).all()`` takes several passes and launches: torch on the CPU 51 ms against 1.6 ms
-        for a sum of 21M float32 values). NaN propagates through both reductions. One op per array and
-        one per pair: W1's two inputs 6.8 us of host time on this project's CPU (``aminmax``, a negation,
-        a maximum, a cast and a stack per array: 11.2; the sums this replaced: 3.6)."""
+        """A device tensor whose maximum is the largest |x| over the arrays, NaN if one holds NaN: one pass
+        over each and no temporaries (``isfinite(x).all()`` takes several passes and launches: torch on the
+        CPU 51 ms against 1.6 ms for a sum of 21M float32 values).
+
+        Up to three arrays of 16-bit or float32 values in one launch (``kernels/magnitude.py``: per-block
+        maxima, their maximum taken by the caller, on the host after the read); else torch's infinity norm
+        per array and a maximum per pair (0-d), whose NaN propagates through both reductions: float64
+        arrays (whose values may pass float32's range), ranks past 4."""
+        if self.magnitude.takes(arrays):
+            return self.magnitude.largest_magnitudes(*arrays)
         torch = self.torch
         top = None
         for arr in arrays:
@@ -418,16 +424,17 @@ class KernelMagnitude:
     """A call's inputs' largest magnitude, written by the one-launch kernel where the call takes it.
 
     The front end checks the inputs for NaN and Inf, and bounds overflow, from their largest |x|
-    (``_checks.check_values``). Reduced by torch (``TritonBackend.largest_magnitude``) that is two norms
-    and a maximum, three launches: in W1's profile of 2026-11-30 on an H200, 67 us of their operators'
-    host time and three of the nine launches' 78, beside one launch for the whole fusion since then.
-    ``small_fusion`` and ``small_attention`` load each input whole anyway, and write it for a reduction
-    and a store an input (their ``magnitudes``).
+    (``_checks.check_values``). Reduced on its own (``TritonBackend.largest_magnitude``) that is a launch of
+    ``kernels/magnitude.py`` (torch's two norms and a maximum before: three launches, in W1's profile of
+    2026-11-30 on an H200 67 us of their operators' host time and three of the nine launches' 78), beside
+    one launch for the whole fusion. ``small_fusion`` and ``small_attention`` load each input whole anyway,
+    and write it for a reduction and a store an input (their ``magnitudes``).
 
     The backend's fuse (or multi_head_attention) either hands the kernel ``kernel_buffer(xs, xt)`` (or
     ``kernel_buffer(xq, xk, xv)``) or, on any other route, calls
-    ``reduce()`` once the projections are queued: the GPU starts on them while the host queues the norms,
-    and the late read waits for the projections and the norms, not for the attention queued after.
+    ``reduce()`` once the projections are queued: the GPU starts on them while the host queues the
+    reduction, and the late read waits for the projections and the reduction, not for the attention queued
+    after.
     Called (once the work is queued: ``Batch.finish_checks``), it returns the magnitude, NaN if an input
     holds NaN. From the kernel's buffer that read waits for the kernel: on the one-launch route, at most
     ``TritonBackend.one_launch_flops`` of work.

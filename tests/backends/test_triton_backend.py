@@ -365,34 +365,39 @@ def test_small_multi_head_attentions_take_one_launch(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
-def test_one_launch_writes_the_inputs_magnitude():
+def test_one_launch_writes_the_inputs_magnitude(monkeypatch):
     """On the one-launch routes the kernels write the inputs' largest magnitude for the front end's check
-    (``KernelMagnitude``): W1, the seed's 2-D call and small multi-head attentions reduce nothing with
-    torch, and NaN or Inf anywhere, padding included, is still the ValueError that names the input.
-    Inputs cast to the compute dtype (the check is of the caller's values) and other routes reduce with
-    torch, once the projections are queued."""
+    (``KernelMagnitude``): W1, the seed's 2-D call and small multi-head attentions reduce nothing apart,
+    and NaN or Inf anywhere, padding included, is still the ValueError that names the input.
+    Inputs cast to the compute dtype (the check is of the caller's values) and other routes reduce apart,
+    once the projections are queued: in one launch of kernels/magnitude.py, or with torch's norms for
+    float64 inputs, which that kernel leaves to torch."""
     from torch.profiler import ProfilerActivity, profile
 
     ref, tri = models(64, 2)
+    backend = tri._backend
+    launches = []
+    matmul, largest = backend._matmul, backend.magnitude.largest_magnitudes
+    monkeypatch.setattr(backend, "_matmul", lambda a, b: launches.append("mm") or matmul(a, b))
+    monkeypatch.setattr(backend.magnitude, "largest_magnitudes", lambda *a: launches.append("magnitude") or largest(*a))
     rng = np.random.default_rng(13)
     seq, struct = rng.standard_normal((1, 10, 64)), rng.standard_normal((1, 10, 64))
     w1 = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq, struct)]
+    torch_reduction = {"aten::linalg_vector_norm", "aten::maximum"}
 
     def reductions(model, *inputs, **kwargs) -> set:
+        launches.clear()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model.fuse_representations(*inputs, **kwargs)
-        return {e.key for e in prof.key_averages()} & {"aten::linalg_vector_norm", "aten::maximum"}
+        found = {e.key for e in prof.key_averages()} & torch_reduction
+        return found | ({"kernels.magnitude"} if "magnitude" in launches else set())
 
-    torch_reduction = {"aten::linalg_vector_norm", "aten::maximum"}
     assert not reductions(tri, *w1, bidirectional=False, need_similarity=False)
     assert not reductions(tri, w1[0][0], w1[1][0])  # the seed's 2-D call: probabilities and similarities too
     assert reductions(tri, *(t.double() for t in w1)) == torch_reduction  # computed in float32
     longer = [t.repeat(1, 2, 1) for t in w1]  # 20 long: past float32's 16
-    assert reductions(tri, *longer) == torch_reduction
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        tri.fuse_representations(*longer)
-    order = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::linalg_vector_norm")]
-    assert order[:2] == ["aten::mm", "aten::mm"] and "aten::linalg_vector_norm" in order
+    assert reductions(tri, *longer) == {"kernels.magnitude"}
+    assert launches[:3] == ["mm", "mm", "magnitude"]  # after both projections
     lengths = {"sequential_lengths": np.array([4]), "structural_lengths": np.array([4])}
     want = ref.fuse_representations(seq, struct, **lengths)
     for position, value, name, what in (((0, 3, 0), np.nan, "sequential_repr", "NaN"),
@@ -406,10 +411,11 @@ def test_one_launch_writes_the_inputs_magnitude():
         close(clean["bidirectional_fusion"], want["bidirectional_fusion"], 1e-5)
     # multi_head_attention likewise, of its three inputs: the values' padding too, and values that are the keys.
     mha_lengths = {"query_lengths": np.array([10]), "key_lengths": np.array([3])}
+    launches.clear()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         tri.multi_head_attention(w1[0], w1[1], w1[1], **mha_lengths)
         tri.multi_head_attention(w1[0][0], w1[1][0], w1[0][0])
-    assert not {e.key for e in prof.key_averages()} & torch_reduction
+    assert not {e.key for e in prof.key_averages()} & torch_reduction and not launches
     for index, name in ((0, "query_seq"), (1, "key_seq"), (2, "value_seq")):
         bad = [w1[0], w1[1], w1[1].clone()]
         bad[index] = bad[index].clone()
@@ -528,6 +534,24 @@ def test_largest_magnitude_is_exact_and_flags_nan_and_inf():
     both = torch.ones(6, device=DEVICE)
     both[0], both[1] = float("inf"), float("nan")
     assert math.isnan(late_magnitude(backend, both))
+    # float64 values may pass float32's range: torch's norms reduce them, exactly, in float64.
+    wide = torch.full((3, 4), -1e300, dtype=torch.float64, device=DEVICE)
+    assert late_magnitude(backend, wide, huge) == 1e300 and backend.all_finite(wide)
+
+
+def test_the_inputs_magnitude_is_one_launch_for_up_to_three_arrays(monkeypatch):
+    """kernels/magnitude.py reduces up to three float32 and 16-bit arrays in one launch; float64 and a
+    fourth array go to torch's norms (the front end hands it at most three)."""
+    _, tri = models(8, 1)
+    backend = tri._backend
+    launches = []
+    largest = backend.magnitude.largest_magnitudes
+    monkeypatch.setattr(backend.magnitude, "largest_magnitudes", lambda *a: launches.append(len(a)) or largest(*a))
+    arrays = [torch.full((2, 3, 8), float(n), device=DEVICE) for n in (1, -5, 2)]
+    arrays[1] = arrays[1].half()
+    assert late_magnitude(backend, *arrays) == 5.0 and launches == [3]
+    assert late_magnitude(backend, *arrays, arrays[0]) == 5.0 and launches == [3]  # four: torch
+    assert late_magnitude(backend, arrays[0], arrays[0].double()) == 1.0 and launches == [3]
 
 
 def test_a_ragged_fusion_reads_from_the_device_once():

@@ -36,3 +36,21 @@ def test_the_time_to_the_first_launch_stops_there_and_needs_a_launch():
 def test_refuses_without_the_interpreter():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         host_path.measure(1)
+
+
+@pytest.mark.skipif(not interpreter_mode(), reason="launches made no-ops under Triton's interpreter")
+def test_a_launch_made_a_no_op_zeroes_the_magnitudes_the_front_end_reads():
+    import torch
+
+    from crossattn_gpu.kernels import magnitude, small_fusion
+
+    partials, magnitudes = torch.full((3,), float("nan")), torch.full((1, 2), float("nan"))
+    x = torch.ones(1, 2, 3)
+    host_path.no_launch(magnitude._magnitude_fwd)(x, x, x, partials, *[1] * 26, BLOCK_R=8, BLOCK_C=4)
+    assert partials.tolist() == [0.0] * 3
+    names = list(host_path.inspect.signature(small_fusion._small_fusion_fwd.fn).parameters)
+    args = [None] * names.index("Magnitudes") + [magnitudes]  # the launch reads no argument past it
+    host_path.no_launch(small_fusion._small_fusion_fwd)(*args, STORE_MAGNITUDE=False)
+    assert magnitudes.isnan().all()  # not asked for: left alone
+    host_path.no_launch(small_fusion._small_fusion_fwd)(*args, STORE_MAGNITUDE=True)
+    assert magnitudes.tolist() == [[0.0, 0.0]]
