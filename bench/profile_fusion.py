@@ -100,8 +100,7 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
     events = prof.key_averages()
     timeline = [(e.time_range.start, e.time_range.end) for e in prof.events()
                 if e.name == CALL_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
-    device_work = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_work = [(e.time_range.start, e.time_range.end) for e in prof.events() if _device_work(e)]
 
     def per_call(total):
         return total / PROFILED_CALLS
@@ -109,7 +108,7 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
     def device_us(evt):
         return getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
 
-    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in events if _device_work(e)]
     host_ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("cuda") or
                        e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
@@ -132,6 +131,15 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
         "device_timeline": device_timeline(timeline, device_work) if device_work else None,
     }
     return result
+
+
+def _device_work(event) -> bool:
+    """Whether a profiler event is work on the device (a kernel, copy or memset): not a host event, and not
+    the device's mirror of a ``record_function`` range (Kineto's GPU user annotation of ``CALL_RANGE``, which
+    spans the call's kernels and would count as one piece of work as long as all of them)."""
+    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and getattr(event, "key", getattr(event, "name", None)) != CALL_RANGE
+            and not getattr(event, "is_user_annotation", False))
 
 
 def _merged(intervals: list) -> list:

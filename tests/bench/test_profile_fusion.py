@@ -50,3 +50,15 @@ def test_the_device_timeline_splits_a_call_into_idle_before_idle_between_and_bus
     assert profile_fusion.device_timeline(calls, []) is None
     assert profile_fusion.device_timeline([(0.0, 1.0)], [(5.0, 6.0)]) == {
         "before_first_us": 5.0, "gaps_us": 0.0, "busy_us": 1.0, "past_return_us": 5.0}
+
+
+def test_device_work_is_kernels_copies_and_memsets_not_the_calls_annotation():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel = SimpleNamespace(name="_attention_fwd", device_type=cuda, is_user_annotation=False)
+    annotation = SimpleNamespace(name=profile_fusion.CALL_RANGE, device_type=cuda, is_user_annotation=True)
+    named_like_it = SimpleNamespace(key=profile_fusion.CALL_RANGE, device_type=cuda)  # key_averages' events
+    host = SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)
+    assert [profile_fusion._device_work(e) for e in (kernel, annotation, named_like_it, host)] == [
+        True, False, False, False]
