@@ -217,7 +217,9 @@ class TritonBackend(DeviceFusion):
         Up to three arrays of 16-bit or float32 values in one launch (``kernels/magnitude.py``: per-block
         maxima, their maximum taken by the caller, on the host after the read); else torch's infinity norm
         per array and a maximum per pair (0-d), whose NaN propagates through both reductions: float64
-        arrays (whose values may pass float32's range), ranks past 4."""
+        arrays (whose values may pass float32's range), ranks past 4. An array given twice (the keys as the
+        values, ``multi_head_attention(q, k, k)``) is read once."""
+        arrays = tuple({id(arr): arr for arr in arrays}.values())
         if self.magnitude.takes(arrays):
             return self.magnitude.largest_magnitudes(*arrays)
         torch = self.torch

@@ -540,8 +540,8 @@ def test_largest_magnitude_is_exact_and_flags_nan_and_inf():
 
 
 def test_the_inputs_magnitude_is_one_launch_for_up_to_three_arrays(monkeypatch):
-    """kernels/magnitude.py reduces up to three float32 and 16-bit arrays in one launch; float64 and a
-    fourth array go to torch's norms (the front end hands it at most three)."""
+    """kernels/magnitude.py reduces up to three float32 and 16-bit arrays in one launch, an array given
+    twice once; float64 and a fourth array go to torch's norms (the front end hands it at most three)."""
     _, tri = models(8, 1)
     backend = tri._backend
     launches = []
@@ -550,8 +550,14 @@ def test_the_inputs_magnitude_is_one_launch_for_up_to_three_arrays(monkeypatch):
     arrays = [torch.full((2, 3, 8), float(n), device=DEVICE) for n in (1, -5, 2)]
     arrays[1] = arrays[1].half()
     assert late_magnitude(backend, *arrays) == 5.0 and launches == [3]
-    assert late_magnitude(backend, *arrays, arrays[0]) == 5.0 and launches == [3]  # four: torch
+    assert late_magnitude(backend, *arrays, arrays[0].clone()) == 5.0 and launches == [3]  # four: torch
     assert late_magnitude(backend, arrays[0], arrays[0].double()) == 1.0 and launches == [3]
+    assert late_magnitude(backend, *arrays, arrays[1]) == 5.0 and launches == [3, 3]  # read once, four given
+    launches.clear()
+    tri.multi_head_attention(*(torch.ones(2, n, 8, device=DEVICE) for n in (20, 30)), arrays[0].new_ones(2, 30, 8))
+    key = torch.ones(2, 30, 8, device=DEVICE)
+    tri.multi_head_attention(torch.ones(2, 20, 8, device=DEVICE), key, key)  # the keys as values: read once
+    assert launches == [3, 2]
 
 
 def test_a_ragged_fusion_reads_from_the_device_once():
