@@ -197,7 +197,7 @@ def small_attention_variants() -> list:
 
 def magnitude_variants() -> list:
     """(label, kernel, dtype, constexprs, options) of the magnitude's reduction in each dtype, for rows of 5
-    (its narrowest blocks, 8 x 1024), 64 and at least 128 columns (its widest, 128 x 64)."""
+    (its narrowest blocks, 1024 rows x 8 columns), 64 and at least 128 columns (its widest, 64 x 128)."""
     found = []
     for cols, dtype in itertools.product((5, 64, 1280), ("fp32", "fp16", "bf16")):
         cfg = magnitude_module.launch_config(cols)
