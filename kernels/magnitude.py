@@ -80,12 +80,27 @@ def _magnitude_fwd(
     tl.store(Partials + pid, top.to(tl.float32, bitcast=True))
 
 
+def _refusal(arrays) -> Exception | None:
+    """The error ``largest_magnitudes`` raises for these arrays, or None when it takes them."""
+    if not 0 < len(arrays) <= MAX_ARRAYS:
+        return TypeError(f"largest_magnitudes takes 1 to {MAX_ARRAYS} arrays; got {len(arrays)}")
+    for index, x in enumerate(arrays):
+        if not isinstance(x, torch.Tensor):
+            return TypeError(f"array {index} must be a torch.Tensor; got {type(x).__name__}")
+        if x.dtype not in DTYPES:
+            return TypeError(f"array {index} must be float32, float16 or bfloat16; got {x.dtype}")
+        if not 1 <= x.ndim <= MAX_RANK or x.numel() == 0:
+            return ValueError(f"array {index} must have rank 1 to {MAX_RANK} and no empty axis; "
+                              f"got shape {tuple(x.shape)}")
+        if x.device != arrays[0].device:
+            return ValueError(f"array {index} is on {x.device} but array 0 is on {arrays[0].device}")
+    return None
+
+
 def takes(arrays) -> bool:
     """Whether ``largest_magnitudes`` takes these arrays: 1 to ``MAX_ARRAYS`` torch tensors on one device,
     each of rank 1 to ``MAX_RANK``, not empty, in float32, float16 or bfloat16."""
-    return (0 < len(arrays) <= MAX_ARRAYS and all(isinstance(x, torch.Tensor) for x in arrays)
-            and all(x.dtype in DTYPES and 1 <= x.ndim <= MAX_RANK and x.numel() > 0 for x in arrays)
-            and all(x.device == arrays[0].device for x in arrays))
+    return _refusal(arrays) is None
 
 
 def launch_config(cols: int) -> dict:
@@ -117,17 +132,9 @@ def largest_magnitudes(*arrays):
         TypeError for no arrays, more than 3, a non-tensor or another dtype; ValueError for a rank past
         1..4, an empty array, or arrays on different devices.
     """
-    if not 0 < len(arrays) <= MAX_ARRAYS:
-        raise TypeError(f"largest_magnitudes takes 1 to {MAX_ARRAYS} arrays; got {len(arrays)}")
-    for index, x in enumerate(arrays):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"array {index} must be a torch.Tensor; got {type(x).__name__}")
-        if x.dtype not in DTYPES:
-            raise TypeError(f"array {index} must be float32, float16 or bfloat16; got {x.dtype}")
-        if not 1 <= x.ndim <= MAX_RANK or x.numel() == 0:
-            raise ValueError(f"array {index} must have rank 1 to {MAX_RANK} and no empty axis; got shape {tuple(x.shape)}")
-        if x.device != arrays[0].device:
-            raise ValueError(f"array {index} is on {x.device} but array 0 is on {arrays[0].device}")
+    refusal = _refusal(arrays)
+    if refusal is not None:
+        raise refusal
     cfg = launch_config(max(x.shape[-1] for x in arrays))
     views = [_as_rows(x) for x in arrays]
     blocks = [triton.cdiv(view[0], cfg["BLOCK_R"]) for view in views]
