@@ -73,13 +73,13 @@ have_sanitizer=$(command -v compute-sanitizer)
 # The CUDA C kernel's racecheck first: the one check the CuPy issue still lacks. Then memcheck of the
 # heads' softmax (kernels/softmax_heads.py; its racecheck found 0 hazards on 2026-11-30) and of the
 # one-launch fusion and attention (kernels/small_fusion.py, kernels/small_attention.py, new on 2026-11-30
-# and not yet run on a GPU) and of the inputs' magnitude (kernels/magnitude.py, likewise), on every test
-# of their files.
+# and not yet run on a GPU), of the inputs' magnitude (kernels/magnitude.py, likewise) and of the
+# similarities' unit rows (kernels/unit_rows.py, likewise), on every test of their files.
 if [ -n "$have_sanitizer" ]; then
     sanitize racecheck attention_cuda
     sanitize memcheck softmax_heads softmax_heads_fwd "not bad_arguments"
     sanitize memcheck small_fusion,small_attention _small_ "not bad_arguments" 30
-    sanitize memcheck magnitude _magnitude_fwd "not errors" 15
+    sanitize memcheck magnitude,unit_rows _fwd "not errors and not bad_arguments" 20
 fi
 # The Triton compile test is CPU-only work that CI already does.
 step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/tests" --ignore="$repo/tests/conformance" \
@@ -88,7 +88,7 @@ step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/te
 # "--cases W2:float32 --precision tf32x3 --no-stages").
 # shellcheck disable=SC2086
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
-step profile 30 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
+step profile 35 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # Is one launch faster for every batch of small examples (kernels/small_fusion.py, small_attention.py), or
 # only for few?
 step small 40 "$py" -m bench.small_fusion --out "$work/results/small.json"
@@ -116,7 +116,7 @@ fi
 CROSSATTN_CONFORMANCE_SUMMARY="$work/results/conformance" CROSSATTN_HYPOTHESIS_EXAMPLES=15 \
     step conformance 80 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" "$repo/tests/conformance"
 # Last, as the least needed: fuse_collection's batches against a loop of calls (is call_flops' 5e10 right?).
-step collection 20 "$py" -m bench.collection --device gpu --backend triton --dtype bfloat16 --cases esm,short \
+step collection 10 "$py" -m bench.collection --device gpu --backend triton --dtype bfloat16 --cases esm,short \
     --join-flops 2e6,1e9
 
 # (Steps left out by STEPS left no log: grep's complaints about them are dropped.)

@@ -11,7 +11,9 @@ A backend supplies four building blocks on its own arrays, in the folded formula
 * ``_cosine_similarity(a, b)``: (B, La, Lb), zero rows giving 0.
 
 and may replace ``_project_pair(xs, xt, weights)``, both inputs' queries and values (two ``_project``
-calls here), to take them in one GEMM.
+calls here), to take them in one GEMM, and ``_input_similarity(x, lengths, fused)``, the similarities of
+x's rows (its padded rows zero) and the fused rows (``_zero_padded_rows`` and ``_cosine_similarity``
+here), to zero the padding on the way.
 
 A large batch may run in blocks of whole examples (every example is computed on its own either way):
 a backend that wants blocks returns more than one from ``_example_blocks`` and supplies
@@ -86,12 +88,16 @@ class FoldedFusion:
         seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
         struct_to_seq = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
-        similarity = self._cosine_similarity if need_similarity else None
+        similarity = self._input_similarity if need_similarity else None
         return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
+
+    def _input_similarity(self, x, lengths, fused):
+        """The cosine similarities (B, L, L) of x's rows, padded rows zero, and the fused rows."""
+        return self._cosine_similarity(self._zero_padded_rows(x, lengths, axis=1), fused)
 
     def _fusion_result(self, xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity) -> dict:
         """The fusion's outputs from its two directions' (output, probabilities), with the similarities
-        ``similarity(a, b)`` computes (None: none asked for)."""
+        ``similarity(x, lengths, fused)`` computes (as ``_input_similarity``; None: none asked for)."""
         (fused_s, probs_st), (fused_t, probs_ts) = seq_to_struct, struct_to_seq
         result = {
             "fused_sequential": fused_s,
@@ -101,8 +107,8 @@ class FoldedFusion:
         }
         if similarity is not None:
             # Padded input rows may hold anything; they must not show in the similarity.
-            result["seq_similarity"] = similarity(self._zero_padded_rows(xs, s_lengths, axis=1), fused_s)
-            result["struct_similarity"] = similarity(self._zero_padded_rows(xt, t_lengths, axis=1), fused_t)
+            result["seq_similarity"] = similarity(xs, s_lengths, fused_s)
+            result["struct_similarity"] = similarity(xt, t_lengths, fused_t)
         return result
 
     # --- blocks of examples ---------------------------------------------------------------------------

@@ -227,15 +227,16 @@ class OnnxBackend(NumpyBackend):
         similarity = self._similarity_graph(weights, xs.shape[-1]) if need_similarity else None
         return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
 
-    @staticmethod
-    def _similarity_graph(weights, width: int):
-        """``similarity(rows, fused)`` through ``build_similarity_model``'s graph, built once per weights."""
+    def _similarity_graph(self, weights, width: int):
+        """``similarity(x, lengths, fused)`` (``_fusion_result``'s) through ``build_similarity_model``'s
+        graph, built once per weights."""
         from ..export.onnx_export import build_similarity_model
 
         session = weights.session(("similarity",), lambda external: build_similarity_model(
             width, opset=OPSET, dtype=weights.dtype))
 
-        def similarity(rows, fused):
+        def similarity(x, lengths, fused):
+            rows = self._zero_padded_rows(x, lengths, axis=1)
             shape = (max(rows.shape[1], fused.shape[1]), width, 1)  # examples in slices on the CPU
             return session.run({"rows": rows, "fused": fused}, shape=shape, checked=True)["similarity"]
 

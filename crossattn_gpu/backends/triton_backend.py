@@ -64,9 +64,12 @@ class TritonBackend(DeviceFusion):
             )
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
-        from ..kernels import attention_two_pass, magnitude, projection, small_attention, small_fusion, softmax_heads
+        from ..kernels import (
+            attention_two_pass, magnitude, projection, small_attention, small_fusion, softmax_heads, unit_rows,
+        )
 
         self.kernel, self.projection, self.softmax_heads, self.magnitude = kernel, projection, softmax_heads, magnitude
+        self.unit_rows = unit_rows
         self.small_fusion, self.small_attention = small_fusion, small_attention
         self.two_pass = attention_two_pass
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
@@ -359,6 +362,12 @@ class TritonBackend(DeviceFusion):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
+
+    def _input_similarity(self, x, lengths, fused):
+        """Both sides' unit rows in one launch each (``kernels/unit_rows.py``, x's padded rows zero on the
+        way), where torch took twelve operators a side; their product in float32 as before."""
+        rows = self.unit_rows.unit_rows(x, lengths)
+        return self.torch.matmul(rows, self.unit_rows.unit_rows(fused).transpose(1, 2))
 
     def _in_one_launch(self, x, other, flops: float, need_similarity: bool = False) -> bool:
         """Whether a call on x (B, L, D) and other (B, L', D) runs in one launch (``small_fusion``,

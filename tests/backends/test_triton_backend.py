@@ -560,6 +560,35 @@ def test_the_inputs_magnitude_is_one_launch_for_up_to_three_arrays(monkeypatch):
     assert launches == [3, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_similarities_take_one_launch_a_side(monkeypatch, dtype):
+    """Off the one-launch route, each of the four sides of the similarities (both inputs, padded rows zero,
+    and both fused outputs) becomes unit rows in one launch of kernels/unit_rows.py, the inputs' lengths
+    taken by the kernel: no torch elementwise pass over the rows, and no `where` for the padding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref, tri = models(16, 2)
+    backend = tri._backend
+    calls = []
+    unit_rows = backend.unit_rows.unit_rows
+    monkeypatch.setattr(backend.unit_rows, "unit_rows",
+                        lambda x, lengths=None: calls.append(lengths is not None) or unit_rows(x, lengths))
+    rng = np.random.default_rng(5)
+    seq, struct = rng.standard_normal((3, 40, 16)), rng.standard_normal((3, 33, 16))  # past 16-bit's 32
+    lengths = dict(sequential_lengths=np.array([40, 7, 1]), structural_lengths=np.array([2, 33, 30]))
+    inputs = [torch.tensor(x, dtype=dtype, device=DEVICE) for x in (seq, struct)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = tri.fuse_representations(*inputs, bidirectional=False, **lengths)
+    assert calls == [True, False, True, False]
+    elementwise = {"aten::abs", "aten::div", "aten::sum", "aten::sqrt", "aten::where"}
+    assert not {e.key for e in prof.key_averages()} & elementwise
+    want = ref.fuse_representations(*(x.cpu().double().numpy() for x in inputs), bidirectional=False, **lengths)
+    for key in ("seq_similarity", "struct_similarity"):
+        close(got[key], want[key], 1e-5 if dtype == torch.float32 else 2e-3)
+        for b, n in enumerate(lengths["sequential_lengths" if key == "seq_similarity" else "structural_lengths"]):
+            assert torch.all(got[key][b, n:] == 0) and torch.all(got[key][b, :, n:] == 0)
+
+
 def test_a_ragged_fusion_reads_from_the_device_once():
     """Each read of a device value by the host is a synchronisation: the finiteness verdict of both
     inputs is read once, and the kernel launches take the front end's checked lengths on trust."""

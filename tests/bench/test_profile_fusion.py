@@ -15,15 +15,17 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert profile_fusion.main(["--smoke", "--out", str(out)]) == 0
     rows = {row["case"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["W1", "W1 (multi-launch)", "W5 (device lengths)", "W5 (host lengths)"]
+    assert list(rows) == ["W1", "W1 (multi-launch)", "W5 (device lengths)", "W5 (host lengths)",
+                          "W5 (host lengths) (similarities)"]
     waits = 1 if torch.cuda.is_available() else 0
     for name, row in rows.items():
         assert row["wall_ms"] > 0 and row["top_host_ops"] and row["top_host_ops"][0]["self_host_us"] > 0
         assert (row["device_timeline"] is not None) == torch.cuda.is_available()  # the CPU has no device work
         # Never a wait for the whole queue (the profile's own final synchronize is 1/5 a call).
         assert row["queue_drains"] < 1
-        # One projection GEMM per input, attention in the Triton kernels; W1 in one launch: none.
-        assert row["torch_gemms"] == (0 if name == "W1" else 2)
+        # One projection GEMM per input, attention in the Triton kernels; W1 in one launch: none. The
+        # similarities take two more GEMMs (their products).
+        assert row["torch_gemms"] == (0 if name == "W1" else 4 if name.endswith("(similarities)") else 2)
     # The front end reads one verdict on NaN and Inf for both inputs a call; on a GPU it waits on the
     # event after its copy. Lengths on the device add one verdict, read the same way; host ones none.
     for name in ("W1", "W1 (multi-launch)"):
@@ -31,6 +33,7 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     assert rows["W5 (device lengths)"]["host_reads_of_device_values"] == 2
     assert rows["W5 (device lengths)"]["event_waits"] == 2 * waits
     assert rows["W5 (host lengths)"]["host_reads_of_device_values"] == 1
+    assert rows["W5 (host lengths) (similarities)"]["host_reads_of_device_values"] == 1  # the similarities read nothing
     timed = dict(rows["W1"], device_timeline={"before_first_us": 1.0, "gaps_us": 2.0, "busy_us": 3.0,
                                               "past_return_us": -4.0})
     assert "| W1 | float32 | 1.0 | 2.0 | 3.0 | -4.0 |" in profile_fusion.markdown([timed])  # a GPU's table
