@@ -73,13 +73,14 @@ have_sanitizer=$(command -v compute-sanitizer)
 # The CUDA C kernel's racecheck first: the one check the CuPy issue still lacks. Then memcheck of the
 # heads' softmax (kernels/softmax_heads.py; its racecheck found 0 hazards on 2026-11-30) and of the
 # one-launch fusion and attention (kernels/small_fusion.py, kernels/small_attention.py, new on 2026-11-30
-# and not yet run on a GPU), of the inputs' magnitude (kernels/magnitude.py, likewise) and of the
-# similarities' unit rows (kernels/unit_rows.py, likewise), on every test of their files.
+# and not yet run on a GPU), of the inputs' magnitude (kernels/magnitude.py, likewise), of the
+# similarities' unit rows (kernels/unit_rows.py, likewise) and of the probabilities (kernels/probabilities.py
+# with the two-pass operator's first pass, likewise), on every test of their files.
 if [ -n "$have_sanitizer" ]; then
     sanitize racecheck attention_cuda
     sanitize memcheck softmax_heads softmax_heads_fwd "not bad_arguments"
     sanitize memcheck small_fusion,small_attention _small_ "not bad_arguments" 30
-    sanitize memcheck magnitude,unit_rows _fwd "not errors and not bad_arguments" 20
+    sanitize memcheck magnitude,unit_rows,probabilities _fwd "not errors and not bad_arguments" 25
 fi
 # The Triton compile test is CPU-only work that CI already does.
 step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/tests" --ignore="$repo/tests/conformance" \
@@ -88,7 +89,7 @@ step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/te
 # "--cases W2:float32 --precision tf32x3 --no-stages").
 # shellcheck disable=SC2086
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
-step profile 35 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
+step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # Is one launch faster for every batch of small examples (kernels/small_fusion.py, small_attention.py), or
 # only for few?
 step small 40 "$py" -m bench.small_fusion --out "$work/results/small.json"
@@ -98,7 +99,7 @@ step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 20 "$py" -m bench.huge_batch
 # shellcheck disable=SC2086
-step sweep 25 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
+step sweep 15 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.

@@ -3,8 +3,9 @@
 The Triton backend's ``fuse_representations`` as the harness calls it (device arrays in, no
 similarities), on W1 (latency; in one launch, ``kernels/small_fusion.py``, and through the multi-launch
 path beside it), W2 (bfloat16; also with the similarities, which the call's defaults ask for:
-``kernels/unit_rows.py``) and W5 (ragged, bfloat16; its lengths on the device, as the harness passes
-them, and on the host, as ``fuse_collection`` does), under ``torch.profiler``.
+``kernels/unit_rows.py``, and with the probabilities: ``kernels/probabilities.py``) and W5 (ragged,
+bfloat16; its lengths on the device, as the harness passes them, and on the host, as ``fuse_collection``
+does), under ``torch.profiler``.
 Per call: the wall time, the device's kernel time, kernel launches, reads of device values by the host
 (``aten::_local_scalar_dense``), the waits among them that drain the GPU's queue and those that wait on
 an event only (the late finiteness verdict), host-device copies, torch's GEMMs, and
@@ -33,15 +34,17 @@ from crossattn_gpu import CrossAttention
 from .workloads import WORKLOADS
 
 #: (workload, dtype, where ragged lengths are: "device" or "host", whether small examples take one launch,
-#: whether the call asks for the similarities).
-CASES = [("W1", "float32", "device", True, False), ("W1", "float32", "device", False, False),
-         ("W2", "bfloat16", "device", True, False), ("W2", "bfloat16", "device", True, True),
-         ("W5", "bfloat16", "device", True, False), ("W5", "bfloat16", "host", True, False)]
+#: what else the call asks for: "", "similarities" or "probabilities").
+CASES = [("W1", "float32", "device", True, ""), ("W1", "float32", "device", False, ""),
+         ("W2", "bfloat16", "device", True, ""), ("W2", "bfloat16", "device", True, "similarities"),
+         ("W2", "bfloat16", "device", True, "probabilities"),
+         ("W5", "bfloat16", "device", True, ""), ("W5", "bfloat16", "host", True, "")]
 #: The smoke run's (tests, under the interpreter): W1 both ways, and W5 cut to a size the interpreter runs
-#: quickly, still too long for the one launch in float32 (past 16), as W5 is, with and without similarities.
-SMOKE_CASES = [("W1", "float32", "device", True, False), ("W1", "float32", "device", False, False),
-               ("W5", "float32", "device", True, False), ("W5", "float32", "host", True, False),
-               ("W5", "float32", "host", True, True)]
+#: quickly, still too long for the one launch in float32 (past 16), as W5 is, also with the similarities
+#: and with the probabilities.
+SMOKE_CASES = [("W1", "float32", "device", True, ""), ("W1", "float32", "device", False, ""),
+               ("W5", "float32", "device", True, ""), ("W5", "float32", "host", True, ""),
+               ("W5", "float32", "host", True, "similarities"), ("W5", "float32", "host", True, "probabilities")]
 SMOKE_W5 = dict(batch=2, len_s=20, len_t=20, width=16, ragged=(5, 20))
 PROFILED_CALLS = 5
 TOP_OPS = 12
@@ -53,13 +56,14 @@ DRAIN_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 CALL_RANGE = "profiled fusion call"
 
 
-def _inputs(workload, dtype, device, lengths_on: str, similarities: bool):
+def _inputs(workload, dtype, device, lengths_on: str, asks: str):
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape_s = (workload.batch, workload.len_s, workload.width)
     shape_t = (workload.batch, workload.len_t, workload.width)
     xs = torch.randn(shape_s, generator=gen).to(device=device, dtype=dtype)
     xt = torch.randn(shape_t, generator=gen).to(device=device, dtype=dtype)
-    kwargs = dict(need_similarity=similarities, bidirectional=False)
+    kwargs = dict(need_similarity=asks == "similarities", need_weights=asks == "probabilities",
+                  bidirectional=False)
     lengths = workload.lengths()
     if lengths is not None:
         if lengths_on == "device":
@@ -73,16 +77,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, similarities: bool, device: str,
+def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, asks: str, device: str,
                  **changes) -> dict:
     """One case's row; ``one_launch`` False: small examples take the multi-launch path (the backend's
-    ``one_launch_flops`` 0); ``similarities``: the call asks for them; ``changes``: fields of the workload
-    replaced (the smoke run's sizes)."""
+    ``one_launch_flops`` 0); ``asks``: "similarities" or "probabilities" when the call asks for them;
+    ``changes``: fields of the workload replaced (the smoke run's sizes)."""
     workload = dataclasses.replace(WORKLOADS[name], **changes)
     model = CrossAttention(workload.width, workload.heads, seed=0, backend="triton")
     if not one_launch:
         model._backend.one_launch_flops = 0  # the model's own backend instance
-    xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device, lengths_on, similarities)
+    xs, xt, kwargs = _inputs(workload, getattr(torch, dtype_name), device, lengths_on, asks)
 
     def call():
         return model.fuse_representations(xs, xt, **kwargs)
@@ -119,7 +123,7 @@ def profile_case(name: str, dtype_name: str, lengths_on: str, one_launch: bool, 
                        e.key.startswith("cu")), key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
         "case": (name + (f" ({lengths_on} lengths)" if workload.ragged else "")
-                 + ("" if one_launch else " (multi-launch)") + (" (similarities)" if similarities else "")),
+                 + ("" if one_launch else " (multi-launch)") + (f" ({asks})" if asks else "")),
         "dtype": dtype_name,
         "device": device,
         "wall_ms": statistics.median(walls) * 1e3,

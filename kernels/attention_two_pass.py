@@ -249,6 +249,39 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     }
 
 
+def scores_pass(q, k, masked, k_lengths, q_lengths, rows_b: slice, scores, row_max, row_inv_sum, lse, scale: float,
+                cfg: dict, wide: bool) -> None:
+    """Launch pass 1 on the examples ``rows_b`` of checked q (B, H, Lq, Dk) and k (B, Hk, Lk, Dk), mask
+    and lengths (``checked_mask_and_lengths``): their scaled, masked scores in base 2 into ``scores``
+    (examples x H x rows x cols, float32, padded to whole blocks of ``cfg``), each row's maximum and
+    1 / sum into ``row_max`` and ``row_inv_sum`` (examples x H x rows), and the lse into ``lse[rows_b]``
+    unless it is None. Keys past a length score -inf in the last block they reach; later blocks, and the
+    query blocks wholly past a query length, are not written."""
+    heads, len_q, dim_k = q.shape[1:]
+    len_k = k.shape[2]
+    block_m, block_n, block_dk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"]
+    rows, cols = scores.shape[2:]
+    # Absent mask and lengths pass a valid pointer (q) that HAS_MASK / HAS_KLEN / HAS_QLEN = False never reads.
+    mask_arg = q if masked is None else (masked if masked.shape[0] == 1 else masked[rows_b])
+    _attention_fwd_scores[((rows_b.stop - rows_b.start) * heads, rows // block_m)](
+        q[rows_b], k[rows_b], mask_arg, q if k_lengths is None else k_lengths[rows_b],
+        q if q_lengths is None else q_lengths[rows_b], scores, row_max, row_inv_sum,
+        row_max if lse is None else lse[rows_b],  # a valid pointer that STORE_LSE=False never writes
+        *q.stride(),
+        k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
+        *mask_strides(masked),
+        cols,
+        heads, len_q, len_k, dim_k, rows,
+        float(scale) * contract.LOG2E,
+        contract.MASK_FILL * contract.LOG2E,
+        HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None, HAS_QLEN=q_lengths is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+        EVEN_M=len_q % block_m == 0, EVEN_N=len_k % block_n == 0 and k_lengths is None,
+        EVEN_DK=dim_k % block_dk == 0, INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=lse is not None,
+        WIDE_OFFSETS=wide, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=None, out_dtype=None,
                        sum_heads: bool = False, precision: str = "ieee", config: dict | None = None,
                        lengths_checked: bool = False, need_lse: bool = True):
@@ -285,7 +318,7 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, q_
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     masked, k_lengths, q_lengths = checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims, lengths_checked)
     cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
-    block_m, block_n, block_dk, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"], cfg["BLOCK_DV"]
+    block_m, block_n, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)  # pass 1's grid
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     blocks_m, blocks_dv = cdiv(len_q, block_m), cdiv(dim_v, block_dv)
@@ -313,25 +346,10 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, q_
     for first in range(0, batch, step):
         rows_b = slice(first, min(batch, first + step))
         count = rows_b.stop - first
-        # Absent mask and lengths pass a valid pointer (q) that HAS_MASK / HAS_KLEN / HAS_QLEN = False never reads.
-        mask_arg = q if masked is None else (masked if masked.shape[0] == 1 else masked[rows_b])
+        scores_pass(q, k, masked, k_lengths, q_lengths, rows_b, scores, row_max, row_inv_sum, lse, scale, cfg, wide)
+        # Absent lengths pass a valid pointer (q) that HAS_KLEN / HAS_QLEN = False never reads.
         lengths_arg = q if k_lengths is None else k_lengths[rows_b]
         q_lengths_arg = q if q_lengths is None else q_lengths[rows_b]
-        _attention_fwd_scores[(count * heads, blocks_m)](
-            q[rows_b], k[rows_b], mask_arg, lengths_arg, q_lengths_arg, scores, row_max, row_inv_sum,
-            row_max if lse is None else lse[rows_b],  # a valid pointer that STORE_LSE=False never writes
-            *q.stride(),
-            k.stride(0), 0 if k.shape[1] == 1 else k.stride(1), k.stride(2), k.stride(3),
-            *mask_strides(masked),
-            cols,
-            heads, len_q, len_k, dim_k, rows,
-            float(scale) * contract.LOG2E,
-            contract.MASK_FILL * contract.LOG2E,
-            HAS_MASK=masked is not None, HAS_KLEN=k_lengths is not None, HAS_QLEN=q_lengths is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
-            EVEN_M=len_q % block_m == 0, EVEN_N=even_n, EVEN_DK=dim_k % block_dk == 0,
-            INPUT_PRECISION=cfg["INPUT_PRECISION"], STORE_LSE=need_lse, WIDE_OFFSETS=wide, **launch,
-        )
         _attention_fwd_probs_values[(programs_per_example * count,)](
             scores, row_max, row_inv_sum, v[rows_b], lengths_arg, q_lengths_arg, out[rows_b],
             v.stride(0), 0 if v.shape[1] == 1 else v.stride(1), v.stride(2), v.stride(3),

@@ -56,6 +56,8 @@ class DeviceFusion(FoldedFusion):
     #: Whether ``kernel.attention`` takes ``q_lengths`` (writes the rows past them as zeros and skips the
     #: query blocks wholly past them); else the rows are zeroed after it.
     kernel_takes_query_lengths = False
+    #: Whether ``_probabilities`` rebuilds them from the kernel's lse (so the kernel computes it).
+    probabilities_need_lse = True
     #: A call's fixed cost in FLOPs of fusion work (``ragged.length_batches``): W1 took 0.64 ms on an
     #: H200 (Triton, 2026-11-28), where the fusion's GEMMs run at tens (float32) to hundreds (16-bit) of
     #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
@@ -102,7 +104,7 @@ class DeviceFusion(FoldedFusion):
 
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
         """The kernel (the heads' outputs, or their sum), its rows at or past ``q_lengths`` zero, plus the
-        probabilities rebuilt from its log-sum-exp when asked (their rows past ``q_lengths`` undefined)."""
+        probabilities when asked (``_probabilities``; their rows past ``q_lengths`` zero too)."""
         xp = self.xp
         if masked is not None:
             masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
@@ -110,24 +112,29 @@ class DeviceFusion(FoldedFusion):
         in_kernel = {"q_lengths": q_lengths} if self.kernel_takes_query_lengths else {}
         # The lse serves only to rebuild the probabilities: without them the kernel neither computes
         # nor allocates it (W4: 0.25 MiB, the fusion's whole excess over torch SDPA's peak memory).
+        need_lse = need_weights and self.probabilities_need_lse
         out, lse = self.kernel.attention(q, k, v, scale=scale, masked=masked, k_lengths=lengths, sum_heads=sum_heads,
-                                         lengths_checked=True, need_lse=need_weights, **in_kernel,
+                                         lengths_checked=True, need_lse=need_lse, **in_kernel,
                                          **self._kernel_options())
         if not in_kernel:
             out = self._zero_padded_rows(out, q_lengths, axis=out.ndim - 2)
-        probs = None
-        if need_weights:
-            scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
-            if masked is not None:
-                scores = xp.where(masked[:, None], self.kernel.MASK_FILL, scores)
-            if lengths is not None:
-                key_pad = self._positions(k.shape[2])[None, :] >= lengths[:, None]
-                scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
-            probs = xp.exp(scores - lse[..., None])
-            # Renormalising costs little and mends fully masked rows, whose lse (about -1e9) float32
-            # cannot hold to the precision that exp(scores - lse) needs.
-            probs = self.cast(probs / probs.sum(-1)[..., None], q.dtype)
+        probs = self._probabilities(q, k, lse, scale, masked, lengths, q_lengths) if need_weights else None
         return out, probs
+
+    def _probabilities(self, q, k, lse, scale, masked, k_lengths, q_lengths):
+        """The attention probabilities (B, H, Lq, Lk) in q's dtype, rows past ``q_lengths`` zero, rebuilt
+        from the kernel's lse."""
+        xp = self.xp
+        scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
+        if masked is not None:
+            scores = xp.where(masked[:, None], self.kernel.MASK_FILL, scores)
+        if k_lengths is not None:
+            key_pad = self._positions(k.shape[2])[None, :] >= k_lengths[:, None]
+            scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
+        probs = xp.exp(scores - lse[..., None])
+        # Renormalising costs little and mends fully masked rows, whose lse (about -1e9) float32
+        # cannot hold to the precision that exp(scores - lse) needs.
+        return self._zero_padded_rows(self.cast(probs / probs.sum(-1)[..., None], q.dtype), q_lengths, axis=2)
 
     def _kernel_options(self) -> dict:
         """Keyword arguments for ``kernel.attention`` beyond the contract's (none here)."""
@@ -144,13 +151,10 @@ class DeviceFusion(FoldedFusion):
         return list(self.xp.moveaxis(flat, (2, 3), (0, 2)))  # (B, H, L, D) views, in two ops not 2 per part
 
     def _attend(self, q_folded, x_keys, v_folded, masked, q_lengths, k_lengths, need_weights):
-        head_sum, probs = self._attention(
+        return self._attention(
             q_folded, x_keys[:, None], v_folded, scale=1.0, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
             need_weights=need_weights, sum_heads=True,
         )
-        if probs is not None:
-            probs = self._zero_padded_rows(probs, q_lengths, axis=2)
-        return head_sum, probs
 
     def _cosine_similarity(self, a, b):
         """(B, La, D) x (B, Lb, D) -> (B, La, Lb) in float32; a zero row gives 0, never NaN.
@@ -184,7 +188,4 @@ class DeviceFusion(FoldedFusion):
             q[:, None], k[:, None], v[:, None], scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
             need_weights=need_weights,
         )
-        out = out[:, 0]
-        if probs is not None:
-            probs = self._zero_padded_rows(probs[:, 0], q_lengths, axis=1)
-        return out, probs
+        return out[:, 0], None if probs is None else probs[:, 0]

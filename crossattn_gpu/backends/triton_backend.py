@@ -38,6 +38,7 @@ class TritonBackend(DeviceFusion):
 
     name = "triton"
     kernel_takes_query_lengths = True
+    probabilities_need_lse = False  # kernels/probabilities.py keeps each row's maximum and sum instead
     #: Fusions and multi-head attentions of small examples run in one launch (``kernels/small_fusion.py``,
     #: ``kernels/small_attention.py``) up to this many FLOPs (their ``flops``): where the multi-launch
     #: path's fixed cost (W1 on an H200: 0.367 ms, of which 0.031 kernels) outweighs the arithmetic even at
@@ -65,11 +66,12 @@ class TritonBackend(DeviceFusion):
         # Imported late: TRITON_INTERPRET is read at import.
         from ..kernels import attention as kernel
         from ..kernels import (
-            attention_two_pass, magnitude, projection, small_attention, small_fusion, softmax_heads, unit_rows,
+            attention_two_pass, magnitude, probabilities, projection, small_attention, small_fusion, softmax_heads,
+            unit_rows,
         )
 
         self.kernel, self.projection, self.softmax_heads, self.magnitude = kernel, projection, softmax_heads, magnitude
-        self.unit_rows = unit_rows
+        self.unit_rows, self.probabilities = unit_rows, probabilities
         self.small_fusion, self.small_attention = small_fusion, small_attention
         self.two_pass = attention_two_pass
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
@@ -362,6 +364,14 @@ class TritonBackend(DeviceFusion):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
+
+    def _probabilities(self, q, k, lse, scale, masked, k_lengths, q_lengths):
+        """In two launches (``kernels/probabilities.py``: the scores in float32 with each row's maximum and
+        sum, then the probabilities written once in q's dtype, rows past ``q_lengths`` zero), where torch
+        took about eight passes over the (B, H, Lq, Lk) scores in float32; no lse needed."""
+        return self.probabilities.probabilities(q, k, scale=scale, masked=masked, k_lengths=k_lengths,
+                                                q_lengths=q_lengths, precision=self.float32_precision,
+                                                lengths_checked=True)
 
     def _input_similarity(self, x, lengths, fused):
         """Both sides' unit rows in one launch each (``kernels/unit_rows.py``, x's padded rows zero on the

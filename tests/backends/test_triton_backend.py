@@ -132,23 +132,30 @@ def test_float32_precision_reaches_projections_and_kernel():
     assert half.dtype == torch.float16
 
 
-def test_the_kernel_computes_the_lse_only_for_probabilities(monkeypatch):
-    """The lse rebuilds the probabilities; a fusion without them asks the kernel for none (W4: its
-    0.25 MiB were the fusion's whole excess over torch SDPA's peak memory)."""
+def test_probabilities_come_from_their_own_kernel_and_the_attention_computes_no_lse(monkeypatch):
+    """The probabilities, when asked, come from kernels/probabilities.py (its own row maximum and sum),
+    one call a direction, so the attention kernel never computes an lse (W4: its 0.25 MiB were the
+    fusion's whole excess over torch SDPA's peak memory); a fused kernel's direction is one call."""
     ref, tri = models(8, 2)
-    monkeypatch.setattr(tri._backend, "one_launch_flops", 0)  # these examples would take it
-    asked = []
-    kernel = tri._backend.kernel
-    original = kernel.attention
-    monkeypatch.setattr(kernel, "attention", lambda *a, **kw: asked.append(kw["need_lse"]) or original(*a, **kw))
+    backend = tri._backend
+    monkeypatch.setattr(backend, "one_launch_flops", 0)  # these examples would take it
+    asked, rebuilt = [], []
+    kernel, probabilities = backend.kernel.attention, backend.probabilities.probabilities
+    monkeypatch.setattr(backend.kernel, "attention", lambda *a, **kw: asked.append(kw["need_lse"]) or kernel(*a, **kw))
+    monkeypatch.setattr(backend.probabilities, "probabilities",
+                        lambda *a, **kw: rebuilt.append(kw["q_lengths"] is not None) or probabilities(*a, **kw))
     rng = np.random.default_rng(4)
     # float16: unmasked float32 fusions without probabilities do not reach the kernels (they take SDPA).
     seq, struct = rng.standard_normal((2, 5, 8)).astype(np.float16), rng.standard_normal((2, 6, 8)).astype(np.float16)
+    lengths = dict(sequential_lengths=np.array([5, 2]), structural_lengths=np.array([1, 6]))
     for need_weights in (False, True):
-        got = tri.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
-        want = ref.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights)
+        got = tri.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights, **lengths)
+        want = ref.fuse_representations(seq, struct, bidirectional=False, need_weights=need_weights, **lengths)
         close(got["fused_sequential"], want["fused_sequential"], 2e-3)
-    assert asked == [False, False, True, True]
+    assert asked == [False] * 4 and rebuilt == [True, True]
+    for key in ("attention_weights_seq_to_struct", "attention_weights_struct_to_seq"):
+        for head in range(2):
+            close(got[key][head], want[key][head], 2e-3)
 
 
 def test_batches_past_the_memory_bound_run_in_blocks(monkeypatch):

@@ -16,7 +16,7 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     assert profile_fusion.main(["--smoke", "--out", str(out)]) == 0
     rows = {row["case"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["W1", "W1 (multi-launch)", "W5 (device lengths)", "W5 (host lengths)",
-                          "W5 (host lengths) (similarities)"]
+                          "W5 (host lengths) (similarities)", "W5 (host lengths) (probabilities)"]
     waits = 1 if torch.cuda.is_available() else 0
     for name, row in rows.items():
         assert row["wall_ms"] > 0 and row["top_host_ops"] and row["top_host_ops"][0]["self_host_us"] > 0
@@ -33,7 +33,8 @@ def test_smoke_profile_counts_host_reads_and_writes_json(tmp_path, capsys):
     assert rows["W5 (device lengths)"]["host_reads_of_device_values"] == 2
     assert rows["W5 (device lengths)"]["event_waits"] == 2 * waits
     assert rows["W5 (host lengths)"]["host_reads_of_device_values"] == 1
-    assert rows["W5 (host lengths) (similarities)"]["host_reads_of_device_values"] == 1  # the similarities read nothing
+    for asks in ("similarities", "probabilities"):  # they read nothing more from the device
+        assert rows[f"W5 (host lengths) ({asks})"]["host_reads_of_device_values"] == 1
     timed = dict(rows["W1"], device_timeline={"before_first_us": 1.0, "gaps_us": 2.0, "busy_us": 3.0,
                                               "past_return_us": -4.0})
     assert "| W1 | float32 | 1.0 | 2.0 | 3.0 | -4.0 |" in profile_fusion.markdown([timed])  # a GPU's table

@@ -1,7 +1,7 @@
 """Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
 passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax, kernels/small_fusion.py's
 one-launch fusion, kernels/small_attention.py's one-launch attention, kernels/magnitude.py's
-reduction and kernels/unit_rows.py's rows) with Triton's real
+reduction, kernels/unit_rows.py's rows and kernels/probabilities.py's normalisation) with Triton's real
 compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
 launcher picks for a shape of every kind, with and without mask and both lengths, and check that each fits
 the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
@@ -10,7 +10,7 @@ chip this project runs on, Triton's own ptxas also reports each variant's regist
 projection GEMM's and the softmax's configurations were chosen to spill nothing there (255 registers
 in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32), and the
 one-launch fusion's longest sequences by dtype likewise (``small_fusion.MAX_BLOCK_L``, which the
-one-launch attention shares), and the magnitude's and the unit rows' blocks; a spill of
+one-launch attention shares), and the magnitude's, the unit rows' and the probabilities' blocks; a spill of
 theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
 float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
 H200, so their spills are only reported.
@@ -34,6 +34,7 @@ from triton.compiler import ASTSource
 from crossattn_gpu.kernels import attention as kernel_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import magnitude as magnitude_module
+from crossattn_gpu.kernels import probabilities as probabilities_module
 from crossattn_gpu.kernels import projection as projection_module
 from crossattn_gpu.kernels import small_attention as small_attention_module
 from crossattn_gpu.kernels import small_fusion as small_fusion_module
@@ -45,7 +46,7 @@ POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen"
                  "TLen": "*i32", "SimS": "*fp32", "SimT": "*fp32", "Magnitudes": "*fp32", "Partials": "*fp32",
                  "Lengths": "*i32", "Units": "*fp32"}
 SCALARS = {"rows": "i32", "cols": "i32", "length": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
-           "rows_padded": "i32", "blocks_m": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
+           "rows_padded": "i32", "blocks_m": "i32", "blocks_n": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
            "scale_log2": "fp32", "len_s": "i32", "len_t": "i32", "dim": "i32", "blocks_0": "i32", "blocks_01": "i32",
            **{f"{name}_{index}": "i32" for name in ("rows", "cols") for index in range(3)},
            **{f"size_{index}{axis}": "i32" for index in range(3) for axis in (1, 2)}}
@@ -220,6 +221,15 @@ def unit_rows_variants() -> list:
     return found
 
 
+def probabilities_variants() -> list:
+    """(label, kernel, dtype, constexprs, options) of the probabilities' normalisation in each output dtype,
+    with both lengths, in the two-pass operator's blocks for W2's shape (128 x 64, 8 warps), which it takes."""
+    cfg = two_pass_module.launch_config(256, 256, 128, 128, 2)
+    return [(f"{dtype} W2 lengths", probabilities_module._probabilities_fwd, dtype,
+             {"HAS_KLEN": True, "HAS_QLEN": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]},
+             {"num_warps": cfg["num_warps"]}) for dtype in ("fp32", "fp16", "bf16")]
+
+
 def variants() -> list:
     """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
     found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
@@ -228,8 +238,8 @@ def variants() -> list:
               for (label, fn, dtype, constexprs, options), arch in itertools.product(softmax_variants(), [80, 90])]
     found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
               for (label, fn, dtype, constexprs, options), arch in itertools.product(
-                  small_fusion_variants() + small_attention_variants() + magnitude_variants() + unit_rows_variants(),
-                  [80, 90])]
+                  small_fusion_variants() + small_attention_variants() + magnitude_variants() + unit_rows_variants()
+                  + probabilities_variants(), [80, 90])]
     plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
     runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
         plans, DTYPES, [80, 90], [False, True])]

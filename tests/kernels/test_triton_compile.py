@@ -27,5 +27,6 @@ def test_every_variant_compiles_for_ampere_and_hopper():
     # projection: 2 shapes x 2 precisions x 2 archs; softmax: 3 shapes x 3 dtypes x 2 archs; one-launch
     # fusion: (W1 + 5 dtype/precisions + 2 16-bit dtypes without similarities) x 2 archs; one-launch
     # attention: 5 dtype/precisions x 2 archs; magnitude and unit rows: 3 widths x 3 dtypes x 2 archs each;
-    # 64-bit offsets: fused 3 shapes x 2 dtypes, two-pass 2 kernels x 2 dtypes, sm_90 only
-    assert "".join(outputs).count("ok ") == 100 + 80 + 8 + 18 + 16 + 10 + 18 + 18 + 6 + 4
+    # probabilities: 3 dtypes x 2 archs; 64-bit offsets: fused 3 shapes x 2 dtypes, two-pass 2 kernels x 2
+    # dtypes, sm_90 only
+    assert "".join(outputs).count("ok ") == 100 + 80 + 8 + 18 + 16 + 10 + 18 + 18 + 6 + 6 + 4
