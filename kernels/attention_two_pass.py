@@ -256,7 +256,8 @@ def scores_pass(q, k, masked, k_lengths, q_lengths, rows_b: slice, scores, row_m
     (examples x H x rows x cols, float32, padded to whole blocks of ``cfg``), each row's maximum and
     1 / sum into ``row_max`` and ``row_inv_sum`` (examples x H x rows), and the lse into ``lse[rows_b]``
     unless it is None. Keys past a length score -inf in the last block they reach; later blocks, and the
-    query blocks wholly past a query length, are not written."""
+    query blocks wholly past a query length, are not written. Also the first pass of
+    ``kernels/probabilities.py``."""
     heads, len_q, dim_k = q.shape[1:]
     len_k = k.shape[2]
     block_m, block_n, block_dk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DK"]

@@ -16,8 +16,7 @@ from crossattn_gpu.kernels.unit_rows import MAX_BLOCK_C, launch_config, unit_row
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-DEVICE = "cpu" if interpreter_mode() else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if interpreter_mode() else [torch.bfloat16])
+from attention_check import DEVICE, DTYPES  # noqa: E402
 
 
 def drawn(shape, dtype, seed: int, scale: float = 1.0):
