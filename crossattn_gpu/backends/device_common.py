@@ -6,7 +6,8 @@ a GPU can run, executes the same code that the Triton backend's interpreter test
 It uses the folded weights of ``crossattn_gpu.folding``: one GEMM per input gives every head's queries
 and values, the raw inputs are the keys of every head (a head stride of 0 in the kernel), and the
 output is the sum of the heads' outputs, which the kernel takes in float32 (``sum_heads``). The
-attention probabilities, when asked, are rebuilt from the kernel's log-sum-exp.
+attention probabilities, when asked, are rebuilt from the kernel's log-sum-exp (``_probabilities``;
+the Triton backend writes them in kernels of their own instead).
 
 A subclass provides the array module ``xp`` (``torch`` or ``cupy``: only functions both share are
 used), ``float32``, ``cast``, ``_positions``, ``_device_lengths`` and ``kernel`` (a module with
