@@ -66,8 +66,8 @@ def check(batch, heads, heads_k, len_q, len_k, dim, dtype, mask=False, ragged=Fa
     err = np.abs(got - want).max()
     if dtype == torch.float32:
         assert err <= 1e-6
-    else:  # 16 bits: within twice plain torch's error, and the rounding of a probability near 1
-        assert err <= max(2 * np.abs(yardstick - want).max(), 2 * torch.finfo(dtype).eps)
+    else:  # 16 bits: within twice plain torch's error
+        assert err <= 2 * np.abs(yardstick - want).max()
     if mask:  # the fully masked rows are uniform over the keys within the length
         for b in range(batch):
             n = len_k if k_lengths is None else int(k_lengths[b])
