@@ -107,8 +107,8 @@ class DeviceFusion(FoldedFusion):
         """The kernel (the heads' outputs, or their sum), its rows at or past ``q_lengths`` zero, plus the
         probabilities when asked (``_probabilities``; their rows past ``q_lengths`` zero too)."""
         xp = self.xp
-        if masked is not None:
-            masked = xp.broadcast_to(masked, (masked.shape[0], q.shape[2], k.shape[2]))
+        if masked is not None:  # in the kernels' uint8 once, for the attention and the probabilities both
+            masked = xp.broadcast_to(self.cast(masked, xp.uint8), (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
         in_kernel = {"q_lengths": q_lengths} if self.kernel_takes_query_lengths else {}
         # The lse serves only to rebuild the probabilities: without them the kernel neither computes
@@ -128,7 +128,7 @@ class DeviceFusion(FoldedFusion):
         xp = self.xp
         scores = xp.matmul(self.cast(q, self.float32), self.cast(k, self.float32).swapaxes(-1, -2)) * scale
         if masked is not None:
-            scores = xp.where(masked[:, None], self.kernel.MASK_FILL, scores)
+            scores = xp.where(masked[:, None] != 0, self.kernel.MASK_FILL, scores)
         if k_lengths is not None:
             key_pad = self._positions(k.shape[2])[None, :] >= k_lengths[:, None]
             scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
