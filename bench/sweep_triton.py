@@ -46,8 +46,11 @@ SMOKE_CASES = [("tiny", 2, 2, 40, 24, "float32"), ("tiny-wide", 1, 2, 20, 300, "
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) around the default: the best of the first sweep
-# (bench/results/2026-11-28-nvidia-h200-sweep.md) and shapes for heads 256 wide.
-VARIANTS = [(128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)]
+# (bench/results/2026-11-28-nvidia-h200-sweep.md) and shapes for heads 256 wide; and W2's default with two
+# stages, whose 80 KiB of shared memory leave room for two blocks per SM where three stages' 112 leave one
+# (bfloat16, as launched: bench/NOTES.md, 2026-11-30 seventh session).
+VARIANTS = [(128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3),
+            (64, 64, 4, 2)]
 # The two-pass operator's (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages) around its default (timed
 # on W3: bench/results/2026-11-29-nvidia-h200-sweep-*.md): wider and narrower tiles, other stages, fewer
 # warps.
@@ -56,8 +59,9 @@ TWO_PASS_VARIANTS = [(128, 128, 128, 8, 2), (64, 64, 64, 8, 2), (128, 64, 128, 8
 
 
 # The projection GEMM's other (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that spill no registers in
-# tf32x3 on sm_90 (compiled here: 128 x 128 at 4 warps spills 2432 bytes, 128 x 256 and 256 x 128 at 8
-# warps over 2 KB, 128 x 128 x 64 244); its default is 128 x 64 x 32 at 4 warps, 4 stages.
+# tf32x3 on sm_90 (W2's projection compiled as launched, as tests/kernels/compile_triton_variants.py does:
+# 128 x 128 at 4 warps spills 1316 bytes, 128 x 256 and 256 x 128 at 8 warps 1020 and 1284); its default
+# is 128 x 64 x 32 at 4 warps, 4 stages (231 registers).
 PROJECTION_VARIANTS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
 
 
@@ -81,11 +85,11 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
                 found.append(("two_pass", config, True))
     if dtype == torch.float32:
         found += [("fused", {**fused, "INPUT_PRECISION": precision}, True) for precision in ("tf32x3", "tf32")]
-        # The fewest register spills on sm_90 for float32 at D = 128 in either precision (compiled with
-        # Triton's ptxas: 4-8 bytes a thread, against 2068-2136 at the default 64 x 64, 4 warps, 3 stages).
+        # The fewest register spills on sm_90 for float32 at D = 128 in either precision (W2 compiled as
+        # launched: 4 bytes a thread in tf32x3, against 92 at the default 64 x 64, 4 warps, 3 stages, 488 in IEEE).
         low_spill = {**fused, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "INPUT_PRECISION": "tf32x3"}
         found.append(("fused", low_spill, True))
-        if width <= 128:  # one 128-wide chunk: the accumulator and the heads' sum in registers (884 bytes spilled)
+        if width <= 128:  # one 128-wide chunk: the accumulator and the heads' sum in registers (320 bytes spilled)
             found.append(("fused", {**low_spill, "BLOCK_DK": 128, "BLOCK_DV": 128}, True))
     # The block variants, in IEEE (or 16 bits), then for float32 in tf32x3 too.
     precisions = (fused["INPUT_PRECISION"], "tf32x3") if dtype == torch.float32 else (fused["INPUT_PRECISION"],)

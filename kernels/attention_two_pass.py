@@ -229,8 +229,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
 
     Timed on an H200 on W3's attention (B = 64, H = 8, L = 256, D = 1280, heads summed; two sweeps of
     2026-11-29): 128 x 64 blocks with Dv chunks of 128 at 8 warps were the fastest of the tiles tried,
-    though pass 2 then spills registers (sm_90, ptxas: 16-bit up to 344 bytes, float32 up to 1.4 KB
-    with mask and lengths). 16-bit, Dk chunks of 64, 3 stages: 0.75 ms (2 stages 1.01; 128 x 32 blocks,
+    though pass 2 then spills registers in float32 (sm_90, compiled as launched: up to 116 bytes with
+    mask and lengths; 16-bit none). 16-bit, Dk chunks of 64, 3 stages: 0.75 ms (2 stages 1.01; 128 x 32 blocks,
     which spill nothing, 1.48). float32, Dk chunks of 32, 2 stages: IEEE 8.6 ms, tf32x3 4.6 (64 x 32
     blocks with Dv chunks of 64, which spill nothing: 15.3 and 9.9). tl.dot needs every block dimension
     >= 16.

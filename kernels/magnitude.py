@@ -20,8 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements one program reduces per step: 8192 (BLOCK_R x BLOCK_C), 64 a thread at 4 warps.
+#: Elements one program reduces: 8192 (BLOCK_R rows x BLOCK_C columns a pass over its columns), so that
+#: the host's copy of the per-program partials stays small (4096 for W2's two inputs).
 TILE_ELEMENTS = 8192
+#: Elements of one step (STEP_R x BLOCK_C), 16 a thread at 4 warps, and its most rows. Each row holds a
+#: 64-bit pointer and its index arithmetic, and rows whose stride is no multiple of 16 bytes load element
+#: by element: compiled as Triton's launch specialises them (tests/kernels/compile_triton_variants.py),
+#: steps of 8192 spilled up to 13 KB of registers on sm_90 (D = 1: 8192 rows of one column; D = 5: 2.1 KB),
+#: steps of 2048 at most 256 rows use at most 142 registers for any width.
+STEP_ELEMENTS = 2048
+MAX_STEP_R = 256
 #: The widest column block; wider rows are reduced in steps of it.
 MAX_BLOCK_C = 128
 #: Arrays one launch takes, and the dtypes it reads (float64 values could pass float32's range: the
@@ -36,24 +44,27 @@ def _rows_magnitude(
     X, block, rows, size_1, size_2, cols,
     stride_0, stride_1, stride_2, stride_c,
     BLOCK_R: tl.constexpr,
+    STEP_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """The largest |x| of rows [block * BLOCK_R, +BLOCK_R) of X, its leading axes (size_0, size_1, size_2)
-    flattened in C order into ``rows``, as int32 bits of a float32 (a NaN's above every number's)."""
-    r = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = r < rows
-    i2 = r % size_2
-    i1 = (r // size_2) % size_1
-    i0 = r // size_2 // size_1
-    row_ptrs = X + i0 * stride_0 + i1 * stride_1 + i2 * stride_2
+    flattened in C order into ``rows``, as int32 bits of a float32 (a NaN's above every number's), STEP_R
+    rows at a time."""
     offs_c = tl.arange(0, BLOCK_C)
-    top = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
-    for start in range(0, cols, BLOCK_C):
-        cols_ok = (start + offs_c) < cols
-        x = tl.load(row_ptrs[:, None] + (start + offs_c)[None, :].to(tl.int64) * stride_c,
-                    mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|, NaN kept (16 bits widen exactly)
-        top = tl.maximum(top, bits)
+    top = tl.zeros((STEP_R, BLOCK_C), dtype=tl.int32)
+    for first in range(0, BLOCK_R, STEP_R):
+        r = block.to(tl.int64) * BLOCK_R + first + tl.arange(0, STEP_R)
+        row_ok = r < rows
+        i2 = r % size_2
+        i1 = (r // size_2) % size_1
+        i0 = r // size_2 // size_1
+        row_ptrs = X + i0 * stride_0 + i1 * stride_1 + i2 * stride_2
+        for start in range(0, cols, BLOCK_C):
+            cols_ok = (start + offs_c) < cols
+            x = tl.load(row_ptrs[:, None] + (start + offs_c)[None, :].to(tl.int64) * stride_c,
+                        mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|, NaN kept (16 bits widen exactly)
+            top = tl.maximum(top, bits)
     return tl.max(tl.max(top, 1), 0)
 
 
@@ -65,18 +76,19 @@ def _magnitude_fwd(
     rows_2, size_21, size_22, cols_2, stride_20, stride_21, stride_22, stride_2c,
     blocks_0, blocks_01,  # programs of X0, and of X0 and X1 together; the rest are X2's
     BLOCK_R: tl.constexpr,
+    STEP_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < blocks_0:
         top = _rows_magnitude(X0, pid, rows_0, size_01, size_02, cols_0, stride_00, stride_01, stride_02, stride_0c,
-                              BLOCK_R, BLOCK_C)
+                              BLOCK_R, STEP_R, BLOCK_C)
     elif pid < blocks_01:
         top = _rows_magnitude(X1, pid - blocks_0, rows_1, size_11, size_12, cols_1, stride_10, stride_11, stride_12,
-                              stride_1c, BLOCK_R, BLOCK_C)
+                              stride_1c, BLOCK_R, STEP_R, BLOCK_C)
     else:
         top = _rows_magnitude(X2, pid - blocks_01, rows_2, size_21, size_22, cols_2, stride_20, stride_21, stride_22,
-                              stride_2c, BLOCK_R, BLOCK_C)
+                              stride_2c, BLOCK_R, STEP_R, BLOCK_C)
     tl.store(Partials + pid, top.to(tl.float32, bitcast=True))
 
 
@@ -104,9 +116,11 @@ def takes(arrays) -> bool:
 
 
 def launch_config(cols: int) -> dict:
-    """Blocks of whole rows up to MAX_BLOCK_C wide (the widest array's), TILE_ELEMENTS a step, 4 warps."""
+    """Blocks of whole rows up to MAX_BLOCK_C wide (the widest array's), TILE_ELEMENTS a block in steps of
+    at most STEP_ELEMENTS and MAX_STEP_R rows, 4 warps."""
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(cols))
-    return {"BLOCK_R": TILE_ELEMENTS // block_c, "BLOCK_C": block_c, "num_warps": 4}
+    step_r = min(STEP_ELEMENTS // block_c, MAX_STEP_R)
+    return {"BLOCK_R": max(step_r, TILE_ELEMENTS // block_c), "STEP_R": step_r, "BLOCK_C": block_c, "num_warps": 4}
 
 
 def _as_rows(x) -> tuple:

@@ -49,12 +49,13 @@ from .attention_common import block_at_least_16, checked_lengths, checked_mask, 
 MAX_BLOCK_D = 64
 #: The longest sequence one program holds (padded likewise), by how its dots run: the largest blocks that
 #: spill no registers at 8 warps with mask, lengths, probabilities, similarities and magnitudes (sm_90,
-#: Triton 3.6's ptxas, D = 64). IEEE float32 dots are the hungriest: 16 x 64 blocks take 240 registers (W1
-#: at 4 warps, without any of those: 636 bytes of spills), 32 x 64 spill 600 bytes; TF32 products fit
-#: 32 x 64 (tf32x3 245 registers), 16-bit 64 x 64 without the similarities (248).
+#: Triton 3.6's ptxas, D = 64, compiled as launched: tests/kernels/compile_triton_variants.py). IEEE
+#: float32 dots are the hungriest: 16 x 64 blocks take 207 registers (W1 at 4 warps, without any of
+#: those: 808 bytes of spills), 32 x 64 spill 804 bytes; TF32 products fit 32 x 64 (tf32x3 245
+#: registers; 64 x 64 spill 1888), 16-bit 64 x 64 without the similarities (193).
 MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 #: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
-#: blocks of 64 (and 48) spill 260 bytes (16 warps: 1324); 32 take 238 registers.
+#: blocks of 64 spill 256 bytes; 32 take 177 registers.
 MAX_BLOCK_L_WITH_SIMILARITY = {**MAX_BLOCK_L, "16-bit": 32}
 
 

@@ -25,8 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements of one block (BLOCK_R x BLOCK_C): 32 a thread at 4 warps.
-TILE_ELEMENTS = 4096
+#: Elements of one block (BLOCK_R x BLOCK_C), 16 a thread at 4 warps, and its most rows. Each row holds a
+#: 64-bit pointer and its index arithmetic, and rows whose stride is no multiple of 16 bytes load element
+#: by element: compiled as Triton's launch specialises them (tests/kernels/compile_triton_variants.py),
+#: blocks of 4096 spilled 20 to 44 bytes of registers on sm_90 for D = 5, 17 and 33.
+TILE_ELEMENTS = 2048
+MAX_BLOCK_R = 256
 #: The widest column block; wider rows take steps of it (D = 1280: three).
 MAX_BLOCK_C = 512
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,9 +82,10 @@ def _unit_rows_fwd(
 
 
 def launch_config(cols: int) -> dict:
-    """Blocks of whole rows, up to MAX_BLOCK_C columns a step, TILE_ELEMENTS a block, 4 warps."""
+    """Blocks of whole rows, up to MAX_BLOCK_C columns a step, TILE_ELEMENTS a block and at most MAX_BLOCK_R
+    rows, 4 warps."""
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(cols))
-    return {"BLOCK_R": TILE_ELEMENTS // block_c, "BLOCK_C": block_c, "num_warps": 4}
+    return {"BLOCK_R": min(TILE_ELEMENTS // block_c, MAX_BLOCK_R), "BLOCK_C": block_c, "num_warps": 4}
 
 
 def unit_rows(x, lengths=None):

@@ -1,37 +1,46 @@
-"""Compile the Triton kernels (kernels/attention.py's fused kernel, kernels/attention_two_pass.py's two
-passes, kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax, kernels/small_fusion.py's
-one-launch fusion, kernels/small_attention.py's one-launch attention, kernels/magnitude.py's
-reduction, kernels/unit_rows.py's rows and kernels/probabilities.py's normalisation) with Triton's real
-compiler (to PTX and a cubin through ptxas) for sm_80 and sm_90, in the launch configuration each
-launcher picks for a shape of every kind, with and without mask and both lengths, and check that each fits
-the chip's shared memory: no GPU is needed, and the interpreter, which the other kernel tests use,
-cannot catch what only the compiler checks (types, layouts, scf.if, shared memory). For sm_90, the
-chip this project runs on, Triton's own ptxas also reports each variant's registers and spills: the
-projection GEMM's and the softmax's configurations were chosen to spill nothing there (255 registers
-in tf32x3 at 128 x 64 x 32 tiles, 4 warps; the softmax's largest block 254 in float32), and the
-one-launch fusion's longest sequences by dtype likewise (``small_fusion.MAX_BLOCK_L``, which the
-one-launch attention shares), and the magnitude's, the unit rows' and the probabilities' blocks; a spill of
-theirs fails. The attention operators' configurations spill (the fused kernel up to 2 KB in
-float32, the two-pass operator's second pass up to 1.4 KB) and were still the fastest measured on an
-H200, so their spills are only reported.
+"""Compile the Triton kernels exactly as their launchers launch them, with Triton's real compiler (to PTX
+and a cubin through ptxas) for sm_80 and sm_90, and check what only the compiler can: types, layouts,
+shared memory, registers. No GPU is needed.
+
+Each launcher (kernels/attention.py's fused attention, kernels/attention_two_pass.py's two passes,
+kernels/projection.py's TF32 GEMM, kernels/softmax_heads.py's softmax, kernels/small_fusion.py's one-launch
+fusion, kernels/small_attention.py's one-launch attention, kernels/magnitude.py's reduction,
+kernels/unit_rows.py's rows and kernels/probabilities.py's normalisation) is called on CPU torch tensors
+of a shape of every kind its launch configuration distinguishes, with and without mask and lengths, with
+``JITFunction.run`` recording each launch instead of running it. Each recorded launch is then compiled
+the way Triton's JIT compiles it on a GPU: the JIT's own binder specialises the arguments (an integer
+equal to 1 becomes a constant, integers and pointers divisible by 16 carry that alignment), and that
+decides which loads are vectorised and which are pipelined into shared memory. Compiling with every
+stride unspecialised, as this test did before 2026-11-30, found the fused kernel's W2 tiles at 32 KiB of
+shared memory and its loads never pipelined, where the launch compiles to 112 KiB with the key and value
+loads pipelined (num_stages), and missed spills of the magnitude's and unit rows' narrow rows.
+
+Every variant must fit the chip's shared memory. For sm_90, the chip this project runs on, Triton's own
+ptxas also reports registers and spills: the launch configurations of every kernel but the attention
+operators' were chosen to spill nothing there, and a spill of theirs fails. The attention operators'
+configurations (the fused kernel, both passes of the two-pass one) spill in some variants and were still
+the fastest measured on an H200, so their spills are only reported.
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py [SHARD SHARDS]`` (every
 SHARDS-th variant from the SHARD-th; default all). Prints one line per variant and exits 1 on any failure.
 """
 
-import inspect
+import contextlib
 import itertools
 import re
 import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from crossattn_gpu.kernels import attention as kernel_module
+from crossattn_gpu.kernels import attention as fused_module
 from crossattn_gpu.kernels import attention_two_pass as two_pass_module
 from crossattn_gpu.kernels import magnitude as magnitude_module
 from crossattn_gpu.kernels import probabilities as probabilities_module
@@ -41,33 +50,74 @@ from crossattn_gpu.kernels import small_fusion as small_fusion_module
 from crossattn_gpu.kernels import softmax_heads as softmax_module
 from crossattn_gpu.kernels import unit_rows as unit_rows_module
 
-POINTER_TYPES = {"A": "*fp32", "B": "*fp32", "C": "*fp32", "Mask": "*u8", "KLen": "*i32", "QLen": "*i32", "Lse": "*fp32",
-                 "Acc": "*fp32", "Scores": "*fp32", "RowMax": "*fp32", "RowInvSum": "*fp32", "SLen": "*i32",
-                 "TLen": "*i32", "SimS": "*fp32", "SimT": "*fp32", "Magnitudes": "*fp32", "Partials": "*fp32",
-                 "Lengths": "*i32", "Units": "*fp32"}
-SCALARS = {"rows": "i32", "cols": "i32", "length": "i32", "depth": "i32", "num_heads": "i32", "len_q": "i32", "len_k": "i32", "dim_k": "i32", "dim_v": "i32",
-           "rows_padded": "i32", "blocks_m": "i32", "blocks_n": "i32", "blocks_dv": "i32", "qk_scale": "fp32", "mask_fill": "fp32",
-           "scale_log2": "fp32", "len_s": "i32", "len_t": "i32", "dim": "i32", "blocks_0": "i32", "blocks_01": "i32",
-           **{f"{name}_{index}": "i32" for name in ("rows", "cols") for index in range(3)},
-           **{f"size_{index}{axis}": "i32" for index in range(3) for axis in (1, 2)}}
+ARCHS = (80, 90)
+#: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+#: The kernels whose spills are only reported (see above); any other kernel's spill fails.
+MAY_SPILL = {"_attention_fwd", "_attention_fwd_scores", "_attention_fwd_probs_values"}
 
-
-#: (Lq, Lk, Dk, Dv) whose fused launch configurations are compiled: every branch of launch_config.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Triton's name of each dtype and the float32 dot precision.
+DTYPES = [("fp32", "ieee"), ("fp32", "tf32x3"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
+#: (Lq, Lk, Dk, Dv) of the fused kernel: every branch of its launch_config (W3 with that config forced,
+#: though its launcher would hand W3 to the two-pass operator).
 SHAPES = {"tiny": (3, 17, 8, 8), "W2": (256, 256, 128, 128), "D256": (4096, 4096, 256, 256),
           "W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
 #: The shapes of the two-pass operator: W3 and a short one (its smallest blocks).
-TWO_PASS_SHAPES = {"W3": (256, 256, 1280, 1280), "Dk<Dv": (17, 33, 24, 300)}
+TWO_PASS_SHAPES = {"W3": SHAPES["W3"], "Dk<Dv": SHAPES["Dk<Dv"]}
 #: (M, K, N) of the TF32 projection GEMM: a tiny one (masked edges) and W2's (full tiles).
 PROJECTION_SHAPES = {"tiny": (3, 17, 5), "W2": (131072, 128, 1024)}
 #: (H, Lk) of the softmax: W3's (full blocks), odd ones (masked heads and keys, ragged), the largest block.
 SOFTMAX_SHAPES = {"W3": (8, 256), "odd": (3, 17), "largest": (16, 1024)}
-#: Triton's name of each dtype, its size, and the float32 dot precision.
-DTYPES = [("fp32", 4, "ieee"), ("fp32", 4, "tf32x3"), ("fp32", 4, "tf32"), ("fp16", 2, "ieee"), ("bf16", 2, "ieee")]
-#: The fused shapes and the dtypes compiled with 64-bit offsets too (WIDE_OFFSETS).
+#: Row widths of the magnitude and the unit rows: one column, narrow rows of odd widths (element-wise
+#: loads, the most rows a block), and aligned ones up to ESM-2 650M's.
+ROW_WIDTHS = (1, 5, 33, 128, 1280)
+#: The fused shapes and the dtypes compiled with 64-bit offsets too (WIDE_OFFSETS), sm_90 only.
 WIDE_SHAPES = ("W2", "D256", "W3")
-WIDE_DTYPES = [("fp32", 4, "ieee"), ("bf16", 2, "ieee")]
-#: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+WIDE_DTYPES = [("fp32", "ieee"), ("bf16", "ieee")]
+BATCH, HEADS = 2, 2
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Every Triton launch inside the block recorded as (kernel, args, kwargs), and not run."""
+    launches, run = [], JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+
+
+@contextlib.contextmanager
+def wide_offsets():
+    """The launchers inside the block take 64-bit offsets, as for examples past 2**31 elements."""
+    modules = (fused_module, two_pass_module, probabilities_module)
+    saved = [module.needs_wide_offsets for module in modules]
+    for module in modules:
+        module.needs_wide_offsets = lambda *tensors: True
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.needs_wide_offsets = original
+
+
+def compile_as_launched(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
+    """``fn`` compiled for sm_``arch`` as ``fn[grid](*args, **kwargs)`` compiles it on such a GPU: the steps of
+    ``JITFunction.run`` up to its compile, with the target given instead of read from a device."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = CUDABackend(target)
+    kwargs = {**kwargs, "debug": kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+              "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def registers_and_spills(ptx: str, arch: int) -> tuple[int, int]:
@@ -81,194 +131,150 @@ def registers_and_spills(ptx: str, arch: int) -> tuple[int, int]:
     return registers, int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1))
 
 
-def compile_kernel(fn, dtype: str, constexprs: dict, options: dict, arch: int) -> tuple[int, int | None, int]:
-    """Compile one @triton.jit kernel with q/k/v/out in ``dtype``; returns its shared memory in bytes,
-    and on sm_90 its registers per thread and its bytes of spill stores (else None and 0)."""
-    names = list(inspect.signature(fn.fn).parameters)
-    signature = {}
-    for name in names:
-        if name in ("Q", "K", "V", "Out", "Probs", "Xs", "Xt", "Xq", "Xk", "Xv", "W", "OutS", "OutT", "ProbsS",
-                    "ProbsT", "X0", "X1", "X2", "X"):
-            signature[name] = f"*{dtype}"
-        elif name in POINTER_TYPES:
-            signature[name] = POINTER_TYPES[name]
-        elif name.startswith("stride_"):
-            signature[name] = "i64"
-        elif name in SCALARS:
-            signature[name] = SCALARS[name]
-        else:
-            signature[name] = "constexpr"
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    registers, spills = registers_and_spills(compiled.asm["ptx"], arch) if arch == 90 else (None, 0)
-    return compiled.metadata.shared, registers, spills
+def empty(*shape, dtype="fp32"):
+    return torch.empty(shape, dtype=TORCH_DTYPES.get(dtype, dtype))
 
 
-def fused_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: bool = False) -> list:
-    """(kernel, constexprs) of the fused kernel as the launcher would use them."""
+def lengths(size: int) -> torch.Tensor:
+    return torch.full((BATCH,), size, dtype=torch.int32)
+
+
+def mask_and_lengths(len_q: int, len_k: int) -> dict:
+    """A mask and both lengths, checked by the caller (the front end's launches)."""
+    return {"masked": empty(BATCH, len_q, len_k, dtype=torch.uint8), "k_lengths": lengths(len_k),
+            "q_lengths": lengths(len_q), "lengths_checked": True}
+
+
+def queries_keys_values(shape: tuple, dtype: str) -> tuple:
+    """q (B, H, Lq, Dk), keys shared by the heads (B, 1, Lk, Dk) as the fusion's, v (B, H, Lk, Dv)."""
     len_q, len_k, dim_k, dim_v = shape
-    constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    constexprs.update(HAS_MASK=extras, HAS_KLEN=extras, HAS_QLEN=extras, SINGLE_DK=dim_k <= cfg["BLOCK_DK"],
-                      SINGLE_DV=dim_v <= cfg["BLOCK_DV"], EVEN_M=len_q % cfg["BLOCK_M"] == 0,
-                      EVEN_N=len_k % cfg["BLOCK_N"] == 0 and not extras, EVEN_DK=dim_k % cfg["BLOCK_DK"] == 0,
-                      EVEN_DV=dim_v % cfg["BLOCK_DV"] == 0,
-                      # The fusion's head sum needs Dv in one chunk; compiled here with mask and lengths,
-                      # and without the lse, as the fusion launches it when no probabilities are asked.
-                      SUM_HEADS=extras and dim_v <= cfg["BLOCK_DV"], STORE_LSE=not extras, WIDE_OFFSETS=wide)
-    return [(kernel_module._attention_fwd, constexprs)]
+    return (empty(BATCH, HEADS, len_q, dim_k, dtype=dtype), empty(BATCH, 1, len_k, dim_k, dtype=dtype),
+            empty(BATCH, HEADS, len_k, dim_v, dtype=dtype))
 
 
-def two_pass_variants(dtype: str, cfg: dict, shape: tuple, extras: bool, wide: bool = False) -> list:
-    """(kernel, constexprs) of both passes as the launcher would use them (heads summed with extras)."""
-    len_q, len_k, dim_k, dim_v = shape
-    even = {"EVEN_M": len_q % cfg["BLOCK_M"] == 0, "EVEN_N": len_k % cfg["BLOCK_N"] == 0 and not extras}
-    common = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "INPUT_PRECISION": cfg["INPUT_PRECISION"],
-              "HAS_KLEN": extras, "HAS_QLEN": extras, "WIDE_OFFSETS": wide, **even}
-    scores = {**common, "HAS_MASK": extras, "BLOCK_DK": cfg["BLOCK_DK"], "EVEN_DK": dim_k % cfg["BLOCK_DK"] == 0,
-              "STORE_LSE": not extras}
-    values = {**common, "BLOCK_DV": cfg["BLOCK_DV"], "EVEN_DV": dim_v % cfg["BLOCK_DV"] == 0, "SUM_HEADS": extras}
-    return [(two_pass_module._attention_fwd_scores, scores), (two_pass_module._attention_fwd_probs_values, values)]
+def attention_plans() -> list:
+    """(label, launch) of both attention operators: without extras as ``multi_head_attention`` launches them
+    (heads written, lse), with mask and lengths as the fusion does (heads summed, no lse)."""
+    plans = []
+    for (name, shape), (dtype, precision), extras in itertools.product(SHAPES.items(), DTYPES, (False, True)):
+        config = fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision)
+        plans.append((f"{dtype}/{config['INPUT_PRECISION']} {name} mask+lengths={extras}",
+                      lambda shape=shape, dtype=dtype, precision=precision, extras=extras, config=config:
+                      fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, precision=precision,
+                                             config=config, sum_heads=extras, need_lse=not extras,
+                                             **(mask_and_lengths(*shape[:2]) if extras else {}))))
+    for (name, shape), (dtype, precision), extras in itertools.product(TWO_PASS_SHAPES.items(), DTYPES,
+                                                                      (False, True)):
+        plans.append((f"{dtype}/{precision} {name} mask+lengths={extras}",
+                      lambda shape=shape, dtype=dtype, precision=precision, extras=extras:
+                      two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1,
+                                                         precision=precision, sum_heads=extras, need_lse=not extras,
+                                                         **(mask_and_lengths(*shape[:2]) if extras else {}))))
+    return plans
 
 
-def projection_variants() -> list:
-    """(label, kernel, constexprs, options) of the TF32 projection GEMM, float32 only."""
-    found = []
-    for (name, (rows, depth, cols)), precision in itertools.product(PROJECTION_SHAPES.items(), ("tf32x3", "tf32")):
-        cfg = projection_module.launch_config(rows, cols, depth)
-        constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        constexprs.update(EVEN_M=rows % cfg["BLOCK_M"] == 0, EVEN_N=cols % cfg["BLOCK_N"] == 0,
-                          EVEN_K=depth % cfg["BLOCK_K"] == 0, INPUT_PRECISION=precision)
-        options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        found.append((f"fp32/{precision} {name}", projection_module._matmul_fwd, constexprs, options))
-    return found
+def wide_plans() -> list:
+    """(label, launch) of the attention operators with 64-bit offsets, mask and lengths."""
+    plans = []
+    for name, (dtype, precision) in itertools.product(WIDE_SHAPES, WIDE_DTYPES):
+        shape = SHAPES[name]
+        config = fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision)
+        plans.append((f"{dtype}/{precision} {name} mask+lengths 64-bit offsets",
+                      lambda shape=shape, dtype=dtype, config=config:
+                      fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, config=config,
+                                             sum_heads=True, need_lse=False, **mask_and_lengths(*shape[:2]))))
+    for dtype, precision in WIDE_DTYPES:
+        shape = TWO_PASS_SHAPES["W3"]
+        plans.append((f"{dtype}/{precision} W3 mask+lengths 64-bit offsets",
+                      lambda shape=shape, dtype=dtype:
+                      two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1, sum_heads=True,
+                                                         need_lse=False, **mask_and_lengths(*shape[:2]))))
+    return plans
 
 
-def softmax_variants() -> list:
-    """(label, kernel, dtype of the probabilities, constexprs, options) of the heads' softmax."""
-    found = []
-    for (name, (heads, len_k)), dtype in itertools.product(SOFTMAX_SHAPES.items(), ("fp32", "fp16", "bf16")):
-        cfg = softmax_module.launch_config(heads, len_k)
-        constexprs = {"BLOCK_H": cfg["BLOCK_H"], "BLOCK_K": cfg["BLOCK_K"], "EVEN_H": heads == cfg["BLOCK_H"],
-                      "EVEN_K": len_k == cfg["BLOCK_K"], "HAS_KLEN": name == "odd", "HAS_QLEN": name == "odd"}
-        found.append((f"{dtype} {name}", softmax_module._softmax_heads_fwd, dtype, constexprs,
-                      {"num_warps": cfg["num_warps"]}))
-    return found
-
-
-def small_fusion_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the one-launch fusion, writing the inputs' magnitudes:
-    W1's shape (float32, as the harness calls it), and in every dtype and precision the longest sequences it takes at D = 64 with
-    mask, lengths, probabilities and similarities, and in 16 bits, whose sequences are longer without
-    the similarities, without them (its largest blocks)."""
-    found = []
-    shapes = [("W1", (10, 10, 64), "fp32", 4, "ieee", False, False)]
-    shapes += [("longest", None, dtype, itemsize, precision, True, True) for dtype, itemsize, precision in DTYPES]
-    shapes += [("longest", None, dtype, 2, "ieee", True, False) for dtype in ("fp16", "bf16")]
-    for name, shape, dtype, itemsize, precision, extras, similarity in shapes:
-        if shape is None:
-            longest = small_fusion_module.longest(itemsize, precision, similarity)
-            shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
-        cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
-        constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        # The inputs' magnitudes always: the front end asks for them (``KernelMagnitude``).
-        constexprs.update(HAS_MASK=extras, HAS_SLEN=extras, HAS_TLEN=extras, STORE_PROBS=extras, STORE_SIM=similarity,
-                          STORE_MAGNITUDE=True)
-        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} {name} {shape} mask+lengths+probabilities={extras} "
+def small_plans() -> list:
+    """(label, launch) of the one-launch fusion and attention, writing the inputs' magnitudes as the front end
+    asks: W1's call (float32), and in every dtype and precision the longest sequences they take at
+    D = 64 with mask, lengths and probabilities, the fusion with and without the similarities (16-bit
+    sequences are longer without)."""
+    dim = small_fusion_module.MAX_BLOCK_D
+    weights = {dtype: empty(dim, 2 * HEADS * dim, dtype=dtype) for dtype in TORCH_DTYPES}
+    plans = [("fp32/ieee W1", lambda: small_fusion_module.small_fusion(
+        empty(1, 10, 64), empty(1, 10, 64), empty(64, 4 * 64), heads=2, magnitudes=empty(1, 2)))]
+    for (dtype, precision), similarity in itertools.product(DTYPES, (True, False)):
+        longest = small_fusion_module.longest(TORCH_DTYPES[dtype].itemsize, precision, similarity)
+        plans.append((f"{dtype}/{precision} longest ({longest}, {longest - 1}, {dim}) mask+lengths+probabilities "
                       f"similarities={similarity}",
-                      small_fusion_module._small_fusion_fwd, dtype, constexprs,
-                      {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
-    return found
+                      lambda dtype=dtype, precision=precision, similarity=similarity, longest=longest:
+                      small_fusion_module.small_fusion(
+                          empty(BATCH, longest, dim, dtype=dtype), empty(BATCH, longest - 1, dim, dtype=dtype),
+                          weights[dtype], heads=HEADS, masked=empty(BATCH, longest, longest - 1, dtype=torch.uint8),
+                          s_lengths=lengths(longest), t_lengths=lengths(longest - 1), need_probs=True,
+                          need_similarity=similarity, precision=precision, lengths_checked=True,
+                          magnitudes=empty(BATCH, 2))))
+    for dtype, precision in DTYPES:
+        longest = small_fusion_module.longest(TORCH_DTYPES[dtype].itemsize, precision)
+        plans.append((f"{dtype}/{precision} longest ({longest}, {longest - 1}, {dim}) mask+lengths+probabilities",
+                      lambda dtype=dtype, precision=precision, longest=longest:
+                      small_attention_module.small_attention(
+                          empty(BATCH, longest, dim, dtype=dtype), empty(BATCH, longest - 1, dim, dtype=dtype),
+                          empty(BATCH, longest - 1, dim, dtype=dtype), weights[dtype], heads=HEADS,
+                          masked=empty(BATCH, longest, longest - 1, dtype=torch.uint8), q_lengths=lengths(longest),
+                          k_lengths=lengths(longest - 1), need_probs=True, precision=precision, lengths_checked=True,
+                          magnitudes=empty(BATCH, 3))))
+    return plans
 
 
-def small_attention_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the one-launch multi-head attention in every dtype and
-    precision, at the longest sequences it takes (the fusion's, without similarities) at D = 64, with mask,
-    lengths, probabilities and the inputs' magnitudes, values apart from the keys."""
-    found = []
-    for dtype, itemsize, precision in DTYPES:
-        longest = small_fusion_module.longest(itemsize, precision)
-        shape = (longest, longest - 1, small_fusion_module.MAX_BLOCK_D)
-        cfg = small_fusion_module.launch_config(*shape, itemsize, precision)
-        constexprs = {"BLOCK_Q": cfg["BLOCK_S"], "BLOCK_K": cfg["BLOCK_T"], "BLOCK_D": cfg["BLOCK_D"], "HAS_MASK": True,
-                      "HAS_QLEN": True, "HAS_KLEN": True, "STORE_PROBS": True, "STORE_MAGNITUDE": True,
-                      "VALUES_ARE_KEYS": False, "INPUT_PRECISION": cfg["INPUT_PRECISION"]}
-        found.append((f"{dtype}/{cfg['INPUT_PRECISION']} longest {shape} mask+lengths+probabilities+magnitudes",
-                      small_attention_module._small_attention_fwd, dtype, constexprs,
-                      {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
-    return found
-
-
-def magnitude_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the magnitude's reduction in each dtype, for rows of 5
-    (its narrowest blocks, 1024 rows x 8 columns), 64 and at least 128 columns (its widest, 64 x 128)."""
-    found = []
-    for cols, dtype in itertools.product((5, 64, 1280), ("fp32", "fp16", "bf16")):
-        cfg = magnitude_module.launch_config(cols)
-        found.append((f"{dtype} D={cols}", magnitude_module._magnitude_fwd, dtype,
-                      {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]}, {"num_warps": cfg["num_warps"]}))
-    return found
-
-
-def unit_rows_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the unit rows in each dtype, with lengths, for rows of 5
-    (blocks of 512 rows x 8 columns), 128 (32 x 128) and 1280 (8 x 512, three steps a pass)."""
-    found = []
-    for cols, dtype in itertools.product((5, 128, 1280), ("fp32", "fp16", "bf16")):
-        cfg = unit_rows_module.launch_config(cols)
-        found.append((f"{dtype} D={cols} lengths", unit_rows_module._unit_rows_fwd, dtype,
-                      {"HAS_LENGTHS": True, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]},
-                      {"num_warps": cfg["num_warps"]}))
-    return found
-
-
-def probabilities_variants() -> list:
-    """(label, kernel, dtype, constexprs, options) of the probabilities' normalisation in each output dtype,
-    with both lengths, in the two-pass operator's blocks for W2's shape (128 x 64, 8 warps), which it takes."""
-    cfg = two_pass_module.launch_config(256, 256, 128, 128, 2)
-    return [(f"{dtype} W2 lengths", probabilities_module._probabilities_fwd, dtype,
-             {"HAS_KLEN": True, "HAS_QLEN": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]},
-             {"num_warps": cfg["num_warps"]}) for dtype in ("fp32", "fp16", "bf16")]
+def other_plans() -> list:
+    """(label, launch) of the projection GEMM, the heads' softmax, the magnitude, the unit rows and the
+    probabilities."""
+    plans = [(f"fp32/{precision} {name}", lambda shape=shape, precision=precision:
+              projection_module.matmul(empty(*shape[:2]), empty(*shape[1:]), precision=precision))
+             for (name, shape), precision in itertools.product(PROJECTION_SHAPES.items(), ("tf32x3", "tf32"))]
+    for (name, (heads, len_k)), dtype in itertools.product(SOFTMAX_SHAPES.items(), TORCH_DTYPES):
+        ragged = {"k_lengths": lengths(len_k), "q_lengths": lengths(5), "lengths_checked": True} if name == "odd" else {}
+        plans.append((f"{dtype} {name}", lambda heads=heads, len_k=len_k, dtype=dtype, ragged=ragged:
+                      softmax_module.softmax_heads(empty(BATCH, 5, heads, len_k), out_dtype=TORCH_DTYPES[dtype],
+                                                   **ragged)))
+    for cols, dtype in itertools.product(ROW_WIDTHS, TORCH_DTYPES):
+        plans.append((f"{dtype} D={cols}, three arrays",
+                      lambda cols=cols, dtype=dtype: magnitude_module.largest_magnitudes(
+                          empty(BATCH, 7, cols, dtype=dtype), empty(BATCH, 3, cols, dtype=dtype), empty(5, cols))))
+        plans.append((f"{dtype} D={cols} lengths", lambda cols=cols, dtype=dtype: unit_rows_module.unit_rows(
+            empty(BATCH, 7, cols, dtype=dtype), lengths(7))))
+    for dtype in TORCH_DTYPES:
+        shape = SHAPES["W2"]
+        plans.append((f"{dtype} W2 mask+lengths", lambda shape=shape, dtype=dtype: probabilities_module.probabilities(
+            *queries_keys_values(shape, dtype)[:2], scale=0.1, **mask_and_lengths(*shape[:2]))))
+    return plans
 
 
 def variants() -> list:
-    """Every variant to compile: (label, kernel, dtype, constexprs, options, arch, whether a spill fails)."""
-    found = [(f"{fn.fn.__name__} {label} sm_{arch}", fn, "fp32", constexprs, options, arch, True)
-             for (label, fn, constexprs, options), arch in itertools.product(projection_variants(), [80, 90])]
-    found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
-              for (label, fn, dtype, constexprs, options), arch in itertools.product(softmax_variants(), [80, 90])]
-    found += [(f"{fn.fn.__name__} {label} sm_{arch}", fn, dtype, constexprs, options, arch, True)
-              for (label, fn, dtype, constexprs, options), arch in itertools.product(
-                  small_fusion_variants() + small_attention_variants() + magnitude_variants() + unit_rows_variants()
-                  + probabilities_variants(), [80, 90])]
-    plans = [(kernel_module, SHAPES, fused_variants), (two_pass_module, TWO_PASS_SHAPES, two_pass_variants)]
-    runs = [(plan, dtype, arch, extras, False) for plan, dtype, arch, extras in itertools.product(
-        plans, DTYPES, [80, 90], [False, True])]
-    # 64-bit offsets inside an example (WIDE_OFFSETS, for examples whose rows pass 2**31 elements), with mask
-    # and lengths, on sm_90: they compile, and how far they spill is reported.
-    wide_plans = [(kernel_module, {k: SHAPES[k] for k in WIDE_SHAPES}, fused_variants),
-                  (two_pass_module, {"W3": TWO_PASS_SHAPES["W3"]}, two_pass_variants)]
-    runs += [(plan, dtype, 90, True, True) for plan, dtype in itertools.product(wide_plans, WIDE_DTYPES)]
-    for (module, shapes, kernel_variants), (dtype, itemsize, precision), arch, extras, wide in runs:
-        for name, shape in shapes.items():
-            cfg = module.launch_config(*shape, itemsize, precision=precision)
-            options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-            for fn, constexprs in kernel_variants(dtype, cfg, shape, extras, wide):
-                label = (f"{fn.fn.__name__} {dtype}/{cfg['INPUT_PRECISION']} {name} sm_{arch} mask+lengths={extras}"
-                         + " 64-bit offsets" * wide)
-                found.append((label, fn, dtype, constexprs, options, arch, False))
+    """Every variant to compile: (label, kernel, args, kwargs, arch)."""
+    found = []
+    for (label, launch), wide in [(plan, False) for plan in attention_plans() + small_plans() + other_plans()] + [
+            (plan, True) for plan in wide_plans()]:
+        with recorded_launches() as launches, wide_offsets() if wide else contextlib.nullcontext():
+            launch()
+        if not launches:
+            raise RuntimeError(f"{label}: the launcher launched nothing")
+        for (fn, args, kwargs), arch in itertools.product(launches, (90,) if wide else ARCHS):
+            found.append((f"{fn.__name__} {label} sm_{arch}", fn, args, kwargs, arch))
     return found
 
 
 def main(shard: int = 0, shards: int = 1) -> int:
     """Compile every ``shards``-th variant from the ``shard``-th (the test runs one process per core)."""
     failures = 0
-    for label, fn, dtype, constexprs, options, arch, spills_fail in variants()[shard::shards]:
+    for label, fn, args, kwargs, arch in variants()[shard::shards]:
         try:
-            shared, registers, spills = compile_kernel(fn, dtype, constexprs, options, arch)
+            compiled = compile_as_launched(fn, args, kwargs, arch)
+            shared = compiled.metadata.shared
             if shared > SHARED_LIMIT[arch]:
                 raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
-            if spills and spills_fail:
-                raise RuntimeError(f"spills {spills} bytes of registers")
+            registers, spills = registers_and_spills(compiled.asm["ptx"], arch) if arch == 90 else (None, 0)
+            if spills and fn.__name__ not in MAY_SPILL:
+                raise RuntimeError(f"spills {spills} bytes of registers ({registers} registers)")
             print(f"ok   {label} shared={shared} registers={registers} spills={spills}")
         except Exception as exc:  # report every failing variant, then fail
             failures += 1

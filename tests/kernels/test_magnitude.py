@@ -11,7 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.kernels.magnitude import MAX_BLOCK_C, launch_config, largest_magnitudes, takes  # noqa: E402
+from crossattn_gpu.kernels.magnitude import (  # noqa: E402
+    MAX_BLOCK_C, MAX_STEP_R, STEP_ELEMENTS, launch_config, largest_magnitudes, takes,
+)
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -52,6 +54,26 @@ def test_the_largest_value_is_found_in_any_row_and_column(dtype):
         y = x.clone()
         y[index] = 7.5
         assert got(y) == 7.5, index
+
+
+def test_the_largest_value_is_found_in_every_step_of_a_block():
+    cfg = launch_config(3)
+    assert cfg["BLOCK_R"] > cfg["STEP_R"]  # narrow rows: several steps of rows a block
+    rows = 2 * cfg["BLOCK_R"] + 5
+    x = drawn((rows, 3), torch.float32, seed=6, scale=0.01)
+    steps = [first + offset for first in range(0, cfg["BLOCK_R"], cfg["STEP_R"]) for offset in (0, cfg["STEP_R"] - 1)]
+    for row in steps + [cfg["BLOCK_R"] + steps[-1], rows - 1]:
+        y = x.clone()
+        y[row, row % 3] = -3.5
+        assert got(y) == 3.5, row
+
+
+def test_launch_config_steps_hold_at_most_step_elements_and_max_step_r_rows():
+    for cols, block_c, step_r, block_r in [(1, 1, MAX_STEP_R, 8192), (5, 8, MAX_STEP_R, 1024), (33, 64, 32, 128),
+                                           (128, 128, 16, 64), (1280, MAX_BLOCK_C, 16, 64)]:
+        cfg = launch_config(cols)
+        assert (cfg["BLOCK_C"], cfg["STEP_R"], cfg["BLOCK_R"]) == (block_c, step_r, block_r)
+        assert cfg["STEP_R"] * block_c <= STEP_ELEMENTS and cfg["BLOCK_R"] % cfg["STEP_R"] == 0
 
 
 def test_strided_transposed_and_broadcast_views():

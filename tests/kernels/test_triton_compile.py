@@ -1,4 +1,5 @@
-"""The Triton kernels through Triton's real compiler for sm_80 and sm_90, in every launch configuration kind."""
+"""The Triton kernels through Triton's real compiler for sm_80 and sm_90, as their launchers launch them, in every
+launch configuration kind."""
 
 import os
 import subprocess
@@ -23,10 +24,10 @@ def test_every_variant_compiles_for_ampere_and_hopper():
     outputs = [run.communicate(timeout=900)[0] for run in runs]
     for run, output in zip(runs, outputs):
         assert run.returncode == 0, output
-    # fused: 5 shapes x 5 dtype/precisions x 2 archs x 2; two-pass: 2 kernels x 2 shapes x 5 x 2 x 2;
-    # projection: 2 shapes x 2 precisions x 2 archs; softmax: 3 shapes x 3 dtypes x 2 archs; one-launch
-    # fusion: (W1 + 5 dtype/precisions + 2 16-bit dtypes without similarities) x 2 archs; one-launch
-    # attention: 5 dtype/precisions x 2 archs; magnitude and unit rows: 3 widths x 3 dtypes x 2 archs each;
-    # probabilities: 3 dtypes x 2 archs; 64-bit offsets: fused 3 shapes x 2 dtypes, two-pass 2 kernels x 2
-    # dtypes, sm_90 only
-    assert "".join(outputs).count("ok ") == 100 + 80 + 8 + 18 + 16 + 10 + 18 + 18 + 6 + 6 + 4
+    # fused: 5 shapes x 5 dtype/precisions x 2 (mask and lengths or not) x 2 archs; two-pass: 2 shapes x 5 x 2
+    # x 2 archs x 2 kernels; projection: 2 shapes x 2 precisions x 2 archs; softmax: 3 shapes x 3 dtypes x 2
+    # archs; one-launch fusion: (W1 + 5 dtype/precisions x 2 (similarities or not)) x 2 archs; one-launch
+    # attention: 5 x 2 archs; magnitude and unit rows: 5 widths x 3 dtypes x 2 archs each; probabilities: 3
+    # dtypes x 2 archs x 2 kernels (scores, normalisation); 64-bit offsets: fused 3 shapes x 2 dtypes, two-pass
+    # 2 kernels x 2 dtypes, sm_90 only
+    assert "".join(outputs).count("ok ") == 100 + 80 + 8 + 18 + 22 + 10 + 30 + 30 + 12 + 10

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from crossattn_gpu.backends.numpy_backend import cosine_similarity  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.kernels.unit_rows import MAX_BLOCK_C, launch_config, unit_rows  # noqa: E402
+from crossattn_gpu.kernels.unit_rows import MAX_BLOCK_C, MAX_BLOCK_R, TILE_ELEMENTS, launch_config, unit_rows  # noqa: E402
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -91,10 +91,12 @@ def test_strided_and_transposed_views():
         np.testing.assert_allclose(similarity(view, view).cpu().numpy(), reference(view, view), rtol=0, atol=2e-6)
 
 
-def test_launch_config_blocks_hold_whole_tiles():
-    for cols, block_c in [(1, 1), (5, 8), (128, 128), (1280, MAX_BLOCK_C), (5000, MAX_BLOCK_C)]:
+def test_launch_config_blocks_hold_whole_tiles_of_at_most_max_block_r_rows():
+    for cols, block_c, block_r in [(1, 1, MAX_BLOCK_R), (5, 8, MAX_BLOCK_R), (17, 32, 64), (128, 128, 16),
+                                   (1280, MAX_BLOCK_C, 4), (5000, MAX_BLOCK_C, 4)]:
         cfg = launch_config(cols)
-        assert cfg["BLOCK_C"] == block_c and cfg["BLOCK_R"] * block_c == 4096
+        assert (cfg["BLOCK_C"], cfg["BLOCK_R"]) == (block_c, block_r)
+        assert cfg["BLOCK_R"] * block_c <= TILE_ELEMENTS
 
 
 def test_bad_arguments_raise():
