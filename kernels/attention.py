@@ -57,7 +57,7 @@ import triton.language as tl
 from . import contract
 from .attention_common import (
     block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
-    mask_strides, needs_wide_offsets, scaled_masked,
+    mask_strides, needs_wide_offsets, scaled_masked, shared_memory_per_block,
 )
 from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
@@ -249,8 +249,17 @@ def _attention_fwd(
             tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
 
 
-def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee") -> dict:
-    """Block sizes, warps, stages and the float32 dot precision for a shape. tl.dot needs every block
+#: Shared memory the launch configuration of 16-bit heads 129 to 256 wide needs (128 x 64 blocks, 2 stages,
+#: compiled as launched with mask and lengths: 160 KiB on sm_80, 200 KiB on sm_90): A100's 163 KiB and
+#: H100's 227 KiB hold it; GPUs with less (99 KiB per block on sm_86, sm_89 and sm_120: A10, L4, L40S,
+#: RTX 30x0 to 50x0) take smaller blocks.
+HEADS_256_SHARED_MEMORY = 163 * 1024
+
+
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee",
+                  shared_memory: int | None = None) -> dict:
+    """Block sizes, warps, stages and the float32 dot precision for a shape, on a GPU whose blocks may take
+    ``shared_memory`` bytes of shared memory (None: an A100's or more). tl.dot needs every block
     dimension >= 16.
 
     16-bit heads up to 256 wide fit one chunk (the query tile and the accumulator stay in registers, as
@@ -261,7 +270,9 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     * 16-bit, D <= 128 (W2), heads summed in the kernel: 64 x 64, 4 warps, 3 stages: 0.273 ms
       (128 x 32: 0.380; 64 x 64 with 8 warps: 0.426);
     * 16-bit, D in 129..256 (W4), heads summed: 128 x 64, 8 warps, 2 stages: 0.580 ms (64 x 64: 1.20);
-      its accumulator and head sum spill registers, and it is still the fastest measured;
+      its accumulator and head sum spill registers, and it is still the fastest measured. On GPUs with
+      less than ``HEADS_256_SHARED_MEMORY`` it would not launch (160 KiB); there 64 x 64 at 4 warps and
+      one stage (72 KiB; not timed), the blocks FlashAttention-2 takes for such heads on such GPUs;
     * 16-bit, chunked D = 1280 (W3), heads written: 64 x 128, 4 warps, 3 stages: 1.96 ms (64 x 64 with
       8 warps, 2 stages: 3.57);
     * float32 (W2), heads written: 64 x 64, 4 warps, 3 stages: 4.33 ms (2 stages: 4.47).
@@ -281,8 +292,10 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     one_chunk = dim_k <= block_dk and dim_v <= block_dv
     if half and one_chunk and widest <= 128:
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
-    elif half and one_chunk:  # D in 129..256
+    elif half and one_chunk and (shared_memory is None or shared_memory >= HEADS_256_SHARED_MEMORY):  # D 129..256
         block_m, block_n, num_warps, num_stages = 128, 64, 8, 2
+    elif half and one_chunk:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 1
     elif half:
         block_m, block_n, num_warps, num_stages = 64, 128, 4, 3
     else:
@@ -343,7 +356,8 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
                                   out_dtype=out_dtype, sum_heads=sum_heads, precision=precision,
                                   lengths_checked=lengths_checked, need_lse=need_lse)
     masked, k_lengths, q_lengths = checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims, lengths_checked)
-    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision,
+                                      shared_memory_per_block(q)), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)
     single_dv = dim_v <= block_dv

@@ -4,6 +4,8 @@ also serve ``softmax_heads.py`` and ``small_fusion.py``)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -103,6 +105,17 @@ def cdiv(a: int, b: int) -> int:
 def block_at_least_16(n: int) -> int:
     """The smallest power of two >= n, and at least 16 (tl.dot's smallest block dimension)."""
     return max(16, 1 << (n - 1).bit_length())
+
+
+def shared_memory_per_block(t) -> int | None:
+    """Bytes of shared memory one block may take on the GPU holding tensor ``t`` (what Triton checks at a
+    launch), or None off a GPU (Triton's interpreter, which has no such limit)."""
+    return None if t.device.type != "cuda" else _shared_memory_per_block(t.device.index)
+
+
+@functools.cache
+def _shared_memory_per_block(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def checked_shapes(q, k, v) -> tuple[int, int, int, int, int, int]:

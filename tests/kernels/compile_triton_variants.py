@@ -15,11 +15,15 @@ stride unspecialised, as this test did before 2026-11-30, found the fused kernel
 shared memory and its loads never pipelined, where the launch compiles to 112 KiB with the key and value
 loads pipelined (num_stages), and missed spills of the magnitude's and unit rows' narrow rows.
 
-Every variant must fit the chip's shared memory. For sm_90, the chip this project runs on, Triton's own
-ptxas also reports registers and spills: the launch configurations of every kernel but the attention
-operators' were chosen to spill nothing there, and a spill of theirs fails. The attention operators'
-configurations (the fused kernel, both passes of the two-pass one) spill in some variants and were still
-the fastest measured on an H200, so their spills are only reported.
+Every variant must fit the chip's shared memory: on sm_90 H100's 227 KiB; on sm_80 the 99 KiB of sm_86,
+sm_89 and sm_120 (A10, L4, L40S, RTX 30x0 to 50x0), whose compiles sm_80's stand for (sm_89's took the same
+shared memory in every variant on 2026-11-30, sm_86's and sm_120's the same or less in those checked), except the fused kernel's configuration of 16-bit heads 129 to 256 wide for
+GPUs with A100's 163 KiB or more, held to that (its smaller one for the others is compiled too). For
+sm_90, the chip this project runs on, Triton's own ptxas also reports registers and spills: the launch
+configurations of every kernel but the attention operators' were chosen to spill nothing there, and a
+spill of theirs fails. The attention operators' configurations (the fused kernel, both passes of the
+two-pass one) spill in some variants and were still the fastest measured on an H200, so their spills are
+only reported.
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py [SHARD SHARDS]`` (every
 SHARDS-th variant from the SHARD-th; default all). Prints one line per variant and exits 1 on any failure.
@@ -51,8 +55,12 @@ from crossattn_gpu.kernels import softmax_heads as softmax_module
 from crossattn_gpu.kernels import unit_rows as unit_rows_module
 
 ARCHS = (80, 90)
-#: Shared memory a block may take: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+#: Shared memory a block may take: on sm_80 the 99 KiB of sm_86, sm_89 and sm_120, whose compiles sm_80's
+#: stand for; H100/H200 (sm_90) 227 KiB. Launch configurations for GPUs with A100's 163 KiB or more
+#: (``attention.HEADS_256_SHARED_MEMORY``) are held to that on sm_80.
+SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
+LARGE_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SMALL_SHARED_MEMORY = 99 * 1024
 #: The kernels whose spills are only reported (see above); any other kernel's spill fails.
 MAY_SPILL = {"_attention_fwd", "_attention_fwd_scores", "_attention_fwd_probs_values"}
 
@@ -152,9 +160,17 @@ def queries_keys_values(shape: tuple, dtype: str) -> tuple:
             empty(BATCH, HEADS, len_k, dim_v, dtype=dtype))
 
 
+def needs_large_shared_memory(config: dict, shape: tuple, dtype: str, precision: str) -> bool:
+    """Whether the fused kernel's ``config`` is the one for GPUs with A100's shared memory or more."""
+    smaller = fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision, SMALL_SHARED_MEMORY)
+    return config != smaller
+
+
 def attention_plans() -> list:
     """(label, launch) of both attention operators: without extras as ``multi_head_attention`` launches them
-    (heads written, lse), with mask and lengths as the fusion does (heads summed, no lse)."""
+    (heads written, lse), with mask and lengths as the fusion does (heads summed, no lse); and the fused
+    kernel's configuration for 16-bit heads 129 to 256 wide on GPUs with 99 KiB of shared memory (sm_80's
+    compile stands for theirs)."""
     plans = []
     for (name, shape), (dtype, precision), extras in itertools.product(SHAPES.items(), DTYPES, (False, True)):
         config = fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision)
@@ -162,7 +178,18 @@ def attention_plans() -> list:
                       lambda shape=shape, dtype=dtype, precision=precision, extras=extras, config=config:
                       fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, precision=precision,
                                              config=config, sum_heads=extras, need_lse=not extras,
-                                             **(mask_and_lengths(*shape[:2]) if extras else {}))))
+                                             **(mask_and_lengths(*shape[:2]) if extras else {})),
+                      ARCHS, LARGE_SHARED_LIMIT if needs_large_shared_memory(config, shape, dtype, precision)
+                      else SHARED_LIMIT))
+    for dtype, extras in itertools.product(("fp16", "bf16"), (False, True)):
+        shape = SHAPES["D256"]
+        config = fused_module.launch_config(*shape, 2, shared_memory=SMALL_SHARED_MEMORY)
+        plans.append((f"{dtype}/ieee D256 mask+lengths={extras} for 99 KiB of shared memory",
+                      lambda shape=shape, dtype=dtype, extras=extras, config=config:
+                      fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, config=config,
+                                             sum_heads=extras, need_lse=not extras,
+                                             **(mask_and_lengths(*shape[:2]) if extras else {})),
+                      (80,), SHARED_LIMIT))
     for (name, shape), (dtype, precision), extras in itertools.product(TWO_PASS_SHAPES.items(), DTYPES,
                                                                       (False, True)):
         plans.append((f"{dtype}/{precision} {name} mask+lengths={extras}",
@@ -250,28 +277,31 @@ def other_plans() -> list:
 
 
 def variants() -> list:
-    """Every variant to compile: (label, kernel, args, kwargs, arch)."""
+    """Every variant to compile: (label, kernel, args, kwargs, arch, shared memory it may take). A plan is
+    (label, launch), compiled for both archs within ``SHARED_LIMIT``, or (label, launch, archs, limits)."""
+    plans = [(plan, False) for plan in attention_plans() + small_plans() + other_plans()]
+    plans += [((*plan, (90,), SHARED_LIMIT), True) for plan in wide_plans()]
     found = []
-    for (label, launch), wide in [(plan, False) for plan in attention_plans() + small_plans() + other_plans()] + [
-            (plan, True) for plan in wide_plans()]:
+    for plan, wide in plans:
+        label, launch, archs, limits = plan if len(plan) == 4 else (*plan, ARCHS, SHARED_LIMIT)
         with recorded_launches() as launches, wide_offsets() if wide else contextlib.nullcontext():
             launch()
         if not launches:
             raise RuntimeError(f"{label}: the launcher launched nothing")
-        for (fn, args, kwargs), arch in itertools.product(launches, (90,) if wide else ARCHS):
-            found.append((f"{fn.__name__} {label} sm_{arch}", fn, args, kwargs, arch))
+        for (fn, args, kwargs), arch in itertools.product(launches, archs):
+            found.append((f"{fn.__name__} {label} sm_{arch}", fn, args, kwargs, arch, limits[arch]))
     return found
 
 
 def main(shard: int = 0, shards: int = 1) -> int:
     """Compile every ``shards``-th variant from the ``shard``-th (the test runs one process per core)."""
     failures = 0
-    for label, fn, args, kwargs, arch in variants()[shard::shards]:
+    for label, fn, args, kwargs, arch, shared_limit in variants()[shard::shards]:
         try:
             compiled = compile_as_launched(fn, args, kwargs, arch)
             shared = compiled.metadata.shared
-            if shared > SHARED_LIMIT[arch]:
-                raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{arch} has {SHARED_LIMIT[arch]}")
+            if shared > shared_limit:
+                raise RuntimeError(f"needs {shared} bytes of shared memory; it may take {shared_limit} on sm_{arch}")
             registers, spills = registers_and_spills(compiled.asm["ptx"], arch) if arch == 90 else (None, 0)
             if spills and fn.__name__ not in MAY_SPILL:
                 raise RuntimeError(f"spills {spills} bytes of registers ({registers} registers)")

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.kernels import attention_two_pass  # noqa: E402
-from crossattn_gpu.kernels.attention import attention, launch_config  # noqa: E402
+from crossattn_gpu.kernels.attention import HEADS_256_SHARED_MEMORY, attention, launch_config  # noqa: E402
+from crossattn_gpu.kernels.attention_common import shared_memory_per_block  # noqa: E402
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -108,6 +109,35 @@ def test_checked_lengths_skip_only_the_range_check():
                                attention(q, q, q, scale=0.3, k_lengths=lengths))
     with pytest.raises(ValueError, match="k_lengths must be an integer tensor"):  # shape and dtype still checked
         attention(q, q, q, scale=1.0, k_lengths=torch.tensor([5], device=DEVICE), lengths_checked=True)
+
+
+def small_shared_memory_fused(q, k, v, precision="ieee", **kwargs):
+    """The fused kernel in the launch configuration of a GPU with 99 KiB of shared memory a block."""
+    len_q, dim_k = q.shape[2:]
+    len_k, dim_v = k.shape[2], v.shape[3]
+    config = launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision, shared_memory=99 * 1024)
+    return attention(q, k, v, config=config, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 2, 33, 70, 256, 256), (2, 2, 1, 2, 70, 65, 200, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_heads_256_wide_on_gpus_with_less_shared_memory(shape, dtype):
+    check(small_shared_memory_fused, *shape, dtype=dtype, mask=True, ragged=True)
+
+
+def test_launch_config_fits_the_gpus_shared_memory():
+    large = launch_config(4096, 4096, 256, 256, itemsize=2)
+    assert (large["BLOCK_M"], large["BLOCK_N"], large["num_warps"], large["num_stages"]) == (128, 64, 8, 2)
+    for shared_memory in (HEADS_256_SHARED_MEMORY, 227 * 1024):  # A100, H100 / H200
+        assert launch_config(4096, 4096, 256, 256, 2, shared_memory=shared_memory) == large
+    small = launch_config(4096, 4096, 256, 256, 2, shared_memory=99 * 1024)  # sm_86, sm_89, sm_120
+    assert (small["BLOCK_M"], small["BLOCK_N"], small["num_warps"], small["num_stages"]) == (64, 64, 4, 1)
+    for shape, itemsize in (((256, 256, 128, 128), 2), ((256, 256, 256, 256), 4), ((256, 256, 1280, 1280), 2)):
+        assert launch_config(*shape, itemsize, shared_memory=99 * 1024) == launch_config(*shape, itemsize)
+    assert shared_memory_per_block(torch.empty(1)) is None  # the interpreter's tensors: no limit
+    if DEVICE == "cuda":  # what Triton checks a launch against: 227 KiB on an H200
+        assert shared_memory_per_block(torch.empty(1, device=DEVICE)) >= 99 * 1024
 
 
 def test_launch_config_tiles_any_width():
