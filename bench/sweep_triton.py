@@ -86,7 +86,8 @@ def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, d
     if dtype == torch.float32:
         found += [("fused", {**fused, "INPUT_PRECISION": precision}, True) for precision in ("tf32x3", "tf32")]
         # The fewest register spills on sm_90 for float32 at D = 128 in either precision (W2 compiled as
-        # launched: 4 bytes a thread in tf32x3, against 92 at the default 64 x 64, 4 warps, 3 stages, 488 in IEEE).
+        # launched: 4 bytes a thread in tf32x3, against 92 at the default 64 x 64, 4 warps, 3 stages, and 488
+        # in IEEE).
         low_spill = {**fused, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "INPUT_PRECISION": "tf32x3"}
         found.append(("fused", low_spill, True))
         if width <= 128:  # one 128-wide chunk: the accumulator and the heads' sum in registers (320 bytes spilled)

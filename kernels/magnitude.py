@@ -27,7 +27,7 @@ TILE_ELEMENTS = 8192
 #: 64-bit pointer and its index arithmetic, and rows whose stride is no multiple of 16 bytes load element
 #: by element: compiled as Triton's launch specialises them (tests/kernels/compile_triton_variants.py),
 #: steps of 8192 spilled up to 13 KB of registers on sm_90 (D = 1: 8192 rows of one column; D = 5: 2.1 KB),
-#: steps of 2048 at most 256 rows use at most 142 registers for any width.
+#: steps of 2048 at most 256 rows use at most 168 registers for any width.
 STEP_ELEMENTS = 2048
 MAX_STEP_R = 256
 #: The widest column block; wider rows are reduced in steps of it.

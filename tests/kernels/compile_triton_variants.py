@@ -16,14 +16,14 @@ shared memory and its loads never pipelined, where the launch compiles to 112 Ki
 loads pipelined (num_stages), and missed spills of the magnitude's and unit rows' narrow rows.
 
 Every variant must fit the chip's shared memory: on sm_90 H100's 227 KiB; on sm_80 the 99 KiB of sm_86,
-sm_89 and sm_120 (A10, L4, L40S, RTX 30x0 to 50x0), whose compiles sm_80's stand for (sm_89's took the same
-shared memory in every variant on 2026-11-30, sm_86's and sm_120's the same or less in those checked), except the fused kernel's configuration of 16-bit heads 129 to 256 wide for
-GPUs with A100's 163 KiB or more, held to that (its smaller one for the others is compiled too). For
-sm_90, the chip this project runs on, Triton's own ptxas also reports registers and spills: the launch
-configurations of every kernel but the attention operators' were chosen to spill nothing there, and a
-spill of theirs fails. The attention operators' configurations (the fused kernel, both passes of the
-two-pass one) spill in some variants and were still the fastest measured on an H200, so their spills are
-only reported.
+sm_89 and sm_120 (A10, L4, L40S, RTX 30x0 to 50x0), whose compiles sm_80's stand for (sm_89's took the
+same shared memory in every variant on 2026-11-30, sm_86's and sm_120's the same or less in those
+checked), except the fused kernel's configuration of 16-bit heads 129 to 256 wide for GPUs with A100's
+163 KiB or more, held to that (its smaller one for the others is compiled too). For sm_90, the chip this
+project runs on, Triton's own ptxas also reports registers and spills: the launch configurations of every
+kernel but the attention operators' were chosen to spill nothing there, and a spill of theirs fails. The
+attention operators' configurations (the fused kernel, both passes of the two-pass one) spill in some
+variants and were still the fastest measured on an H200, so their spills are only reported.
 
 Run as a script, without TRITON_INTERPRET: ``python compile_triton_variants.py [SHARD SHARDS]`` (every
 SHARDS-th variant from the SHARD-th; default all). Prints one line per variant and exits 1 on any failure.
@@ -59,7 +59,7 @@ ARCHS = (80, 90)
 #: stand for; H100/H200 (sm_90) 227 KiB. Launch configurations for GPUs with A100's 163 KiB or more
 #: (``attention.HEADS_256_SHARED_MEMORY``) are held to that on sm_80.
 SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
-LARGE_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+LARGE_SHARED_LIMIT = {80: fused_module.HEADS_256_SHARED_MEMORY, 90: 227 * 1024}
 SMALL_SHARED_MEMORY = 99 * 1024
 #: The kernels whose spills are only reported (see above); any other kernel's spill fails.
 MAY_SPILL = {"_attention_fwd", "_attention_fwd_scores", "_attention_fwd_probs_values"}
@@ -259,7 +259,8 @@ def other_plans() -> list:
               projection_module.matmul(empty(*shape[:2]), empty(*shape[1:]), precision=precision))
              for (name, shape), precision in itertools.product(PROJECTION_SHAPES.items(), ("tf32x3", "tf32"))]
     for (name, (heads, len_k)), dtype in itertools.product(SOFTMAX_SHAPES.items(), TORCH_DTYPES):
-        ragged = {"k_lengths": lengths(len_k), "q_lengths": lengths(5), "lengths_checked": True} if name == "odd" else {}
+        odd = name == "odd"
+        ragged = {"k_lengths": lengths(len_k), "q_lengths": lengths(5), "lengths_checked": True} if odd else {}
         plans.append((f"{dtype} {name}", lambda heads=heads, len_k=len_k, dtype=dtype, ragged=ragged:
                       softmax_module.softmax_heads(empty(BATCH, 5, heads, len_k), out_dtype=TORCH_DTYPES[dtype],
                                                    **ragged)))

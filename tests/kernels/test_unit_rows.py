@@ -11,7 +11,9 @@ pytest.importorskip("triton")
 
 from crossattn_gpu.backends.numpy_backend import cosine_similarity  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.kernels.unit_rows import MAX_BLOCK_C, MAX_BLOCK_R, TILE_ELEMENTS, launch_config, unit_rows  # noqa: E402
+from crossattn_gpu.kernels.unit_rows import (  # noqa: E402
+    MAX_BLOCK_C, MAX_BLOCK_R, TILE_ELEMENTS, launch_config, unit_rows,
+)
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -37,7 +39,7 @@ def unit_norms(rows) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (3, 17, 64), (1, 113, 257), (2, 5, 1280),
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (2, 300, 3), (3, 17, 64), (1, 113, 257), (2, 5, 1280),
                                    (1, 3, 4 * MAX_BLOCK_C + 1)])
 def test_similarities_match_the_float64_reference(dtype, shape):
     a, b = drawn(shape, dtype, seed=sum(shape)), drawn(shape[:2] + (shape[2],), dtype, seed=1)
