@@ -16,7 +16,8 @@ def test_every_variant_compiles_for_ampere_and_hopper():
     script = Path(__file__).with_name("compile_triton_variants.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiler, not the interpreter
     # One process per core (up to 8): the compiles are independent. With an empty Triton cache, as on a
-    # fresh CI machine, two processes took 221 s on this project's 2-core CPU, 418 s of CPU time.
+    # fresh CI machine, two processes took 279 s on this project's 2-core CPU, 498 s of CPU time (324 variants;
+    # 582 s in a make test run while the VM was slow).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     shards = min(cores, 8)
     runs = [subprocess.Popen([sys.executable, str(script), str(shard), str(shards)], stdout=subprocess.PIPE,
