@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_common import cdiv
+
 #: Elements one program reduces: 8192 (BLOCK_R rows x BLOCK_C columns a pass over its columns), so that
 #: the host's copy of the per-program partials stays small (4096 for W2's two inputs).
 TILE_ELEMENTS = 8192
@@ -119,8 +121,8 @@ def launch_config(cols: int) -> dict:
     """Blocks of whole rows up to MAX_BLOCK_C wide (the widest array's), TILE_ELEMENTS a block in steps of
     at most STEP_ELEMENTS and MAX_STEP_R rows, 4 warps."""
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(cols))
-    step_r = min(STEP_ELEMENTS // block_c, MAX_STEP_R)
-    return {"BLOCK_R": max(step_r, TILE_ELEMENTS // block_c), "STEP_R": step_r, "BLOCK_C": block_c, "num_warps": 4}
+    step_r = min(STEP_ELEMENTS // block_c, MAX_STEP_R)  # divides BLOCK_R: both powers of two, and no larger
+    return {"BLOCK_R": TILE_ELEMENTS // block_c, "STEP_R": step_r, "BLOCK_C": block_c, "num_warps": 4}
 
 
 def _as_rows(x) -> tuple:
@@ -151,7 +153,7 @@ def largest_magnitudes(*arrays):
         raise refusal
     cfg = launch_config(max(x.shape[-1] for x in arrays))
     views = [_as_rows(x) for x in arrays]
-    blocks = [triton.cdiv(view[0], cfg["BLOCK_R"]) for view in views]
+    blocks = [cdiv(view[0], cfg["BLOCK_R"]) for view in views]
     partials = torch.empty(sum(blocks), dtype=torch.float32, device=arrays[0].device)
     # Absent arrays repeat the first with its shape; no program reaches their branch (blocks_01 covers all).
     padded = list(arrays) + [arrays[0]] * (MAX_ARRAYS - len(arrays))

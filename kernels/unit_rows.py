@@ -14,7 +14,7 @@ Dividing by the largest |x| first keeps the squares from overflowing or underflo
 Each program takes BLOCK_R whole rows (the rows of all examples in order, any strides, 64-bit offsets)
 in three passes over its columns, BLOCK_C at a time: the first finds each row's largest |x|, the second
 sums the squares, the third writes. The second and third read again what the first read, from cache:
-the rows of one program are BLOCK_R x D elements, 4096 up to D = 512 and 10240 at D = 1280. Rows at or
+the rows of one program are BLOCK_R x D elements, at most 2048 up to D = 512 and 5120 at D = 1280. Rows at or
 past an example's length (``lengths``) are read as zeros, so they come out zero without a pass of their
 own.
 """
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .attention_common import cdiv
 
 #: Elements of one block (BLOCK_R x BLOCK_C), 16 a thread at 4 warps, and its most rows. Each row holds a
 #: 64-bit pointer and its index arithmetic, and rows whose stride is no multiple of 16 bytes load element
@@ -121,7 +123,7 @@ def unit_rows(x, lengths=None):
     cfg = launch_config(cols)
     rows = batch * length
     # Without lengths, x is a valid pointer that HAS_LENGTHS = False never reads.
-    _unit_rows_fwd[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+    _unit_rows_fwd[(cdiv(rows, cfg["BLOCK_R"]),)](
         x, lengths if lengths is not None else x, out, rows, length, cols, *x.stride(),
         HAS_LENGTHS=lengths is not None, **cfg,
     )

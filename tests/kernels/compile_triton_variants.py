@@ -58,9 +58,9 @@ ARCHS = (80, 90)
 #: Shared memory a block may take: on sm_80 the 99 KiB of sm_86, sm_89 and sm_120, whose compiles sm_80's
 #: stand for; H100/H200 (sm_90) 227 KiB. Launch configurations for GPUs with A100's 163 KiB or more
 #: (``attention.HEADS_256_SHARED_MEMORY``) are held to that on sm_80.
-SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
-LARGE_SHARED_LIMIT = {80: fused_module.HEADS_256_SHARED_MEMORY, 90: 227 * 1024}
 SMALL_SHARED_MEMORY = 99 * 1024
+SHARED_LIMIT = {80: SMALL_SHARED_MEMORY, 90: 227 * 1024}
+LARGE_SHARED_LIMIT = {**SHARED_LIMIT, 80: fused_module.HEADS_256_SHARED_MEMORY}
 #: The kernels whose spills are only reported (see above); any other kernel's spill fails.
 MAY_SPILL = {"_attention_fwd", "_attention_fwd_scores", "_attention_fwd_probs_values"}
 
