@@ -3,9 +3,9 @@ kernels of ``kernels/attention.py``; the fusion itself is ``device_common.Device
 Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's demo) run in one launch
 instead, projections, both directions, the probabilities and the similarities (when asked) included, and
 so do their multi-head attentions (``kernels/small_attention.py``).
-Fusions without mask, key lengths or probabilities over short sequences attend elsewhere where that was
-faster: heads wider than 256 as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads
-in torch's SDPA (``TritonBackend._attention``).
+Fusions without mask or probabilities attend elsewhere where that was faster: heads wider than 256 over
+short sequences as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads in torch's
+SDPA (``TritonBackend._attention``).
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -77,6 +77,8 @@ class TritonBackend(DeviceFusion):
         # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
         # under the interpreter the CPU takes the inputs in float32 instead.
         self.float32_scores = self.device.type == "cpu" or self.torch.__version__ >= "2.8"
+        # torch.backends.cuda.SDPAParams took enable_gqa from torch 2.5 on.
+        self._sdpa_params_tail = (False,) if self.torch.__version__ >= "2.5" else ()
 
     @staticmethod
     def usable_by_auto() -> bool:
@@ -265,9 +267,9 @@ class TritonBackend(DeviceFusion):
 
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
         """Heads' sums without mask or probabilities: heads wider than 256 over short sequences as two
-        GEMMs (``_gemm_head_sum``, ragged ones too), other float32 heads without key lengths through
-        torch's SDPA (the shared keys expanded over the heads, no copy) and a float32 sum; the rest
-        through the kernels.
+        GEMMs (``_gemm_head_sum``), other float32 heads through torch's SDPA (``_sdpa_head_sum``: the shared
+        keys expanded over the heads, no copy, key lengths as an additive -inf mask) and a float32 sum,
+        where SDPA runs its memory-efficient kernel or the keys are few; the rest through the kernels.
 
         Timed on an H200 on the fusion's own call, one direction (sweeps of 2026-11-29 and 2026-11-30):
         W3 (D = 1280, L = 256) in bfloat16 as GEMMs 0.34 ms, against 0.75 for the two-pass operator and
@@ -275,21 +277,52 @@ class TritonBackend(DeviceFusion):
         W2 (D = 128) in float32: SDPA 1.73 ms, GEMMs 1.78, the fused kernel 4.5 (tf32x3, its best tiles:
         2.1); in bfloat16 the fused kernel 0.26, SDPA 0.47, GEMMs 0.50. W4 (D = 256, L = 4096) in bfloat16:
         SDPA 0.47, the fused kernel 0.58, but SDPA's per-head outputs would lift the fusion's peak memory
-        past torch's (W4's target), so W4 keeps the kernel. SDPA takes no mask with the seed's fill,
-        hence the kernels for masks and lengths. SDPA only where the keys are at most twice as many as the
-        heads are wide: where it falls back to its math path, its (B, H, Lq, Lk) float32 scores then take
-        at most twice the output's memory; longer sequences keep the kernels, whose memory does not grow
-        with Lk.
+        past torch's (W4's target), so W4 keeps the kernel. In float32, whole fusions of 2026-11-30 (run 2)
+        put torch's SDPA far ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's
+        (its float32 attention at ~44 TFLOP/s), 34.9 for the kernel (17.8 in tf32x3); W5 (ragged,
+        D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no mask with the seed's fill, hence the
+        kernels for masks.
         """
         if sum_heads and masked is None and not need_weights:
             if self._gemm_route(q, k, v):
                 return self._gemm_head_sum(q, k, v, scale, q_lengths, k_lengths), None
-            if k_lengths is None and q.dtype == self.float32 and k.shape[2] <= 2 * v.shape[3]:
-                keys = k.expand(-1, q.shape[1], -1, -1)
-                out = self.torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale).sum(1)
-                return self._zero_padded_rows(out, q_lengths, axis=1), None
+            if q.dtype == self.float32:
+                out = self._sdpa_head_sum(q, k, v, scale, k_lengths)
+                if out is not None:
+                    return self._zero_padded_rows(out, q_lengths, axis=1), None
         return super()._attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
                                   need_weights=need_weights, sum_heads=sum_heads)
+
+    def _sdpa_head_sum(self, q, k, v, scale, k_lengths):
+        """sum_h softmax(scale * Q_h K^T) V_h through torch's SDPA, keys shared by the heads, keys past
+        ``k_lengths`` masked by an additive -inf, or None where SDPA would not bound its memory: where it
+        cannot run its memory-efficient kernel (float32 on a CUDA GPU, head widths multiples of 4; never
+        on the CPU) and the keys are more than twice as many as the heads are wide. There torch falls back
+        to its math path, whose (B, H, Lq, Lk) float32 scores then take at most twice the heads' outputs'
+        memory; longer sequences keep the kernels, whose memory does not grow with Lk.
+
+        SDPA multiplies the padding, and finite padding can still overflow: a padded value row's projection
+        to Inf (times a probability of 0, NaN) or a padded key's score to Inf (plus the -inf mask, NaN), so
+        the fusions zero their inputs' padded rows first (``_zeroes_padding_first``). Its per-head outputs,
+        (B, H, Lq, Dv) in float32 before their sum, take what the queries' projection takes."""
+        torch = self.torch
+        keys = k.expand(-1, q.shape[1], -1, -1)
+        bias = None
+        if k_lengths is not None:
+            padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
+            bias = torch.zeros(padded.shape, dtype=q.dtype, device=q.device).masked_fill_(padded, float("-inf"))
+            bias = bias[:, None, None, :]  # broadcast over heads and queries
+        if k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
+            return None
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale).sum(1)
+
+    def _efficient_sdpa(self, q, k, v, bias) -> bool:
+        """Whether torch's SDPA runs these arguments in its memory-efficient kernel (as torch decides)."""
+        if q.device.type != "cuda":
+            return False
+        cuda = self.torch.backends.cuda
+        params = cuda.SDPAParams(q, k, v, bias, 0.0, False, *self._sdpa_params_tail)
+        return cuda.can_use_efficient_attention(params, False)
 
     def _wide_heads(self, dtype, width: int) -> bool:
         """Heads wider than 256 (the widest the fused kernel holds in 16 bits) in a dtype the GEMM route
@@ -339,11 +372,14 @@ class TritonBackend(DeviceFusion):
         return torch.bmm(probs.view(batch, len_q, len_k * heads), rows_v)
 
     def _zeroes_padding_first(self, dtype, weights: DeviceFoldedWeights, masked, need_weights) -> bool:
-        """Whether a block's attention may take the GEMM route (wide heads, no mask, no probabilities),
-        whose GEMMs multiply the padding: then its inputs' padded rows are zeroed before the projections,
-        so that no padded value row holds an Inf (a float16 projection of large padding can overflow,
-        and Inf times a probability of 0 is NaN). One pass over each input, a fraction of a projection."""
-        return masked is None and not need_weights and self._wide_heads(dtype, weights.width)
+        """Whether a block's attention may take the GEMM route (wide heads, no mask, no probabilities) or
+        SDPA's (float32, no mask, no probabilities), which multiply the padding: then its inputs' padded
+        rows are zeroed before the projections, so that no padded row overflows into an Inf that a
+        probability of 0, or SDPA's -inf mask, makes NaN (a float16 projection of large padding can
+        overflow, and so can float32 products of padding near float32's largest value, which the input
+        check passes). One pass over each input, a fraction of a projection."""
+        sdpa_or_gemms = dtype == self.float32 or self._wide_heads(dtype, weights.width)
+        return masked is None and not need_weights and sdpa_or_gemms
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):
@@ -398,7 +434,9 @@ class TritonBackend(DeviceFusion):
                 k_lengths=k_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True,
                 magnitudes=None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):
-            xv = self._zero_padded_rows(xv, k_lengths, axis=1)  # the values; padded keys are masked
+            values_are_keys = xv is xk
+            xk = self._zero_padded_rows(xk, k_lengths, axis=1)  # SDPA's -inf mask makes a key's Inf score NaN
+            xv = xk if values_are_keys else self._zero_padded_rows(xv, k_lengths, axis=1)
         return super()._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
                                                    k_lengths=k_lengths, need_weights=need_weights, magnitude=magnitude)
 
