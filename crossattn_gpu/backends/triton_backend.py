@@ -279,9 +279,9 @@ class TritonBackend(DeviceFusion):
         SDPA 0.47, the fused kernel 0.58, but SDPA's per-head outputs would lift the fusion's peak memory
         past torch's (W4's target), so W4 keeps the kernel. In float32, whole fusions of 2026-11-30 (run 2)
         put torch's SDPA far ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's
-        (its float32 attention at ~44 TFLOP/s), 34.9 for the kernel (17.8 in tf32x3); W5 (ragged,
-        D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no mask with the seed's fill, hence the
-        kernels for masks.
+        (its memory-efficient kernel, float32 as three TF32 products, at ~44 TFLOP/s), 34.9 for the
+        kernel (17.8 in tf32x3); W5 (ragged, D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no
+        mask with the seed's fill, hence the kernels for masks.
         """
         if sum_heads and masked is None and not need_weights:
             if self._gemm_route(q, k, v):
