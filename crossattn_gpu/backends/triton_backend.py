@@ -4,8 +4,8 @@ Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's de
 instead, projections, both directions, the probabilities and the similarities (when asked) included, and
 so do their multi-head attentions (``kernels/small_attention.py``).
 Fusions without mask or probabilities attend elsewhere where that was faster: heads wider than 256 over
-short sequences as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads in torch's
-SDPA (``TritonBackend._attention``).
+short sequences as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads (and
+``scaled_dot_product_attention`` in float32) in torch's SDPA (``TritonBackend._attention``).
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -266,10 +266,11 @@ class TritonBackend(DeviceFusion):
     # --- primitives of DeviceFusion -----------------------------------------------------------------
 
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
-        """Heads' sums without mask or probabilities: heads wider than 256 over short sequences as two
-        GEMMs (``_gemm_head_sum``), other float32 heads through torch's SDPA (``_sdpa_head_sum``: the shared
-        keys expanded over the heads, no copy, key lengths as an additive -inf mask) and a float32 sum,
-        where SDPA runs its memory-efficient kernel or the keys are few; the rest through the kernels.
+        """Without mask or probabilities: heads' sums of heads wider than 256 over short sequences as two
+        GEMMs (``_gemm_head_sum``); float32 attention otherwise through torch's SDPA (``_sdpa_heads``: keys
+        shared by the heads expanded over them, no copy, key lengths as an additive -inf mask), the heads'
+        sum in float32 after it, where SDPA runs its memory-efficient kernel or the keys are few; the rest
+        through the kernels.
 
         Timed on an H200 on the fusion's own call, one direction (sweeps of 2026-11-29 and 2026-11-30):
         W3 (D = 1280, L = 256) in bfloat16 as GEMMs 0.34 ms, against 0.75 for the two-pass operator and
@@ -283,30 +284,32 @@ class TritonBackend(DeviceFusion):
         kernel (17.8 in tf32x3); W5 (ragged, D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no
         mask with the seed's fill, hence the kernels for masks.
         """
-        if sum_heads and masked is None and not need_weights:
-            if self._gemm_route(q, k, v):
+        if masked is None and not need_weights:
+            if sum_heads and self._gemm_route(q, k, v):
                 return self._gemm_head_sum(q, k, v, scale, q_lengths, k_lengths), None
-            if q.dtype == self.float32:
-                out = self._sdpa_head_sum(q, k, v, scale, k_lengths)
-                if out is not None:
-                    return self._zero_padded_rows(out, q_lengths, axis=1), None
+            out = self._sdpa_heads(q, k, v, scale, k_lengths) if q.dtype == self.float32 else None
+            if out is not None:
+                out = out.sum(1) if sum_heads else out
+                return self._zero_padded_rows(out, q_lengths, axis=out.ndim - 2), None
         return super()._attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths,
                                   need_weights=need_weights, sum_heads=sum_heads)
 
-    def _sdpa_head_sum(self, q, k, v, scale, k_lengths):
-        """sum_h softmax(scale * Q_h K^T) V_h through torch's SDPA, keys shared by the heads, keys past
-        ``k_lengths`` masked by an additive -inf, or None where SDPA would not bound its memory: where it
-        cannot run its memory-efficient kernel (float32 on a CUDA GPU, head widths multiples of 4; never
-        on the CPU) and the keys are more than twice as many as the heads are wide. There torch falls back
-        to its math path, whose (B, H, Lq, Lk) float32 scores then take at most twice the heads' outputs'
-        memory; longer sequences keep the kernels, whose memory does not grow with Lk.
+    def _sdpa_heads(self, q, k, v, scale, k_lengths):
+        """softmax(scale * Q_h K_h^T) V_h (B, H, Lq, Dv) through torch's SDPA, K and V broadcast over the
+        heads when they have one, keys past ``k_lengths`` masked by an additive -inf, or None where SDPA
+        would not bound its memory: where it cannot run its memory-efficient kernel (float32 on a CUDA GPU,
+        head widths multiples of 4; never on the CPU) and the keys are more than twice as many as the
+        values are wide. There torch falls back to its math path, whose (B, H, Lq, Lk) float32 scores then
+        take at most twice the outputs' memory; longer sequences keep the kernels, whose memory does not
+        grow with Lk.
 
         SDPA multiplies the padding, and finite padding can still overflow: a padded value row's projection
         to Inf (times a probability of 0, NaN) or a padded key's score to Inf (plus the -inf mask, NaN), so
-        the fusions zero their inputs' padded rows first (``_zeroes_padding_first``). Its per-head outputs,
-        (B, H, Lq, Dv) in float32 before their sum, take what the queries' projection takes."""
+        the callers zero their inputs' padded rows first (``_zeroes_padding_first``,
+        ``scaled_dot_product_attention``). The fusions' per-head outputs, (B, H, Lq, Dv) in float32 before
+        their sum, take what the queries' projection takes."""
         torch = self.torch
-        keys = k.expand(-1, q.shape[1], -1, -1)
+        keys, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
         bias = None
         if k_lengths is not None:
             padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
@@ -314,7 +317,7 @@ class TritonBackend(DeviceFusion):
             bias = bias[:, None, None, :]  # broadcast over heads and queries
         if k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
             return None
-        return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale).sum(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale)
 
     def _efficient_sdpa(self, q, k, v, bias) -> bool:
         """Whether torch's SDPA runs these arguments in its memory-efficient kernel (as torch decides)."""
@@ -434,11 +437,24 @@ class TritonBackend(DeviceFusion):
                 k_lengths=k_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True,
                 magnitudes=None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):
-            values_are_keys = xv is xk
-            xk = self._zero_padded_rows(xk, k_lengths, axis=1)  # SDPA's -inf mask makes a key's Inf score NaN
-            xv = xk if values_are_keys else self._zero_padded_rows(xv, k_lengths, axis=1)
+            xk, xv = self._zero_padded_keys_values(xk, xv, k_lengths)
         return super()._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
                                                    k_lengths=k_lengths, need_weights=need_weights, magnitude=magnitude)
+
+    def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
+        """float32 without mask or probabilities may attend through torch's SDPA (``_attention``), which
+        multiplies the padding: the keys' and values' padded rows are zeroed first, as the fusions' are."""
+        if masked is None and not need_weights and q.dtype == self.float32:
+            k, v = self._zero_padded_keys_values(k, v, k_lengths)
+        return super().scaled_dot_product_attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths,
+                                                    k_lengths=k_lengths, need_weights=need_weights)
+
+    def _zero_padded_keys_values(self, k, v, k_lengths):
+        """k and v (B, Lk, D) with their rows past ``k_lengths`` zero; one pass when v is k. The keys too:
+        SDPA's -inf mask makes a padded key's Inf score NaN."""
+        values_are_keys = v is k
+        k = self._zero_padded_rows(k, k_lengths, axis=1)
+        return k, k if values_are_keys else self._zero_padded_rows(v, k_lengths, axis=1)
 
     def _kernel_options(self) -> dict:
         return {"precision": self.float32_precision}

@@ -266,13 +266,42 @@ def test_unmasked_float32_heads_sums_take_sdpa_and_the_rest_the_kernels(monkeypa
         ])
 
 
-@pytest.mark.parametrize("method", ["fuse_representations", "multi_head_attention", "multi_head_attention_kv"])
+def test_float32_attention_without_mask_or_probabilities_takes_sdpa(monkeypatch):
+    """``scaled_dot_product_attention`` routes as the fusions' heads do: float32 without mask or
+    probabilities through torch's SDPA (ragged too) where it runs its memory-efficient kernel or the keys
+    are at most twice as many as the values are wide; the rest through the kernel."""
+    ref, tri = models(16, 2)
+    monkeypatch.setattr(tri._backend, "_efficient_sdpa", lambda *args: False)  # as on the CPU
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(13)
+    q, k, v = rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 40, 16)), rng.standard_normal((2, 40, 12))
+    mask = rng.random((2, 9, 20)) > 0.3
+    for keys, kwargs, dtype, route in [
+        (20, {}, torch.float32, "sdpa"),  # 20 keys, values 12 wide
+        (20, {"key_lengths": np.array([20, 3]), "query_lengths": np.array([9, 2])}, torch.float32, "sdpa"),
+        (40, {}, torch.float32, "kernel"),
+        (20, {"mask": mask}, torch.float32, "kernel"),
+        (20, {"need_weights": True}, torch.float32, "kernel"),
+        (20, {}, torch.float16, "kernel"),
+    ]:
+        calls.clear()
+        args = (q, k[:, :keys], v[:, :keys])
+        got, _ = tri.scaled_dot_product_attention(*(torch.tensor(a, dtype=dtype, device=DEVICE) for a in args),
+                                                  **kwargs)
+        assert calls == [route], (keys, kwargs, dtype)
+        want, _ = ref.scaled_dot_product_attention(*args, **kwargs)
+        close(got, want, 1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("method", ["fuse_representations", "multi_head_attention", "multi_head_attention_kv",
+                                    "scaled_dot_product_attention"])
 def test_sdpa_route_ignores_the_padding(monkeypatch, method):
     """SDPA multiplies the padding: a padded value row whose float32 projection overflows (inputs near
     float32's largest value are finite, so they pass the input check) would put Inf times a probability
     of 0, NaN, into every output row, and so would a padded key whose score overflows to Inf (Inf plus
-    SDPA's -inf mask). The inputs' padded rows are zeroed before it, so padding of any finite size
-    changes nothing, and the rows past the query lengths come out zero."""
+    SDPA's -inf mask; `scaled_dot_product_attention` takes the keys as they are). The inputs' padded rows
+    are zeroed before it, so padding of any finite size changes nothing, and the rows past the query
+    lengths come out zero."""
     weights = CrossAttention(16, 2, seed=0, backend="numpy").get_attention_weights()
     weights["output_weights"] = weights["output_weights"] * 8  # the values' gain 0.72 -> 5.8
     weights["query_weights"] = weights["query_weights"] * 4  # queries that take a padded key's score to Inf
@@ -294,15 +323,16 @@ def test_sdpa_route_ignores_the_padding(monkeypatch, method):
         pairs, padded = [(got[k], want[k]) for k in ("fused_sequential", "fused_structural")], got["fused_sequential"]
     else:
         values = xt if method == "multi_head_attention" else rng.standard_normal(xt.shape)
-        if method == "multi_head_attention_kv":
+        if method != "multi_head_attention":
             for b, length in enumerate(t_len):
                 values[b, length:] = 3e38
         args = [torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (xs, xt, values)]
         if method == "multi_head_attention":
             args[2] = args[1]  # the keys as values: one array
         kwargs = dict(query_lengths=s_len, key_lengths=t_len)
-        got, _ = tri.multi_head_attention(*args, **kwargs)
-        want, _ = ref.multi_head_attention(xs, xt, values, **kwargs)
+        name = "scaled_dot_product_attention" if method == "scaled_dot_product_attention" else "multi_head_attention"
+        got, _ = getattr(tri, name)(*args, **kwargs)
+        want, _ = getattr(ref, name)(xs, xt, values, **kwargs)
         pairs, padded = [(got, want)], got
     assert calls == ["sdpa"] * len(pairs)
     for g, w in pairs:
