@@ -444,6 +444,7 @@ class TritonBackend(DeviceFusion):
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
         """float32 without mask or probabilities may attend through torch's SDPA (``_attention``), which
         multiplies the padding: the keys' and values' padded rows are zeroed first, as the fusions' are."""
+        q_lengths, k_lengths = self._on_device(q_lengths, k_lengths)  # once, for the zeroing and the attention
         if masked is None and not need_weights and q.dtype == self.float32:
             k, v = self._zero_padded_keys_values(k, v, k_lengths)
         return super().scaled_dot_product_attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths,
