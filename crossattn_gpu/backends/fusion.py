@@ -11,9 +11,10 @@ A backend supplies four building blocks on its own arrays, in the folded formula
 * ``_cosine_similarity(a, b)``: (B, La, Lb), zero rows giving 0.
 
 and may replace ``_project_pair(xs, xt, weights)``, both inputs' queries and values (two ``_project``
-calls here), to take them in one GEMM, and ``_input_similarity(x, lengths, fused)``, the similarities of
-x's rows (its padded rows zero) and the fused rows (``_zero_padded_rows`` and ``_cosine_similarity``
-here), to zero the padding on the way.
+calls here), to take them in one GEMM; ``_projects_by_direction(...)`` (here never), to project each
+direction's queries and values just before its attention instead, one direction's in memory at a time;
+and ``_input_similarity(x, lengths, fused)``, the similarities of x's rows (its padded rows zero) and the
+fused rows (``_zero_padded_rows`` and ``_cosine_similarity`` here), to zero the padding on the way.
 
 A large batch may run in blocks of whole examples (every example is computed on its own either way):
 a backend that wants blocks returns more than one from ``_example_blocks`` and supplies
@@ -71,6 +72,11 @@ class FoldedFusion:
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights,
                                     magnitude=None):
+        return self._direction(xq, xk, xv, weights, masked, q_lengths, k_lengths, need_weights, magnitude)
+
+    def _direction(self, xq, xk, xv, weights, masked, q_lengths, k_lengths, need_weights, magnitude=None):
+        """One multi-head attention from its inputs: xq's folded queries, xv's folded values, xk the keys.
+        Its projections are dropped when it returns."""
         (q,) = self._project(xq, weights, "q")
         (v,) = self._project(xv, weights, "v")
         if magnitude is not None:  # after the projections' launch, as in _fuse_block
@@ -80,14 +86,24 @@ class FoldedFusion:
     def _project_pair(self, xs, xt, weights):
         return self._project(xs, weights, "qv"), self._project(xt, weights, "qv")
 
+    def _projects_by_direction(self, xs, xt, weights, masked, need_weights) -> bool:
+        """Whether a fusion projects each direction's queries and values just before its attention
+        (``_direction``), so that one direction's projections are in memory at a time, instead of both
+        inputs' queries and values at once (``_project_pair``: fewer, wider GEMMs). Here never."""
+        return False
+
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):
-        (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
-        if magnitude is not None:  # after the projections' launch: they no longer wait for the host's reduction
-            magnitude.reduce()
-        seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
         masked_ts = None if masked is None else masked.swapaxes(-1, -2)
-        struct_to_seq = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
+        if self._projects_by_direction(xs, xt, weights, masked, need_weights):
+            seq_to_struct = self._direction(xs, xt, xt, weights, masked, s_lengths, t_lengths, need_weights, magnitude)
+            struct_to_seq = self._direction(xt, xs, xs, weights, masked_ts, t_lengths, s_lengths, need_weights)
+        else:
+            (qs, vs), (qt, vt) = self._project_pair(xs, xt, weights)
+            if magnitude is not None:  # after the projections' launch: they no longer wait for the host's reduction
+                magnitude.reduce()
+            seq_to_struct = self._attend(qs, xt, vt, masked, s_lengths, t_lengths, need_weights)
+            struct_to_seq = self._attend(qt, xs, vs, masked_ts, t_lengths, s_lengths, need_weights)
         similarity = self._input_similarity if need_similarity else None
         return self._fusion_result(xs, xt, seq_to_struct, struct_to_seq, s_lengths, t_lengths, similarity)
 

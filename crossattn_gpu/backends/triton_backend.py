@@ -46,6 +46,17 @@ class TritonBackend(DeviceFusion):
     #: ``bench.small_fusion`` has timed both; it sets this to 0 (never) and to infinity (whenever the
     #: examples fit).
     one_launch_flops = 1e9
+    #: 16-bit heads 129 to 256 wide attend through torch's SDPA (flash attention) where queries and keys
+    #: are at least this many, no mask, no probabilities and no key lengths (flash attention takes no
+    #: mask). Timed on an H200 at W4's shapes only (B = 4, L = 4096, D = 256, H = 4, bfloat16, one
+    #: direction, heads summed: SDPA 0.473 ms, the fused kernel 0.579, whose heads-summed launch spills
+    #: 1.1 KB of registers at that width); at W2's (L = 256, D = 128) the kernel won, 0.257 against 0.466.
+    #: The bound between is a guess until ``bench.sweep_triton`` times its W4-1k and W4-D128 cases.
+    sdpa_16bit_min_length = 2048
+    #: Narrow heads' fusions that attend through SDPA project by direction (``_projects_by_direction``)
+    #: from this many bytes of projections (both inputs' queries and values) on: below it the two extra
+    #: GEMM launches would cost more than the memory is worth (W4 in bfloat16: 128 MiB).
+    split_projections_bytes = 1 << 26
 
     def __init__(self):
         self.torch = self.xp = require("torch", "backend 'triton'")
@@ -268,9 +279,10 @@ class TritonBackend(DeviceFusion):
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
         """Without mask or probabilities: heads' sums of heads wider than 256 over short sequences as two
         GEMMs (``_gemm_head_sum``); float32 attention otherwise through torch's SDPA (``_sdpa_heads``: keys
-        shared by the heads expanded over them, no copy, key lengths as an additive -inf mask), the heads'
-        sum in float32 after it, where SDPA runs its memory-efficient kernel or the keys are few; the rest
-        through the kernels.
+        shared by the heads expanded over them, no copy, key lengths as an additive -inf mask), where SDPA
+        runs its memory-efficient kernel or the keys are few, and so 16-bit heads 129 to 256 wide over long
+        sequences without key lengths, in its flash attention kernel (``_sdpa_shapes``); the heads' sum
+        accumulated in float32 after it. The rest through the kernels.
 
         Timed on an H200 on the fusion's own call, one direction (sweeps of 2026-11-29 and 2026-11-30):
         W3 (D = 1280, L = 256) in bfloat16 as GEMMs 0.34 ms, against 0.75 for the two-pass operator and
@@ -278,8 +290,9 @@ class TritonBackend(DeviceFusion):
         W2 (D = 128) in float32: SDPA 1.73 ms, GEMMs 1.78, the fused kernel 4.5 (tf32x3, its best tiles:
         2.1); in bfloat16 the fused kernel 0.26, SDPA 0.47, GEMMs 0.50. W4 (D = 256, L = 4096) in bfloat16:
         SDPA 0.47, the fused kernel 0.58, but SDPA's per-head outputs would lift the fusion's peak memory
-        past torch's (W4's target), so W4 keeps the kernel. In float32, whole fusions of 2026-11-30 (run 2)
-        put torch's SDPA far ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's
+        past torch's (W4's target) unless each direction is projected just before its attention
+        (``_projects_by_direction``). In float32, whole fusions of 2026-11-30 (run 2) put torch's SDPA far
+        ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's
         (its memory-efficient kernel, float32 as three TF32 products, at ~44 TFLOP/s), 34.9 for the
         kernel (17.8 in tf32x3); W5 (ragged, D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no
         mask with the seed's fill, hence the kernels for masks.
@@ -287,7 +300,8 @@ class TritonBackend(DeviceFusion):
         if masked is None and not need_weights:
             if sum_heads and self._gemm_route(q, k, v):
                 return self._gemm_head_sum(q, k, v, scale, q_lengths, k_lengths), None
-            out = self._sdpa_heads(q, k, v, scale, k_lengths) if q.dtype == self.float32 else None
+            sdpa = self._sdpa_shapes(q.dtype, max(q.shape[3], v.shape[3]), q.shape[2], k.shape[2])
+            out = self._sdpa_heads(q, k, v, scale, k_lengths) if sdpa else None
             if out is not None:
                 out = out.sum(1) if sum_heads else out
                 return self._zero_padded_rows(out, q_lengths, axis=out.ndim - 2), None
@@ -297,11 +311,12 @@ class TritonBackend(DeviceFusion):
     def _sdpa_heads(self, q, k, v, scale, k_lengths):
         """softmax(scale * Q_h K_h^T) V_h (B, H, Lq, Dv) through torch's SDPA, K and V broadcast over the
         heads when they have one, keys past ``k_lengths`` masked by an additive -inf, or None where SDPA
-        would not bound its memory: where it cannot run its memory-efficient kernel (float32 on a CUDA GPU,
-        head widths multiples of 4; never on the CPU) and the keys are more than twice as many as the
-        values are wide. There torch falls back to its math path, whose (B, H, Lq, Lk) float32 scores then
-        take at most twice the outputs' memory; longer sequences keep the kernels, whose memory does not
-        grow with Lk.
+        would not bound its memory or was not timed: in float32, where it cannot run its memory-efficient
+        kernel (on a CUDA GPU, head widths multiples of 4; never on the CPU) and the keys are more than
+        twice as many as the values are wide (there torch falls back to its math path, whose (B, H, Lq, Lk)
+        float32 scores then take at most twice the outputs' memory; longer sequences keep the kernels, whose
+        memory does not grow with Lk); in 16 bits, with key lengths or where it cannot run flash attention
+        (the kernel that was timed against the fused one).
 
         SDPA multiplies the padding, and finite padding can still overflow: a padded value row's projection
         to Inf (times a probability of 0, NaN) or a padded key's score to Inf (plus the -inf mask, NaN), so
@@ -315,17 +330,36 @@ class TritonBackend(DeviceFusion):
             padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
             bias = torch.zeros(padded.shape, dtype=q.dtype, device=q.device).masked_fill_(padded, float("-inf"))
             bias = bias[:, None, None, :]  # broadcast over heads and queries
-        if k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
+        if q.dtype != self.float32:
+            if bias is not None or not self._flash_sdpa(q, keys, v):
+                return None
+        elif k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
             return None
         return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale)
+
+    def _sdpa_shapes(self, dtype, width: int, len_q: int, len_k: int) -> bool:
+        """Whether attention of heads ``width`` wide (the wider of queries and values) over ``len_q``
+        queries and ``len_k`` keys goes to SDPA when it has no mask or probabilities (``_sdpa_heads`` has
+        the last word): float32 always; 16 bits over long sequences (``sdpa_16bit_min_length``) for heads
+        wider than W2's 128 (where the kernel won), up to the 256 that the fused kernel holds."""
+        if dtype == self.float32:
+            return True
+        return 128 < width <= self.two_pass.FUSED_ONE_CHUNK[2] and min(len_q, len_k) >= self.sdpa_16bit_min_length
+
+    def _sdpa_params(self, q, k, v, bias):
+        return self.torch.backends.cuda.SDPAParams(q, k, v, bias, 0.0, False, *self._sdpa_params_tail)
 
     def _efficient_sdpa(self, q, k, v, bias) -> bool:
         """Whether torch's SDPA runs these arguments in its memory-efficient kernel (as torch decides)."""
         if q.device.type != "cuda":
             return False
-        cuda = self.torch.backends.cuda
-        params = cuda.SDPAParams(q, k, v, bias, 0.0, False, *self._sdpa_params_tail)
-        return cuda.can_use_efficient_attention(params, False)
+        return self.torch.backends.cuda.can_use_efficient_attention(self._sdpa_params(q, k, v, bias), False)
+
+    def _flash_sdpa(self, q, k, v) -> bool:
+        """Whether torch's SDPA can run these arguments (no mask) in its flash attention kernel."""
+        if q.device.type != "cuda":
+            return False
+        return self.torch.backends.cuda.can_use_flash_attention(self._sdpa_params(q, k, v, None), False)
 
     def _wide_heads(self, dtype, width: int) -> bool:
         """Heads wider than 256 (the widest the fused kernel holds in 16 bits) in a dtype the GEMM route
@@ -383,6 +417,21 @@ class TritonBackend(DeviceFusion):
         check passes). One pass over each input, a fraction of a projection."""
         sdpa_or_gemms = dtype == self.float32 or self._wide_heads(dtype, weights.width)
         return masked is None and not need_weights and sdpa_or_gemms
+
+    def _projects_by_direction(self, xs, xt, weights: DeviceFoldedWeights, masked, need_weights) -> bool:
+        """Wide heads project queries and values in GEMMs of their own anyway (``_project``), so each
+        direction's come just before its attention at no cost, and half the projections' memory is held
+        at a time. Narrow heads do so where their attention goes to SDPA (no mask or probabilities,
+        ``_sdpa_shapes``) and the projections are large (``split_projections_bytes``): SDPA holds a
+        direction's heads' outputs before their sum, which would lift W4's peak in bfloat16 from the 144
+        MiB of all four projections (128) and both outputs to 176, past torch SDPA's 144; by direction two
+        projections (64 MiB), the heads' outputs (32) and the outputs (16), ~112. Two more GEMM launches."""
+        if self._wide_heads(xs.dtype, weights.width):
+            return True
+        hd = weights.heads * weights.width
+        projections = 2 * hd * (xs.shape[0] * xs.shape[1] + xt.shape[0] * xt.shape[1]) * xs.element_size()
+        return (masked is None and not need_weights and projections >= self.split_projections_bytes
+                and self._sdpa_shapes(xs.dtype, weights.width, xs.shape[1], xt.shape[1]))
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):

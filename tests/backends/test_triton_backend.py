@@ -293,6 +293,134 @@ def test_float32_attention_without_mask_or_probabilities_takes_sdpa(monkeypatch)
         close(got, want, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_long_16bit_heads_129_to_256_wide_take_flash_sdpa(monkeypatch):
+    """16-bit heads wider than 128 and at most 256 wide over long sequences, without mask, probabilities
+    or key lengths, attend through torch's SDPA where it can run flash attention (see
+    ``TritonBackend.sdpa_16bit_min_length``); the rest through the kernels. Query lengths do not keep a
+    direction from SDPA: its padded rows, whose float16 projections overflow here, come out zero."""
+    ref, tri = models(130, 2)
+    backend = tri._backend
+    monkeypatch.setattr(backend, "sdpa_16bit_min_length", 17)  # "long", at an interpreter's size
+    flash = [True]  # whether SDPA could run flash attention: never on the CPU
+    monkeypatch.setattr(backend, "_flash_sdpa", lambda *args: flash[0])
+    calls = counted_routes(monkeypatch, backend)
+    rng = np.random.default_rng(14)
+    seq, struct = rng.standard_normal((2, 17, 130)), rng.standard_normal((2, 19, 130))
+    mask = rng.random((2, 17, 19)) > 0.3
+    loud_padding = seq.copy()
+    loud_padding[1, 3:] = 6e4 * np.sign(rng.standard_normal(loud_padding[1, 3:].shape))  # finite in float16
+    check_fusion_routes(ref, tri, calls, seq, struct, [
+        ({}, torch.float16, ["sdpa", "sdpa"]),
+        ({"structural_lengths": np.array([19, 4])}, torch.float16, ["kernel", "sdpa"]),  # keys padded towards it
+        ({"mask": mask}, torch.float16, ["kernel", "kernel"]),
+        ({"need_weights": True}, torch.float16, ["kernel", "kernel"]),
+    ])
+    check_fusion_routes(ref, tri, calls, loud_padding, struct, [
+        ({"sequential_lengths": np.array([17, 3])}, torch.float16, ["sdpa", "kernel"]),
+    ])
+    flash[0] = False
+    check_fusion_routes(ref, tri, calls, seq, struct, [({}, torch.float16, ["kernel", "kernel"])])
+    flash[0] = True
+    monkeypatch.setattr(backend, "sdpa_16bit_min_length", 18)  # the sequence's 17 queries, then keys: short
+    check_fusion_routes(ref, tri, calls, seq, struct, [({}, torch.float16, ["kernel", "kernel"])])
+    narrow_ref, narrow = models(128, 1)  # W2's width, where the kernel won; the same kernel module
+    monkeypatch.setattr(narrow._backend, "sdpa_16bit_min_length", 17)
+    monkeypatch.setattr(narrow._backend, "_flash_sdpa", lambda *args: True)
+    check_fusion_routes(narrow_ref, narrow, calls, seq[..., :128], struct[..., :128],
+                        [({}, torch.float16, ["kernel", "kernel"])])
+    # The model's scaled_dot_product_attention likewise: one head 130 wide, 17 queries, 19 keys.
+    monkeypatch.setattr(backend, "sdpa_16bit_min_length", 17)
+    q, k, v = seq[:1], struct[:1], rng.standard_normal((1, 19, 130))
+    half = [torch.tensor(x, dtype=torch.float16, device=DEVICE) for x in (q, k, v)]
+    for kwargs, route in (({}, "sdpa"), ({"query_lengths": np.array([5])}, "sdpa"),
+                          ({"key_lengths": np.array([4])}, "kernel")):
+        calls.clear()
+        got, _ = tri.scaled_dot_product_attention(*half, **kwargs)
+        assert calls == [route], kwargs
+        close(got, ref.scaled_dot_product_attention(q, k, v, **kwargs)[0], 2e-3)
+
+
+def test_fusions_through_sdpa_project_each_direction_before_its_attention(monkeypatch):
+    """SDPA holds a direction's heads' outputs before their sum: where a fusion's attention takes it and
+    the projections are large, each direction's queries and values are projected just before its
+    attention, so that one direction's projections are in memory at a time (W4's peak memory target);
+    small ones project both inputs at once, one GEMM each. Wide heads, whose queries and values take
+    GEMMs of their own anyway, project by direction whatever the route."""
+    ref, tri = models(24, 3)
+    backend = tri._backend
+    calls = counted_routes(monkeypatch, backend)
+    project = backend._project
+    monkeypatch.setattr(backend, "_project",
+                        lambda x, weights, parts: calls.append(f"{parts} of {x.shape[1]}") or project(x, weights, parts))
+    monkeypatch.setattr(backend, "one_launch_flops", 0)  # these examples would take it
+    rng = np.random.default_rng(15)
+    seq, struct = rng.standard_normal((2, 17, 24)), rng.standard_normal((2, 9, 24))
+    mask = rng.random((2, 17, 9)) > 0.3
+    both = ["qv of 17", "qv of 9"]
+    by_direction = ["q of 17", "v of 9", "sdpa", "q of 9", "v of 17", "sdpa"]
+    check_fusion_routes(ref, tri, calls, seq, struct, [({}, torch.float32, both + ["sdpa", "sdpa"])])
+    monkeypatch.setattr(backend, "split_projections_bytes", 2 * 72 * (34 + 18) * 4)  # these, to the byte
+    check_fusion_routes(ref, tri, calls, seq, struct, [
+        ({}, torch.float32, by_direction),
+        ({"structural_lengths": np.array([9, 2])}, torch.float32, by_direction),
+        ({"mask": mask}, torch.float32, both + ["kernel", "kernel"]),
+        ({"need_weights": True}, torch.float32, both + ["kernel", "kernel"]),
+        ({}, torch.float16, both + ["kernel", "kernel"]),  # 16 bits this short: the kernels
+    ])
+    monkeypatch.setattr(backend, "split_projections_bytes", 2 * 72 * (34 + 18) * 4 + 1)
+    check_fusion_routes(ref, tri, calls, seq, struct, [({}, torch.float32, both + ["sdpa", "sdpa"])])
+    wide_ref, wide = models(300, 1)
+    project_wide = wide._backend._project
+    monkeypatch.setattr(wide._backend, "_project", lambda x, weights, parts: calls.append(
+        f"{parts} of {x.shape[1]}") or project_wide(x, weights, parts))
+    wide_seq, wide_struct = rng.standard_normal((1, 5, 300)), rng.standard_normal((1, 4, 300))
+    check_fusion_routes(wide_ref, wide, calls, wide_seq, wide_struct, [
+        ({}, torch.float16, ["q of 5", "v of 4", "gemm", "q of 4", "v of 5", "gemm"]),
+        ({"mask": mask[:1, :5, :4]}, torch.float16, ["q of 5", "v of 4", "kernel", "q of 4", "v of 5", "kernel"]),
+    ])
+
+
+@gpu_only
+def test_long_bfloat16_fusions_take_flash_sdpa_within_torchs_memory(monkeypatch):
+    """W4's shapes at a quarter of its batch and half its length (B = 1, L = 2048, D = 256, H = 4, bfloat16):
+    both directions through SDPA (flash attention), each projected just before its attention, so that
+    the call's peak memory stays within that of the same fusion in torch (batched projections and SDPA,
+    the benchmark's peer), and its error within twice torch's."""
+    ref, tri = models(256, 4)
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(16)
+    seq, struct = rng.standard_normal((1, 2048, 256)), rng.standard_normal((1, 2048, 256))
+    inputs = [torch.tensor(x, dtype=torch.bfloat16, device=DEVICE) for x in (seq, struct)]
+    weights = {n: torch.tensor(w, dtype=torch.bfloat16, device=DEVICE) for n, w in ref.get_attention_weights().items()}
+    heads, width = 4, 256
+    cat = {n: weights[n].permute(1, 0, 2).reshape(width, heads * width) for n in ("query_weights", "key_weights",
+                                                                                 "value_weights")}
+
+    def torch_sdpa(xq, xkv):
+        q, k, v = (x.view(1, -1, heads, width).transpose(1, 2) for x in (
+            xq @ cat["query_weights"], xkv @ cat["key_weights"], xkv @ cat["value_weights"]))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=width**-0.5)
+        return o.transpose(1, 2).reshape(1, -1, heads * width) @ weights["output_weights"]
+
+    def peak(run):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+
+    got, ours = peak(lambda: tri.fuse_representations(*inputs, bidirectional=False, need_similarity=False))
+    assert calls == ["sdpa", "sdpa"]
+    with torch.inference_mode():
+        plain, theirs = peak(lambda: (torch_sdpa(*inputs), torch_sdpa(*inputs[::-1])))
+    assert ours <= theirs, (ours / 2**20, theirs / 2**20)
+    want = ref.fuse_representations(seq, struct, bidirectional=False, need_similarity=False)
+    for key, yardstick in zip(("fused_sequential", "fused_structural"), plain):
+        err = np.abs(got[key].double().cpu().numpy() - want[key]).max()
+        assert np.isfinite(err) and err <= 2 * np.abs(yardstick.double().cpu().numpy() - want[key]).max()
+
+
 @pytest.mark.parametrize("method", ["fuse_representations", "multi_head_attention", "multi_head_attention_kv",
                                     "scaled_dot_product_attention"])
 def test_sdpa_route_ignores_the_padding(monkeypatch, method):
