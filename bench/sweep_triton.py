@@ -34,13 +34,17 @@ from crossattn_gpu.kernels.attention import attention, launch_config
 KERNELS = {"fused": attention, "two_pass": two_pass.attention_two_pass}
 
 # (name, B, H, L, D, dtype): the attention of W2, W3 and W4 (Lq = Lk = L) as the fusion launches it.
-# Untuned first: a call stopped at its time limit keeps what matters most.
+# Untuned first: a call stopped at its time limit keeps what matters most. Last, two shapes between W2 and
+# W4 for the bounds of the 16-bit SDPA route (``TritonBackend._sdpa_shapes``: heads wider than 128, at
+# least ``sdpa_16bit_min_length`` long): their stages time the kernel against SDPA on the same inputs.
 CASES = [
     ("W3", 64, 8, 256, 1280, "bfloat16"),
     ("W3", 64, 8, 256, 1280, "float32"),
     ("W2", 512, 4, 256, 128, "bfloat16"),
     ("W4", 4, 4, 4096, 256, "bfloat16"),
     ("W2", 512, 4, 256, 128, "float32"),
+    ("W4-1k", 16, 4, 1024, 256, "bfloat16"),
+    ("W4-D128", 4, 4, 4096, 128, "bfloat16"),
 ]
 SMOKE_CASES = [("tiny", 2, 2, 40, 24, "float32"), ("tiny-wide", 1, 2, 20, 300, "float16")]
 
