@@ -382,14 +382,14 @@ def test_fusions_through_sdpa_project_each_direction_before_its_attention(monkey
 
 @gpu_only
 def test_long_bfloat16_fusions_take_flash_sdpa_within_torchs_memory(monkeypatch):
-    """W4's shapes at a quarter of its batch and half its length (B = 1, L = 2048, D = 256, H = 4, bfloat16):
-    both directions through SDPA (flash attention), each projected just before its attention, so that
-    the call's peak memory stays within that of the same fusion in torch (batched projections and SDPA,
-    the benchmark's peer), and its error within twice torch's."""
+    """W4 at half its batch (B = 2, L = 4096, D = 256, H = 4, bfloat16: 64 MiB of projections, the bound
+    for projecting by direction): both directions through SDPA (flash attention), each projected just
+    before its attention, so that the call's peak memory stays within that of the same fusion in torch
+    (batched projections and SDPA, the benchmark's peer), and its error within twice torch's."""
     ref, tri = models(256, 4)
     calls = counted_routes(monkeypatch, tri._backend)
     rng = np.random.default_rng(16)
-    seq, struct = rng.standard_normal((1, 2048, 256)), rng.standard_normal((1, 2048, 256))
+    seq, struct = rng.standard_normal((2, 4096, 256)), rng.standard_normal((2, 4096, 256))
     inputs = [torch.tensor(x, dtype=torch.bfloat16, device=DEVICE) for x in (seq, struct)]
     weights = {n: torch.tensor(w, dtype=torch.bfloat16, device=DEVICE) for n, w in ref.get_attention_weights().items()}
     heads, width = 4, 256
@@ -397,10 +397,10 @@ def test_long_bfloat16_fusions_take_flash_sdpa_within_torchs_memory(monkeypatch)
                                                                                  "value_weights")}
 
     def torch_sdpa(xq, xkv):
-        q, k, v = (x.view(1, -1, heads, width).transpose(1, 2) for x in (
+        q, k, v = (x.view(2, -1, heads, width).transpose(1, 2) for x in (
             xq @ cat["query_weights"], xkv @ cat["key_weights"], xkv @ cat["value_weights"]))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=width**-0.5)
-        return o.transpose(1, 2).reshape(1, -1, heads * width) @ weights["output_weights"]
+        return o.transpose(1, 2).reshape(2, -1, heads * width) @ weights["output_weights"]
 
     def peak(run):
         torch.cuda.synchronize()
