@@ -4,8 +4,9 @@ Fusions of small examples (``kernels/small_fusion.py``'s ``fits``: the seed's de
 instead, projections, both directions, the probabilities and the similarities (when asked) included, and
 so do their multi-head attentions (``kernels/small_attention.py``).
 Fusions without mask or probabilities attend elsewhere where that was faster: heads wider than 256 over
-short sequences as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads (and
-``scaled_dot_product_attention`` in float32) in torch's SDPA (``TritonBackend._attention``).
+short sequences as two cuBLAS GEMMs around ``kernels/softmax_heads.py``, other float32 heads and 16-bit
+heads 129 to 256 wide over long sequences (and ``scaled_dot_product_attention`` likewise) in torch's SDPA
+(``TritonBackend._attention``).
 
 Arrays: torch tensors stay torch (results on the caller's device), CuPy arrays cross through DLPack
 without a copy (results are CuPy), NumPy arrays are copied over and back. With ``TRITON_INTERPRET=1``
@@ -292,10 +293,10 @@ class TritonBackend(DeviceFusion):
         SDPA 0.47, the fused kernel 0.58, but SDPA's per-head outputs would lift the fusion's peak memory
         past torch's (W4's target) unless each direction is projected just before its attention
         (``_projects_by_direction``). In float32, whole fusions of 2026-11-30 (run 2) put torch's SDPA far
-        ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's
-        (its memory-efficient kernel, float32 as three TF32 products, at ~44 TFLOP/s), 34.9 for the
-        kernel (17.8 in tf32x3); W5 (ragged, D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no
-        mask with the seed's fill, hence the kernels for masks.
+        ahead of the fused kernel where the keys are many: W4 14.0 ms for torch's (its memory-efficient
+        kernel, float32 as three TF32 products, at ~44 TFLOP/s), 34.9 for the kernel (17.8 in tf32x3);
+        W5 (ragged, D = 128, L = 256) 7.3 against 11.7 (6.7). SDPA takes no mask with the seed's fill,
+        hence the kernels for masks.
         """
         if masked is None and not need_weights:
             if sum_heads and self._gemm_route(q, k, v):
@@ -325,15 +326,14 @@ class TritonBackend(DeviceFusion):
         their sum, take what the queries' projection takes."""
         torch = self.torch
         keys, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
+        if q.dtype != self.float32 and (k_lengths is not None or not self._flash_sdpa(q, keys, v)):
+            return None  # before the mask is built: it would be thrown away
         bias = None
         if k_lengths is not None:
             padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
             bias = torch.zeros(padded.shape, dtype=q.dtype, device=q.device).masked_fill_(padded, float("-inf"))
             bias = bias[:, None, None, :]  # broadcast over heads and queries
-        if q.dtype != self.float32:
-            if bias is not None or not self._flash_sdpa(q, keys, v):
-                return None
-        elif k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
+        if q.dtype == self.float32 and k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
             return None
         return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale)
 

@@ -346,12 +346,15 @@ def test_fusions_through_sdpa_project_each_direction_before_its_attention(monkey
     attention, so that one direction's projections are in memory at a time (W4's peak memory target);
     small ones project both inputs at once, one GEMM each. Wide heads, whose queries and values take
     GEMMs of their own anyway, project by direction whatever the route."""
+    def record_projections(backend):  # into ``calls``: "qv of 17", the parts and the input's length
+        project = backend._project
+        monkeypatch.setattr(backend, "_project", lambda x, weights, parts: calls.append(
+            f"{parts} of {x.shape[1]}") or project(x, weights, parts))
+
     ref, tri = models(24, 3)
     backend = tri._backend
     calls = counted_routes(monkeypatch, backend)
-    project = backend._project
-    monkeypatch.setattr(backend, "_project",
-                        lambda x, weights, parts: calls.append(f"{parts} of {x.shape[1]}") or project(x, weights, parts))
+    record_projections(backend)
     monkeypatch.setattr(backend, "one_launch_flops", 0)  # these examples would take it
     rng = np.random.default_rng(15)
     seq, struct = rng.standard_normal((2, 17, 24)), rng.standard_normal((2, 9, 24))
@@ -370,9 +373,7 @@ def test_fusions_through_sdpa_project_each_direction_before_its_attention(monkey
     monkeypatch.setattr(backend, "split_projections_bytes", 2 * 72 * (34 + 18) * 4 + 1)
     check_fusion_routes(ref, tri, calls, seq, struct, [({}, torch.float32, both + ["sdpa", "sdpa"])])
     wide_ref, wide = models(300, 1)
-    project_wide = wide._backend._project
-    monkeypatch.setattr(wide._backend, "_project", lambda x, weights, parts: calls.append(
-        f"{parts} of {x.shape[1]}") or project_wide(x, weights, parts))
+    record_projections(wide._backend)
     wide_seq, wide_struct = rng.standard_normal((1, 5, 300)), rng.standard_normal((1, 4, 300))
     check_fusion_routes(wide_ref, wide, calls, wide_seq, wide_struct, [
         ({}, torch.float16, ["q of 5", "v of 4", "gemm", "q of 4", "v of 5", "gemm"]),
