@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -297,18 +298,41 @@ def _check_mask_finite(arr, backend, late_checks: list | None) -> None:
         fail()
 
 
+class BatchLayout(NamedTuple):  # a tuple: built in every call, and a frozen dataclass is slow to build
+    """What a call's checks settle from its inputs' layout (kinds, shapes, dtypes, devices) alone."""
+
+    batched: bool  # False when the caller gave (L, D) arrays
+    out_dtype: str  # dtype name of the results
+    compute: object  # the backend's dtype the inputs are computed in
+    stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
+    caller_kind: object  # how to hand results back (the backend's token)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Validated, batched inputs of one call, in the backend's compute dtype."""
 
     arrays: tuple  # rank-3 backend arrays (B, L, D)
-    batched: bool  # False when the caller gave (L, D) arrays
-    out_dtype: str  # dtype name of the results
-    caller_kind: object  # how to hand results back (the backend's token)
-    stages: StageDtypes  # the dtypes the backend computes these inputs' stages in
+    layout: BatchLayout
     finish_values: Callable[[], float]  # raises if the inputs' values failed, else their largest magnitude
     late_checks: list = field(default_factory=list)  # functions that raise if a check read late failed
     pending_magnitude: object = None  # backend.pending_magnitude or None, for fuse or multi_head_attention
+
+    @property
+    def batched(self) -> bool:
+        return self.layout.batched
+
+    @property
+    def out_dtype(self) -> str:
+        return self.layout.out_dtype
+
+    @property
+    def caller_kind(self):
+        return self.layout.caller_kind
+
+    @property
+    def stages(self) -> StageDtypes:
+        return self.layout.stages
 
     def finish_checks(self) -> float:
         """Finish the checks read late from the device (a GPU's reads wait for their own copies, not for

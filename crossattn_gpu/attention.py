@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class _Parameter:
         # thread then stores into the old cache, never into the one that later calls read.
         obj._weights = {**obj._weights, self.name: checked}
         obj._prepared = {}
+        obj._plans = {}  # their prepared weights are the old ones (a plan also checks that it has the current)
 
 
 class CrossAttention:
@@ -133,6 +135,7 @@ class CrossAttention:
                 f"backend {self._backend.name!r} supports dtypes {', '.join(self._backend.dtypes)}; got {self.dtype!r}"
             )
         self._prepared: dict = {}  # compute dtype -> the backend's prepared weights
+        self._plans: dict = {}  # fuse_representations' plans (_FusionPlan) by _fusion_plan_key
         self.is_initialized = True
 
     def __getstate__(self) -> dict:
@@ -300,6 +303,11 @@ class CrossAttention:
             (list of H (…, Lt, Ls)), ``seq_similarity``, ``struct_similarity`` and ``fusion_complete``
             (True). Entries that were not asked for are None.
         """
+        plan_key = self._fusion_plan_key(sequential_repr, structural_repr, mask, sequential_lengths, structural_lengths,
+                                         bidirectional, need_weights, need_similarity)
+        plan = None if plan_key is None else self._plans.get(plan_key)
+        if plan is not None and plan is not _NO_PLAN and self._prepared.get(plan.weights_dtype) is plan.weights:
+            return self._planned_fusion(plan, sequential_repr, structural_repr)
         batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr},
                             magnitude_by_kernel=True)
         xs, xt = batch.arrays
@@ -311,11 +319,12 @@ class CrossAttention:
         need_weights = _default_need_weights(need_weights, batch)
         need_similarity = _checks.check_flag(need_similarity, "need_similarity")
         (size, len_s, width), len_t, heads = xs.shape, xt.shape[1], self.attention_heads
-        self._check_outputs_fit(batch, {
+        outputs = {
             "fused outputs": size * (len_s * (1 + bidirectional) + len_t) * width,
             "probabilities (need_weights)": need_weights and 2 * size * heads * len_s * len_t,
             "similarities (need_similarity)": need_similarity and size * (len_s * len_s + len_t * len_t),
-        }, remedy="pass need_weights=False or need_similarity=False, or fewer examples per call")
+        }
+        self._check_outputs_fit(batch, outputs, remedy=_FUSION_OUTPUTS_REMEDY)
         weights = self._projection(xs.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
         by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
@@ -323,6 +332,52 @@ class CrossAttention:
             xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
             need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
         )
+        results = self._fusion_results(batch, weights, parts, bidirectional)
+        if plan_key is not None and plan is not _NO_PLAN:
+            run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
+            self._keep_plan(plan_key, _NO_PLAN if run is None else _FusionPlan(batch.layout, xs.dtype, weights, run,
+                                                                               bidirectional, outputs))
+        return results
+
+    def _fusion_plan_key(self, xs, xt, mask, s_lengths, t_lengths, bidirectional, need_weights, need_similarity):
+        """The key under which ``fuse_representations`` keeps what a call settled (``_FusionPlan``) for the
+        next calls alike: the inputs' layouts (``backend.layout_key``: shapes, strides, dtypes, devices), the
+        flags, the compute dtype and the backend's settings. None, and no plan, for calls with a mask or
+        lengths (their values are checked each call), flags that are not Python bools (their check
+        raises or converts), and inputs the backend makes no plans for."""
+        backend = self._backend
+        layout_s = backend.layout_key(xs)  # first: None for most calls that take no plan
+        if layout_s is None or mask is not None or s_lengths is not None or t_lengths is not None:
+            return None
+        if type(bidirectional) is not bool or type(need_similarity) is not bool or not (
+                need_weights is None or type(need_weights) is bool):
+            return None
+        layout_t = backend.layout_key(xt)
+        if layout_t is None:
+            return None
+        return layout_s, layout_t, bidirectional, need_weights, need_similarity, self.dtype, backend.plan_settings()
+
+    def _keep_plan(self, key, plan: "_FusionPlan") -> None:
+        plans = self._plans
+        if len(plans) >= _PLANS_KEPT:  # a new dict, not a clear(): another thread may be reading this one
+            self._plans = plans = {}
+        plans[key] = plan
+
+    def _planned_fusion(self, plan: "_FusionPlan", sequential_repr, structural_repr) -> dict:
+        """``fuse_representations`` for inputs of a plan's layout: what depends on the layout alone was
+        checked by the call that made the plan; the values are checked as every call checks them (NaN,
+        Inf, overflow), and so is the room for results handed back in host memory."""
+        backend = self._backend
+        arrays = {"sequential_repr": backend.native(sequential_repr, "sequential_repr"),
+                  "structural_repr": backend.native(structural_repr, "structural_repr")}
+        pending = backend.pending_magnitude(*arrays.values())
+        batch = self._checked_batch(arrays, _checks.check_values(arrays, backend, pending), pending, plan.layout)
+        self._check_outputs_fit(batch, plan.outputs, remedy=_FUSION_OUTPUTS_REMEDY)
+        return self._fusion_results(batch, plan.weights, plan.run(*batch.arrays, pending), plan.bidirectional)
+
+    def _fusion_results(self, batch: _checks.Batch, weights, parts: dict, bidirectional: bool) -> dict:
+        """The fusion's dict from the backend's ``parts``, once the inputs' values and the results are
+        checked."""
         fused_s, fused_t = parts["fused_sequential"], parts["fused_structural"]
         both = fused_s + fused_t if bidirectional else None
         magnitude = batch.finish_checks()
@@ -509,17 +564,23 @@ class CrossAttention:
             raise TypeError(f"backend {backend.name!r} supports dtypes {', '.join(backend.dtypes)}; got {out_dtype}")
         first = next(iter(named_inputs.values()))
         _checks.check_result_kind(first, out_dtype)
-        compute, stages = backend.compute_dtype(out_dtype), backend.stage_dtypes(out_dtype)
-        cast = tuple(backend.cast(a if batched else a[None], compute) for a in arrays.values())
-        caller_kind = backend.caller_kind(first)
+        layout = _checks.BatchLayout(batched, out_dtype, backend.compute_dtype(out_dtype), backend.stage_dtypes(out_dtype),
+                                     backend.caller_kind(first))
+        return self._checked_batch(arrays, read_magnitude, pending, layout)
+
+    def _checked_batch(self, arrays: dict, read_magnitude, pending, layout: _checks.BatchLayout) -> _checks.Batch:
+        """The ``Batch`` of checked ``arrays`` (name -> backend array) of ``layout``: cast to the compute
+        dtype, batched, their values' check finished by ``finish_checks`` (``read_magnitude``: what
+        ``_checks.check_values`` returned for them)."""
+        backend = self._backend
+        cast = tuple(backend.cast(a if layout.batched else a[None], layout.compute) for a in arrays.values())
 
         def finish_values() -> float:
             magnitude = read_magnitude()
-            _overflow.check_cast(arrays, magnitude, stages.projections, backend)
+            _overflow.check_cast(arrays, magnitude, layout.stages.projections, backend)
             return magnitude
 
-        return _checks.Batch(cast, batched, out_dtype, caller_kind, stages, finish_values,
-                             pending_magnitude=pending)
+        return _checks.Batch(cast, layout, finish_values, pending_magnitude=pending)
 
     def _ragged(self, batch, mask, len_q, len_k, q_lengths, k_lengths, names=("query_lengths", "key_lengths"),
                 equal: bool = False):
@@ -590,6 +651,31 @@ class CrossAttention:
         heads = self._out(probs, batch)
         return [heads[:, h] if batch.batched else heads[h] for h in range(probs.shape[1])]
 
+
+_FUSION_OUTPUTS_REMEDY = "pass need_weights=False or need_similarity=False, or fewer examples per call"
+
+#: Plans a model keeps (``CrossAttention._keep_plan``); a new layout past them starts the set anew.
+_PLANS_KEPT = 16
+
+
+@dataclass(frozen=True)
+class _FusionPlan:
+    """What a ``fuse_representations`` call without mask or lengths settled from its inputs' layout and
+    flags, for the next calls alike (``CrossAttention._fusion_plan_key``): the inputs' checked layout, the
+    prepared weights it used (a plan whose weights are no longer the model's is not used), the backend's
+    ``fusion_plan`` and the results' sizes for the host-memory check. A small call on a GPU is its host's
+    time (W1), most of which went to checks that depend on the layout alone."""
+
+    layout: _checks.BatchLayout
+    weights_dtype: object  # the compute dtype, the key of the model's prepared weights
+    weights: object
+    run: Callable
+    bidirectional: bool
+    outputs: dict  # what -> element count, for _check_outputs_fit
+
+
+#: Kept under a key whose calls the backend makes no plan for, so that it is asked once.
+_NO_PLAN = object()
 
 _PRECISION_TEXT = {
     "ieee": "IEEE float32",

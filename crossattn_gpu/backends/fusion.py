@@ -36,6 +36,20 @@ class FoldedFusion:
         ``magnitude``: here None, never."""
         return None
 
+    def layout_key(self, x):
+        """A hashable layout of the input ``x`` (its shape, strides, dtype, device) under which the front end
+        keeps a ``fusion_plan``, or None where this backend makes none for it: here never."""
+        return None
+
+    def plan_settings(self) -> tuple:
+        """This backend's settings that a ``fusion_plan`` depends on besides its inputs' layout and weights."""
+        return ()
+
+    def fusion_plan(self, xs, xt, weights, *, need_weights: bool, need_similarity: bool):
+        """``run(xs, xt, magnitude)``, doing what ``fuse`` does without mask or lengths for inputs laid out as
+        xs and xt with these weights, its route settled once (see ``TritonBackend.fusion_plan``), or None."""
+        return None
+
     def checks_lengths_late(self, lengths) -> bool:
         """Whether this backend checks these lengths' values on its device, read late (``late_lengths``),
         instead of the front end on the host: here never."""

@@ -114,7 +114,7 @@ class TritonBackend(DeviceFusion):
         if isinstance(x, torch.Tensor):
             return ("torch", x.device)
         if type(x).__module__.split(".")[0] == "cupy":
-            return ("cupy", None)
+            return ("cupy", torch.device("cuda", x.device.id))
         return ("numpy", None)
 
     @staticmethod
@@ -123,15 +123,17 @@ class TritonBackend(DeviceFusion):
         return tag == "numpy" or (tag == "torch" and device.type == "cpu")
 
     def native(self, x, name: str):
-        """``x`` as a torch tensor on this backend's device (no copy for device tensors and CuPy)."""
+        """``x`` as a torch tensor on this backend's device: no copy for torch tensors and CuPy arrays on it,
+        a copy for those on another GPU (a kernel launched on this device must not be handed another's
+        memory), as for host arrays."""
         torch = self.torch
+        if not isinstance(x, torch.Tensor) and type(x).__module__.split(".")[0] == "cupy":
+            if self.device.type != "cuda":
+                raise TypeError(f"{name} is a CuPy array, but backend 'triton' runs on the CPU here (interpreter)")
+            x = torch.from_dlpack(x)
         if isinstance(x, torch.Tensor):
             check_no_grad(x, name)
             return x.to(self.device)
-        if type(x).__module__.split(".")[0] == "cupy":
-            if self.device.type != "cuda":
-                raise TypeError(f"{name} is a CuPy array, but backend 'triton' runs on the CPU here (interpreter)")
-            return torch.from_dlpack(x)
         arr = transferable_host_array(x, name)
         if not arr.flags.writeable:  # a read-only memmap, say, of which torch.from_numpy warns: copied instead
             return torch.tensor(arr, device=self.device)  # (on a GPU that is the one copy to it, as below)
@@ -253,10 +255,10 @@ class TritonBackend(DeviceFusion):
         tag, device = kind
         if tag == "torch":
             return x if x.device == device else x.to(device)
-        if tag == "cupy":
+        if tag == "cupy":  # back on the caller's GPU, as torch tensors go back to theirs
             import cupy
 
-            return cupy.from_dlpack(x.contiguous())
+            return cupy.from_dlpack((x if x.device == device else x.to(device)).contiguous())
         return x.cpu().numpy()  # not bfloat16: _checks.check_result_kind refused that before any work
 
     def compute_dtype(self, dtype_name: str):
@@ -435,23 +437,60 @@ class TritonBackend(DeviceFusion):
 
     def _fuse_block(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity,
                     magnitude=None):
-        fusion_flops = self.small_fusion.flops(xs.shape[0], xs.shape[1], xt.shape[1], weights.width, weights.heads)
-        if self._in_one_launch(xs, xt, fusion_flops, need_similarity):
-            if masked is not None:
-                masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
-            (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = self.small_fusion.small_fusion(
-                xs, xt, weights.query_value, heads=weights.heads, masked=masked, s_lengths=s_lengths,
-                t_lengths=t_lengths, need_probs=need_weights, need_similarity=need_similarity,
-                precision=self.float32_precision, lengths_checked=True,
-                magnitudes=None if magnitude is None else magnitude.kernel_buffer(xs, xt))
-            result = self._fusion_result(xs, xt, (fused_s, probs_st), (fused_t, probs_ts), s_lengths, t_lengths, None)
-            if need_similarity:
-                result.update(seq_similarity=sim_s, struct_similarity=sim_t)
-            return result
+        if self._fuses_in_one_launch(xs, xt, weights, need_similarity):
+            launch = self._small_fusion(xs, xt, weights, need_weights, need_similarity)
+            return self._one_launch_fusion(launch, xs, xt, masked, s_lengths, t_lengths, magnitude)
         if self._zeroes_padding_first(xs.dtype, weights, masked, need_weights):
             xs, xt = self._zero_padded_rows(xs, s_lengths, axis=1), self._zero_padded_rows(xt, t_lengths, axis=1)
         return super()._fuse_block(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
+
+    def fusion_plan(self, xs, xt, weights: DeviceFoldedWeights, *, need_weights: bool, need_similarity: bool):
+        """For a fusion without mask or lengths whose examples take the one launch (``_fuses_in_one_launch``):
+        ``run(xs, xt, magnitude)``, which returns what ``fuse`` would for inputs laid out as ``xs`` and ``xt``
+        (``small_fusion.layout``) with these weights, its launch checked and configured once
+        (``small_fusion.SmallFusion``). Else None. The front end keeps it for the next calls of that layout
+        (``CrossAttention.fuse_representations``)."""
+        blocks = self._example_blocks(xs.shape[0], max(xs.shape[1], xt.shape[1]), weights)
+        if len(blocks) != 1 or not self._fuses_in_one_launch(xs, xt, weights, need_similarity):
+            return None
+        launch = self._small_fusion(xs, xt, weights, need_weights, need_similarity)
+        return lambda xs, xt, magnitude: self._one_launch_fusion(launch, xs, xt, None, None, None, magnitude)
+
+    def plan_settings(self) -> tuple:
+        """The settings a ``fusion_plan`` depends on besides its inputs' layout and weights."""
+        return self.float32_precision, self.one_launch_flops
+
+    def layout_key(self, x):
+        """A torch tensor's layout for ``fusion_plan``'s cache (shape, strides, dtype, device; no grad), or
+        None for anything else, and for tensors too long or too wide for the one launch (``fusion_plan``
+        would say no): those calls take the whole path, without the cost of a key."""
+        if type(x) is not self.torch.Tensor or x.requires_grad or x.ndim < 2:
+            return None
+        if x.shape[-1] > self.small_fusion.MAX_BLOCK_D or x.shape[-2] > self.small_fusion.LONGEST_BLOCK_L:
+            return None
+        return x.shape, x.stride(), x.dtype, x.device
+
+    def _fuses_in_one_launch(self, xs, xt, weights: DeviceFoldedWeights, need_similarity: bool) -> bool:
+        flops = self.small_fusion.flops(xs.shape[0], xs.shape[1], xt.shape[1], weights.width, weights.heads)
+        return self._in_one_launch(xs, xt, flops, need_similarity)
+
+    def _small_fusion(self, xs, xt, weights: DeviceFoldedWeights, need_weights: bool, need_similarity: bool):
+        return self.small_fusion.SmallFusion(xs, xt, weights.query_value, heads=weights.heads, need_probs=need_weights,
+                                             need_similarity=need_similarity, precision=self.float32_precision)
+
+    def _one_launch_fusion(self, launch, xs, xt, masked, s_lengths, t_lengths, magnitude) -> dict:
+        """``fuse``'s result from ``launch`` (``_small_fusion``'s, for xs and xt): probabilities and
+        similarities as it was made to write them."""
+        if masked is not None:
+            masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
+        (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = launch(
+            xs, xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths, lengths_checked=True,
+            magnitudes=None if magnitude is None else magnitude.kernel_buffer(xs, xt))
+        result = self._fusion_result(xs, xt, (fused_s, probs_st), (fused_t, probs_ts), s_lengths, t_lengths, None)
+        if sim_s is not None:
+            result.update(seq_similarity=sim_s, struct_similarity=sim_t)
+        return result
 
     def _probabilities(self, q, k, lse, scale, masked, k_lengths, q_lengths):
         """In two launches (``kernels/probabilities.py``: the scores in float32 with each row's maximum and
@@ -598,6 +637,8 @@ class KernelMagnitude:
 
 def _same_values(x, arr) -> bool:
     """Whether ``x`` views the memory of ``arr`` as it is, or with a leading axis of 1 added."""
+    if x is arr:  # (L, D) inputs get a view; (B, L, D) ones already in the compute dtype are the arrays
+        return True
     rank = arr.ndim
     return (x.dtype == arr.dtype and x.data_ptr() == arr.data_ptr() and x.numel() == arr.numel()
             and tuple(x.shape[-rank:]) == tuple(arr.shape) and x.stride()[-rank:] == arr.stride())

@@ -205,13 +205,13 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
 
 def counted_routes(monkeypatch, backend) -> list:
     """The list to which every attention call appends its route: "gemm" (``softmax_heads``, between the
-    GEMMs), "kernel", "sdpa", or "one launch" (``small_fusion``: both directions in one; ``small_attention``:
-    a multi-head attention, projections included). The kernel modules are shared by every backend, so all
-    are counted."""
+    GEMMs), "kernel", "sdpa", or "one launch" (a ``small_fusion.SmallFusion`` launch: both directions in one;
+    ``small_attention``: a multi-head attention, projections included). The kernel modules are shared by
+    every backend, so all are counted."""
     calls = []
     for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
                                 (torch.nn.functional, "scaled_dot_product_attention", "sdpa"),
-                                (backend.small_fusion, "small_fusion", "one launch"),
+                                (backend.small_fusion.SmallFusion, "__call__", "one launch"),
                                 (backend.small_attention, "small_attention", "one launch")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
@@ -338,6 +338,24 @@ def test_long_16bit_heads_129_to_256_wide_take_flash_sdpa(monkeypatch):
         got, _ = tri.scaled_dot_product_attention(*half, **kwargs)
         assert calls == [route], kwargs
         close(got, ref.scaled_dot_product_attention(q, k, v, **kwargs)[0], 2e-3)
+
+
+def test_sdpa_kernel_questions_take_the_backends_arguments():
+    """The route tests stand in for ``_flash_sdpa`` and ``_efficient_sdpa``, which ask torch only on a GPU.
+    The question itself is asked here, on the CPU, in this torch, of the arguments the backend gives SDPA
+    (keys and values shared by the heads, expanded; key lengths as an additive bias broadcast over heads
+    and queries): torch must build its ``SDPAParams`` from them (its signature changed in torch 2.5) and
+    answer, with a no on the CPU."""
+    _, tri = models(130, 2)
+    backend = tri._backend
+    q = torch.randn(2, 2, 17, 130, dtype=torch.float16)
+    keys = torch.randn(2, 1, 19, 130, dtype=torch.float16).expand(-1, 2, -1, -1)
+    bias = torch.zeros(2, 19, dtype=torch.float16)[:, None, None, :]
+    for args in ((q, keys, keys, None), (q.float(), keys.float(), keys.float(), bias.float())):
+        params = backend._sdpa_params(*args)
+        assert torch.backends.cuda.can_use_flash_attention(params, False) is False
+        assert torch.backends.cuda.can_use_efficient_attention(params, False) is False
+    assert not backend._flash_sdpa(q, keys, keys) and not backend._efficient_sdpa(q, keys, keys, None)
 
 
 def test_fusions_through_sdpa_project_each_direction_before_its_attention(monkeypatch):
@@ -560,6 +578,140 @@ def test_small_fusions_take_one_launch(monkeypatch):
         calls.clear()
         tf32x3.fuse_representations(*pair, bidirectional=False, need_similarity=False)
         assert calls == routes, bound
+
+
+def test_repeated_small_fusions_keep_what_their_first_call_settled(monkeypatch):
+    """A fusion without mask or lengths that takes the one launch keeps what its call settled from the
+    inputs' layout and flags (``CrossAttention._fusion_plan_key``): the next calls of that layout skip
+    the checks of shapes, dtypes and routes, not those of the values, and give the very results the whole
+    path gives. Another layout (shape, strides, dtype, rank), other flags, new weights, another one-launch
+    bound, NumPy inputs, a mask or lengths take the whole path."""
+    import crossattn_gpu.attention as front_end
+
+    ref, tri = models(16, 2)
+    whole = []  # a call per whole path: its inputs' checks
+    batch = tri._batch
+    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(21)
+
+    def device(*arrays, dtype=torch.float32):
+        return [torch.tensor(x, dtype=dtype, device=DEVICE) for x in arrays]
+
+    def fused(model, xs, xt, **kwargs):
+        got = model.fuse_representations(xs, xt, **kwargs)
+        return {key: value for key, value in got.items() if key != "fusion_complete"}
+
+    def same(a, b):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], list):
+                assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+            else:
+                assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
+
+    layouts = {"W1": lambda: device(rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16))),
+               "strided": lambda: [x.transpose(1, 2).contiguous().transpose(1, 2)
+                                   for x in device(rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16)))],
+               "float16": lambda: device(rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16)),
+                                         dtype=torch.float16),
+               "2-D": lambda: device(rng.standard_normal((9, 16)), rng.standard_normal((7, 16)))}
+    for name, draw in layouts.items():
+        bidirectional = name != "2-D"
+        for flags in ({"need_similarity": False}, {"need_weights": True}):
+            count = len(whole)
+            for _ in range(3):
+                xs, xt = draw()
+                calls.clear()
+                got = fused(tri, xs, xt, bidirectional=bidirectional, **flags)
+                assert calls == ["one launch"]
+                _, whole_path = models(16, 2)  # a new model: its first call takes the whole path
+                same(got, fused(whole_path, xs, xt, bidirectional=bidirectional, **flags))
+                want = ref.fuse_representations(*(x.double().cpu().numpy() for x in (xs, xt)),
+                                                bidirectional=bidirectional, **flags)
+                close(got["fused_sequential"], want["fused_sequential"], 1e-5 if xs.dtype == torch.float32 else 2e-3)
+            assert len(whole) == count + 1, (name, flags)  # the first call of a layout and flags alone
+
+    # The values are checked in every call: NaN, Inf, and an input past the compute dtype's range.
+    xs, xt = layouts["W1"]()
+    fused(tri, xs, xt)
+    for bad, message in ((float("nan"), "sequential_repr contains NaN"), (float("inf"), "sequential_repr contains Inf")):
+        poisoned = xs.clone()
+        poisoned[1, 3, 5] = bad
+        with pytest.raises(ValueError, match=message):
+            tri.fuse_representations(poisoned, xt)
+    half = CrossAttention.from_weights(**ref.get_attention_weights(), backend="triton", dtype="float16")
+    half.fuse_representations(xs, xt)
+    loud = xs.clone()
+    loud[0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="sequential_repr reaches 1e[+]05 in magnitude, past float16's largest"):
+        half.fuse_representations(loud, xt)
+
+    # New weights, another bound of the one launch: the whole path again, with the new ones.
+    count = len(whole)
+    tri.value_weights = ref.value_weights * 2
+    new_ref = CrossAttention.from_weights(**tri.get_attention_weights(), backend="numpy")
+    close(tri.fuse_representations(xs, xt)["fused_sequential"],
+          new_ref.fuse_representations(*(x.double().cpu().numpy() for x in (xs, xt)))["fused_sequential"], 1e-5)
+    monkeypatch.setattr(tri._backend, "one_launch_flops", 0)
+    calls.clear()
+    tri.fuse_representations(xs, xt)
+    assert calls == ["sdpa", "sdpa"] and len(whole) == count + 2
+    monkeypatch.undo()
+
+    # No plan: NumPy inputs, a mask, lengths, flags that are not bools, a tensor that requires grad.
+    _, tri = models(16, 2)
+    whole = []
+    batch = tri._batch
+    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    seq, struct = rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16))
+    xs, xt = device(seq, struct)
+    for kwargs in ({"mask": np.ones((9, 9))}, {"sequential_lengths": np.array([9, 4]), "structural_lengths": np.array([9, 4])},
+                   {"bidirectional": np.True_}):
+        for _ in range(2):
+            tri.fuse_representations(xs, xt, **kwargs)
+    for _ in range(2):
+        tri.fuse_representations(seq, struct)
+    assert len(whole) == 8
+    with pytest.raises(TypeError, match="requires grad"):
+        tri.fuse_representations(xs.requires_grad_(), xt)
+
+    # A model keeps a bounded number of plans, and each call's results are its own.
+    for length in range(1, front_end._PLANS_KEPT + 4):
+        xs, xt = device(seq[:, :length], struct[:, :length])
+        got = tri.fuse_representations(xs, xt, need_similarity=False)
+        assert len(tri._plans) <= front_end._PLANS_KEPT
+    want = ref.fuse_representations(seq[:, :length], struct[:, :length], need_similarity=False)
+    close(got["bidirectional_fusion"], want["bidirectional_fusion"], 1e-5)
+
+
+def test_planned_fusions_from_threads(monkeypatch):
+    """Calls of two layouts from four threads on one model: each gets its own results, whichever thread
+    made or replaced the plans. (Triton's interpreter runs one kernel at a time: it is not thread-safe.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref, tri = models(16, 2)
+    if interpreter_mode():
+        one_at_a_time = threading.Lock()
+        launch = tri._backend.small_fusion.SmallFusion.__call__
+
+        def serial(self, *args, **kwargs):
+            with one_at_a_time:
+                return launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(tri._backend.small_fusion.SmallFusion, "__call__", serial)
+    rng = np.random.default_rng(22)
+    pairs = [(rng.standard_normal((2, n, 16)), rng.standard_normal((2, n, 16))) for n in (5, 9, 5, 9, 5, 9, 5, 9)]
+    wants = [ref.fuse_representations(*pair, need_similarity=False)["fused_sequential"] for pair in pairs]
+
+    def fuse(index):
+        xs, xt = (torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in pairs[index])
+        return tri.fuse_representations(xs, xt, need_similarity=False)["fused_sequential"]
+
+    with ThreadPoolExecutor(4) as pool:
+        for got, want in zip(pool.map(fuse, list(range(len(pairs))) * 2), wants * 2):
+            close(got, want, 1e-5)
 
 
 def test_small_multi_head_attentions_take_one_launch(monkeypatch):
@@ -1093,10 +1245,13 @@ def test_bfloat16_on_gpu():
 
 @gpu_only
 def test_cupy_in_cupy_out():
+    """CuPy arrays in, CuPy arrays out on the inputs' GPU (inputs on another GPU than the backend's are
+    copied to it, as torch tensors are: a kernel must not be handed another device's memory)."""
     cupy = pytest.importorskip("cupy")
     ref, tri = models(16, 2)
     rng = np.random.default_rng(5)
     seq, struct = rng.standard_normal((2, 9, 16)).astype(np.float32), rng.standard_normal((2, 9, 16)).astype(np.float32)
     got = tri.fuse_representations(cupy.asarray(seq), cupy.asarray(struct))
     assert isinstance(got["fused_sequential"], cupy.ndarray)
+    assert got["fused_sequential"].device.id == cupy.asarray(seq).device.id
     close(cupy.asnumpy(got["fused_sequential"]), ref.fuse_representations(seq, struct)["fused_sequential"], 1e-5)

@@ -16,7 +16,8 @@ from attention_check import DEVICE, DTYPES, drawn_mask_and_lengths, folded, plai
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import (  # noqa: E402
-    MAX_BLOCK_D, MAX_BLOCK_L, MAX_BLOCK_L_WITH_SIMILARITY, fits, flops, launch_config, longest, small_fusion,
+    LONGEST_BLOCK_L, MAX_BLOCK_D, MAX_BLOCK_L, MAX_BLOCK_L_WITH_SIMILARITY, SmallFusion, fits, flops, launch_config,
+    longest, small_fusion,
 )
 
 if not interpreter_mode() and not torch.cuda.is_available():
@@ -192,6 +193,35 @@ def test_strided_views_and_a_shared_mask():
     ref = expected(*(t.double().cpu().numpy() for t in (xs, xt, w)), heads, masked.cpu().numpy(), None, None)
     for (g, _, _), (r, _) in zip(got, ref):
         assert np.abs(g.double().cpu().numpy() - r).max() <= 1e-5 * np.abs(r).max()
+
+
+def test_a_launch_made_once_serves_inputs_of_its_layout_alone():
+    """``SmallFusion`` checks and configures a launch once for a layout: called again with other inputs of
+    that layout (and a mask, lengths or magnitudes of their own) it gives what ``small_fusion`` gives;
+    inputs of any other layout (shape, strides, dtype) are refused, since the blocks and strides it
+    launches with are its own layout's."""
+    rng = np.random.default_rng(9)
+    dim, heads = 24, 3
+    w = torch.tensor(folded(dim, heads, 9), dtype=torch.float32, device=DEVICE)
+    pairs = [[torch.tensor(rng.standard_normal((2, n, dim)), dtype=torch.float32, device=DEVICE) for n in (9, 7)]
+             for _ in range(2)]
+    launch = SmallFusion(*pairs[0], w, heads=heads, need_probs=True)
+    masked = torch.tensor(rng.random((2, 9, 7)) < 0.3, device=DEVICE)
+    t_len = torch.tensor([7, 2], device=DEVICE)
+    for xs, xt in pairs:
+        for extra in ({}, {"masked": masked, "t_lengths": t_len}):
+            got, want = launch(xs, xt, **extra), small_fusion(xs, xt, w, heads=heads, need_probs=True, **extra)
+            for g, r in zip(got, want):
+                for a, b in zip(g, r):
+                    assert (a is None and b is None) or torch.equal(a, b)
+    magnitudes = torch.zeros(2, 2, device=DEVICE)
+    launch(*pairs[1], magnitudes=magnitudes)
+    assert torch.equal(magnitudes, torch.stack([x.abs().amax((1, 2)) for x in pairs[1]], 1))
+    xs, xt = pairs[0]
+    for other in (xs[:, :8], xs.transpose(1, 2).contiguous().transpose(1, 2), xs.half(), xs[:1]):
+        with pytest.raises(ValueError, match="this launch was made for inputs laid out as"):
+            launch(other, xt)
+    assert LONGEST_BLOCK_L == max(MAX_BLOCK_L.values()) >= max(MAX_BLOCK_L_WITH_SIMILARITY.values())
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
