@@ -306,7 +306,7 @@ class CrossAttention:
         plan_key = self._fusion_plan_key(sequential_repr, structural_repr, mask, sequential_lengths, structural_lengths,
                                          bidirectional, need_weights, need_similarity)
         plan = None if plan_key is None else self._plans.get(plan_key)
-        if plan is not None and plan is not _NO_PLAN and self._prepared.get(plan.weights_dtype) is plan.weights:
+        if plan is not None and self._prepared.get(plan.weights_dtype) is plan.weights:
             return self._planned_fusion(plan, sequential_repr, structural_repr)
         batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr},
                             magnitude_by_kernel=True)
@@ -333,10 +333,9 @@ class CrossAttention:
             need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
         )
         results = self._fusion_results(batch, weights, parts, bidirectional)
-        if plan_key is not None and plan is not _NO_PLAN:
+        if plan_key is not None:
             run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
-            self._keep_plan(plan_key, _NO_PLAN if run is None else _FusionPlan(batch.layout, xs.dtype, weights, run,
-                                                                               bidirectional, outputs))
+            self._keep_plan(plan_key, _FusionPlan(batch.layout, xs.dtype, weights, run, bidirectional, outputs))
         return results
 
     def _fusion_plan_key(self, xs, xt, mask, s_lengths, t_lengths, bidirectional, need_weights, need_similarity):
@@ -346,7 +345,7 @@ class CrossAttention:
         lengths (their values are checked each call), flags that are not Python bools (their check
         raises or converts), and inputs the backend makes no plans for."""
         backend = self._backend
-        layout_s = backend.layout_key(xs)  # first: None for most calls that take no plan
+        layout_s = backend.layout_key(xs)
         if layout_s is None or mask is not None or s_lengths is not None or t_lengths is not None:
             return None
         if type(bidirectional) is not bool or type(need_similarity) is not bool or not (
@@ -673,9 +672,6 @@ class _FusionPlan:
     bidirectional: bool
     outputs: dict  # what -> element count, for _check_outputs_fit
 
-
-#: Kept under a key whose calls the backend makes no plan for, so that it is asked once.
-_NO_PLAN = object()
 
 _PRECISION_TEXT = {
     "ieee": "IEEE float32",

@@ -57,8 +57,6 @@ MAX_BLOCK_L = {"ieee": 16, "tf32x3": 32, "tf32": 32, "16-bit": 64}
 #: The same with the similarities (STORE_SIM: a float32 dot of the unit rows at the end), where 16-bit
 #: blocks of 64 spill 256 bytes; 32 take 177 registers.
 MAX_BLOCK_L_WITH_SIMILARITY = {**MAX_BLOCK_L, "16-bit": 32}
-#: The longest sequence any program holds, whatever its dtype.
-LONGEST_BLOCK_L = max(MAX_BLOCK_L.values())
 
 
 @triton.jit

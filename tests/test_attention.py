@@ -320,6 +320,77 @@ def test_weights_assigned_while_a_build_runs_are_the_ones_later_calls_use(monkey
     np.testing.assert_allclose(later, 2 * first, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch, backend):
+    """A fusion without mask or lengths keeps what its call settled from the inputs' layout (NumPy arrays'
+    shapes, strides and dtypes) and flags (``CrossAttention._fusion_plan_key``): the next calls of that
+    layout skip those checks, not the values' (NaN, Inf, past the compute dtype) nor that of the room for
+    the results, and give what the whole path gives. Other layouts and flags, array-likes, masks and
+    lengths take the whole path."""
+    from crossattn_gpu import _memory
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = CrossAttention(16, 2, seed=3, backend=backend)
+    whole = []  # a call per whole path: its inputs' checks
+    batch = model._batch
+    monkeypatch.setattr(model, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    rng = np.random.default_rng(31)
+    layouts = {"float64": lambda: (rand(rng, 2, 9, 16), rand(rng, 2, 9, 16)),
+               "float32": lambda: tuple(rand(rng, 2, 9, 16).astype(np.float32) for _ in range(2)),
+               "other strides": lambda: tuple(np.asfortranarray(rand(rng, 2, 9, 16)) for _ in range(2)),
+               "2-D": lambda: (rand(rng, 9, 16), rand(rng, 7, 16))}
+    for name, draw in layouts.items():
+        flags = {"bidirectional": name != "2-D"}
+        count = len(whole)
+        for _ in range(3):
+            xs, xt = draw()
+            got = model.fuse_representations(xs, xt, **flags)
+            want = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend).fuse_representations(
+                xs, xt, **flags)
+            for key, value in want.items():
+                if isinstance(value, list):
+                    assert all(np.array_equal(g, w) for g, w in zip(got[key], value)), key
+                elif isinstance(value, np.ndarray):
+                    assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+                else:
+                    assert got[key] == value, key
+        assert len(whole) == count + 1, name  # the first call of a layout alone
+
+    def outcome(model, xs, xt):
+        try:
+            return model.fuse_representations(xs, xt, need_similarity=False)["fused_sequential"].tolist()
+        except (ValueError, OverflowError) as exc:
+            return type(exc), str(exc)
+
+    # The values are checked in every call, as the whole path checks them.
+    xs, xt = layouts["float32"]()
+    for dtype in (None, "float16"):
+        planned = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend, dtype=dtype)
+        planned.fuse_representations(xs, xt, need_similarity=False)
+        for place, bad in (((1, 3, 5), np.nan), ((0, 8, 1), -np.inf), ((0, 0, 0), 1e5), ((1, 2, 3), 3e38)):
+            poisoned = xs.copy()
+            poisoned[place] = bad
+            whole_path = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend, dtype=dtype)
+            assert outcome(planned, poisoned, xt) == outcome(whole_path, poisoned, xt), (dtype, bad)
+        with pytest.raises(ValueError, match="sequential_repr contains NaN"):
+            planned.fuse_representations(np.full_like(xs, np.nan), xt, need_similarity=False)
+    with pytest.MonkeyPatch.context() as tight:
+        tight.setattr(_memory, "CHECKED_FROM_BYTES", 0)
+        tight.setattr(_memory, "available_bytes", lambda: 1000)
+        with pytest.raises(MemoryError, match="similarities"):
+            model.fuse_representations(xs, xt)
+
+    count = len(whole)
+    for kwargs in ({"mask": np.ones((9, 9))}, {"sequential_lengths": np.array([9, 4]), "structural_lengths": [9, 4]},
+                   {"need_similarity": np.False_}):
+        for _ in range(2):
+            model.fuse_representations(xs, xt, **kwargs)
+    for _ in range(2):
+        model.fuse_representations(xs.tolist(), xt)
+    assert len(whole) == count + 8
+
+
 def test_from_weights_round_trips_parameters():
     base = CrossAttention(6, 2, seed=3, backend="numpy")
     clone = CrossAttention.from_weights(**base.get_attention_weights(), backend="numpy")

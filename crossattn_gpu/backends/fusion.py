@@ -37,8 +37,9 @@ class FoldedFusion:
         return None
 
     def layout_key(self, x):
-        """A hashable layout of the input ``x`` (its shape, strides, dtype, device) under which the front end
-        keeps a ``fusion_plan``, or None where this backend makes none for it: here never."""
+        """A hashable layout of the input ``x`` (its kind, shape, strides, dtype, device) under which the front
+        end keeps a ``fusion_plan``, or None where this backend makes none for such an input: here never (a
+        backend opts in)."""
         return None
 
     def plan_settings(self) -> tuple:
@@ -46,9 +47,16 @@ class FoldedFusion:
         return ()
 
     def fusion_plan(self, xs, xt, weights, *, need_weights: bool, need_similarity: bool):
-        """``run(xs, xt, magnitude)``, doing what ``fuse`` does without mask or lengths for inputs laid out as
-        xs and xt with these weights, its route settled once (see ``TritonBackend.fusion_plan``), or None."""
-        return None
+        """``run(xs, xt, magnitude)``: what ``fuse`` does without mask or lengths, for inputs laid out as xs
+        and xt with these weights. The front end keeps it for the next calls of that layout, which then skip
+        its checks of the layout (``CrossAttention._fusion_plan_key``); a backend may settle its route here
+        too (``TritonBackend.fusion_plan``)."""
+        def run(xs, xt, magnitude):
+            by_kernel = {} if magnitude is None else {"magnitude": magnitude}
+            return self.fuse(xs, xt, weights, masked=None, s_lengths=None, t_lengths=None, need_weights=need_weights,
+                             need_similarity=need_similarity, **by_kernel)
+
+        return run
 
     def checks_lengths_late(self, lengths) -> bool:
         """Whether this backend checks these lengths' values on its device, read late (``late_lengths``),

@@ -416,6 +416,14 @@ class NumpyBackend(FoldedFusion):
     host = native
 
     @staticmethod
+    def layout_key(x):
+        """A NumPy array's layout (shape, strides, dtype) for ``fusion_plan``'s cache, or None for anything
+        else (array-likes, subclasses, torch tensors take the whole path each call)."""
+        if type(x) is not np.ndarray:
+            return None
+        return x.shape, x.strides, x.dtype
+
+    @staticmethod
     def dtype_name(arr) -> str:
         return numpy_dtype_name(arr.dtype)
 

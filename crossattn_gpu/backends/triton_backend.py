@@ -446,14 +446,11 @@ class TritonBackend(DeviceFusion):
                                    need_weights=need_weights, need_similarity=need_similarity, magnitude=magnitude)
 
     def fusion_plan(self, xs, xt, weights: DeviceFoldedWeights, *, need_weights: bool, need_similarity: bool):
-        """For a fusion without mask or lengths whose examples take the one launch (``_fuses_in_one_launch``):
-        ``run(xs, xt, magnitude)``, which returns what ``fuse`` would for inputs laid out as ``xs`` and ``xt``
-        (``small_fusion.layout``) with these weights, its launch checked and configured once
-        (``small_fusion.SmallFusion``). Else None. The front end keeps it for the next calls of that layout
-        (``CrossAttention.fuse_representations``)."""
+        """``fuse``'s (``FoldedFusion.fusion_plan``), and for examples that take the one launch
+        (``_fuses_in_one_launch``) that launch checked and configured once (``small_fusion.SmallFusion``)."""
         blocks = self._example_blocks(xs.shape[0], max(xs.shape[1], xt.shape[1]), weights)
         if len(blocks) != 1 or not self._fuses_in_one_launch(xs, xt, weights, need_similarity):
-            return None
+            return super().fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
         launch = self._small_fusion(xs, xt, weights, need_weights, need_similarity)
         return lambda xs, xt, magnitude: self._one_launch_fusion(launch, xs, xt, None, None, None, magnitude)
 
@@ -462,12 +459,9 @@ class TritonBackend(DeviceFusion):
         return self.float32_precision, self.one_launch_flops
 
     def layout_key(self, x):
-        """A torch tensor's layout for ``fusion_plan``'s cache (shape, strides, dtype, device; no grad), or
-        None for anything else, and for tensors too long or too wide for the one launch (``fusion_plan``
-        would say no): those calls take the whole path, without the cost of a key."""
-        if type(x) is not self.torch.Tensor or x.requires_grad or x.ndim < 2:
-            return None
-        if x.shape[-1] > self.small_fusion.MAX_BLOCK_D or x.shape[-2] > self.small_fusion.LONGEST_BLOCK_L:
+        """A torch tensor's layout (shape, strides, dtype, device; no grad) for ``fusion_plan``'s cache, or
+        None for anything else: host arrays and CuPy arrays take the whole path each call."""
+        if type(x) is not self.torch.Tensor or x.requires_grad:
             return None
         return x.shape, x.stride(), x.dtype, x.device
 
