@@ -373,7 +373,7 @@ class SmallFusion:
                  precision: str = "ieee"):
         contract.check_precision(precision)
         check_inputs({"xs": xs, "xt": xt}, weights, heads)
-        (batch, len_s, dim), len_t = xs.shape, xt.shape[1]
+        (_, len_s, dim), len_t = xs.shape, xt.shape[1]
         check_fits({"Ls": len_s, "Lt": len_t}, xs, precision, need_similarity)
         self.layout = layout(xs, xt)
         self._weights, self._heads = weights, heads
