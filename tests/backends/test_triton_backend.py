@@ -580,7 +580,7 @@ def test_small_fusions_take_one_launch(monkeypatch):
         assert calls == routes, bound
 
 
-def test_repeated_small_fusions_keep_what_their_first_call_settled(monkeypatch):
+def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
     """A fusion without mask or lengths keeps what its call settled from the inputs' layout and flags
     (``CrossAttention._fusion_plan_key``), the one launch's configuration included where it takes it: the
     next calls of that layout skip the checks of shapes, dtypes and routes, not those of the values, and
