@@ -19,6 +19,10 @@ fused rows (``_zero_padded_rows`` and ``_cosine_similarity`` here), to zero the 
 A large batch may run in blocks of whole examples (every example is computed on its own either way):
 a backend that wants blocks returns more than one from ``_example_blocks`` and supplies
 ``_run_blocks`` (how the blocks run: in turn, or on worker threads) and ``_concatenate``.
+
+A backend whose calls of one layout repeat (the front end keeps a plan per layout) opts in with
+``layout_key``, and may settle its route once in ``fusion_plan`` (``plan_settings``: what else the route
+depends on).
 """
 
 from __future__ import annotations
