@@ -327,15 +327,17 @@ class CrossAttention:
         self._check_outputs_fit(batch, outputs, remedy=_FUSION_OUTPUTS_REMEDY)
         weights = self._projection(xs.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
-        by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
-        parts = self._backend.fuse(
-            xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
-            need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
-        )
-        results = self._fusion_results(batch, weights, parts, bidirectional)
-        if plan_key is not None:
-            run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
-            self._keep_plan(plan_key, _FusionPlan(batch.layout, xs.dtype, weights, run, bidirectional, outputs))
+        if plan_key is None:
+            by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
+            parts = self._backend.fuse(
+                xs, xt, weights, masked=masked, s_lengths=s_len, t_lengths=t_len,
+                need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
+            )
+            return self._fusion_results(batch, weights, parts, bidirectional)
+        # This call runs the plan it makes, which is kept once the values and results have passed.
+        run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
+        results = self._fusion_results(batch, weights, run(xs, xt, batch.pending_magnitude), bidirectional)
+        self._keep_plan(plan_key, _FusionPlan(batch.layout, xs.dtype, weights, run, bidirectional, outputs))
         return results
 
     def _fusion_plan_key(self, xs, xt, mask, s_lengths, t_lengths, bidirectional, need_weights, need_similarity):
