@@ -306,7 +306,7 @@ class CrossAttention:
         plan_key = self._fusion_plan_key(sequential_repr, structural_repr, mask, sequential_lengths, structural_lengths,
                                          bidirectional, need_weights, need_similarity)
         plan = None if plan_key is None else self._plans.get(plan_key)
-        if plan is not None and self._prepared.get(plan.weights_dtype) is plan.weights:
+        if plan is not None and self._prepared.get(plan.layout.compute) is plan.weights:
             return self._planned_fusion(plan, sequential_repr, structural_repr)
         batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr},
                             magnitude_by_kernel=True)
@@ -337,7 +337,7 @@ class CrossAttention:
         # This call runs the plan it makes, which is kept once the values and results have passed.
         run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
         results = self._fusion_results(batch, weights, run(xs, xt, batch.pending_magnitude), bidirectional)
-        self._keep_plan(plan_key, _FusionPlan(batch.layout, xs.dtype, weights, run, bidirectional, outputs))
+        self._keep_plan(plan_key, _FusionPlan(batch.layout, weights, run, bidirectional, outputs))
         return results
 
     def _fusion_plan_key(self, xs, xt, mask, s_lengths, t_lengths, bidirectional, need_weights, need_similarity):
@@ -667,8 +667,7 @@ class _FusionPlan:
     ``fusion_plan`` and the results' sizes for the host-memory check. A small call on a GPU is its host's
     time (W1), most of which went to checks that depend on the layout alone."""
 
-    layout: _checks.BatchLayout
-    weights_dtype: object  # the compute dtype, the key of the model's prepared weights
+    layout: _checks.BatchLayout  # its compute dtype is the key of the model's prepared weights
     weights: object
     run: Callable
     bidirectional: bool
