@@ -6,14 +6,15 @@ times the Triton backend's ``fuse_representations`` on torch CPU tensors with ev
 replaced by a no-op, so what remains is the host path a GPU call also takes (the front end's checks,
 the projections' GEMMs, which are tiny here, and the launchers' own Python), without a GPU. Triton's
 own launch and CUDA's are not in it. Medians of many calls, with the NumPy backend's whole W1 call
-(which computes everything) beside it for scale.
+(which computes everything) beside it for scale, and the seed's ``multi_head_attention`` on W1's inputs
+(queries the sequential ones, keys and values the structural ones) through the same host path.
 
 A large call is bound by its kernels, but the GPU idles from the call's start until its first launch,
 and a harness that waits for each call sees that wait whole. ``w2_until_first_launch_us`` times it:
 a W2-shaped fusion (float16, since the interpreter has no bfloat16; device inputs, no lengths, so
 nothing is queued before the projection GEMM), from the call to its first GEMM or Triton launch, after
 one whole call of that layout (its launches no-ops), as in a harness's repeated calls: the model keeps
-what that call settled from the inputs' layout (``CrossAttention._fusion_plan_key``).
+what that call settled from the inputs' layout (``CrossAttention._plan``).
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def _inputs(name: str, dtype=np.float32) -> list:
 
 
 def measure(calls: int) -> dict:
-    """Median microseconds of one W1 call (the NumPy backend's, and the Triton backend's host path), and
-    of a W2-shaped call's host time before its first launch (``calls // 10`` of those)."""
+    """Median microseconds of one W1 call (the NumPy backend's, and the Triton backend's host path), of a
+    ``multi_head_attention`` on its inputs (the host path), and of a W2-shaped call's host time before its
+    first launch (``calls // 10`` of those)."""
     if not interpreter_mode():
         raise RuntimeError("bench.host_path needs TRITON_INTERPRET=1, set before the kernels are imported")
     w1, w2 = WORKLOADS["W1"], WORKLOADS["W2"]
@@ -113,6 +115,8 @@ def measure(calls: int) -> dict:
     InterpretedFunction.__getitem__ = lambda self, grid: no_launch(self)  # launches do nothing
     try:
         results["triton_host_path_us"] = median_us(lambda: triton_model.fuse_representations(ts, tt, **kwargs), calls)
+        results["triton_attention_host_path_us"] = median_us(
+            lambda: triton_model.multi_head_attention(ts, tt, tt, need_weights=False), calls)
         large_model.fuse_representations(*large, need_similarity=False)  # the layout's first call, whole
     finally:
         InterpretedFunction.__getitem__ = original

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -10,6 +11,10 @@ import numpy as np
 from . import _checks, _memory, _overflow, ragged
 from .backends import get_backend
 from .weights import WEIGHT_NAMES, check_weight, check_weight_set, load_weights, random_weights, save_weights
+
+#: What the check of room for results in host memory suggests (``CrossAttention._check_outputs_fit``).
+_OUTPUTS_REMEDY = "pass need_weights=False, or fewer examples per call"
+_FUSION_OUTPUTS_REMEDY = "pass need_weights=False or need_similarity=False, or fewer examples per call"
 
 
 class _Parameter:
@@ -135,7 +140,7 @@ class CrossAttention:
                 f"backend {self._backend.name!r} supports dtypes {', '.join(self._backend.dtypes)}; got {self.dtype!r}"
             )
         self._prepared: dict = {}  # compute dtype -> the backend's prepared weights
-        self._plans: dict = {}  # fuse_representations' plans (_FusionPlan) by _fusion_plan_key
+        self._plans: dict = {}  # the methods' plans (_Plan) by their key (_plan)
         self.is_initialized = True
 
     def __getstate__(self) -> dict:
@@ -217,24 +222,28 @@ class CrossAttention:
         Returns:
             (output (…, Lq, Dv), weights (…, Lq, Lk) or None).
         """
-        names = ("queries", "keys", "values")
-        batch = self._batch(dict(zip(names, (queries, keys, values))), free_width=("values",))
+        named = {"queries": queries, "keys": keys, "values": values}
+        plan_key, plan = self._plan("scaled_dot_product_attention", named.values(), (mask, query_lengths, key_lengths),
+                                    (need_weights,))
+        if plan is not None:
+            return self._planned_call(plan, named)
+        batch = self._batch(named, free_width=("values",))
         q, k, v = batch.arrays
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"keys and values must have the same length; got {k.shape[1]} and {v.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, q.shape[1], k.shape[1], query_lengths, key_lengths)
         need_weights = _default_need_weights(need_weights, batch)
         (size, len_q, _), len_k = q.shape, k.shape[1]
-        self._check_outputs_fit(batch, {"output": size * len_q * v.shape[2],
-                                        "probabilities (need_weights)": need_weights and size * len_q * len_k})
-        scale = 1.0 / np.sqrt(self.embedding_dim)
-        out, probs = self._backend.scaled_dot_product_attention(
-            q, k, v, scale=scale, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
-        )
-        magnitude = batch.finish_checks()
-        bounds = _overflow.Bounds.attention(magnitude, q.shape[-1], scale)
-        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
-        return self._out(out, batch), self._out(probs, batch)
+        outputs = {"output": size * len_q * v.shape[2],
+                   "probabilities (need_weights)": need_weights and size * len_q * len_k}
+        self._check_outputs_fit(batch, outputs)
+        attend = functools.partial(self._backend.scaled_dot_product_attention, scale=1.0 / np.sqrt(self.embedding_dim),
+                                   need_weights=need_weights)
+        if plan_key is None:
+            parts = attend(q, k, v, masked=masked, q_lengths=q_len, k_lengths=k_len)
+            return self._sdpa_results(batch, None, parts)
+        run = functools.partial(_unmasked_attention, attend)
+        return self._first_planned_call(plan_key, batch, None, run, CrossAttention._sdpa_results, outputs)
 
     @_overflow.named_not_warned
     def multi_head_attention(
@@ -249,27 +258,32 @@ class CrossAttention:
         Returns:
             (output (…, Lq, D), list of H weight arrays (…, Lq, Lk) or None).
         """
-        names = ("query_seq", "key_seq", "value_seq")
-        batch = self._batch(dict(zip(names, (query_seq, key_seq, value_seq))), magnitude_by_kernel=True)
+        named = {"query_seq": query_seq, "key_seq": key_seq, "value_seq": value_seq}
+        plan_key, plan = self._plan("multi_head_attention", named.values(), (mask, query_lengths, key_lengths),
+                                    (need_weights,))
+        if plan is not None:
+            return self._planned_call(plan, named)
+        batch = self._batch(named, magnitude_by_kernel=True)
         xq, xk, xv = batch.arrays
         if xk.shape[1] != xv.shape[1]:
             raise ValueError(f"key_seq and value_seq must have the same length; got {xk.shape[1]} and {xv.shape[1]}")
         masked, q_len, k_len = self._ragged(batch, mask, xq.shape[1], xk.shape[1], query_lengths, key_lengths)
         need_weights = _default_need_weights(need_weights, batch)
         (size, len_q, width), len_k, heads = xq.shape, xk.shape[1], self.attention_heads
-        self._check_outputs_fit(batch, {"output": size * len_q * width,
-                                        "probabilities (need_weights)": need_weights and size * heads * len_q * len_k})
+        outputs = {"output": size * len_q * width,
+                   "probabilities (need_weights)": need_weights and size * heads * len_q * len_k}
+        self._check_outputs_fit(batch, outputs)
         weights = self._projection(xq.dtype)
         _overflow.check_weights(weights.magnitudes, batch.stages.projections)
-        by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
-        out, probs = self._backend.multi_head_attention(
-            xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
-            **by_kernel,
-        )
-        magnitude = batch.finish_checks()
-        bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes)
-        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
-        return self._out(out, batch), self._head_list(probs, batch)
+        if plan_key is None:
+            by_kernel = {} if batch.pending_magnitude is None else {"magnitude": batch.pending_magnitude}
+            parts = self._backend.multi_head_attention(
+                xq, xk, xv, weights, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
+                **by_kernel,
+            )
+            return self._attention_results(batch, weights, parts)
+        run = self._backend.attention_plan(xq, xk, xv, weights, need_weights=need_weights)
+        return self._first_planned_call(plan_key, batch, weights, run, CrossAttention._attention_results, outputs)
 
     @_overflow.named_not_warned
     def fuse_representations(
@@ -303,13 +317,12 @@ class CrossAttention:
             (list of H (…, Lt, Ls)), ``seq_similarity``, ``struct_similarity`` and ``fusion_complete``
             (True). Entries that were not asked for are None.
         """
-        plan_key = self._fusion_plan_key(sequential_repr, structural_repr, mask, sequential_lengths, structural_lengths,
-                                         bidirectional, need_weights, need_similarity)
-        plan = None if plan_key is None else self._plans.get(plan_key)
-        if plan is not None and self._prepared.get(plan.layout.compute) is plan.weights:
-            return self._planned_fusion(plan, sequential_repr, structural_repr)
-        batch = self._batch({"sequential_repr": sequential_repr, "structural_repr": structural_repr},
-                            magnitude_by_kernel=True)
+        named = {"sequential_repr": sequential_repr, "structural_repr": structural_repr}
+        plan_key, plan = self._plan("fuse_representations", named.values(), (mask, sequential_lengths, structural_lengths),
+                                    (bidirectional, need_weights, need_similarity))
+        if plan is not None:
+            return self._planned_call(plan, named)
+        batch = self._batch(named, magnitude_by_kernel=True)
         xs, xt = batch.arrays
         bidirectional = _checks.check_flag(bidirectional, "bidirectional")
         masked, s_len, t_len = self._ragged(
@@ -334,47 +347,88 @@ class CrossAttention:
                 need_weights=need_weights, need_similarity=need_similarity, **by_kernel,
             )
             return self._fusion_results(batch, weights, parts, bidirectional)
-        # This call runs the plan it makes, which is kept once the values and results have passed.
         run = self._backend.fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
-        results = self._fusion_results(batch, weights, run(xs, xt, batch.pending_magnitude), bidirectional)
-        self._keep_plan(plan_key, _FusionPlan(batch.layout, weights, run, bidirectional, outputs))
-        return results
+        results = functools.partial(CrossAttention._fusion_results, bidirectional=bidirectional)
+        return self._first_planned_call(plan_key, batch, weights, run, results, outputs, _FUSION_OUTPUTS_REMEDY)
 
-    def _fusion_plan_key(self, xs, xt, mask, s_lengths, t_lengths, bidirectional, need_weights, need_similarity):
-        """The key under which ``fuse_representations`` keeps what a call settled (``_FusionPlan``) for the
-        next calls alike: the inputs' layouts (``backend.layout_key``: shapes, strides, dtypes, devices), the
-        flags, the compute dtype and the backend's settings. None, and no plan, for calls with a mask or
-        lengths (their values are checked each call), flags that are not Python bools (their check
-        raises or converts), and inputs the backend makes no plans for."""
+    # --- plans for repeated calls of a layout ----------------------------------------------------------
+
+    def _plan(self, method: str, inputs, absent: tuple, flags: tuple) -> tuple:
+        """(key, plan): the key under which a call of ``method`` keeps what it settled (``_Plan``) for the
+        next calls alike, and the plan kept there, None where there is none or where the weights it prepared
+        are no longer the model's.
+
+        The key holds the ``inputs``' layouts (``backend.layout_key``: shapes, strides, dtypes, devices), the
+        ``flags``, the model's dtype and the backend's settings. It is None, and no plan is made, when one of
+        ``absent`` is given (a mask or lengths: their values are checked each call), for flags that are
+        neither Python bools nor None (their check raises or converts), and for inputs the backend makes no
+        plans for.
+        """
+        # Loops rather than any() over generators: this runs in every call, and W1's host path is its
+        # host's time (the generators took 1.4 us more on this project's CPU).
+        for given in absent:
+            if given is not None:
+                return None, None
+        for flag in flags:
+            if flag is not None and type(flag) is not bool:
+                return None, None
         backend = self._backend
-        layout_s = backend.layout_key(xs)
-        if layout_s is None or mask is not None or s_lengths is not None or t_lengths is not None:
-            return None
-        if type(bidirectional) is not bool or type(need_similarity) is not bool or not (
-                need_weights is None or type(need_weights) is bool):
-            return None
-        layout_t = backend.layout_key(xt)
-        if layout_t is None:
-            return None
-        return layout_s, layout_t, bidirectional, need_weights, need_similarity, self.dtype, backend.plan_settings()
+        layouts = []
+        for x in inputs:
+            layout = backend.layout_key(x)
+            if layout is None:
+                return None, None
+            layouts.append(layout)
+        key = method, tuple(layouts), flags, self.dtype, backend.plan_settings()
+        plan = self._plans.get(key)
+        if plan is None or (plan.weights is not None and self._prepared.get(plan.layout.compute) is not plan.weights):
+            return key, None
+        return key, plan
 
-    def _keep_plan(self, key, plan: "_FusionPlan") -> None:
+    def _first_planned_call(self, key, batch: _checks.Batch, weights, run: Callable, results: Callable, outputs: dict,
+                            remedy: str = _OUTPUTS_REMEDY):
+        """A call that makes its plan (``run``: the backend's, for ``batch``'s layout) runs it, and keeps it
+        under ``key`` once the values and the results (``results(model, batch, weights, parts)``) have
+        passed."""
+        got = results(self, batch, weights, run(*batch.arrays, batch.pending_magnitude))
+        plan = _Plan(batch.layout, weights, run, results, outputs, remedy, batch.pending_magnitude is not None)
         plans = self._plans
         if len(plans) >= _PLANS_KEPT:  # a new dict, not a clear(): another thread may be reading this one
             self._plans = plans = {}
         plans[key] = plan
+        return got
 
-    def _planned_fusion(self, plan: "_FusionPlan", sequential_repr, structural_repr) -> dict:
-        """``fuse_representations`` for inputs of a plan's layout: what depends on the layout alone was
-        checked by the call that made the plan; the values are checked as every call checks them (NaN,
-        Inf, overflow), and so is the room for results handed back in host memory."""
-        backend = self._backend
-        arrays = {"sequential_repr": backend.native(sequential_repr, "sequential_repr"),
-                  "structural_repr": backend.native(structural_repr, "structural_repr")}
-        pending = backend.pending_magnitude(*arrays.values())
+    def _planned_call(self, plan: "_Plan", named_inputs: dict):
+        """A method's call for inputs of a plan's layout: what depends on the layout alone was checked by
+        the call that made the plan; the values are checked as every call checks them (NaN, Inf,
+        overflow), and so is the room for results handed back in host memory."""
+        backend, arrays = self._backend, {}
+        for name, x in named_inputs.items():  # (a loop: a comprehension's frame cost 0.2 us more)
+            arrays[name] = backend.native(x, name)
+        pending = backend.pending_magnitude(*arrays.values()) if plan.magnitude_by_kernel else None
         batch = self._checked_batch(arrays, _checks.check_values(arrays, backend, pending), pending, plan.layout)
-        self._check_outputs_fit(batch, plan.outputs, remedy=_FUSION_OUTPUTS_REMEDY)
-        return self._fusion_results(batch, plan.weights, plan.run(*batch.arrays, pending), plan.bidirectional)
+        self._check_outputs_fit(batch, plan.outputs, remedy=plan.remedy)
+        return plan.results(self, batch, plan.weights, plan.run(*batch.arrays, pending))
+
+    # --- results --------------------------------------------------------------------------------------
+
+    def _attention_results(self, batch: _checks.Batch, weights, parts: tuple) -> tuple:
+        """``multi_head_attention``'s result from the backend's (output, probabilities), once the inputs'
+        values and the output are checked."""
+        out, probs = parts
+        magnitude = batch.finish_checks()
+        bounds = _overflow.Bounds.folded(magnitude, self.embedding_dim, self.attention_heads, weights.magnitudes)
+        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
+        return self._out(out, batch), self._head_list(probs, batch)
+
+    def _sdpa_results(self, batch: _checks.Batch, weights: None, parts: tuple) -> tuple:
+        """``scaled_dot_product_attention``'s result (no weights) from the backend's (output, probabilities),
+        once the inputs' values and the output are checked."""
+        out, probs = parts
+        magnitude = batch.finish_checks()
+        bounds = _overflow.Bounds.attention(magnitude, self.embedding_dim, 1.0 / np.sqrt(self.embedding_dim))
+        _overflow.check_results({"output": out}, magnitude, bounds, batch.stages, self._backend)
+        return self._out(out, batch), self._out(probs, batch)
 
     def _fusion_results(self, batch: _checks.Batch, weights, parts: dict, bidirectional: bool) -> dict:
         """The fusion's dict from the backend's ``parts``, once the inputs' values and the results are
@@ -633,8 +687,7 @@ class CrossAttention:
             prepared = cache.setdefault(dtype, built)
         return prepared
 
-    def _check_outputs_fit(self, batch: _checks.Batch, elements: dict,
-                           remedy: str = "pass need_weights=False, or fewer examples per call") -> None:
+    def _check_outputs_fit(self, batch: _checks.Batch, elements: dict, remedy: str = _OUTPUTS_REMEDY) -> None:
         """MemoryError, before any work, for results handed back in host memory that cannot fit there.
         ``elements``: what -> element count (0 or False for what was not asked for)."""
         if self._backend.results_on_host(batch.caller_kind):
@@ -653,25 +706,32 @@ class CrossAttention:
         return [heads[:, h] if batch.batched else heads[h] for h in range(probs.shape[1])]
 
 
-_FUSION_OUTPUTS_REMEDY = "pass need_weights=False or need_similarity=False, or fewer examples per call"
-
-#: Plans a model keeps (``CrossAttention._keep_plan``); a new layout past them starts the set anew.
+#: Plans a model keeps (``CrossAttention._first_planned_call``); a new layout past them starts the set anew.
 _PLANS_KEPT = 16
 
 
 @dataclass(frozen=True)
-class _FusionPlan:
-    """What a ``fuse_representations`` call without mask or lengths settled from its inputs' layout and
-    flags, for the next calls alike (``CrossAttention._fusion_plan_key``): the inputs' checked layout, the
-    prepared weights it used (a plan whose weights are no longer the model's is not used), the backend's
-    ``fusion_plan`` and the results' sizes for the host-memory check. A small call on a GPU is its host's
-    time (W1), most of which went to checks that depend on the layout alone."""
+class _Plan:
+    """What a call without mask or lengths settled from its inputs' layout and flags, for the next calls
+    alike (``CrossAttention._plan``): the inputs' checked layout, the prepared weights it used (None
+    for ``scaled_dot_product_attention``; a plan whose weights are no longer the model's is not used), the
+    backend's ``run`` for that layout, the method's ``results`` from its parts, and the results' sizes for
+    the host-memory check. A small call on a GPU is its host's time (W1), most of which went to checks
+    that depend on the layout alone."""
 
     layout: _checks.BatchLayout  # its compute dtype is the key of the model's prepared weights
     weights: object
-    run: Callable
-    bidirectional: bool
+    run: Callable  # run(*arrays, pending magnitude) -> the backend's parts
+    results: Callable  # results(model, batch, weights, parts) -> what the method returns
     outputs: dict  # what -> element count, for _check_outputs_fit
+    remedy: str  # what _check_outputs_fit suggests
+    magnitude_by_kernel: bool  # the backend's kernel may write the inputs' magnitude (pending_magnitude)
+
+
+def _unmasked_attention(attend: Callable, q, k, v, magnitude):
+    """``scaled_dot_product_attention``'s plan: ``attend`` (the backend's, its scale and flag bound) without
+    mask or lengths; its inputs' magnitude is torch's or NumPy's (never pending)."""
+    return attend(q, k, v, masked=None, q_lengths=None, k_lengths=None)
 
 
 _PRECISION_TEXT = {

@@ -105,33 +105,80 @@ def small_attention(xq, xk, xv, weights, *, heads: int, masked=None, q_lengths=N
         ``contract.FLOAT32_PRECISIONS``, a mask or lengths of another shape, dtype or range, or
         ``magnitudes`` of another shape, dtype, device or layout.
     """
-    contract.check_precision(precision)
-    check_inputs({"xq": xq, "xk": xk, "xv": xv}, weights, heads)
-    (batch, len_q, dim), len_k = xq.shape, xk.shape[1]
-    if xv.shape[1] != len_k:
-        raise ValueError(f"xk and xv must have the same length; got {len_k} and {xv.shape[1]}")
-    check_fits({"Lq": len_q, "Lk": len_k}, xq, precision)
-    check_magnitudes(magnitudes, 3, batch, xq.device)
-    masked = checked_mask(masked, batch, len_q, len_k, xq.device)
-    given = checked_lengths({"q_lengths": (q_lengths, len_q), "k_lengths": (k_lengths, len_k)}, batch, xq.device,
-                            lengths_checked)
-    # Values that are the keys (the fusion's case, and self-attention's) are loaded once.
-    values_are_keys = xv.data_ptr() == xk.data_ptr() and xv.stride() == xk.stride()
-    cfg = launch_config(len_q, len_k, dim, xq.element_size(), precision)
-    out = torch.empty_like(xq, memory_format=torch.contiguous_format)
-    probs = None
-    if need_probs:
-        probs = torch.empty((batch, heads, len_q, len_k), dtype=xq.dtype, device=xq.device)
-    # An absent mask, lengths, probabilities or magnitudes pass a valid pointer (xq) that HAS_MASK,
-    # HAS_*LEN, STORE_PROBS and STORE_MAGNITUDE = False never read or write.
-    _small_attention_fwd[(batch,)](
-        xq, xk, xv, weights, out, *(xq if t is None else t for t in (probs, magnitudes, masked)),
-        given.get("q_lengths", xq), given.get("k_lengths", xq),
-        *xq.stride(), *xk.stride(), *xv.stride(), *weights.stride(), *out.stride(), *mask_strides(masked),
-        len_q, len_k, dim, heads, contract.MASK_FILL * contract.LOG2E,
-        BLOCK_Q=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], HAS_MASK=masked is not None,
-        HAS_QLEN="q_lengths" in given, HAS_KLEN="k_lengths" in given, STORE_PROBS=need_probs,
-        STORE_MAGNITUDE=magnitudes is not None, VALUES_ARE_KEYS=values_are_keys,
-        INPUT_PRECISION=cfg["INPUT_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out, probs
+    launch = SmallAttention(xq, xk, xv, weights, heads=heads, need_probs=need_probs, precision=precision)
+    return launch(xq, xk, xv, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths, lengths_checked=lengths_checked,
+                  magnitudes=magnitudes)
+
+
+def layout(xq, xk, xv) -> tuple:
+    """What a ``SmallAttention`` is made for: the three inputs' shapes, strides, dtypes and devices."""
+    return tuple(item for x in (xq, xk, xv) for item in (x.shape, x.stride(), x.dtype, x.device))
+
+
+class SmallAttention:
+    """``small_attention``'s launch, checked and configured once for inputs laid out as ``xq``, ``xk`` and
+    ``xv`` (``layout``) and for ``weights``: a call with inputs of that layout checks only what it adds
+    (mask, lengths, magnitudes) and launches. ``small_attention`` makes one per call; the Triton backend
+    keeps one for repeated calls of a layout (``TritonBackend.attention_plan``), as it keeps a
+    ``small_fusion.SmallFusion`` for the fusion's.
+
+    Args and Raises: as ``small_attention``'s, which this takes apart. A call with inputs of another layout
+    is a ValueError: the blocks and strides are this layout's.
+    """
+
+    def __init__(self, xq, xk, xv, weights, *, heads: int, need_probs: bool = False, precision: str = "ieee"):
+        contract.check_precision(precision)
+        check_inputs({"xq": xq, "xk": xk, "xv": xv}, weights, heads)
+        (_, len_q, dim), len_k = xq.shape, xk.shape[1]
+        if xv.shape[1] != len_k:
+            raise ValueError(f"xk and xv must have the same length; got {len_k} and {xv.shape[1]}")
+        check_fits({"Lq": len_q, "Lk": len_k}, xq, precision)
+        self.layout = layout(xq, xk, xv)
+        self._weights, self._heads, self._need_probs = weights, heads, need_probs
+        self._values_strided_as_keys = xv.stride() == xk.stride()
+        cfg = launch_config(len_q, len_k, dim, xq.element_size(), precision)
+        self._blocks = dict(BLOCK_Q=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
+                            INPUT_PRECISION=cfg["INPUT_PRECISION"], num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"])
+        # The output is written contiguous, so its strides are known now.
+        self._strides = (*xq.stride(), *xk.stride(), *xv.stride(), *weights.stride(), len_q * dim, dim, 1)
+
+    def __call__(self, xq, xk, xv, *, masked=None, q_lengths=None, k_lengths=None, lengths_checked: bool = False,
+                 magnitudes=None):
+        if layout(xq, xk, xv) != self.layout:
+            raise ValueError(f"this launch was made for inputs laid out as {self.layout}; got {layout(xq, xk, xv)}")
+        (batch, len_q, _), len_k = xq.shape, xk.shape[1]
+        check_magnitudes(magnitudes, 3, batch, xq.device)
+        masked = checked_mask(masked, batch, len_q, len_k, xq.device)
+        given = checked_lengths({"q_lengths": (q_lengths, len_q), "k_lengths": (k_lengths, len_k)}, batch, xq.device,
+                                lengths_checked)
+        return self._launch(xq, xk, xv, masked, given, magnitudes)
+
+    def unchecked(self, xq, xk, xv, magnitudes=None):
+        """The launch without mask or lengths for inputs that the caller guarantees are of this layout (a
+        plan kept under their layout: ``TritonBackend.attention_plan``), with ``magnitudes`` None or a
+        buffer that passes ``check_magnitudes`` (``KernelMagnitude.kernel_buffer`` makes one): nothing is
+        checked again, as ``small_fusion.SmallFusion.unchecked``."""
+        return self._launch(xq, xk, xv, None, {}, magnitudes)
+
+    def _launch(self, xq, xk, xv, masked, given: dict, magnitudes):
+        """The launch on checked arguments: ``given`` the lengths as ``checked_lengths`` gives them."""
+        (batch, len_q, dim), len_k, heads = xq.shape, xk.shape[1], self._heads
+        # Values that are the keys (the fusion's case, and self-attention's) are loaded once.
+        values_are_keys = self._values_strided_as_keys and xv.data_ptr() == xk.data_ptr()
+        out = torch.empty((batch, len_q, dim), dtype=xq.dtype, device=xq.device)
+        probs = None
+        if self._need_probs:
+            probs = torch.empty((batch, heads, len_q, len_k), dtype=xq.dtype, device=xq.device)
+        # An absent mask, lengths, probabilities or magnitudes pass a valid pointer (xq) that HAS_MASK,
+        # HAS_*LEN, STORE_PROBS and STORE_MAGNITUDE = False never read or write.
+        _small_attention_fwd[(batch,)](
+            xq, xk, xv, self._weights, out, *(xq if t is None else t for t in (probs, magnitudes, masked)),
+            given.get("q_lengths", xq), given.get("k_lengths", xq),
+            *self._strides, *mask_strides(masked),
+            len_q, len_k, dim, heads, contract.MASK_FILL * contract.LOG2E,
+            HAS_MASK=masked is not None, HAS_QLEN="q_lengths" in given, HAS_KLEN="k_lengths" in given,
+            STORE_PROBS=self._need_probs, STORE_MAGNITUDE=magnitudes is not None, VALUES_ARE_KEYS=values_are_keys,
+            **self._blocks,
+        )
+        return out, probs

@@ -323,7 +323,7 @@ def test_weights_assigned_while_a_build_runs_are_the_ones_later_calls_use(monkey
 @pytest.mark.parametrize("backend", ["numpy", "onnx"])
 def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch, backend):
     """A fusion without mask or lengths keeps what its call settled from the inputs' layout (NumPy arrays'
-    shapes, strides and dtypes) and flags (``CrossAttention._fusion_plan_key``): the next calls of that
+    shapes, strides and dtypes) and flags (``CrossAttention._plan``): the next calls of that
     layout skip those checks, not the values' (NaN, Inf, past the compute dtype) nor that of the room for
     the results, and give what the whole path gives. Other layouts and flags, array-likes, masks and
     lengths take the whole path."""
@@ -388,6 +388,94 @@ def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch
             model.fuse_representations(xs, xt, **kwargs)
     for _ in range(2):
         model.fuse_representations(xs.tolist(), xt)
+    assert len(whole) == count + 8
+
+
+@pytest.mark.parametrize("method", ["multi_head_attention", "scaled_dot_product_attention"])
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_repeated_attentions_of_a_layout_skip_its_checks_not_the_values(monkeypatch, backend, method):
+    """``multi_head_attention`` and ``scaled_dot_product_attention`` keep plans as the fusion does: the next
+    calls of a layout (the three inputs' shapes, strides and dtypes) and flags skip its checks, not the
+    values' nor that of the room for the results, and give what the whole path gives (keys given as the
+    values too). Other layouts, a mask, lengths, flags that are not bools and array-likes take the whole
+    path; new weights, the new ones."""
+    from crossattn_gpu import _memory
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = CrossAttention(16, 2, seed=4, backend=backend)
+    whole = []  # a call per whole path: its inputs' checks
+    batch = model._batch
+    monkeypatch.setattr(model, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    rng = np.random.default_rng(32)
+    values_width = 5 if method == "scaled_dot_product_attention" else 16  # its values may be of any width
+    layouts = {"float64": lambda: (rand(rng, 2, 9, 16), rand(rng, 2, 6, 16), rand(rng, 2, 6, values_width)),
+               "float32": lambda: tuple(rand(rng, 2, n, w).astype(np.float32) for n, w in ((9, 16), (6, 16),
+                                                                                          (6, values_width))),
+               "other strides": lambda: tuple(np.asfortranarray(rand(rng, 2, n, w)) for n, w in ((9, 16), (6, 16),
+                                                                                                 (6, values_width))),
+               "2-D": lambda: (rand(rng, 9, 16), rand(rng, 7, 16), rand(rng, 7, values_width)),
+               "keys as values": lambda: (lambda q, k: (q, k, k))(rand(rng, 2, 9, 16), rand(rng, 2, 9, 16))}
+
+    def fresh():
+        return CrossAttention.from_weights(**model.get_attention_weights(), backend=backend)
+
+    def same(got, want):
+        (out, probs), (want_out, want_probs) = got, want
+        assert out.dtype == want_out.dtype and np.array_equal(out, want_out)
+        if isinstance(want_probs, list):
+            assert len(probs) == len(want_probs) and all(np.array_equal(g, w) for g, w in zip(probs, want_probs))
+        else:
+            assert (probs is None and want_probs is None) or np.array_equal(probs, want_probs)
+
+    for name, draw in layouts.items():
+        count = len(whole)
+        for _ in range(3):
+            inputs = draw()
+            same(getattr(model, method)(*inputs), getattr(fresh(), method)(*inputs))
+        assert len(whole) == count + 1, name  # the first call of a layout alone
+    q, k, v = layouts["float64"]()
+    same(getattr(model, method)(q, k, v, need_weights=True), getattr(fresh(), method)(q, k, v, need_weights=True))
+
+    def outcome(model, *inputs):
+        try:
+            return getattr(model, method)(*inputs)[0].tolist()
+        except (ValueError, OverflowError) as exc:
+            return type(exc), str(exc)
+
+    # The values are checked in every call, as the whole path checks them, in each of the three inputs.
+    inputs = layouts["float32"]()
+    for dtype in (None, "float16"):
+        planned = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend, dtype=dtype)
+        getattr(planned, method)(*inputs)
+        for which, place, bad in ((0, (1, 3, 5), np.nan), (1, (0, 5, 1), -np.inf), (2, (0, 0, 0), 1e5),
+                                  (2, (1, 2, 3), 3e38), (1, (1, 1, 1), 3e38)):
+            poisoned = [x.copy() for x in inputs]
+            poisoned[which][place] = bad
+            whole_path = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend, dtype=dtype)
+            assert outcome(planned, *poisoned) == outcome(whole_path, *poisoned), (dtype, which, bad)
+        with pytest.raises(ValueError, match="keys contains NaN|key_seq contains NaN"):
+            getattr(planned, method)(inputs[0], np.full_like(inputs[1], np.nan), inputs[2])
+    with pytest.MonkeyPatch.context() as tight:
+        tight.setattr(_memory, "CHECKED_FROM_BYTES", 0)
+        tight.setattr(_memory, "available_bytes", lambda: 100)
+        with pytest.raises(MemoryError, match="output"):
+            getattr(model, method)(*inputs)
+
+    # New weights: the whole path again, with the new ones (scaled_dot_product_attention uses none).
+    count = len(whole)
+    model.value_weights = model.value_weights * 2
+    same(getattr(model, method)(*inputs), getattr(fresh(), method)(*inputs))
+    assert len(whole) == count + 1
+
+    count = len(whole)
+    q, k, v = inputs
+    for kwargs in ({"mask": np.ones((9, 6))}, {"query_lengths": np.array([9, 4]), "key_lengths": [6, 1]},
+                   {"need_weights": np.False_}):
+        for _ in range(2):
+            getattr(model, method)(q, k, v, **kwargs)
+    for _ in range(2):
+        getattr(model, method)(q.tolist(), k, v)
     assert len(whole) == count + 8
 
 

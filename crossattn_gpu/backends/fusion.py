@@ -21,8 +21,8 @@ a backend that wants blocks returns more than one from ``_example_blocks`` and s
 ``_run_blocks`` (how the blocks run: in turn, or on worker threads) and ``_concatenate``.
 
 A backend whose calls of one layout repeat (the front end keeps a plan per layout) opts in with
-``layout_key``, and may settle its route once in ``fusion_plan`` (``plan_settings``: what else the route
-depends on).
+``layout_key``, and may settle its route once in ``fusion_plan`` and ``attention_plan``
+(``plan_settings``: what else the route depends on).
 """
 
 from __future__ import annotations
@@ -42,23 +42,35 @@ class FoldedFusion:
 
     def layout_key(self, x):
         """A hashable layout of the input ``x`` (its kind, shape, strides, dtype, device) under which the front
-        end keeps a ``fusion_plan``, or None where this backend makes none for such an input: here never (a
-        backend opts in)."""
+        end keeps a plan (``CrossAttention._plan``), or None where this backend makes none for such an
+        input: here never (a backend opts in)."""
         return None
 
     def plan_settings(self) -> tuple:
-        """This backend's settings that a ``fusion_plan`` depends on besides its inputs' layout and weights."""
+        """This backend's settings that a plan (``fusion_plan``, ``attention_plan``) depends on besides its
+        inputs' layout and weights."""
         return ()
 
     def fusion_plan(self, xs, xt, weights, *, need_weights: bool, need_similarity: bool):
         """``run(xs, xt, magnitude)``: what ``fuse`` does without mask or lengths, for inputs laid out as xs
         and xt with these weights. The front end keeps it for the next calls of that layout, which then skip
-        its checks of the layout (``CrossAttention._fusion_plan_key``); a backend may settle its route here
+        its checks of the layout (``CrossAttention._plan``); a backend may settle its route here
         too (``TritonBackend.fusion_plan``)."""
         def run(xs, xt, magnitude):
             by_kernel = {} if magnitude is None else {"magnitude": magnitude}
             return self.fuse(xs, xt, weights, masked=None, s_lengths=None, t_lengths=None, need_weights=need_weights,
                              need_similarity=need_similarity, **by_kernel)
+
+        return run
+
+    def attention_plan(self, xq, xk, xv, weights, *, need_weights: bool):
+        """``run(xq, xk, xv, magnitude)``: what ``multi_head_attention`` does without mask or lengths, for
+        inputs laid out as xq, xk and xv with these weights, kept by the front end as ``fusion_plan``'s
+        is (``TritonBackend.attention_plan`` settles its route here)."""
+        def run(xq, xk, xv, magnitude):
+            by_kernel = {} if magnitude is None else {"magnitude": magnitude}
+            return self.multi_head_attention(xq, xk, xv, weights, masked=None, q_lengths=None, k_lengths=None,
+                                             need_weights=need_weights, **by_kernel)
 
         return run
 

@@ -417,7 +417,7 @@ class NumpyBackend(FoldedFusion):
 
     @staticmethod
     def layout_key(x):
-        """A NumPy array's layout (shape, strides, dtype) for ``fusion_plan``'s cache, or None for anything
+        """A NumPy array's layout (shape, strides, dtype) for the front end's plans, or None for anything
         else (array-likes, subclasses, torch tensors take the whole path each call)."""
         if type(x) is not np.ndarray:
             return None

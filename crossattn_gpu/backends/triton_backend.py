@@ -452,14 +452,34 @@ class TritonBackend(DeviceFusion):
         if len(blocks) != 1 or not self._fuses_in_one_launch(xs, xt, weights, need_similarity):
             return super().fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
         launch = self._small_fusion(xs, xt, weights, need_weights, need_similarity)
-        return lambda xs, xt, magnitude: self._one_launch_fusion(launch, xs, xt, None, None, None, magnitude)
+
+        def run(xs, xt, magnitude):  # inputs of the plan's layout (its key): the launch checks nothing again
+            buffer = None if magnitude is None else magnitude.kernel_buffer(xs, xt)
+            return self._launched_fusion(xs, xt, launch.unchecked(xs, xt, buffer), None, None)
+
+        return run
+
+    def attention_plan(self, xq, xk, xv, weights: DeviceFoldedWeights, *, need_weights: bool):
+        """``multi_head_attention``'s (``FoldedFusion.attention_plan``), and for examples that take the one
+        launch (``_attends_in_one_launch``) that launch checked and configured once
+        (``small_attention.SmallAttention``)."""
+        blocks = self._example_blocks(xq.shape[0], max(xq.shape[1], xk.shape[1]), weights)
+        if len(blocks) != 1 or not self._attends_in_one_launch(xq, xk, weights):
+            return super().attention_plan(xq, xk, xv, weights, need_weights=need_weights)
+        launch = self._small_attention(xq, xk, xv, weights, need_weights)
+
+        def run(xq, xk, xv, magnitude):  # inputs of the plan's layout (its key): the launch checks nothing again
+            return launch.unchecked(xq, xk, xv, None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
+
+        return run
 
     def plan_settings(self) -> tuple:
-        """The settings a ``fusion_plan`` depends on besides its inputs' layout and weights."""
+        """The settings a plan (``fusion_plan``, ``attention_plan``) depends on besides its inputs' layout and
+        weights."""
         return self.float32_precision, self.one_launch_flops
 
     def layout_key(self, x):
-        """A torch tensor's layout (shape, strides, dtype, device; no grad) for ``fusion_plan``'s cache, or
+        """A torch tensor's layout (shape, strides, dtype, device; no grad) for the front end's plans, or
         None for anything else: host arrays and CuPy arrays take the whole path each call."""
         if type(x) is not self.torch.Tensor or x.requires_grad:
             return None
@@ -478,9 +498,13 @@ class TritonBackend(DeviceFusion):
         similarities as it was made to write them."""
         if masked is not None:
             masked = masked.expand(masked.shape[0], xs.shape[1], xt.shape[1])  # a view
-        (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = launch(
-            xs, xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths, lengths_checked=True,
-            magnitudes=None if magnitude is None else magnitude.kernel_buffer(xs, xt))
+        launched = launch(xs, xt, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths, lengths_checked=True,
+                          magnitudes=None if magnitude is None else magnitude.kernel_buffer(xs, xt))
+        return self._launched_fusion(xs, xt, launched, s_lengths, t_lengths)
+
+    def _launched_fusion(self, xs, xt, launched: tuple, s_lengths, t_lengths) -> dict:
+        """``fuse``'s result from what a ``SmallFusion`` launch returned."""
+        (fused_s, probs_st, sim_s), (fused_t, probs_ts, sim_t) = launched
         result = self._fusion_result(xs, xt, (fused_s, probs_st), (fused_t, probs_ts), s_lengths, t_lengths, None)
         if sim_s is not None:
             result.update(seq_similarity=sim_s, struct_similarity=sim_t)
@@ -510,18 +534,29 @@ class TritonBackend(DeviceFusion):
 
     def _multi_head_attention_block(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights,
                                     magnitude=None):
-        (batch, len_q, width), len_k = xq.shape, xk.shape[1]
-        if self._in_one_launch(xq, xk, self.small_attention.flops(batch, len_q, len_k, width, weights.heads)):
-            if masked is not None:
-                masked = masked.expand(masked.shape[0], len_q, len_k)  # a view
-            return self.small_attention.small_attention(
-                xq, xk, xv, weights.query_value, heads=weights.heads, masked=masked, q_lengths=q_lengths,
-                k_lengths=k_lengths, need_probs=need_weights, precision=self.float32_precision, lengths_checked=True,
-                magnitudes=None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
+        if self._attends_in_one_launch(xq, xk, weights):
+            launch = self._small_attention(xq, xk, xv, weights, need_weights)
+            return self._one_launch_attention(launch, xq, xk, xv, masked, q_lengths, k_lengths, magnitude)
         if self._zeroes_padding_first(xq.dtype, weights, masked, need_weights):
             xk, xv = self._zero_padded_keys_values(xk, xv, k_lengths)
         return super()._multi_head_attention_block(xq, xk, xv, weights, masked=masked, q_lengths=q_lengths,
                                                    k_lengths=k_lengths, need_weights=need_weights, magnitude=magnitude)
+
+    def _attends_in_one_launch(self, xq, xk, weights: DeviceFoldedWeights) -> bool:
+        flops = self.small_attention.flops(xq.shape[0], xq.shape[1], xk.shape[1], weights.width, weights.heads)
+        return self._in_one_launch(xq, xk, flops)
+
+    def _small_attention(self, xq, xk, xv, weights: DeviceFoldedWeights, need_weights: bool):
+        return self.small_attention.SmallAttention(xq, xk, xv, weights.query_value, heads=weights.heads,
+                                                   need_probs=need_weights, precision=self.float32_precision)
+
+    def _one_launch_attention(self, launch, xq, xk, xv, masked, q_lengths, k_lengths, magnitude):
+        """``multi_head_attention``'s (output, probabilities) from ``launch`` (``_small_attention``'s, for xq,
+        xk and xv)."""
+        if masked is not None:
+            masked = masked.expand(masked.shape[0], xq.shape[1], xk.shape[1])  # a view
+        return launch(xq, xk, xv, masked=masked, q_lengths=q_lengths, k_lengths=k_lengths, lengths_checked=True,
+                      magnitudes=None if magnitude is None else magnitude.kernel_buffer(xq, xk, xv))
 
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
         """float32 without mask or probabilities may attend through torch's SDPA (``_attention``), which

@@ -206,13 +206,13 @@ def test_sdpa_and_mha(length_q, length_k, width, heads):
 def counted_routes(monkeypatch, backend) -> list:
     """The list to which every attention call appends its route: "gemm" (``softmax_heads``, between the
     GEMMs), "kernel", "sdpa", or "one launch" (a ``small_fusion.SmallFusion`` launch: both directions in one;
-    ``small_attention``: a multi-head attention, projections included). The kernel modules are shared by
-    every backend, so all are counted."""
+    a ``small_attention.SmallAttention`` launch: a multi-head attention, projections included). The kernel
+    modules are shared by every backend, so all are counted."""
     calls = []
     for module, name, label in [(backend.softmax_heads, "softmax_heads", "gemm"), (backend.kernel, "attention", "kernel"),
                                 (torch.nn.functional, "scaled_dot_product_attention", "sdpa"),
-                                (backend.small_fusion.SmallFusion, "__call__", "one launch"),
-                                (backend.small_attention, "small_attention", "one launch")]:
+                                (backend.small_fusion.SmallFusion, "_launch", "one launch"),
+                                (backend.small_attention.SmallAttention, "_launch", "one launch")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
     return calls
@@ -582,7 +582,7 @@ def test_small_fusions_take_one_launch(monkeypatch):
 
 def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
     """A fusion without mask or lengths keeps what its call settled from the inputs' layout and flags
-    (``CrossAttention._fusion_plan_key``), the one launch's configuration included where it takes it: the
+    (``CrossAttention._plan``), the one launch's configuration included where it takes it: the
     next calls of that layout skip the checks of shapes, dtypes and routes, not those of the values, and
     give the very results the whole path gives. Another layout (shape, strides, dtype, rank), other flags,
     new weights, another one-launch bound, NumPy inputs, a mask or lengths take the whole path."""
@@ -688,32 +688,124 @@ def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
     close(got["bidirectional_fusion"], want["bidirectional_fusion"], 1e-5)
 
 
-def test_planned_fusions_from_threads(monkeypatch):
-    """Calls of two layouts from four threads on one model: each gets its own results, whichever thread
-    made or replaced the plans. (Triton's interpreter runs one kernel at a time: it is not thread-safe.)"""
+@pytest.mark.parametrize("method", ["multi_head_attention", "scaled_dot_product_attention"])
+def test_repeated_attentions_keep_what_their_first_call_settled(monkeypatch, method):
+    """``multi_head_attention`` and ``scaled_dot_product_attention`` keep plans as the fusion does, the one
+    launch made once where a multi-head attention takes it (``small_attention.SmallAttention``): the next
+    calls of a layout take the same route and give the same bits as the whole path, keys given as the
+    values too, with the values checked each call. Another layout, new weights, another one-launch bound,
+    NumPy inputs, a mask, lengths, flags that are not bools take the whole path."""
+    ref, tri = models(16, 2)
+    whole = []  # a call per whole path: its inputs' checks
+    batch = tri._batch
+    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    calls = counted_routes(monkeypatch, tri._backend)
+    rng = np.random.default_rng(23)
+    one_launch = method == "multi_head_attention"
+
+    def device(*shapes, dtype=torch.float32):
+        return [torch.tensor(rng.standard_normal(shape), dtype=dtype, device=DEVICE) for shape in shapes]
+
+    def same(got, want):
+        for a, b in zip(got, want):
+            if isinstance(a, list):
+                assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+            else:
+                assert (a is None and b is None) or torch.equal(a, b)
+
+    layouts = {"small": lambda: device((2, 9, 16), (2, 7, 16), (2, 7, 16)),
+               "strided": lambda: [x.transpose(1, 2).contiguous().transpose(1, 2)
+                                   for x in device((2, 9, 16), (2, 7, 16), (2, 7, 16))],
+               "float16": lambda: device((2, 9, 16), (2, 7, 16), (2, 7, 16), dtype=torch.float16),
+               "2-D": lambda: device((9, 16), (7, 16), (7, 16)),
+               "keys as values": lambda: (lambda q, k: [q, k, k])(*device((2, 9, 16), (2, 7, 16))),
+               "long": lambda: device((2, 40, 16), (2, 40, 16), (2, 40, 16))}
+    for name, draw in layouts.items():
+        for flags in ({}, {"need_weights": True}):
+            count = len(whole)
+            for _ in range(3):
+                inputs = draw()
+                calls.clear()
+                got = getattr(tri, method)(*inputs, **flags)
+                routes = list(calls)
+                calls.clear()
+                _, whole_path = models(16, 2)  # a new model: its first call takes the whole path
+                same(got, getattr(whole_path, method)(*inputs, **flags))
+                assert routes == calls and (routes == ["one launch"]) == (one_launch and name != "long"), (name, routes)
+                want, _ = getattr(ref, method)(*(x.double().cpu().numpy() for x in inputs), **flags)
+                close(got[0], want, 1e-5 if inputs[0].dtype == torch.float32 else 2e-3)
+            # The first call of a layout and flags alone; keys as values are laid out as "small" is, whose
+            # plans serve them.
+            assert len(whole) == count + (name != "keys as values"), (name, flags)
+
+    # The values are checked in every call: NaN, Inf, and an input past the compute dtype's range.
+    q, k, v = layouts["small"]()
+    getattr(tri, method)(q, k, v)
+    for bad, message in ((float("nan"), "contains NaN"), (float("inf"), "contains Inf")):
+        poisoned = v.clone()
+        poisoned[1, 3, 5] = bad
+        with pytest.raises(ValueError, match=f"(value_seq|values) {message}"):
+            getattr(tri, method)(q, k, poisoned)
+    half = CrossAttention.from_weights(**ref.get_attention_weights(), backend="triton", dtype="float16")
+    getattr(half, method)(q, k, v)
+    loud = k.clone()
+    loud[0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="(key_seq|keys) reaches 1e[+]05 in magnitude, past float16's largest"):
+        getattr(half, method)(q, loud, v)
+
+    # New weights, another bound of the one launch: the whole path again.
+    count = len(whole)
+    tri.value_weights = ref.value_weights * 2
+    new_ref = CrossAttention.from_weights(**tri.get_attention_weights(), backend="numpy")
+    close(getattr(tri, method)(q, k, v)[0],
+          getattr(new_ref, method)(*(x.double().cpu().numpy() for x in (q, k, v)))[0], 1e-5)
+    monkeypatch.setattr(tri._backend, "one_launch_flops", 0)
+    calls.clear()
+    getattr(tri, method)(q, k, v)
+    assert "one launch" not in calls and len(whole) == count + 2
+
+    # No plan: NumPy inputs, a mask, lengths, flags that are not bools, a tensor that requires grad.
+    count = len(whole)
+    for kwargs in ({"mask": np.ones((9, 7))}, {"query_lengths": np.array([9, 4]), "key_lengths": np.array([7, 2])},
+                   {"need_weights": np.False_}):
+        for _ in range(2):
+            getattr(tri, method)(q, k, v, **kwargs)
+    for _ in range(2):
+        getattr(tri, method)(*(x.cpu().numpy() for x in (q, k, v)))
+    assert len(whole) == count + 8
+    with pytest.raises(TypeError, match="requires grad"):
+        getattr(tri, method)(q.requires_grad_(), k, v)
+
+
+def test_planned_calls_from_threads(monkeypatch):
+    """Fusions and multi-head attentions of two layouts each from four threads on one model: each call gets
+    its own results, whichever thread made or replaced the plans. (Triton's interpreter runs one kernel at
+    a time: it is not thread-safe.)"""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     ref, tri = models(16, 2)
     if interpreter_mode():
         one_at_a_time = threading.Lock()
-        launch = tri._backend.small_fusion.SmallFusion.__call__
+        for launcher in (tri._backend.small_fusion.SmallFusion, tri._backend.small_attention.SmallAttention):
+            def serial(self, *args, _launch=launcher._launch, **kwargs):
+                with one_at_a_time:
+                    return _launch(self, *args, **kwargs)
 
-        def serial(self, *args, **kwargs):
-            with one_at_a_time:
-                return launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(tri._backend.small_fusion.SmallFusion, "__call__", serial)
+            monkeypatch.setattr(launcher, "_launch", serial)
     rng = np.random.default_rng(22)
     pairs = [(rng.standard_normal((2, n, 16)), rng.standard_normal((2, n, 16))) for n in (5, 9, 5, 9, 5, 9, 5, 9)]
-    wants = [ref.fuse_representations(*pair, need_similarity=False)["fused_sequential"] for pair in pairs]
+    wants = [ref.fuse_representations(*pair, need_similarity=False)["fused_sequential"] if index % 4 < 2
+             else ref.multi_head_attention(pair[0], pair[1], pair[1])[0] for index, pair in enumerate(pairs)]
 
-    def fuse(index):
+    def call(index):
         xs, xt = (torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in pairs[index])
-        return tri.fuse_representations(xs, xt, need_similarity=False)["fused_sequential"]
+        if index % 4 < 2:
+            return tri.fuse_representations(xs, xt, need_similarity=False)["fused_sequential"]
+        return tri.multi_head_attention(xs, xt, xt)[0]
 
     with ThreadPoolExecutor(4) as pool:
-        for got, want in zip(pool.map(fuse, list(range(len(pairs))) * 2), wants * 2):
+        for got, want in zip(pool.map(call, list(range(len(pairs))) * 2), wants * 2):
             close(got, want, 1e-5)
 
 

@@ -14,7 +14,8 @@ def test_prints_the_medians_and_restores_the_launches(capsys):
     launch, matmul = host_path.InterpretedFunction.__getitem__, host_path.TritonBackend._matmul
     assert host_path.main(["--calls", "5", "--repeats", "1"]) == 0
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
-    assert set(printed) == {"numpy_w1_us", "triton_host_path_us", "w2_until_first_launch_us"}
+    assert set(printed) == {"numpy_w1_us", "triton_host_path_us", "triton_attention_host_path_us",
+                            "w2_until_first_launch_us"}
     assert all(float(v) > 0 for v in printed.values())
     assert host_path.InterpretedFunction.__getitem__ is launch and host_path.TritonBackend._matmul is matmul
 

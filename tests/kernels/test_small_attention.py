@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from attention_check import DEVICE, DTYPES, drawn_mask_and_lengths, folded, plain_torch, split  # noqa: E402
 from crossattn_gpu.backends.numpy_backend import attention as reference  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.kernels.small_attention import flops, small_attention  # noqa: E402
+from crossattn_gpu.kernels.small_attention import SmallAttention, flops, small_attention  # noqa: E402
 from crossattn_gpu.kernels.small_fusion import small_fusion  # noqa: E402
 
 if not interpreter_mode() and not torch.cuda.is_available():
@@ -129,6 +129,54 @@ def test_strided_views_and_a_shared_mask():
                            masked=masked.expand(3, 9, 7).contiguous(), need_probs=True)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_a_launch_made_once_serves_inputs_of_its_layout_alone():
+    """``SmallAttention`` checks and configures a launch once for a layout: called again with other inputs of
+    that layout (and a mask, lengths or magnitudes of their own) it gives what ``small_attention`` gives,
+    values that are the keys included (loaded once, in the call that passes them so), and so does its
+    ``unchecked`` launch; inputs of any other layout (shape, strides, dtype) are refused, since the blocks
+    and strides it launches with are its own layout's."""
+    rng = np.random.default_rng(11)
+    dim, heads = 16, 3  # keys and values (dim, dim) below: float32 sequences up to 16 long
+    w = torch.tensor(folded(dim, heads, 11), dtype=torch.float32, device=DEVICE)
+
+    def drawn():
+        return [torch.tensor(rng.standard_normal((2, n, dim)), dtype=torch.float32, device=DEVICE) for n in (9, 7, 7)]
+
+    def same(got, want):
+        for g, r in zip(got, want):
+            assert (g is None and r is None) or torch.equal(g, r)
+
+    first = drawn()
+    launch = SmallAttention(*first, w, heads=heads, need_probs=True)
+    masked = torch.tensor(rng.random((2, 9, 7)) < 0.3, device=DEVICE)
+    k_len = torch.tensor([7, 2], device=DEVICE)
+    for xq, xk, xv in (first, drawn()):
+        for extra in ({}, {"masked": masked, "k_lengths": k_len}):
+            same(launch(xq, xk, xv, **extra), small_attention(xq, xk, xv, w, heads=heads, need_probs=True, **extra))
+        same(launch(xq, xk, xk), small_attention(xq, xk, xk, w, heads=heads, need_probs=True))
+    shared = SmallAttention(first[0], first[1], first[1], w, heads=heads)  # made with keys as values
+    for xq, xk, xv in (first, drawn()):
+        same(shared(xq, xk, xv), small_attention(xq, xk, xv, w, heads=heads))
+    magnitudes = torch.zeros(2, 3, device=DEVICE)
+    launch(*first, magnitudes=magnitudes)
+    assert torch.equal(magnitudes, torch.stack([x.abs().amax((1, 2)) for x in first], 1))
+    # Unchecked (for a caller that guarantees the layout: a plan), the same launch, keys as values too.
+    unchecked_magnitudes = torch.zeros(2, 3, device=DEVICE)
+    same(launch.unchecked(*first, unchecked_magnitudes), launch(*first))
+    assert torch.equal(unchecked_magnitudes, magnitudes)
+    same(launch.unchecked(first[0], first[1], first[1]), launch(first[0], first[1], first[1]))
+    xq, xk, xv = first
+    for other in ((xq[:, :8], xk, xv), (xq, xk, xv.transpose(1, 2).contiguous().transpose(1, 2)),
+                  (xq, xk.half(), xv), (xq[:1], xk[:1], xv[:1])):
+        with pytest.raises(ValueError, match="this launch was made for inputs laid out as"):
+            launch(*other)
+    # Values at the keys' address but laid out otherwise (square examples, transposed) are not the keys.
+    square = torch.tensor(rng.standard_normal((2, dim, dim)), dtype=torch.float32, device=DEVICE)
+    transposed = square.transpose(1, 2)
+    got = SmallAttention(xq, square, transposed, w, heads=heads)(xq, square, transposed)
+    same(got, small_attention(xq, square, transposed.contiguous(), w, heads=heads))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic

@@ -197,9 +197,9 @@ def test_strided_views_and_a_shared_mask():
 
 def test_a_launch_made_once_serves_inputs_of_its_layout_alone():
     """``SmallFusion`` checks and configures a launch once for a layout: called again with other inputs of
-    that layout (and a mask, lengths or magnitudes of their own) it gives what ``small_fusion`` gives;
-    inputs of any other layout (shape, strides, dtype) are refused, since the blocks and strides it
-    launches with are its own layout's."""
+    that layout (and a mask, lengths or magnitudes of their own) it gives what ``small_fusion`` gives, and
+    so does its ``unchecked`` launch; inputs of any other layout (shape, strides, dtype) are refused, since
+    the blocks and strides it launches with are its own layout's."""
     rng = np.random.default_rng(9)
     dim, heads = 24, 3
     w = torch.tensor(folded(dim, heads, 9), dtype=torch.float32, device=DEVICE)
@@ -217,6 +217,12 @@ def test_a_launch_made_once_serves_inputs_of_its_layout_alone():
     magnitudes = torch.zeros(2, 2, device=DEVICE)
     launch(*pairs[1], magnitudes=magnitudes)
     assert torch.equal(magnitudes, torch.stack([x.abs().amax((1, 2)) for x in pairs[1]], 1))
+    # Unchecked (for a caller that guarantees the layout: a plan), the same launch.
+    unchecked_magnitudes = torch.zeros(2, 2, device=DEVICE)
+    for g, r in zip(launch.unchecked(*pairs[1], unchecked_magnitudes), launch(*pairs[1])):
+        for a, b in zip(g, r):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(unchecked_magnitudes, magnitudes)
     xs, xt = pairs[0]
     for other in (xs[:, :8], xs.transpose(1, 2).contiguous().transpose(1, 2), xs.half(), xs[:1]):
         with pytest.raises(ValueError, match="this launch was made for inputs laid out as"):
