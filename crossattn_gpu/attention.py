@@ -237,12 +237,13 @@ class CrossAttention:
         outputs = {"output": size * len_q * v.shape[2],
                    "probabilities (need_weights)": need_weights and size * len_q * len_k}
         self._check_outputs_fit(batch, outputs)
-        attend = functools.partial(self._backend.scaled_dot_product_attention, scale=1.0 / np.sqrt(self.embedding_dim),
-                                   need_weights=need_weights)
+        scale = 1.0 / np.sqrt(self.embedding_dim)
         if plan_key is None:
-            parts = attend(q, k, v, masked=masked, q_lengths=q_len, k_lengths=k_len)
+            parts = self._backend.scaled_dot_product_attention(
+                q, k, v, scale=scale, masked=masked, q_lengths=q_len, k_lengths=k_len, need_weights=need_weights,
+            )
             return self._sdpa_results(batch, None, parts)
-        run = functools.partial(_unmasked_attention, attend)
+        run = self._backend.sdpa_plan(q, k, v, scale=scale, need_weights=need_weights)
         return self._first_planned_call(plan_key, batch, None, run, CrossAttention._sdpa_results, outputs)
 
     @_overflow.named_not_warned
@@ -726,12 +727,6 @@ class _Plan:
     outputs: dict  # what -> element count, for _check_outputs_fit
     remedy: str  # what _check_outputs_fit suggests
     magnitude_by_kernel: bool  # the backend's kernel may write the inputs' magnitude (pending_magnitude)
-
-
-def _unmasked_attention(attend: Callable, q, k, v, magnitude):
-    """``scaled_dot_product_attention``'s plan: ``attend`` (the backend's, its scale and flag bound) without
-    mask or lengths; its inputs' magnitude is torch's or NumPy's (never pending)."""
-    return attend(q, k, v, masked=None, q_lengths=None, k_lengths=None)
 
 
 _PRECISION_TEXT = {

@@ -21,7 +21,7 @@ a backend that wants blocks returns more than one from ``_example_blocks`` and s
 ``_run_blocks`` (how the blocks run: in turn, or on worker threads) and ``_concatenate``.
 
 A backend whose calls of one layout repeat (the front end keeps a plan per layout) opts in with
-``layout_key``, and may settle its route once in ``fusion_plan`` and ``attention_plan``
+``layout_key``, and may settle its route once in ``fusion_plan``, ``attention_plan`` and ``sdpa_plan``
 (``plan_settings``: what else the route depends on).
 """
 
@@ -47,8 +47,8 @@ class FoldedFusion:
         return None
 
     def plan_settings(self) -> tuple:
-        """This backend's settings that a plan (``fusion_plan``, ``attention_plan``) depends on besides its
-        inputs' layout and weights."""
+        """This backend's settings that a plan (``fusion_plan``, ``attention_plan``, ``sdpa_plan``) depends on
+        besides its inputs' layout and weights."""
         return ()
 
     def fusion_plan(self, xs, xt, weights, *, need_weights: bool, need_similarity: bool):
@@ -71,6 +71,16 @@ class FoldedFusion:
             by_kernel = {} if magnitude is None else {"magnitude": magnitude}
             return self.multi_head_attention(xq, xk, xv, weights, masked=None, q_lengths=None, k_lengths=None,
                                              need_weights=need_weights, **by_kernel)
+
+        return run
+
+    def sdpa_plan(self, q, k, v, *, scale: float, need_weights: bool):
+        """``run(q, k, v, magnitude)``: what ``scaled_dot_product_attention`` does without mask or lengths,
+        for inputs laid out as q, k and v (``magnitude``: always None, the inputs' magnitude is reduced
+        apart), kept by the front end as ``fusion_plan``'s is."""
+        def run(q, k, v, magnitude):
+            return self.scaled_dot_product_attention(q, k, v, scale=scale, masked=None, q_lengths=None, k_lengths=None,
+                                                     need_weights=need_weights)
 
         return run
 

@@ -133,6 +133,8 @@ class OnnxBackend(NumpyBackend):
 
     @staticmethod
     def cast(x, dtype):
+        if x.dtype == dtype:  # most casts (a W1 call's two), before the import's ~1 us of lookups
+            return x
         from ..export.runner import host_cast  # large float16 conversions: exact, 13-26x NumPy's speed
 
         return host_cast(x, dtype)
@@ -149,18 +151,67 @@ class OnnxBackend(NumpyBackend):
         arrays = {"query_weights": query, "key_weights": key, "value_weights": value, "output_weights": output}
         return OnnxPrepared(arrays, np.dtype(dtype).name)
 
-    def _attention(self, weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa: bool):
-        """One direction's attention, its queries in blocks (``query_blocks``) when they are many."""
+    # --- plans (``FoldedFusion.fusion_plan`` and the others): the session and the run's shape settled once
+
+    def fusion_plan(self, xs, xt, weights, *, need_weights: bool, need_similarity: bool):
+        """``fuse`` without mask or lengths, its session and its run's shape settled once where one graph
+        takes both directions (``fuse``)."""
+        heads, width = weights.arrays["query_weights"].shape[:2]
+        if heads * xs.shape[1] * xt.shape[1] > RUN_SCORE_ELEMENTS:
+            return super().fusion_plan(xs, xt, weights, need_weights=need_weights, need_similarity=need_similarity)
+        session = self._fusion_session(weights, False, need_weights, need_similarity, False)
+        shape = (max(xs.shape[1], xt.shape[1]), width, heads)
+
+        def run(xs, xt, magnitude):
+            return _fusion_parts(session.run({"sequential_repr": xs, "structural_repr": xt}, shape=shape, checked=True))
+
+        return run
+
+    def attention_plan(self, xq, xk, xv, weights, *, need_weights: bool):
+        """``multi_head_attention`` without mask or lengths, its session and its run's shape settled once
+        where its queries run in one block (``query_blocks``)."""
+        heads = weights.arrays["query_weights"].shape[0]
+        if len(query_blocks(heads, xq.shape[1], xk.shape[1])) != 1:
+            return super().attention_plan(xq, xk, xv, weights, need_weights=need_weights)
+        return self._one_block_plan(weights, xq, xk, heads, need_weights, sdpa=False)
+
+    def sdpa_plan(self, q, k, v, *, scale: float, need_weights: bool):
+        """``scaled_dot_product_attention`` likewise (its graph has the scale of its width)."""
+        if len(query_blocks(1, q.shape[1], k.shape[1])) != 1:
+            return super().sdpa_plan(q, k, v, scale=scale, need_weights=need_weights)
+        run = self._one_block_plan(self._sdpa_weights(q.dtype), q, k, 1, need_weights, sdpa=True)
+        return lambda q, k, v, magnitude: _first_head(run(q, k, v, magnitude))
+
+    def _one_block_plan(self, weights, xq, xk, heads: int, need_weights: bool, sdpa: bool):
+        (_, len_q, width), len_k = xq.shape, xk.shape[1]
+        session = self._attention_session(weights, width, xq.dtype.name, False, need_weights, False, sdpa)
+        shape = (max(len_q, len_k), width, heads)
+
+        def run(xq, xk, xv, magnitude):
+            result = session.run({"query_seq": xq, "key_seq": xk, "value_seq": xv}, shape=shape, checked=True)
+            return result["output"], result.get("attention_weights")
+
+        return run
+
+    # --- the operations ----------------------------------------------------------------------------
+
+    def _attention_session(self, weights, width: int, dtype: str, masked: bool, need_weights: bool, lengths: bool,
+                           sdpa: bool):
         from ..export.onnx_export import build_attention_model
 
-        width = xq.shape[-1]
         arrays = None if sdpa else weights.arrays
-        lengths = q_lengths is not None or k_lengths is not None
-        key = ("sdpa" if sdpa else "mha", masked is not None, need_weights, width, lengths)
-        session = weights.session(key, lambda external: build_attention_model(
-            arrays, width, opset=OPSET, dtype=xq.dtype.name, mask=masked is not None, attention_weights=need_weights,
+        key = ("sdpa" if sdpa else "mha", masked, need_weights, width, lengths)
+        return weights.session(key, lambda external: build_attention_model(
+            arrays, width, opset=OPSET, dtype=dtype, mask=masked, attention_weights=need_weights,
             folded=None if sdpa else weights.folded, digest=None if sdpa else weights.digest, lengths=lengths,
             external=external))
+
+    def _attention(self, weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa: bool):
+        """One direction's attention, its queries in blocks (``query_blocks``) when they are many."""
+        width = xq.shape[-1]
+        lengths = q_lengths is not None or k_lengths is not None
+        session = self._attention_session(weights, width, xq.dtype.name, masked is not None, need_weights, lengths,
+                                          sdpa)
         heads = 1 if sdpa else weights.arrays["query_weights"].shape[0]
         outputs, probabilities = [], []
         for rows in query_blocks(heads, xq.shape[1], xk.shape[1]):
@@ -182,41 +233,40 @@ class OnnxBackend(NumpyBackend):
         return np.concatenate(outputs, axis=1), None if not need_weights else np.concatenate(probabilities, axis=2)
 
     def scaled_dot_product_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights):
-        prepared = self._sdpa.setdefault(q.dtype.name, OnnxPrepared({}, q.dtype.name))
-        out, probs = self._attention(prepared, q, k, v, masked, q_lengths, k_lengths, need_weights, sdpa=True)
-        return out, None if probs is None else probs[:, 0]
+        parts = self._attention(self._sdpa_weights(q.dtype), q, k, v, masked, q_lengths, k_lengths, need_weights,
+                                sdpa=True)
+        return _first_head(parts)
+
+    def _sdpa_weights(self, dtype) -> OnnxPrepared:
+        """The sessions of ``scaled_dot_product_attention`` in ``dtype``, which has no weights."""
+        return self._sdpa.setdefault(dtype.name, OnnxPrepared({}, dtype.name))
 
     def multi_head_attention(self, xq, xk, xv, weights, *, masked, q_lengths, k_lengths, need_weights):
         return self._attention(weights, xq, xk, xv, masked, q_lengths, k_lengths, need_weights, sdpa=False)
 
     def fuse(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
-        from ..export.onnx_export import build_fusion_model
-
         heads = weights.arrays["query_weights"].shape[0]
         if heads * xs.shape[1] * xt.shape[1] > RUN_SCORE_ELEMENTS:  # both directions' queries in blocks
             return self._fuse_by_direction(xs, xt, weights, masked=masked, s_lengths=s_lengths, t_lengths=t_lengths,
                                            need_weights=need_weights, need_similarity=need_similarity)
         lengths = s_lengths is not None or t_lengths is not None
-        key = ("fuse", masked is not None, need_weights, need_similarity, lengths)
-        session = weights.session(key, lambda external: build_fusion_model(
-            weights.arrays, opset=OPSET, dtype=weights.dtype, lengths=lengths, mask=masked is not None,
-            similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded,
-            digest=weights.digest, external=external))
+        session = self._fusion_session(weights, masked is not None, need_weights, need_similarity, lengths)
         feeds = _feeds(
             {"sequential_repr": xs, "structural_repr": xt},
             {"sequential_lengths": (xs, s_lengths), "structural_lengths": (xt, t_lengths)},
             masked,
         )
         heads, width = weights.arrays["query_weights"].shape[:2]
-        result = session.run(feeds, shape=(max(xs.shape[1], xt.shape[1]), width, heads), checked=True)
-        return {
-            "fused_sequential": result["fused_sequential"],
-            "fused_structural": result["fused_structural"],
-            "attention_weights_seq_to_struct": result.get("attention_weights_seq_to_struct"),
-            "attention_weights_struct_to_seq": result.get("attention_weights_struct_to_seq"),
-            "seq_similarity": result.get("seq_similarity"),
-            "struct_similarity": result.get("struct_similarity"),
-        }
+        return _fusion_parts(session.run(feeds, shape=(max(xs.shape[1], xt.shape[1]), width, heads), checked=True))
+
+    def _fusion_session(self, weights, masked: bool, need_weights: bool, need_similarity: bool, lengths: bool):
+        from ..export.onnx_export import build_fusion_model
+
+        key = ("fuse", masked, need_weights, need_similarity, lengths)
+        return weights.session(key, lambda external: build_fusion_model(
+            weights.arrays, opset=OPSET, dtype=weights.dtype, lengths=lengths, mask=masked,
+            similarity=need_similarity, attention_weights=need_weights, bidirectional=False, folded=weights.folded,
+            digest=weights.digest, external=external))
 
     def _fuse_by_direction(self, xs, xt, weights, *, masked, s_lengths, t_lengths, need_weights, need_similarity):
         """The fusion of examples too long for one graph: each direction through the multi-head graph,
@@ -241,6 +291,24 @@ class OnnxBackend(NumpyBackend):
             return session.run({"rows": rows, "fused": fused}, shape=shape, checked=True)["similarity"]
 
         return similarity
+
+
+def _fusion_parts(result: dict) -> dict:
+    """``fuse``'s parts from the fusion graph's outputs."""
+    return {
+        "fused_sequential": result["fused_sequential"],
+        "fused_structural": result["fused_structural"],
+        "attention_weights_seq_to_struct": result.get("attention_weights_seq_to_struct"),
+        "attention_weights_struct_to_seq": result.get("attention_weights_struct_to_seq"),
+        "seq_similarity": result.get("seq_similarity"),
+        "struct_similarity": result.get("struct_similarity"),
+    }
+
+
+def _first_head(parts: tuple) -> tuple:
+    """``scaled_dot_product_attention``'s (output, probabilities) from its one-head graph's."""
+    out, probs = parts
+    return out, None if probs is None else probs[:, 0]
 
 
 def _feeds(inputs: dict, lengths: dict, masked) -> dict:

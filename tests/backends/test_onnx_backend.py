@@ -215,6 +215,47 @@ def test_long_examples_run_their_queries_in_blocks_with_every_output(pair, monke
     assert ("similarity",) in prepared.sessions  # the fusions went by direction
 
 
+def test_repeated_calls_settle_their_session_once(pair, monkeypatch):
+    """A call without mask or lengths that runs as one graph keeps its session and its run's shape in its
+    plan (``fusion_plan``, ``attention_plan``, ``sdpa_plan``): the next calls of that layout look up no
+    session and give the same bits as a fresh model's whole path. Examples whose queries run in blocks
+    (``query_blocks``) keep the whole operation as their plan (a look-up a run), and the same bits too."""
+    ref, _ = pair
+    looked_up = []  # the OnnxPrepared (weights and their sessions) of each look-up
+    session = onnx_backend.OnnxPrepared.session
+    monkeypatch.setattr(onnx_backend.OnnxPrepared, "session", lambda self, *a: looked_up.append(self) or session(self, *a))
+    rng = np.random.default_rng(9)
+    xs, xt = rng.standard_normal((3, 9, 12)), rng.standard_normal((3, 7, 12))
+    calls = {"fuse": lambda m: m.fuse_representations(xs, xt, bidirectional=False, need_weights=True),
+             "mha": lambda m: m.multi_head_attention(xs, xt, xt, need_weights=True),
+             "sdpa": lambda m: m.scaled_dot_product_attention(xs, xt, xt[..., :5], need_weights=True)}
+
+    def fresh():
+        return CrossAttention.from_weights(**ref.get_attention_weights(), backend="onnx")
+
+    def same(got, want):
+        got, want = (got, want) if isinstance(got, dict) else (dict(enumerate(got)), dict(enumerate(want)))
+        for name, value in want.items():
+            if isinstance(value, list):
+                assert all(np.array_equal(g, w) for g, w in zip(got[name], value)), name
+            else:
+                assert (value is None and got[name] is None) or np.array_equal(got[name], value), name
+
+    for in_blocks in (False, True):
+        if in_blocks:
+            monkeypatch.setattr(onnx_backend, "RUN_SCORE_ELEMENTS", 4 * 7)  # blocks of 2 queries, 4 with one head
+            monkeypatch.setattr(onnx_backend, "MIN_QUERY_BLOCK", 1)
+        model = fresh()
+        for name, call in calls.items():
+            call(model)  # the layout's first call makes the plan
+            looked_up.clear()
+            for _ in range(2):
+                same(call(model), call(fresh()))
+            mine = {id(p) for p in (*model._prepared.values(), *model._backend._sdpa.values())}
+            planned = sum(id(p) in mine for p in looked_up)
+            assert len(looked_up) > planned and (planned > 0) == in_blocks, (name, in_blocks)
+
+
 def test_every_graph_names_its_weights_digest_computed_once_per_weights(pair, monkeypatch):
     from crossattn_gpu.weights import weights_digest
 
