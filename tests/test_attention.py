@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import reference
+from plans import whole_paths
 from crossattn_gpu import CrossAttention
 
 RTOL64 = 1e-10
@@ -332,9 +333,7 @@ def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
     model = CrossAttention(16, 2, seed=3, backend=backend)
-    whole = []  # a call per whole path: its inputs' checks
-    batch = model._batch
-    monkeypatch.setattr(model, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    whole = whole_paths(monkeypatch, model)
     rng = np.random.default_rng(31)
     layouts = {"float64": lambda: (rand(rng, 2, 9, 16), rand(rng, 2, 9, 16)),
                "float32": lambda: tuple(rand(rng, 2, 9, 16).astype(np.float32) for _ in range(2)),
@@ -404,9 +403,7 @@ def test_repeated_attentions_of_a_layout_skip_its_checks_not_the_values(monkeypa
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
     model = CrossAttention(16, 2, seed=4, backend=backend)
-    whole = []  # a call per whole path: its inputs' checks
-    batch = model._batch
-    monkeypatch.setattr(model, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    whole = whole_paths(monkeypatch, model)
     rng = np.random.default_rng(32)
     values_width = 5 if method == "scaled_dot_product_attention" else 16  # its values may be of any width
     layouts = {"float64": lambda: (rand(rng, 2, 9, 16), rand(rng, 2, 6, 16), rand(rng, 2, 6, values_width)),

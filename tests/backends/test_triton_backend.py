@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from crossattn_gpu import CrossAttention  # noqa: E402
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
+from plans import whole_paths  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not interpreter_mode()
 if not ON_GPU and not interpreter_mode():
@@ -589,9 +590,7 @@ def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
     import crossattn_gpu.attention as front_end
 
     ref, tri = models(16, 2)
-    whole = []  # a call per whole path: its inputs' checks
-    batch = tri._batch
-    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    whole = whole_paths(monkeypatch, tri)
     calls = counted_routes(monkeypatch, tri._backend)
     rng = np.random.default_rng(21)
 
@@ -664,9 +663,7 @@ def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
 
     # No plan: NumPy inputs, a mask, lengths, flags that are not bools, a tensor that requires grad.
     _, tri = models(16, 2)
-    whole = []
-    batch = tri._batch
-    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    whole = whole_paths(monkeypatch, tri)
     seq, struct = rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16))
     xs, xt = device(seq, struct)
     for kwargs in ({"mask": np.ones((9, 9))}, {"sequential_lengths": np.array([9, 4]), "structural_lengths": np.array([9, 4])},
@@ -696,9 +693,7 @@ def test_repeated_attentions_keep_what_their_first_call_settled(monkeypatch, met
     values too, with the values checked each call. Another layout, new weights, another one-launch bound,
     NumPy inputs, a mask, lengths, flags that are not bools take the whole path."""
     ref, tri = models(16, 2)
-    whole = []  # a call per whole path: its inputs' checks
-    batch = tri._batch
-    monkeypatch.setattr(tri, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
+    whole = whole_paths(monkeypatch, tri)
     calls = counted_routes(monkeypatch, tri._backend)
     rng = np.random.default_rng(23)
     one_launch = method == "multi_head_attention"
