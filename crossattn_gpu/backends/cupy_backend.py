@@ -1,6 +1,6 @@
 """CuPy backend: projections as cuBLAS GEMMs (``cupy.matmul``), attention in the CUDA C kernel of
-``kernels/attention_cuda.cu``; the fusion itself is ``device_common.DeviceFusion`` on CuPy arrays, the
-code the Triton backend runs on torch tensors.
+``kernels/attention_cuda.cu``, or when large as GEMMs too (``_attends_as_gemms``); the fusion itself is
+``device_common.DeviceFusion`` on CuPy arrays, the code the Triton backend runs on torch tensors.
 
 Arrays: CuPy in, CuPy out; torch CUDA tensors cross through DLPack (torch out); NumPy arrays are copied
 to the GPU and back. Importing the package never imports CuPy; constructing this backend does.
@@ -19,6 +19,14 @@ from ..folding import fold_magnitudes, fold_weights
 from .device_common import DeviceFoldedWeights, DeviceFusion
 
 _COMPUTE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float32"}
+
+#: Attentions of at least this many scores (B x H x Lq x Lk) run as cuBLAS GEMMs around CuPy's softmax
+#: (``DeviceFusion._gemm_attention``) rather than in the CUDA C kernel, whose scalar float32 arithmetic ran
+#: at ~5 TFLOP/s on an H200 (W2 bfloat16: 25.5 ms, 2026-11-30 run 2). A prediction, not yet timed: the
+#: route moves ~44 bytes a float32 score (its GEMM's write, the softmax's passes, the cast; ~13 ps at
+#: 3.5 TB/s) where the kernel spends ~4 x D FLOPs (~50 ps at D = 64), but it launches about a dozen
+#: operations a piece, which a small call (W1: 200 scores) would not repay.
+GEMM_MIN_SCORES = 1 << 20
 
 
 def _gpu_count(cupy) -> int:
@@ -125,6 +133,12 @@ class CupyBackend(DeviceFusion):
         return DeviceFoldedWeights(heads, width, on_device, fold_magnitudes(folded, heads, width))
 
     # --- primitives of DeviceFusion -----------------------------------------------------------------
+
+    @staticmethod
+    def _attends_as_gemms(q, k, v) -> bool:
+        """Large attentions (``GEMM_MIN_SCORES``) as GEMMs, the rest in the kernel."""
+        batch, heads, len_q, _ = q.shape
+        return batch * heads * len_q * k.shape[2] >= GEMM_MIN_SCORES
 
     def _positions(self, length: int):
         return self.cupy.arange(length)

@@ -63,6 +63,9 @@ class DeviceFusion(FoldedFusion):
     #: H200 (Triton, 2026-11-28), where the fusion's GEMMs run at tens (float32) to hundreds (16-bit) of
     #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
     call_flops = 5e10
+    #: The float32 scores one piece of ``_gemm_attention`` holds (128 MiB), besides its probabilities in
+    #: the values' dtype (64 MiB in 16 bits) and, with a mask or key lengths, one more copy of the scores.
+    gemm_scores_elements = 1 << 25
 
     def cast(self, x, dtype):
         raise NotImplementedError
@@ -105,11 +108,15 @@ class DeviceFusion(FoldedFusion):
 
     def _attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads=False):
         """The kernel (the heads' outputs, or their sum), its rows at or past ``q_lengths`` zero, plus the
-        probabilities when asked (``_probabilities``; their rows past ``q_lengths`` zero too)."""
+        probabilities when asked (``_probabilities``; their rows past ``q_lengths`` zero too); or the same
+        as GEMMs where this backend prefers them (``_attends_as_gemms``, ``_gemm_attention``)."""
         xp = self.xp
         if masked is not None:  # in the kernels' uint8 once, for the attention and the probabilities both
             masked = xp.broadcast_to(self.cast(masked, xp.uint8), (masked.shape[0], q.shape[2], k.shape[2]))
         lengths = None if k_lengths is None else self._device_lengths(k_lengths)
+        if self._attends_as_gemms(q, k, v):
+            return self._gemm_attention(q, k, v, scale=scale, masked=masked, q_lengths=q_lengths, k_lengths=lengths,
+                                        need_weights=need_weights, sum_heads=sum_heads)
         in_kernel = {"q_lengths": q_lengths} if self.kernel_takes_query_lengths else {}
         # The lse serves only to rebuild the probabilities: without them the kernel neither computes
         # nor allocates it (W4: 0.25 MiB, the fusion's whole excess over torch SDPA's peak memory).
@@ -121,6 +128,68 @@ class DeviceFusion(FoldedFusion):
             out = self._zero_padded_rows(out, q_lengths, axis=out.ndim - 2)
         probs = self._probabilities(q, k, lse, scale, masked, lengths, q_lengths) if need_weights else None
         return out, probs
+
+    def _attends_as_gemms(self, q, k, v) -> bool:
+        """Whether ``_attention`` runs ``_gemm_attention`` instead of the kernel: here never (the CuPy
+        backend does where its kernel is the slower, ``CupyBackend._attends_as_gemms``)."""
+        return False
+
+    def _gemm_attention(self, q, k, v, *, scale, masked, q_lengths, k_lengths, need_weights, sum_heads):
+        """``_attention``'s result as the array library's GEMMs around an elementwise softmax, in pieces of
+        whole examples, or of one example's queries, whose float32 scores (b, H, lq, Lk) hold at most
+        ``gemm_scores_elements``: memory bounded whatever the batch and lengths.
+
+        Per piece: the scores as one float32 GEMM (16-bit queries and keys widened first, so that the
+        softmax sees float32 scores, as in the kernels), scaled; the seed's mask (the fill, but an Inf
+        or NaN score stays NaN, as in the kernels) and keys past ``k_lengths`` (-inf); the softmax;
+        the probabilities in the values' dtype times the values, each head's output in that dtype (as
+        plain torch's, the accuracy yardstick), their sum taken in float32. The values' rows past
+        ``k_lengths`` are zeroed first: the GEMM multiplies them by probabilities of 0, and a padded
+        row projected to Inf would make NaN. ``masked``: uint8 (Bm, Lq, Lk), Bm in {1, B};
+        ``k_lengths``: on the device."""
+        batch, heads, len_q, len_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        queries = min(len_q, max(1, self.gemm_scores_elements // (heads * len_k)))
+        examples = max(1, self.gemm_scores_elements // (heads * len_q * len_k)) if queries == len_q else 1
+        if k_lengths is not None:
+            v = self._zero_padded_rows(v, k_lengths, axis=2)
+        outs, probs = [], []
+        for start in range(0, batch, examples):
+            ex = slice(start, start + examples)
+            mask_rows = None if masked is None else masked[ex if masked.shape[0] > 1 else slice(None)]
+            lengths = None if k_lengths is None else k_lengths[ex]
+            pieces = [self._gemm_attention_piece(q[ex, :, rows], k[ex], v[ex], scale,
+                                                 None if masked is None else mask_rows[:, rows], lengths,
+                                                 need_weights, sum_heads)
+                      for rows in (slice(first, first + queries) for first in range(0, len_q, queries))]
+            outs.append(self._joined([out for out, _ in pieces], axis=-2))
+            probs.append(self._joined([p for _, p in pieces], axis=2) if need_weights else None)
+        out = self._zero_padded_rows(self._joined(outs, axis=0), q_lengths, axis=outs[0].ndim - 2)
+        if not need_weights:
+            return out, None
+        return out, self._zero_padded_rows(self._joined(probs, axis=0), q_lengths, axis=2)
+
+    def _gemm_attention_piece(self, q, k, v, scale, masked, k_lengths, need_weights, sum_heads):
+        """One piece of ``_gemm_attention``: (output, probabilities or None) of these examples and queries."""
+        xp, float32 = self.xp, self.float32
+        scores = xp.matmul(self.cast(q, float32), self.cast(k, float32).swapaxes(-1, -2))  # keys broadcast over heads
+        if scale != 1.0:  # the fusions' scale is in their folded weights
+            scores *= scale
+        if masked is not None:
+            scores = xp.where(masked[:, None] != 0, scores * 0 + self.kernel.MASK_FILL, scores)
+        if k_lengths is not None:
+            key_pad = self._positions(k.shape[2])[None, :] >= k_lengths[:, None]
+            scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
+        scores -= xp.amax(scores, axis=-1, keepdims=True)  # every row has a key: a finite maximum
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(-1)[..., None]
+        probs = self.cast(probs, v.dtype)
+        out = xp.matmul(probs, v)
+        if sum_heads:
+            out = self.cast(self.cast(out, float32).sum(1), q.dtype)
+        return out, self.cast(probs, q.dtype) if need_weights else None
+
+    def _joined(self, parts: list, axis: int):
+        return parts[0] if len(parts) == 1 else self.xp.concatenate(parts, axis=axis)
 
     def _probabilities(self, q, k, lse, scale, masked, k_lengths, q_lengths):
         """The attention probabilities (B, H, Lq, Lk) in q's dtype, rows past ``q_lengths`` zero, rebuilt
