@@ -120,7 +120,7 @@ def takes(arrays) -> bool:
 def launch_config(cols: int) -> dict:
     """Blocks of whole rows up to MAX_BLOCK_C wide (the widest array's), TILE_ELEMENTS a block in steps of
     at most STEP_ELEMENTS and MAX_STEP_R rows, 4 warps."""
-    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(cols))
+    block_c = min(MAX_BLOCK_C, 1 << (cols - 1).bit_length())  # not triton.next_power_of_2: 1.4 us a call
     step_r = min(STEP_ELEMENTS // block_c, MAX_STEP_R)  # divides BLOCK_R: both powers of two, and no larger
     return {"BLOCK_R": TILE_ELEMENTS // block_c, "STEP_R": step_r, "BLOCK_C": block_c, "num_warps": 4}
 
@@ -151,6 +151,11 @@ def largest_magnitudes(*arrays):
     refusal = _refusal(arrays)
     if refusal is not None:
         raise refusal
+    return unchecked_largest_magnitudes(arrays)
+
+
+def unchecked_largest_magnitudes(arrays: tuple):
+    """``largest_magnitudes`` of arrays that ``takes`` has taken, without checking them again."""
     cfg = launch_config(max(x.shape[-1] for x in arrays))
     views = [_as_rows(x) for x in arrays]
     blocks = [cdiv(view[0], cfg["BLOCK_R"]) for view in views]

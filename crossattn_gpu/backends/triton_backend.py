@@ -242,7 +242,7 @@ class TritonBackend(DeviceFusion):
         values, ``multi_head_attention(q, k, k)``) is read once."""
         arrays = tuple({id(arr): arr for arr in arrays}.values())
         if self.magnitude.takes(arrays):
-            return self.magnitude.largest_magnitudes(*arrays)
+            return self.magnitude.unchecked_largest_magnitudes(arrays)
         torch = self.torch
         top = None
         for arr in arrays:
@@ -328,16 +328,24 @@ class TritonBackend(DeviceFusion):
         their sum, take what the queries' projection takes."""
         torch = self.torch
         keys, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
-        if q.dtype != self.float32 and (k_lengths is not None or not self._flash_sdpa(q, keys, v)):
+        if k_lengths is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale) \
+                if self._sdpa_takes(q, keys, v) else None
+        if q.dtype != self.float32:
             return None  # before the mask is built: it would be thrown away
-        bias = None
-        if k_lengths is not None:
-            padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
-            bias = torch.zeros(padded.shape, dtype=q.dtype, device=q.device).masked_fill_(padded, float("-inf"))
-            bias = bias[:, None, None, :]  # broadcast over heads and queries
-        if q.dtype == self.float32 and k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
+        padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
+        bias = torch.zeros(padded.shape, dtype=q.dtype, device=q.device).masked_fill_(padded, float("-inf"))
+        bias = bias[:, None, None, :]  # broadcast over heads and queries
+        if k.shape[2] > 2 * v.shape[3] and not self._efficient_sdpa(q, keys, v, bias):
             return None
         return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=bias, scale=scale)
+
+    def _sdpa_takes(self, q, k, v) -> bool:
+        """``_sdpa_heads``'s verdict on (B, H, L, D) heads without key lengths: in 16 bits where SDPA can
+        run flash attention, in float32 where it runs its memory-efficient kernel or the keys are few."""
+        if q.dtype != self.float32:
+            return self._flash_sdpa(q, k, v)
+        return k.shape[2] <= 2 * v.shape[3] or self._efficient_sdpa(q, k, v, None)
 
     def _sdpa_shapes(self, dtype, width: int, len_q: int, len_k: int) -> bool:
         """Whether attention of heads ``width`` wide (the wider of queries and values) over ``len_q``
@@ -473,10 +481,26 @@ class TritonBackend(DeviceFusion):
 
         return run
 
+    def sdpa_plan(self, q, k, v, *, scale: float, need_weights: bool):
+        """``scaled_dot_product_attention``'s (``FoldedFusion.sdpa_plan``), and where its inputs attend through
+        torch's SDPA (no probabilities, ``_sdpa_shapes``, ``_sdpa_takes``) that route settled once: a planned
+        call is SDPA on the inputs as one head, without the route's questions (a CUDA GPU asks torch twice)."""
+        q4, k4, v4 = q[:, None], k[:, None], v[:, None]
+        if need_weights or not (self._sdpa_shapes(q.dtype, max(q.shape[2], v.shape[2]), q.shape[1], k.shape[1])
+                                and self._sdpa_takes(q4, k4, v4)):
+            return super().sdpa_plan(q, k, v, scale=scale, need_weights=need_weights)
+        functional = self.torch.nn.functional
+
+        def run(q, k, v, magnitude):  # inputs of the plan's layout (its key)
+            return functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0], None
+
+        return run
+
     def plan_settings(self) -> tuple:
-        """The settings a plan (``fusion_plan``, ``attention_plan``) depends on besides its inputs' layout and
-        weights."""
-        return self.float32_precision, self.one_launch_flops
+        """The settings a plan (``fusion_plan``, ``attention_plan``, ``sdpa_plan``) depends on besides its inputs'
+        layout and weights: torch's switches of SDPA's kernels too, which ``_sdpa_takes`` asks about (0.2 us)."""
+        cuda = self.torch.backends.cuda
+        return self.float32_precision, self.one_launch_flops, cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()
 
     def layout_key(self, x):
         """A torch tensor's layout (shape, strides, dtype, device; no grad) for the front end's plans, or

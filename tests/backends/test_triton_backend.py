@@ -772,6 +772,36 @@ def test_repeated_attentions_keep_what_their_first_call_settled(monkeypatch, met
         getattr(tri, method)(q.requires_grad_(), k, v)
 
 
+def test_a_planned_sdpa_settles_its_route_and_follows_torchs_switches(monkeypatch):
+    """A ``scaled_dot_product_attention`` that attends through torch's SDPA settles that route in its plan: the
+    next calls of its layout ask nothing about it (``_sdpa_takes``, which on a GPU asks torch whether SDPA
+    can run its flash or memory-efficient kernel) and give the whole path's bits. Turning either of
+    those kernels off or on in torch makes a new plan, since the answers may change."""
+    _, tri = models(16, 2)
+    backend = tri._backend
+    whole = whole_paths(monkeypatch, tri)
+    asked = []
+    takes = backend._sdpa_takes
+    monkeypatch.setattr(backend, "_sdpa_takes", lambda *a: asked.append(1) or takes(*a))
+    calls = counted_routes(monkeypatch, backend)
+    q, k, v = (torch.randn(shape, device=DEVICE) for shape in ((2, 9, 16), (2, 7, 16), (2, 7, 16)))
+    first = tri.scaled_dot_product_attention(q, k, v, need_weights=False)[0]
+    assert (calls, len(asked), len(whole)) == (["sdpa"], 1, 1)
+    for _ in range(2):
+        assert torch.equal(tri.scaled_dot_product_attention(q, k, v, need_weights=False)[0], first)
+    assert (calls, len(asked), len(whole)) == (["sdpa"] * 3, 1, 1)
+    cuda = torch.backends.cuda
+    for switch, enabled in ((cuda.enable_flash_sdp, cuda.flash_sdp_enabled),
+                            (cuda.enable_mem_efficient_sdp, cuda.mem_efficient_sdp_enabled)):
+        state = enabled()
+        try:
+            switch(not state)
+            tri.scaled_dot_product_attention(q, k, v, need_weights=False)
+        finally:
+            switch(state)
+    assert len(whole) == 3
+
+
 def test_planned_calls_from_threads(monkeypatch):
     """Fusions and multi-head attentions of two layouts each from four threads on one model: each call gets
     its own results, whichever thread made or replaced the plans. (Triton's interpreter runs one kernel at
@@ -860,9 +890,10 @@ def test_one_launch_writes_the_inputs_magnitude(monkeypatch):
     ref, tri = models(64, 2)
     backend = tri._backend
     launches = []
-    matmul, largest = backend._matmul, backend.magnitude.largest_magnitudes
+    matmul, largest = backend._matmul, backend.magnitude.unchecked_largest_magnitudes
     monkeypatch.setattr(backend, "_matmul", lambda a, b: launches.append("mm") or matmul(a, b))
-    monkeypatch.setattr(backend.magnitude, "largest_magnitudes", lambda *a: launches.append("magnitude") or largest(*a))
+    monkeypatch.setattr(backend.magnitude, "unchecked_largest_magnitudes",
+                        lambda arrays: launches.append("magnitude") or largest(arrays))
     rng = np.random.default_rng(13)
     seq, struct = rng.standard_normal((1, 10, 64)), rng.standard_normal((1, 10, 64))
     w1 = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (seq, struct)]
@@ -1028,8 +1059,9 @@ def test_the_inputs_magnitude_is_one_launch_for_up_to_three_arrays(monkeypatch):
     _, tri = models(8, 1)
     backend = tri._backend
     launches = []
-    largest = backend.magnitude.largest_magnitudes
-    monkeypatch.setattr(backend.magnitude, "largest_magnitudes", lambda *a: launches.append(len(a)) or largest(*a))
+    largest = backend.magnitude.unchecked_largest_magnitudes
+    monkeypatch.setattr(backend.magnitude, "unchecked_largest_magnitudes",
+                        lambda arrays: launches.append(len(arrays)) or largest(arrays))
     arrays = [torch.full((2, 3, 8), float(n), device=DEVICE) for n in (1, -5, 2)]
     arrays[1] = arrays[1].half()
     assert late_magnitude(backend, *arrays) == 5.0 and launches == [3]
