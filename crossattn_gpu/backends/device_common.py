@@ -64,7 +64,7 @@ class DeviceFusion(FoldedFusion):
     #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
     call_flops = 5e10
     #: The float32 scores one piece of ``_gemm_attention`` holds (128 MiB), besides its probabilities in
-    #: the values' dtype (64 MiB in 16 bits) and, with a mask or key lengths, one more copy of the scores.
+    #: the values' dtype (64 MiB in 16 bits) and, with key lengths, one more copy of the scores.
     gemm_scores_elements = 1 << 25
 
     def cast(self, x, dtype):
@@ -174,8 +174,10 @@ class DeviceFusion(FoldedFusion):
         scores = xp.matmul(self.cast(q, float32), self.cast(k, float32).swapaxes(-1, -2))  # keys broadcast over heads
         if scale != 1.0:  # the fusions' scale is in their folded weights
             scores *= scale
-        if masked is not None:
-            scores = xp.where(masked[:, None] != 0, scores * 0 + self.kernel.MASK_FILL, scores)
+        if masked is not None:  # in place: the factors are (b, 1, lq, Lk), the scores H times that
+            keep = self.cast(masked == 0, float32)[:, None]
+            scores *= keep  # 0 where masked, but an Inf or NaN score stays NaN
+            scores += (1 - keep) * self.kernel.MASK_FILL
         if k_lengths is not None:
             key_pad = self._positions(k.shape[2])[None, :] >= k_lengths[:, None]
             scores = xp.where(key_pad[:, None, None, :], float("-inf"), scores)
