@@ -7,7 +7,9 @@ It uses the folded weights of ``crossattn_gpu.folding``: one GEMM per input give
 and values, the raw inputs are the keys of every head (a head stride of 0 in the kernel), and the
 output is the sum of the heads' outputs, which the kernel takes in float32 (``sum_heads``). The
 attention probabilities, when asked, are rebuilt from the kernel's log-sum-exp (``_probabilities``;
-the Triton backend writes them in kernels of their own instead).
+the Triton backend writes them in kernels of their own instead). Where a backend prefers
+(``_attends_as_gemms``: the CuPy backend, for large attentions), the attention runs as the array
+library's GEMMs around an elementwise softmax instead (``_gemm_attention``).
 
 A subclass provides the array module ``xp`` (``torch`` or ``cupy``: only functions both share are
 used), ``float32``, ``cast``, ``_positions``, ``_device_lengths`` and ``kernel`` (a module with
