@@ -329,8 +329,9 @@ class TritonBackend(DeviceFusion):
         torch = self.torch
         keys, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
         if k_lengths is None:
-            return torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale) \
-                if self._sdpa_takes(q, keys, v) else None
+            if not self._sdpa_takes(q, keys, v):
+                return None
+            return torch.nn.functional.scaled_dot_product_attention(q, keys, v, scale=scale)
         if q.dtype != self.float32:
             return None  # before the mask is built: it would be thrown away
         padded = self._positions(k.shape[2])[None, :] >= self._device_lengths(k_lengths)[:, None]  # (B, Lk)
