@@ -66,7 +66,9 @@ class DeviceFusion(FoldedFusion):
     #: TFLOP/s. An estimate, not a measured optimum: at this size antibodies nearly always share calls.
     call_flops = 5e10
     #: The float32 scores one piece of ``_gemm_attention`` holds (128 MiB), besides its probabilities in
-    #: the values' dtype (64 MiB in 16 bits) and, with key lengths, one more copy of the scores.
+    #: the values' dtype (64 MiB in 16 bits), with key lengths one more copy of the scores, and its queries
+    #: and heads' outputs in float32 (D / Lk times the scores' size each: no more than the CUDA C kernel's
+    #: float32 accumulator of every head and query).
     gemm_scores_elements = 1 << 25
 
     def cast(self, x, dtype):
