@@ -7,7 +7,9 @@ replaced by a no-op, so what remains is the host path a GPU call also takes (the
 the projections' GEMMs, which are tiny here, and the launchers' own Python), without a GPU. Triton's
 own launch and CUDA's are not in it. Medians of many calls, with the NumPy backend's whole W1 call
 (which computes everything) beside it for scale, and the seed's ``multi_head_attention`` on W1's inputs
-(queries the sequential ones, keys and values the structural ones) through the same host path.
+(queries the sequential ones, keys and values the structural ones) and its
+``scaled_dot_product_attention`` through the same host path, torch's SDPA (a launch on a GPU, which
+computes on the CPU) answering with an empty result of its shape.
 
 A large call is bound by its kernels, but the GPU idles from the call's start until its first launch,
 and a harness that waits for each call sees that wait whole. ``w2_until_first_launch_us`` times it:
@@ -70,6 +72,11 @@ def _stop(*args, **kwargs):
     raise _FirstLaunch
 
 
+def no_sdpa(q, k, v, **kwargs):
+    """torch's SDPA answered with an empty result of its shape: a launch that computes nothing."""
+    return torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+
+
 def until_first_launch_us(fn, calls: int) -> float:
     """Median microseconds from calling ``fn`` to its first projection GEMM or Triton launch (each raises)."""
     original = TritonBackend._matmul, InterpretedFunction.__getitem__
@@ -98,8 +105,8 @@ def _inputs(name: str, dtype=np.float32) -> list:
 
 def measure(calls: int) -> dict:
     """Median microseconds of one W1 call (the NumPy backend's, and the Triton backend's host path), of a
-    ``multi_head_attention`` on its inputs (the host path), and of a W2-shaped call's host time before its
-    first launch (``calls // 10`` of those)."""
+    ``multi_head_attention`` and a ``scaled_dot_product_attention`` on its inputs (the host paths), and of a
+    W2-shaped call's host time before its first launch (``calls // 10`` of those)."""
     if not interpreter_mode():
         raise RuntimeError("bench.host_path needs TRITON_INTERPRET=1, set before the kernels are imported")
     w1, w2 = WORKLOADS["W1"], WORKLOADS["W2"]
@@ -111,15 +118,20 @@ def measure(calls: int) -> dict:
     results = {"numpy_w1_us": median_us(lambda: numpy_model.fuse_representations(xs, xt, **kwargs), calls)}
     large_model = CrossAttention(w2.width, w2.heads, seed=0, backend="triton")
     large = [torch.from_numpy(x) for x in _inputs("W2", np.float16)]
-    original = InterpretedFunction.__getitem__
+    original, sdpa = InterpretedFunction.__getitem__, torch.nn.functional.scaled_dot_product_attention
     InterpretedFunction.__getitem__ = lambda self, grid: no_launch(self)  # launches do nothing
     try:
         results["triton_host_path_us"] = median_us(lambda: triton_model.fuse_representations(ts, tt, **kwargs), calls)
         results["triton_attention_host_path_us"] = median_us(
             lambda: triton_model.multi_head_attention(ts, tt, tt, need_weights=False), calls)
+        torch.nn.functional.scaled_dot_product_attention = no_sdpa
+        results["triton_sdpa_host_path_us"] = median_us(
+            lambda: triton_model.scaled_dot_product_attention(ts, tt, tt, need_weights=False), calls)
+        torch.nn.functional.scaled_dot_product_attention = sdpa
         large_model.fuse_representations(*large, need_similarity=False)  # the layout's first call, whole
     finally:
         InterpretedFunction.__getitem__ = original
+        torch.nn.functional.scaled_dot_product_attention = sdpa
     results["w2_until_first_launch_us"] = until_first_launch_us(
         lambda: large_model.fuse_representations(*large, need_similarity=False), max(1, calls // 10))
     return results

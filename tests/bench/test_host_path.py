@@ -12,12 +12,14 @@ from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
 @pytest.mark.skipif(not interpreter_mode(), reason="times the host path under Triton's interpreter")
 def test_prints_the_medians_and_restores_the_launches(capsys):
     launch, matmul = host_path.InterpretedFunction.__getitem__, host_path.TritonBackend._matmul
+    sdpa = host_path.torch.nn.functional.scaled_dot_product_attention
     assert host_path.main(["--calls", "5", "--repeats", "1"]) == 0
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
     assert set(printed) == {"numpy_w1_us", "triton_host_path_us", "triton_attention_host_path_us",
-                            "w2_until_first_launch_us"}
+                            "triton_sdpa_host_path_us", "w2_until_first_launch_us"}
     assert all(float(v) > 0 for v in printed.values())
     assert host_path.InterpretedFunction.__getitem__ is launch and host_path.TritonBackend._matmul is matmul
+    assert host_path.torch.nn.functional.scaled_dot_product_attention is sdpa
 
 
 @pytest.mark.skipif(not interpreter_mode(), reason="times the host path under Triton's interpreter")
