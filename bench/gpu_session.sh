@@ -4,14 +4,15 @@
 # so that one slow step cannot starve the rest, most needed first: racecheck of the CUDA C kernel, the
 # GPU tests, the benchmark, a profile of single fusion calls (host and device), the host path under
 # the interpreter (to compare this host with the development CPU), small examples in one launch against
-# the multi-launch path (bench.small_fusion), a batch past the device memory bound in blocks and at
+# the multi-launch path (bench.small_fusion), the CuPy backend's kernel against its GEMM route
+# (bench.gemm_route), a batch past the device memory bound in blocks and at
 # once (bench.huge_batch), the Triton sweep
 # (kernels and launch configurations), compute-sanitizer memcheck and racecheck of the other kernels'
 # tests on odd shapes, the conformance suite with its summary, and fuse_collection's batching against a loop
 # of calls (bench.collection). Logs and results are packed into
 # $OUT/session.tar.gz after every step (so a call stopped at its limit still returns what was done); a
-# failing step is logged and the others still run. The limits add up to 600 s; the steps usually end
-# well before theirs.
+# failing step is logged and the others still run. The limits add up to 620 s, past the 600 s a call
+# may take, so a session that runs them all may lose the last; the steps usually end well before theirs.
 #
 #   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
 #   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=600)
@@ -93,6 +94,8 @@ step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
 # Is one launch faster for every batch of small examples (kernels/small_fusion.py, small_attention.py), or
 # only for few?
 step small 40 "$py" -m bench.small_fusion --out "$work/results/small.json"
+# Where does the CuPy backend's GEMM route overtake its CUDA C kernel (cupy_backend.GEMM_MIN_SCORES)?
+step gemm-route 20 "$py" -m bench.gemm_route --out "$work/results/gemm_route.json"
 # The host path of a W1 call, and the host's time before a W2-shaped call's first launch, under the
 # interpreter, as measured on the development CPU (bench/NOTES.md): how much slower this host's Python is.
 step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
@@ -129,6 +132,7 @@ grep -E "^(W[0-9])" "$work/bench.log" 2> /dev/null
 grep -A 12 "^## Targets" "$work/bench.log" 2> /dev/null
 grep -E "^\| W[0-9]" "$work/profile.log" 2> /dev/null
 awk '/^\| operation \|/ { table = "" } { table = table $0 "\n" } END { printf "%s", table }' "$work/small.log" 2> /dev/null
+awk '/^\| shape \|/ { table = "" } { table = table $0 "\n" } END { printf "%s", table }' "$work/gemm-route.log" 2> /dev/null
 cat "$work/host-path.log" 2> /dev/null
 cat "$work/huge-batch.log" 2> /dev/null
 tail -c 2000 "$work/collection.log" 2> /dev/null
