@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from crossattn_gpu import CrossAttention
+from crossattn_gpu._optional import version_of
 from crossattn_gpu.backends.device_common import DeviceFusion
 from crossattn_gpu.backends.triton_backend import interpreter_mode
 
@@ -39,11 +40,11 @@ def versions(backend) -> dict:
     """The packages the timed code ran on, and the device."""
     if backend.name == "cupy":
         cupy = backend.cupy
-        return {"numpy": np.__version__, "cupy": cupy.__version__,
-                "device": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()}
+        device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+        return {**{name: version_of(name) for name in ("numpy", "cupy")}, "device": device}
     torch = backend.torch
-    return {"numpy": np.__version__, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "device": torch.cuda.get_device_name() if backend.device.type == "cuda" else "cpu (Triton interpreter)"}
+    device = torch.cuda.get_device_name() if backend.device.type == "cuda" else "cpu (Triton interpreter)"
+    return {**{name: version_of(name) for name in ("numpy", "torch", "triton")}, "device": device}
 
 
 def synchronizer(backend):
