@@ -87,7 +87,8 @@ fi
 step tests 100 "$py" -m pytest "${pytest_args[@]}" "${parallel[@]}" -v "$repo/tests" --ignore="$repo/tests/conformance" \
     --ignore="$repo/tests/kernels/test_triton_compile.py"
 # BENCH_ARGS, SWEEP_ARGS: more options for the benchmark and the sweep (say "--workloads W3", and
-# "--cases W2:float32 --precision tf32x3 --no-stages").
+# "--cases W2:float32 --precision tf32x3 --no-stages"); SWEEP_LIMIT: the sweep's seconds (default 15, for
+# a few cases: each candidate compiles a variant of its own, ~14 at W2 in bfloat16).
 # shellcheck disable=SC2086
 step bench 100 "$py" -m bench --device gpu --budget 1 --repeats 20 --out-dir "$work/results" ${BENCH_ARGS:-}
 step profile 40 "$py" -m bench.profile_fusion --out "$work/results/profile.json"
@@ -102,7 +103,7 @@ step host-path 10 env TRITON_INTERPRET=1 "$py" -m bench.host_path --repeats 1
 # 2048 W3-shaped antibodies in bfloat16 (43 GB of projections at once, 11 blocks of at most 2 GB).
 step huge-batch 20 "$py" -m bench.huge_batch
 # shellcheck disable=SC2086
-step sweep 15 "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
+step sweep "${SWEEP_LIMIT:-15}" "$py" -m bench.sweep_triton --out "$work/results/sweep.json" ${SWEEP_ARGS:-}
 if [ -n "$have_sanitizer" ]; then
     # One step per tool and kernel, so that one kernel's failure (or the sanitizer's own: racecheck
     # once stopped with an internal error on the fused Triton kernel) cannot hide the others' results.

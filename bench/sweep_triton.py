@@ -55,6 +55,13 @@ SMOKE_CASES = [("tiny", 2, 2, 40, 24, "float32"), ("tiny-wide", 1, 2, 20, 300, "
 # (bfloat16, as launched: bench/NOTES.md, 2026-11-30 seventh session).
 VARIANTS = [(128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3),
             (64, 64, 4, 2)]
+# The fused kernel's TMA loads (``_attention_fwd_tma``: whole tiles of 16-bit heads in one chunk, no mask or
+# lengths; not yet any launch's default), as (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised),
+# per head width up to 128 and up to 256: the tiles that fit an H200's 227 KiB of shared memory, compiled
+# as launched (bench/NOTES.md, 2026-12-01). The pointer kernel's default first, loaded by TMA.
+TMA_VARIANTS = {128: [(64, 64, 4, 3, False), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 2, False),
+                      (128, 64, 8, 3, False), (128, 128, 8, 2, False)],
+                256: [(128, 64, 8, 2, False), (64, 64, 4, 3, False), (64, 64, 4, 2, True)]}
 # The two-pass operator's (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages) around its default (timed
 # on W3: bench/results/2026-11-29-nvidia-h200-sweep-*.md): wider and narrower tiles, other stages, fewer
 # warps.
@@ -72,10 +79,16 @@ PROJECTION_VARIANTS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4
 def candidates(length: int, width: int, dtype: torch.dtype) -> list[tuple[str, dict, bool]]:
     """(kernel, config, sum_heads) triples, the launcher's own choice first, with the heads summed in
     the kernel (as the fusion calls it). Then the fused kernel's default, the same with the heads
-    written and summed after, the two-pass operator's variants where it is the choice, float32 on
-    tensor cores (three TF32 products, and one), then the fused kernel's block variants."""
+    written and summed after, its TMA loads where they apply, the two-pass operator's variants where it
+    is the choice, float32 on tensor cores (three TF32 products, and one), then the fused kernel's block
+    variants."""
     fused = launch_config(length, length, width, width, dtype.itemsize)
     found = [("fused", fused, True), ("fused", fused, False)]
+    if dtype.itemsize == 2 and fused["BLOCK_DK"] == width:  # one whole chunk: TMA loads can take it
+        for block_m, block_n, warps, stages, specialised in TMA_VARIANTS[128 if width <= 128 else 256]:
+            if length % block_m == 0 and length % block_n == 0:
+                found.append(("fused", {**fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps,
+                                        "num_stages": stages, "TMA": True, "WARP_SPECIALIZE": specialised}, True))
     if two_pass.preferred(length, length, width, width, dtype.itemsize):
         base = two_pass.launch_config(length, length, width, width, dtype.itemsize)
         found.insert(0, ("two_pass", base, True))
@@ -249,7 +262,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sweep_triton", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and two configurations (interpreter tests)")
-    parser.add_argument("--max-configs", type=int, default=12)
+    parser.add_argument("--max-configs", type=int, default=16)
     parser.add_argument("--cases", help="comma-separated NAME or NAME:dtype (e.g. W3,W2:float32); default all")
     parser.add_argument("--precision", choices=("ieee", "tf32x3", "tf32"),
                         help="only the configurations whose dots run in this precision (float32 cases)")
@@ -299,6 +312,7 @@ def markdown(rows: list[dict]) -> str:
         best = min(timed, key=lambda r: r["median_s"])
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_DK", "BLOCK_DV", "num_warps", "num_stages", "INPUT_PRECISION")
         short = f"{best['kernel']}: " + ", ".join(f"{k}={best['config'][k]}" for k in keys)
+        short += "".join(f", {k}" for k in ("TMA", "WARP_SPECIALIZE") if best["config"].get(k))
         short += f", sum_heads={best['sum_heads']}"
         lines.append(f"| {name} | {dtype} | {default:.3f} | {fused:.3f} | {after:.3f} | "
                      f"{best['median_s'] * 1e3:.3f} | {short} |")

@@ -46,13 +46,29 @@ Wide heads over short sequences (Lk <= Dv) do not come here: the launcher hands 
 Boolean constexpr flags remove bounds checks on full tiles (EVEN_M, EVEN_N, EVEN_DK, EVEN_DV). Strides,
 lengths and the scale are runtime arguments: a new shape compiles a new variant only when it changes a
 block size (short sequences take smaller blocks) or an EVEN_* flag.
+
+TMA loads (``_attention_fwd_tma``, sm_90 and newer, triton >= 3.4): the whole-tile case (one Dk and one
+Dv chunk, Lq and Lk multiples of the blocks, no mask, no lengths: W2's and W4's fusions) with the tiles
+loaded by the Tensor Memory Accelerator from host-built descriptors, and optionally warp-specialised (a
+producer warp group issues the loads, the others compute). Compiled as launched for sm_90 at W2 in
+bfloat16 (64 x 64, 4 warps, 3 stages, heads summed) it takes 193 registers and spills nothing, where the
+pointer kernel takes 255 and spills 48 bytes, in the same 112 KiB of shared memory. Not yet any launch's
+default: a ``config`` with ``TMA`` (and ``WARP_SPECIALIZE``) asks for it, and bench/sweep_triton.py times
+it, until an H200 has measured it against the pointer kernel.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from . import contract
 from .attention_common import (
@@ -249,6 +265,77 @@ def _attention_fwd(
             tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_dv[None, :] < dim_v))
 
 
+@triton.jit
+def _attention_fwd_tma(
+    Qd, Kd, Vd, Out, Lse,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, len_q, len_k,
+    qk_scale,  # scale * log2(e)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SUM_HEADS: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
+):
+    # _attention_fwd's whole-tile case (one Dk and one Dv chunk, Lq and Lk multiples of the blocks, no
+    # mask, no lengths), its tiles loaded by the TMA unit from descriptors (B, H or 1, L, D) instead of
+    # per-thread pointers: no address arithmetic in registers, and with WARP_SPECIALIZE a producer warp
+    # issues the loads while the others compute. Every load is a whole tile inside the tensor, so
+    # nothing is zero-filled and no score needs a -inf.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if SUM_HEADS:
+        off_b = pid_bh
+        first_head = 0
+        head_count = num_heads
+    else:
+        off_b = pid_bh // num_heads
+        first_head = pid_bh % num_heads
+        head_count = 1
+    start_m = pid_m * BLOCK_M
+    offs_m = block_offsets(start_m, BLOCK_M, WIDE_OFFSETS)
+    offs_dv = block_offsets(0, BLOCK_DV, WIDE_OFFSETS)
+    if SUM_HEADS:
+        total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+
+    for head in range(first_head, first_head + head_count):
+        # Keys and values shared by the heads have a head axis of 1: every head reads its row 0.
+        k_head = tl.minimum(head, Kd.shape[1] - 1)
+        v_head = tl.minimum(head, Vd.shape[1] - 1)
+        q = Qd.load([off_b, head, start_m, 0]).reshape(BLOCK_M, BLOCK_DK)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+        for start_n in tl.range(0, len_k, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = Kd.load([off_b, k_head, start_n, 0]).reshape(BLOCK_N, BLOCK_DK)
+            s = tl.dot(q, k.T, input_precision=INPUT_PRECISION) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            v = Vd.load([off_b, v_head, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        inv_l = 1.0 / l_i
+        off_bh = tl.cast(off_b, tl.int64) * num_heads + head
+        if SUM_HEADS:
+            total += acc * inv_l[:, None]
+        else:
+            o_ptrs = (Out + tl.cast(off_b, tl.int64) * stride_ob + tl.cast(head, tl.int64) * stride_oh
+                      + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+            tl.store(o_ptrs, (acc * inv_l[:, None]).to(Out.dtype.element_ty))
+        if STORE_LSE:
+            tl.store(Lse + off_bh * len_q + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+
+    if SUM_HEADS:
+        o_ptrs = Out + tl.cast(off_b, tl.int64) * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, total.to(Out.dtype.element_ty))
+
+
 #: Shared memory the launch configuration of 16-bit heads 129 to 256 wide needs (128 x 64 blocks, 2 stages,
 #: compiled as launched with mask and lengths: 160 KiB on sm_80, 200 KiB on sm_90): A100's 163 KiB and
 #: H100's 227 KiB hold it; GPUs with less (99 KiB per block on sm_86, sm_89 and sm_120: A10, L4, L40S,
@@ -282,6 +369,8 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     IEEE ones for all three; in tf32x3 at W2 they took 2.20 ms, and the best of seven tiles, 128 x 64
     at 8 warps and 2 stages, 2.08 (bench/results/2026-11-30-nvidia-h200-sweep-2.md): W2's unmasked
     fusions attend through SDPA (1.73) anyway, so the blocks stay one set until a fusion is timed.
+
+    ``TMA`` and ``WARP_SPECIALIZE`` are False: the pointer kernel, until the sweep has timed the TMA loads.
     """
     contract.check_precision(precision)
     half = itemsize <= 2
@@ -304,7 +393,58 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
     block_m = min(block_m, block_at_least_16(len_q))
     block_n = min(block_n, block_at_least_16(len_k))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DK": block_dk, "BLOCK_DV": block_dv,
-            "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": "ieee" if half else precision}
+            "num_warps": num_warps, "num_stages": num_stages, "INPUT_PRECISION": "ieee" if half else precision,
+            "TMA": False, "WARP_SPECIALIZE": False}
+
+
+def _tma_unsupported() -> str | None:
+    """Why this Triton cannot build ``_attention_fwd_tma`` (None: it can)."""
+    if TensorDescriptor is None or "warp_specialize" not in inspect.signature(tl.range).parameters:
+        return f"TMA loads need triton >= 3.4 (this is {triton.__version__})"
+    return None
+
+
+def _tma_layout(t) -> tuple[list, list] | None:
+    """(shape, strides) of a TMA descriptor over t (B, H, L, D), or None where TMA cannot address it: the
+    unit reads a 16-byte-aligned base, rows of unit stride, and other strides that are multiples of 16
+    bytes. An axis of one element (keys or values shared by the heads) takes a stride the unit accepts;
+    a broadcast axis of more (stride 0) is refused."""
+    shape, strides = list(t.shape), list(t.stride())
+    if shape[1] > 1 and strides[1] == 0:  # heads broadcast from one: the kernel reads head 0 for each
+        shape[1] = 1
+    for axis in range(3):
+        if shape[axis] == 1:
+            strides[axis] = shape[2] * strides[2]
+    size = t.element_size()
+    if (t.data_ptr() % 16 or strides[3] != 1
+            or any(stride == 0 or stride * size % 16 for stride in strides[:3])):
+        return None
+    return shape, strides
+
+
+def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg) -> str | None:
+    """Why the launch ``cfg`` asks for cannot load by TMA (None: it can): the whole-tile case only."""
+    _, _, len_q, len_k, dim_k, dim_v = dims
+    unsupported = _tma_unsupported()
+    if unsupported:
+        return unsupported
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "TMA loads need an sm_90 or newer GPU"
+    if masked is not None or k_lengths is not None or q_lengths is not None:
+        return "TMA loads take no mask and no lengths"
+    if dim_k != cfg["BLOCK_DK"] or dim_v != cfg["BLOCK_DV"]:
+        return f"TMA loads need Dk == BLOCK_DK and Dv == BLOCK_DV; got {dim_k}, {dim_v}"
+    if len_q % cfg["BLOCK_M"] or len_k % cfg["BLOCK_N"]:
+        return f"TMA loads need Lq a multiple of BLOCK_M and Lk of BLOCK_N; got {len_q}, {len_k}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _tma_layout(t) is None:
+            return f"{name}'s memory is not TMA-addressable (16-byte-aligned base and strides, unit last stride)"
+    return None
+
+
+def _descriptor(t, block_rows: int, block_cols: int):
+    shape, strides = _tma_layout(t)
+    return TensorDescriptor(t, shape, strides, [1, 1, block_rows, block_cols])
 
 
 def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=None, out_dtype=None,
@@ -332,7 +472,10 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
             inputs ignore it.
         config: a launch configuration with the keys of ``launch_config``'s result, used instead of it
             (for tuning sweeps, ``bench/sweep_triton.py``; its INPUT_PRECISION replaces ``precision``); it
-            always runs this file's fused kernel.
+            always runs this file's fused kernel, loading its tiles by TMA where ``TMA`` is true (and
+            warp-specialised where ``WARP_SPECIALIZE`` is): whole tiles of tensors TMA can address
+            (16-byte-aligned bases and strides, unit last stride), no mask and no lengths, on an sm_90
+            or newer GPU, else ValueError.
         lengths_checked: the caller has checked that k_lengths lie in 1..Lk and q_lengths in 1..Lq (the
             library's front end does): no read from the device. Values out of range are then not caught
             (the kernel stays in bounds, but its numbers are wrong).
@@ -360,6 +503,12 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
                                       shared_memory_per_block(q)), config)
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)
+    tma, warp_specialize = cfg.pop("TMA"), cfg.pop("WARP_SPECIALIZE")  # which kernel, not its parameters
+    if tma or warp_specialize:
+        refusal = "WARP_SPECIALIZE needs TMA" if not tma else _tma_refusal(
+            q, k, v, masked, k_lengths, q_lengths, dims, cfg)
+        if refusal:
+            raise ValueError(f"config asks for TMA loads, but {refusal}")
     single_dv = dim_v <= block_dv
     sum_in_kernel = sum_heads and single_dv
     dtype = out_dtype or q.dtype
@@ -370,6 +519,16 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
         out = torch.empty((batch, heads, len_q, dim_v), device=q.device, dtype=torch.float32 if sum_heads else dtype)
         out_strides = out.stride()
     lse = torch.empty((batch, heads, len_q), device=q.device, dtype=torch.float32) if need_lse else None
+    if tma:
+        grid = (batch if sum_in_kernel else batch * heads, len_q // block_m)
+        _attention_fwd_tma[grid](
+            _descriptor(q, block_m, cfg["BLOCK_DK"]), _descriptor(k, cfg["BLOCK_N"], cfg["BLOCK_DK"]),
+            _descriptor(v, cfg["BLOCK_N"], block_dv), out, lse if lse is not None else out,
+            *out_strides, heads, len_q, len_k, float(scale) * _LOG2E,
+            SUM_HEADS=sum_in_kernel, STORE_LSE=need_lse, WARP_SPECIALIZE=warp_specialize,
+            WIDE_OFFSETS=needs_wide_offsets(out), **cfg,
+        )
+        return out, lse
     if single_dv:
         scratch, scratch_strides = out, (0, 0, 0, 0)  # unused: the accumulator stays in registers
     else:  # float32 accumulator, padded to whole blocks so the kernel needs no masks on it

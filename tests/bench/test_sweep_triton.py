@@ -107,3 +107,20 @@ def test_precision_option_keeps_that_precisions_configurations():
     rows = sweep_triton.sweep_case("tiny", 1, 2, 20, 24, "float32", device, 2, "tf32x3")
     assert [r["config"]["INPUT_PRECISION"] for r in rows] == ["tf32x3", "tf32x3"]
     assert not any(r["is_default"] for r in rows) and all(r["rel_error"] < 1e-5 for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA loads need an sm_90 or newer GPU")
+def test_tma_candidates_where_whole_tiles_allow_them_and_they_run():
+    w2 = sweep_triton.candidates(256, 128, torch.bfloat16)
+    tma = [c for kernel, c, summed in w2 if c["TMA"]]
+    assert len(tma) == len(sweep_triton.TMA_VARIANTS[128]) and w2[2][1]["TMA"]  # timed right after the defaults
+    assert not any(c["TMA"] for _, c, _ in sweep_triton.candidates(256, 128, torch.float32))  # 16-bit only
+    assert not any(c.get("TMA") for _, c, _ in sweep_triton.candidates(256, 1280, torch.bfloat16))  # chunked heads
+    assert not any(c["TMA"] for _, c, _ in sweep_triton.candidates(40, 128, torch.bfloat16))  # partial tiles
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = sweep_triton.sweep_case("tma", 1, 2, 128, 16, "float16", device, 2 + len(sweep_triton.TMA_VARIANTS[128]))
+    ran = [r for r in rows if r["config"]["TMA"]]
+    assert len(ran) == len(sweep_triton.TMA_VARIANTS[128])
+    assert all("error" not in r and r["rel_error"] < 1e-2 for r in ran), ran
+    assert "TMA" in sweep_triton.markdown(ran)

@@ -62,7 +62,7 @@ SMALL_SHARED_MEMORY = 99 * 1024
 SHARED_LIMIT = {80: SMALL_SHARED_MEMORY, 90: 227 * 1024}
 LARGE_SHARED_LIMIT = {**SHARED_LIMIT, 80: fused_module.HEADS_256_SHARED_MEMORY}
 #: The kernels whose spills are only reported (see above); any other kernel's spill fails.
-MAY_SPILL = {"_attention_fwd", "_attention_fwd_scores", "_attention_fwd_probs_values"}
+MAY_SPILL = {"_attention_fwd", "_attention_fwd_tma", "_attention_fwd_scores", "_attention_fwd_probs_values"}
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Triton's name of each dtype and the float32 dot precision.
@@ -200,6 +200,34 @@ def attention_plans() -> list:
     return plans
 
 
+#: The fused kernel's TMA loads (``_attention_fwd_tma``; sm_90 only) as bench/sweep_triton.py times them:
+#: (label, shape, dtype, precision, BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised, heads summed).
+TMA_LAUNCHES = [
+    *[(f"W2 {blocks}", SHAPES["W2"], dtype, "ieee", *tiles, summed)
+      for dtype in ("bf16", "fp16")
+      for blocks, tiles, summed in (("64x64 heads summed", (64, 64, 4, 3, False), True),
+                                    ("64x64 heads written", (64, 64, 4, 3, False), False),
+                                    ("64x64 warp-specialised", (64, 64, 4, 3, True), True))],
+    ("D256 128x64", SHAPES["D256"], "bf16", "ieee", 128, 64, 8, 2, False, True),
+    ("D256 64x64 warp-specialised", SHAPES["D256"], "bf16", "ieee", 64, 64, 4, 2, True, True),
+    ("D64", (256, 256, 64, 64), "fp32", "tf32x3", 64, 64, 4, 3, False, True),
+]
+
+
+def tma_plans() -> list:
+    """(label, launch) of the fused kernel's TMA loads, as ``TMA_LAUNCHES`` lists them."""
+    plans = []
+    for label, shape, dtype, precision, block_m, block_n, warps, stages, specialised, summed in TMA_LAUNCHES:
+        config = {**fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision), "BLOCK_M": block_m,
+                  "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "TMA": True,
+                  "WARP_SPECIALIZE": specialised}
+        plans.append((f"{dtype}/{precision} TMA {label}",
+                      lambda shape=shape, dtype=dtype, config=config, summed=summed:
+                      fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, config=config,
+                                             sum_heads=summed, need_lse=not summed)))
+    return plans
+
+
 def wide_plans() -> list:
     """(label, launch) of the attention operators with 64-bit offsets, mask and lengths."""
     plans = []
@@ -216,6 +244,7 @@ def wide_plans() -> list:
                       lambda shape=shape, dtype=dtype:
                       two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1, sum_heads=True,
                                                          need_lse=False, **mask_and_lengths(*shape[:2]))))
+    plans += [(f"{label} 64-bit offsets", launch) for label, launch in tma_plans()[:1]]
     return plans
 
 
@@ -281,6 +310,7 @@ def variants() -> list:
     """Every variant to compile: (label, kernel, args, kwargs, arch, shared memory it may take). A plan is
     (label, launch), compiled for both archs within ``SHARED_LIMIT``, or (label, launch, archs, limits)."""
     plans = [(plan, False) for plan in attention_plans() + small_plans() + other_plans()]
+    plans += [((*plan, (90,), SHARED_LIMIT), False) for plan in tma_plans()]
     plans += [((*plan, (90,), SHARED_LIMIT), True) for plan in wide_plans()]
     found = []
     for plan, wide in plans:

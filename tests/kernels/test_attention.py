@@ -153,9 +153,93 @@ def test_launch_config_tiles_any_width():
     assert launch_config(9, 9, 8, 8, itemsize=4)["INPUT_PRECISION"] == "ieee"
     assert launch_config(9, 9, 8, 8, itemsize=4, precision="tf32x3")["INPUT_PRECISION"] == "tf32x3"
     assert launch_config(9, 9, 8, 8, itemsize=2, precision="tf32x3")["INPUT_PRECISION"] == "ieee"  # 16-bit dots
+    # TMA loads are chosen by a config (the sweep's), not yet by default: untimed on a GPU.
+    assert not any(launch_config(256, 256, 128, 128, 2)[key] for key in ("TMA", "WARP_SPECIALIZE"))
     for itemsize in (4, 2):  # refused for 16-bit inputs too, which ignore a valid one
         with pytest.raises(ValueError, match="precision must be one of ieee, tf32x3, tf32"):
             launch_config(9, 9, 8, 8, itemsize=itemsize, precision="fast")
+
+
+#: TMA needs an sm_90 or newer GPU (the interpreter emulates it on the CPU).
+needs_tma = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9,
+                               reason="TMA loads need an sm_90 or newer GPU")
+
+
+def tma_fused(warp_specialize: bool):
+    """The fused kernel's launcher with its tiles loaded by TMA (``_attention_fwd_tma``)."""
+
+    def launch(q, k, v, precision="ieee", **kwargs):
+        len_q, dim_k = q.shape[2:]
+        len_k, dim_v = k.shape[2], v.shape[3]
+        config = {**launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision),
+                  "TMA": True, "WARP_SPECIALIZE": warp_specialize}
+        return attention(q, k, v, config=config, **kwargs)
+
+    return launch
+
+
+#: Whole tiles (the TMA kernel's case): Lq != Lk, keys or values shared by the heads or not, Dk != Dv,
+#: the smallest tiles (16), and query and key lengths that differ in blocks.
+TMA_SHAPES = [(2, 3, 1, 3, 128, 64, 32, 32), (1, 2, 2, 1, 32, 192, 64, 64), (3, 1, 1, 1, 16, 16, 16, 16),
+              (1, 2, 1, 2, 64, 128, 16, 64)]
+
+
+@needs_tma
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["tma", "tma+ws"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_loads_match_reference(shape, dtype, warp_specialize):
+    check(tma_fused(warp_specialize), *shape, dtype=dtype)
+
+
+@needs_tma
+def test_tma_loads_on_the_fusions_strided_projections():
+    """Queries and values as the fusion projects them ((B, L, parts, H, D) views), the raw inputs as keys:
+    the descriptors follow their strides, with the pointer kernel's results."""
+    batch, heads, length, width = 2, 3, 64, 32
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(batch, length, 2, heads, width, generator=gen).to(DEVICE)
+    q, v = rows.movedim((2, 3), (0, 2))  # (B, H, L, D) views, row stride 2 * H * D
+    keys = torch.randn(batch, length, width, generator=gen).to(DEVICE)[:, None]
+    for sum_heads in (False, True):
+        got, got_lse = tma_fused(False)(q, keys, v, scale=0.2, sum_heads=sum_heads)
+        want, want_lse = fused(q, keys, v, scale=0.2, sum_heads=sum_heads)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+
+
+@needs_tma
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda q: dict(q=q, masked=torch.zeros(1, 64, 64, dtype=torch.bool, device=DEVICE)), "no mask and no lengths"),
+        (lambda q: dict(q=q, k_lengths=torch.tensor([64, 3], device=DEVICE)), "no mask and no lengths"),
+        (lambda q: dict(q=q, q_lengths=torch.tensor([64, 3], device=DEVICE)), "no mask and no lengths"),
+        (lambda q: dict(q=q[:, :, :48]), "Lq a multiple of BLOCK_M"),
+        (lambda q: dict(q=q, config={"BLOCK_DK": 64}), "Dk == BLOCK_DK"),
+        # A base 4 bytes past 16-byte alignment; rows 72 bytes apart; the batch broadcast (stride 0).
+        (lambda q: dict(q=torch.empty(q.numel() + 1, device=DEVICE)[1:].view(q.shape)), "q's memory is not TMA"),
+        (lambda q: dict(q=torch.empty(2, 2, 64, 18, device=DEVICE)[..., :16]), "q's memory is not TMA"),
+        (lambda q: dict(q=q[:1].expand(2, -1, -1, -1)), "q's memory is not TMA"),
+        (lambda q: dict(q=q, config={"TMA": False}), "WARP_SPECIALIZE needs TMA"),
+    ],
+)
+def test_tma_loads_refuse_what_they_cannot_load(make, message):
+    q = torch.randn(2, 2, 64, 16, device=DEVICE)
+    args = make(q)
+    q = args.pop("q")
+    config = {**launch_config(64, 64, 16, 16, 4), "TMA": True, "WARP_SPECIALIZE": True, **args.pop("config", {})}
+    with pytest.raises(ValueError, match="config asks for TMA loads, but .*" + message):
+        attention(q, q[:, :1, :64], q[:, :, :64], scale=0.5, config=config, **args)
+
+
+def test_tma_loads_need_a_triton_with_host_descriptors(monkeypatch):
+    from crossattn_gpu.kernels import attention as fused_module
+
+    monkeypatch.setattr(fused_module, "TensorDescriptor", None)
+    q = torch.randn(1, 1, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"TMA loads need triton >= 3.4"):
+        tma_fused(False)(q, q, q, scale=1.0)
 
 
 def test_float32_precisions():
