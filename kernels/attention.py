@@ -422,7 +422,7 @@ def _tma_layout(t) -> tuple[list, list] | None:
     return shape, strides
 
 
-def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg) -> str | None:
+def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg, warp_specialize: bool) -> str | None:
     """Why the launch ``cfg`` asks for cannot load by TMA (None: it can): the whole-tile case only."""
     _, _, len_q, len_k, dim_k, dim_v = dims
     unsupported = _tma_unsupported()
@@ -430,6 +430,9 @@ def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg) -> str | None
         return unsupported
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return "TMA loads need an sm_90 or newer GPU"
+    if warp_specialize and q.dtype == torch.float32 and cfg["INPUT_PRECISION"] != "ieee":
+        # Compiled for sm_90 (2026-12-01): Triton 3.6's warp specialisation pass fails on TF32 dots.
+        return "warp-specialised TF32 dots do not compile (Triton 3.6)"
     if masked is not None or k_lengths is not None or q_lengths is not None:
         return "TMA loads take no mask and no lengths"
     if dim_k != cfg["BLOCK_DK"] or dim_v != cfg["BLOCK_DV"]:
@@ -506,7 +509,7 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
     tma, warp_specialize = cfg.pop("TMA"), cfg.pop("WARP_SPECIALIZE")  # which kernel, not its parameters
     if tma or warp_specialize:
         refusal = "WARP_SPECIALIZE needs TMA" if not tma else _tma_refusal(
-            q, k, v, masked, k_lengths, q_lengths, dims, cfg)
+            q, k, v, masked, k_lengths, q_lengths, dims, cfg, warp_specialize)
         if refusal:
             raise ValueError(f"config asks for TMA loads, but {refusal}")
     single_dv = dim_v <= block_dv

@@ -222,6 +222,7 @@ def test_tma_loads_on_the_fusions_strided_projections():
         (lambda q: dict(q=torch.empty(2, 2, 64, 18, device=DEVICE)[..., :16]), "q's memory is not TMA"),
         (lambda q: dict(q=q[:1].expand(2, -1, -1, -1)), "q's memory is not TMA"),
         (lambda q: dict(q=q, config={"TMA": False}), "WARP_SPECIALIZE needs TMA"),
+        (lambda q: dict(q=q, config={"INPUT_PRECISION": "tf32x3"}), "warp-specialised TF32 dots do not compile"),
     ],
 )
 def test_tma_loads_refuse_what_they_cannot_load(make, message):
