@@ -303,10 +303,12 @@ def _attention_fwd_tma(
         total = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
 
     for head in range(first_head, first_head + head_count):
-        # Keys and values shared by the heads have a head axis of 1: every head reads its row 0.
+        # Inputs shared by the heads (keys and values, or queries broadcast) have a head axis of 1: every
+        # head reads its row 0.
+        q_head = tl.minimum(head, Qd.shape[1] - 1)
         k_head = tl.minimum(head, Kd.shape[1] - 1)
         v_head = tl.minimum(head, Vd.shape[1] - 1)
-        q = Qd.load([off_b, head, start_m, 0]).reshape(BLOCK_M, BLOCK_DK)
+        q = Qd.load([off_b, q_head, start_m, 0]).reshape(BLOCK_M, BLOCK_DK)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -408,9 +410,10 @@ def _tma_layout(t) -> tuple[list, list] | None:
     """(shape, strides) of a TMA descriptor over t (B, H, L, D), or None where TMA cannot address it: the
     unit reads a 16-byte-aligned base, rows of unit stride, and other strides that are multiples of 16
     bytes. An axis of one element (keys or values shared by the heads) takes a stride the unit accepts;
-    a broadcast axis of more (stride 0) is refused."""
+    heads broadcast from one (stride 0) become an axis of one, which the kernel reads for every head;
+    another broadcast axis is refused."""
     shape, strides = list(t.shape), list(t.stride())
-    if shape[1] > 1 and strides[1] == 0:  # heads broadcast from one: the kernel reads head 0 for each
+    if shape[1] > 1 and strides[1] == 0:
         shape[1] = 1
     for axis in range(3):
         if shape[axis] == 1:

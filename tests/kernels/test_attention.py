@@ -6,6 +6,8 @@ The grid runs the fused kernel itself (a ``config`` keeps every shape there, wid
 tests/kernels/test_attention_two_pass.py runs the same grid through the two-pass operator.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -194,16 +196,18 @@ def test_tma_loads_match_reference(shape, dtype, warp_specialize):
 
 @needs_tma
 def test_tma_loads_on_the_fusions_strided_projections():
-    """Queries and values as the fusion projects them ((B, L, parts, H, D) views), the raw inputs as keys:
-    the descriptors follow their strides, with the pointer kernel's results."""
+    """Queries and values as the fusion projects them ((B, L, parts, H, D) views), the raw inputs as keys,
+    and queries broadcast over the heads: the descriptors follow their strides, with the pointer kernel's
+    results."""
     batch, heads, length, width = 2, 3, 64, 32
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(batch, length, 2, heads, width, generator=gen).to(DEVICE)
     q, v = rows.movedim((2, 3), (0, 2))  # (B, H, L, D) views, row stride 2 * H * D
     keys = torch.randn(batch, length, width, generator=gen).to(DEVICE)[:, None]
-    for sum_heads in (False, True):
-        got, got_lse = tma_fused(False)(q, keys, v, scale=0.2, sum_heads=sum_heads)
-        want, want_lse = fused(q, keys, v, scale=0.2, sum_heads=sum_heads)
+    shared_queries = q[:, :1].expand(-1, heads, -1, -1)  # broadcast over the heads: stride 0
+    for queries, sum_heads in itertools.product((q, shared_queries), (False, True)):
+        got, got_lse = tma_fused(False)(queries, keys, v, scale=0.2, sum_heads=sum_heads)
+        want, want_lse = fused(queries, keys, v, scale=0.2, sum_heads=sum_heads)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
 
