@@ -210,6 +210,11 @@ def test_tma_loads_on_the_fusions_strided_projections():
         want, want_lse = fused(queries, keys, v, scale=0.2, sum_heads=sum_heads)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    half = [t.half() for t in (q, keys, v)]  # a float32 output for 16-bit inputs keeps the accumulator's bits
+    got, _ = tma_fused(True)(*half, scale=0.2, sum_heads=True, out_dtype=torch.float32)
+    want, _ = fused(*half, scale=0.2, sum_heads=True, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @needs_tma
