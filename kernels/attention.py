@@ -73,7 +73,7 @@ except ImportError:
 from . import contract
 from .attention_common import (
     block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
-    mask_strides, needs_wide_offsets, scaled_masked, shared_memory_per_block,
+    mask_strides, needs_wide_offsets, program_heads, scaled_masked, shared_memory_per_block,
 )
 from .attention_two_pass import attention_two_pass, preferred as two_pass_preferred
 
@@ -115,15 +115,8 @@ def _attention_fwd(
     # heads): up to 2**31 - 1, where axis 1 stops at 65535, which B * H can pass.
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    # 64-bit offsets: B * H * L * D can pass 2**31 elements.
-    if SUM_HEADS:
-        off_b = pid_bh.to(tl.int64)
-        first_head = 0
-        head_count = num_heads
-    else:
-        off_b = (pid_bh // num_heads).to(tl.int64)
-        first_head = pid_bh % num_heads
-        head_count = 1
+    off_b, first_head, head_count = program_heads(pid_bh, num_heads, SUM_HEADS)
+    off_b = off_b.to(tl.int64)  # 64-bit offsets: B * H * L * D can pass 2**31 elements
 
     # Inside one example and head, 32-bit offsets unless one can pass 2**31 (``needs_wide_offsets``).
     offs_m = block_offsets(pid_m * BLOCK_M, BLOCK_M, WIDE_OFFSETS)
@@ -286,17 +279,8 @@ def _attention_fwd_tma(
     # per-thread pointers: no address arithmetic in registers, and with WARP_SPECIALIZE a producer warp
     # issues the loads while the others compute. Every load is a whole tile inside the tensor, so
     # nothing is zero-filled and no score needs a -inf.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    if SUM_HEADS:
-        off_b = pid_bh
-        first_head = 0
-        head_count = num_heads
-    else:
-        off_b = pid_bh // num_heads
-        first_head = pid_bh % num_heads
-        head_count = 1
-    start_m = pid_m * BLOCK_M
+    off_b, first_head, head_count = program_heads(tl.program_id(0), num_heads, SUM_HEADS)  # TMA takes int32
+    start_m = tl.program_id(1) * BLOCK_M
     offs_m = block_offsets(start_m, BLOCK_M, WIDE_OFFSETS)
     offs_dv = block_offsets(0, BLOCK_DV, WIDE_OFFSETS)
     if SUM_HEADS:

@@ -45,6 +45,17 @@ def block_offsets(start, BLOCK: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
 
 
 @triton.jit
+def program_heads(pid_bh, num_heads, SUM_HEADS: tl.constexpr):
+    """(example, first head, head count) of a program on the batch x heads grid axis: with SUM_HEADS the
+    axis is the batch alone and the program loops over every head of its example (summing them), else
+    one head. In pid_bh's integer type."""
+    if SUM_HEADS:
+        return pid_bh, 0, num_heads
+    else:
+        return pid_bh // num_heads, pid_bh % num_heads, 1
+
+
+@triton.jit
 def chunked_scores(
     q_base, k_base, offs_m, cols, row_ok, col_ok, dim_k,
     stride_qm, stride_qd, stride_kn, stride_kd,

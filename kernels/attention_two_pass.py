@@ -48,7 +48,7 @@ import triton.language as tl
 from . import contract
 from .attention_common import (
     block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
-    mask_strides, needs_wide_offsets, scaled_masked,
+    mask_strides, needs_wide_offsets, program_heads, scaled_masked,
 )
 
 
@@ -148,14 +148,7 @@ def _attention_fwd_probs_values(
     pid_dv = pid % blocks_dv
     pid_m = (pid // blocks_dv) % blocks_m
     pid_bh = (pid // (blocks_dv * blocks_m)).to(tl.int64)
-    if SUM_HEADS:
-        off_b = pid_bh
-        first_head = 0
-        head_count = num_heads
-    else:
-        off_b = pid_bh // num_heads
-        first_head = pid_bh % num_heads
-        head_count = 1
+    off_b, first_head, head_count = program_heads(pid_bh, num_heads, SUM_HEADS)
 
     offs_m = block_offsets(pid_m * BLOCK_M, BLOCK_M, WIDE_OFFSETS)
     offs_n = block_offsets(0, BLOCK_N, WIDE_OFFSETS)
