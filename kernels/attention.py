@@ -383,11 +383,9 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
             "TMA": False, "WARP_SPECIALIZE": False}
 
 
-def _tma_unsupported() -> str | None:
-    """Why this Triton cannot build ``_attention_fwd_tma`` (None: it can)."""
-    if TensorDescriptor is None or "warp_specialize" not in inspect.signature(tl.range).parameters:
-        return f"TMA loads need triton >= 3.4 (this is {triton.__version__})"
-    return None
+#: Whether this Triton can build ``_attention_fwd_tma`` (host descriptors, warp-specialised ranges): asked
+#: once, not per launch (``inspect.signature`` takes microseconds).
+_TRITON_HAS_TMA = "warp_specialize" in inspect.signature(tl.range).parameters
 
 
 def _tma_layout(t) -> tuple[list, list] | None:
@@ -409,12 +407,12 @@ def _tma_layout(t) -> tuple[list, list] | None:
     return shape, strides
 
 
-def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg, warp_specialize: bool) -> str | None:
-    """Why the launch ``cfg`` asks for cannot load by TMA (None: it can): the whole-tile case only."""
+def _tma_refusal(q, masked, k_lengths, q_lengths, dims, cfg, warp_specialize: bool, layouts: dict) -> str | None:
+    """Why the launch ``cfg`` asks for cannot load by TMA (None: it can): the whole-tile case only.
+    ``layouts``: name -> ``_tma_layout`` of q, k and v."""
     _, _, len_q, len_k, dim_k, dim_v = dims
-    unsupported = _tma_unsupported()
-    if unsupported:
-        return unsupported
+    if TensorDescriptor is None or not _TRITON_HAS_TMA:
+        return f"TMA loads need triton >= 3.4 (this is {triton.__version__})"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return "TMA loads need an sm_90 or newer GPU"
     if warp_specialize and q.dtype == torch.float32 and cfg["INPUT_PRECISION"] != "ieee":
@@ -426,14 +424,14 @@ def _tma_refusal(q, k, v, masked, k_lengths, q_lengths, dims, cfg, warp_speciali
         return f"TMA loads need Dk == BLOCK_DK and Dv == BLOCK_DV; got {dim_k}, {dim_v}"
     if len_q % cfg["BLOCK_M"] or len_k % cfg["BLOCK_N"]:
         return f"TMA loads need Lq a multiple of BLOCK_M and Lk of BLOCK_N; got {len_q}, {len_k}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if _tma_layout(t) is None:
+    for name, layout in layouts.items():
+        if layout is None:
             return f"{name}'s memory is not TMA-addressable (16-byte-aligned base and strides, unit last stride)"
     return None
 
 
-def _descriptor(t, block_rows: int, block_cols: int):
-    shape, strides = _tma_layout(t)
+def _descriptor(t, layout: tuple[list, list], block_rows: int, block_cols: int):
+    shape, strides = layout
     return TensorDescriptor(t, shape, strides, [1, 1, block_rows, block_cols])
 
 
@@ -494,9 +492,11 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
     block_m, block_dv = cfg["BLOCK_M"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)
     tma, warp_specialize = cfg.pop("TMA"), cfg.pop("WARP_SPECIALIZE")  # which kernel, not its parameters
-    if tma or warp_specialize:
-        refusal = "WARP_SPECIALIZE needs TMA" if not tma else _tma_refusal(
-            q, k, v, masked, k_lengths, q_lengths, dims, cfg, warp_specialize)
+    if warp_specialize and not tma:
+        raise ValueError("config asks for TMA loads, but WARP_SPECIALIZE needs TMA")
+    if tma:
+        layouts = {"q": _tma_layout(q), "k": _tma_layout(k), "v": _tma_layout(v)}
+        refusal = _tma_refusal(q, masked, k_lengths, q_lengths, dims, cfg, warp_specialize, layouts)
         if refusal:
             raise ValueError(f"config asks for TMA loads, but {refusal}")
     single_dv = dim_v <= block_dv
@@ -512,8 +512,9 @@ def attention(q, k, v, *, scale: float, masked=None, k_lengths=None, q_lengths=N
     if tma:
         grid = (batch if sum_in_kernel else batch * heads, len_q // block_m)
         _attention_fwd_tma[grid](
-            _descriptor(q, block_m, cfg["BLOCK_DK"]), _descriptor(k, cfg["BLOCK_N"], cfg["BLOCK_DK"]),
-            _descriptor(v, cfg["BLOCK_N"], block_dv), out, lse if lse is not None else out,
+            _descriptor(q, layouts["q"], block_m, cfg["BLOCK_DK"]),
+            _descriptor(k, layouts["k"], cfg["BLOCK_N"], cfg["BLOCK_DK"]),
+            _descriptor(v, layouts["v"], cfg["BLOCK_N"], block_dv), out, lse if lse is not None else out,
             *out_strides, heads, len_q, len_k, float(scale) * _LOG2E,
             SUM_HEADS=sum_in_kernel, STORE_LSE=need_lse, WARP_SPECIALIZE=warp_specialize,
             WIDE_OFFSETS=needs_wide_offsets(out), **cfg,
