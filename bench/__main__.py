@@ -45,17 +45,53 @@ SPEED_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM
                    "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as Linux reports it, else what ``platform`` knows ("x86_64"). The project's
+    2-vCPU VMs have been AMD EPYC and Intel Xeon machines, on which the peers' GEMM libraries rank
+    differently (onnxruntime's float32 GEMM: 478 GFLOP/s on the AMD, 161-176 on the Intel, where NumPy's
+    OpenBLAS took 189-212): a run's figures are comparable only with runs on the same model."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():  # the first processor's block is enough
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    # A VM's model name can be as vague as "Intel(R) Xeon(R) Processor"; family and model number say which.
+    numbers = [f"{key} {fields[key]}" for key in ("cpu family", "model") if key in fields]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
+
+
+def numpy_blas() -> str | None:
+    """NumPy's BLAS and the kernels it chose for this CPU, as threadpoolctl reports them (None without
+    threadpoolctl): OpenBLAS picks its kernels when it loads, per CPU and per OPENBLAS_CORETYPE."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    found = [f"{lib['internal_api']} {lib.get('version') or ''} ({lib.get('architecture') or 'kernels unknown'})"
+             for lib in threadpool_info() if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", "")]
+    return "; ".join(found) or None
+
+
 def machine(device: str) -> dict:
     cores = os.cpu_count()
     environment = {name: os.environ[name] for name in SPEED_VARIABLES if name in os.environ}
+    cpu = cpu_model()
     if device == "gpu":
         import torch
 
         name = torch.cuda.get_device_name(0)
-        return {"device_name": name, "description": f"{name}, host with {cores} cores", "environment": environment}
-    cpu = platform.processor() or platform.machine()
+        return {"device_name": name, "description": f"{name}, host {cpu} with {cores} cores", "environment": environment}
+    blas = numpy_blas()
     return {"device_name": f"CPU ({cores} cores)", "environment": environment,
-            "description": f"{cpu}, {cores} cores, Python {platform.python_version()}"}
+            "description": f"{cpu}, {cores} cores, Python {platform.python_version()}"
+                           + (f", NumPy's BLAS {blas}" if blas else "")}
 
 
 def valid_rows_error(got, want, lengths) -> float:

@@ -1,6 +1,7 @@
 """python -m bench end to end on the smallest workload, and a wrong peer failing the run."""
 
 import json
+import platform
 
 import numpy as np
 
@@ -19,6 +20,9 @@ def test_small_run_writes_json_markdown_and_plot(tmp_path, capsys, monkeypatch):
     assert all(r["ok"] and r["median_s"] > 0 and r["repeats"] >= 5 for r in ran)
     assert report["ceilings"]["gemm_flops"]["float32"] > 0 and report["versions"]["numpy"] == np.__version__
     assert report["machine"]["environment"]["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert report["machine"]["description"].startswith(harness.cpu_model() + ", ")
+    if harness.numpy_blas():  # which kernels NumPy's GEMMs ran: they set its speed
+        assert report["machine"]["description"].endswith(f"NumPy's BLAS {harness.numpy_blas()}")
     table = next(tmp_path.glob("*.md")).read_text()
     assert "| W1 | crossattn_gpu numpy | float32 |" in table and " OPENBLAS_THREAD_TIMEOUT=4" in table
     if any(r["peer"].startswith("torch batched") for r in ran):  # the plot compares with torch SDPA
@@ -99,3 +103,16 @@ def test_gemm_ceiling_of_tf32x3_is_a_third_of_tf32s():
     assert harness.gemm_ceiling({"gemm_flops": {"float32": 50e12}}, "tf32x3") == 50e12  # tf32 not measured
     assert harness.SDPA_DTYPE.get("tf32x3") == "float32" and "tf32x3" in peers.OursPeer("triton").dtypes
     assert "tf32x3" not in peers.OursPeer("cupy").dtypes  # its CUDA C kernel has no TF32 path
+
+
+def test_the_cpu_model_comes_from_the_first_processor(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+                       "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\nmodel name\t: Other\n")
+    assert harness.cpu_model(str(cpuinfo)) == "Intel(R) Xeon(R) Processor (cpu family 6, model 207)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R45\n")
+    assert harness.cpu_model(str(cpuinfo)) == "AMD EPYC 9R45"
+    fallback = platform.processor() or platform.machine()
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # no model name (some ARM kernels)
+    assert harness.cpu_model(str(cpuinfo)) == fallback
+    assert harness.cpu_model(str(tmp_path / "absent")) == fallback
