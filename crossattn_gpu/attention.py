@@ -52,8 +52,10 @@ class CrossAttention:
         backend: ``"auto"`` (the fastest available; the choice is in ``.backend`` and the report) or a
             backend name such as ``"numpy"``. An unavailable backend raises; it never falls back.
             ``auto`` takes Triton on a CUDA GPU, else CuPy there, else, with the ``onnx`` extra
-            installed, ``"onnx"`` (onnxruntime: about twice NumPy's speed in float32 on the CPUs
-            measured, 1.2 to 1.8 times in float64, 1.4 to 2 times for float16), else ``"numpy"``.
+            installed, ``"onnx"`` (onnxruntime: 1.2 to 2 times NumPy's speed in float32 and for float16
+            on the CPUs measured), else ``"numpy"``. For ``dtype="float64"`` it takes ``"numpy"`` where
+            NumPy's OpenBLAS runs AVX-512 kernels (its float64 GEMMs beat onnxruntime's there: 1.2x on
+            an Intel Xeon; ``onnx`` was 1.2 to 1.8 times as fast where OpenBLAS ran AVX2 kernels).
         seed: seeds the initial weights (standard normal times 0.1). ``None`` draws from NumPy's global
             generator like the seed implementation, so ``np.random.seed(s)`` before construction
             reproduces ``seed=s``.
@@ -134,7 +136,7 @@ class CrossAttention:
         # H = 8 on this project's CPU, which ``load`` had paid twice.
         self.embedding_dim, self.attention_heads, self._weights = check_weight_set(arrays, source)
         self.dtype = _checks.normalize_dtype(dtype)
-        self._backend = get_backend(backend, float32_precision=float32_precision)
+        self._backend = get_backend(backend, float32_precision=float32_precision, dtype=self.dtype)
         if self.dtype is not None and self.dtype not in self._backend.dtypes:
             raise ValueError(
                 f"backend {self._backend.name!r} supports dtypes {', '.join(self._backend.dtypes)}; got {self.dtype!r}"

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import __version__
+from . import __version__, _blas
 from ._optional import version_of
 from ._threads import cpu_count, parallel_available
 from .attention import CrossAttention
@@ -63,8 +63,10 @@ def _fuse(args) -> int:
         raise ValueError("--provider names onnxruntime's execution provider for --model; without --model, "
                          "--backend chooses where the fusion runs")
     with EmbeddingFile(args.seq, "sequence") as seq, EmbeddingFile(args.struct, "structure") as struct:
-        settings = dict(backend=args.backend or "auto", dtype=args.dtype,
-                        float32_precision=args.float32_precision or "ieee")
+        # Files of float64 alone are computed in float64 whether the model's dtype follows them or is
+        # float64; named, it lets ``auto`` take the faster CPU backend for float64 (onnx_backend).
+        dtype = args.dtype or ("float64" if seq.dtypes | struct.dtypes == {"float64"} else None)
+        settings = dict(backend=args.backend or "auto", dtype=dtype, float32_precision=args.float32_precision or "ieee")
         if args.model:
             from .export.runner import OnnxFusion
 
@@ -126,7 +128,9 @@ def _info(args) -> int:
     for name, reason in backend_status().items():
         print(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
     auto = get_backend("auto").name
-    print(f"auto takes: {auto}")
+    auto_float64 = get_backend("auto", dtype="float64").name
+    print(f"auto takes: {auto}" + ("" if auto_float64 == auto else
+                                   f" (for models of dtype float64: {auto_float64}, whose OpenBLAS runs AVX-512 kernels here)"))
     workers = f"{cpu_count()} worker threads" if parallel_available() else "1 thread (install the [cpu] extra for more)"
     print(f"numpy backend runs on {workers}")
     if _openblas_misses_avx512():
@@ -154,8 +158,7 @@ def _openblas_misses_avx512() -> bool:
             has_avx512 = "avx512f" in f.read()
     except OSError:
         return False
-    kernels = {lib.get("architecture") for lib in _openblas_libraries()}
-    return has_avx512 and bool(kernels & {"Haswell", "Zen", "Sandybridge"})
+    return has_avx512 and bool(_blas.openblas_kernels() & _blas.PRE_AVX512_KERNELS)
 
 
 def _openblas_spins() -> bool:
@@ -163,16 +166,7 @@ def _openblas_spins() -> bool:
     (OpenBLAS reads OPENBLAS_THREAD_TIMEOUT, or GOTO_THREAD_TIMEOUT, when it loads)."""
     if "OPENBLAS_THREAD_TIMEOUT" in os.environ or "GOTO_THREAD_TIMEOUT" in os.environ:
         return False
-    return any(lib.get("num_threads", 1) > 1 for lib in _openblas_libraries())
-
-
-def _openblas_libraries() -> list[dict]:
-    """threadpoolctl's records of the OpenBLAS libraries loaded in this process (none without it)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return []
-    return [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+    return any(lib.get("num_threads", 1) > 1 for lib in _blas.openblas_libraries())
 
 
 def _gpu_name() -> str | None:

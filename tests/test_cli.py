@@ -41,7 +41,8 @@ def test_info_lists_backends_and_versions(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "numpy    available" in out and "numpy" in out and "GPU:" in out
-    assert f"auto takes: {get_backend('auto').name}\n" in out
+    auto, auto_float64 = get_backend("auto").name, get_backend("auto", dtype="float64").name
+    assert f"auto takes: {auto}{'' if auto == auto_float64 else ' (for models of dtype float64: ' + auto_float64}" in out
     try:
         import onnxruntime
     except ImportError:
@@ -227,7 +228,8 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
                  "--out", str(tmp_path / "out.npz"), "--quiet"])
     assert code == 0
     captured = capsys.readouterr()
-    backend = get_backend("auto").name  # onnx computes float64 in float64
+    # onnx computes float64 in float64; files of float64 alone name the dtype, so that auto may take NumPy
+    backend = get_backend("auto", dtype="float64").name
     assert f"on backend {backend}" in captured.out
     tip = f"note: the files hold float64, which backend {backend} computes in float64; --dtype float32 computes " \
           "in float32, faster"
@@ -249,29 +251,33 @@ def test_fuse_with_auto_keeps_float64_files_in_float64(tmp_path, capsys):
 
 
 def test_info_tips_on_openblas(capsys, monkeypatch):
-    from crossattn_gpu import cli
+    from crossattn_gpu import _blas
 
     spin_tip, avx_tip = "export OPENBLAS_THREAD_TIMEOUT=4", "export OPENBLAS_CORETYPE=SKYLAKEX"
+    float64_choice = "(for models of dtype float64: numpy, whose OpenBLAS runs AVX-512 kernels here)"
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
     monkeypatch.delenv("GOTO_THREAD_TIMEOUT", raising=False)
     for libraries, spins in (([{"internal_api": "openblas", "num_threads": 2, "architecture": "SkylakeX"}], True),
                              ([{"internal_api": "openblas", "num_threads": 1, "architecture": "SkylakeX"}], False),
                              ([], False)):
-        monkeypatch.setattr(cli, "_openblas_libraries", lambda: libraries)
+        monkeypatch.setattr(_blas, "openblas_libraries", lambda: libraries)
         assert main(["info"]) == 0
         out = capsys.readouterr().out
         assert (spin_tip in out) == (spins and get_backend("auto").name == "onnx")
         assert avx_tip not in out  # SkylakeX kernels: AVX-512 in use
-    monkeypatch.setattr(cli, "_openblas_libraries", lambda: [{"internal_api": "openblas", "architecture": "Haswell"}])
+        assert (float64_choice in out) == (bool(libraries) and get_backend("auto").name == "onnx")
+    monkeypatch.setattr(_blas, "openblas_libraries", lambda: [{"internal_api": "openblas", "architecture": "Haswell"}])
     assert main(["info"]) == 0
     try:
         with open("/proc/cpuinfo") as f:
             has_avx512 = "avx512f" in f.read()
     except OSError:
         has_avx512 = False
-    assert (avx_tip in capsys.readouterr().out) == has_avx512
+    out = capsys.readouterr().out
+    assert (avx_tip in out) == has_avx512
+    assert float64_choice not in out
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS read it when it loaded
-    monkeypatch.setattr(cli, "_openblas_libraries", lambda: [{"internal_api": "openblas", "num_threads": 2}])
+    monkeypatch.setattr(_blas, "openblas_libraries", lambda: [{"internal_api": "openblas", "num_threads": 2}])
     assert main(["info"]) == 0
     assert spin_tip not in capsys.readouterr().out
 

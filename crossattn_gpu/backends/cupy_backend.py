@@ -52,7 +52,7 @@ class CupyBackend(DeviceFusion):
         self.kernel = kernel
 
     @staticmethod
-    def usable_by_auto() -> bool:
+    def usable_by_auto(dtype: str | None = None) -> bool:
         # Chosen by auto only behind Triton (see KNOWN_BACKENDS), until the benchmark shows it faster.
         if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia"):
             return False

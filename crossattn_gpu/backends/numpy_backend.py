@@ -399,7 +399,7 @@ class NumpyBackend(FoldedFusion):
     call_flops = 1e9
 
     @staticmethod
-    def usable_by_auto() -> bool:
+    def usable_by_auto(dtype: str | None = None) -> bool:
         return True
 
     # --- arrays -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .._blas import openblas_runs_avx512
 from .._optional import require
 from ..folding import FoldMagnitudes, fold_magnitudes, fold_named
 from ..weights import weights_digest
@@ -113,18 +114,33 @@ class OnnxBackend(NumpyBackend):
         self._sdpa = {}  # dtype name -> OnnxPrepared without weights, for its sessions
 
     @staticmethod
-    def usable_by_auto() -> bool:
-        """``auto`` takes onnxruntime (behind the GPU backends) when it is installed.
+    def usable_by_auto(dtype: str | None = None) -> bool:
+        """``auto`` takes onnxruntime (behind the GPU backends) when it is installed, except for a model
+        whose dtype is fixed to float64 where NumPy's OpenBLAS runs AVX-512 kernels: there NumPy's float64
+        GEMMs are the faster.
 
-        Its MLAS GEMMs ran the folded fusion faster than NumPy's OpenBLAS on this project's 2-core CPU,
-        through ``CrossAttention``: float32 about twice as fast (W2c 68 against 144 ms, W3c 310 against
-        574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B = 16, L =
-        120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms), float16 (computed in
-        float32 graphs) 2.2x (dtype="float16": W2c 69-70 against 155-161 ms, W3c 288-308 against
-        561-573 ms). Each kind of call's first run builds a session: +60 ms at D = 128;
-        at D = 1280, H = 8 +1.0 s for the first, which also folds the weights, and +0.23 s for each
+        Measured through ``CrossAttention`` on this project's 2-vCPU VMs, the two backends alternating:
+
+        * AMD EPYC (AVX-512; NumPy's OpenBLAS runs its AVX2 Haswell kernels there, MLAS its AVX-512
+          ones), onnx against NumPy: float32 about twice as fast (W2c 68 against 144 ms, W3c 310
+          against 574 ms), float64 1.2x to 1.8x (W2c 228 against 280 ms, W3c 683 against 1131 ms, B =
+          16, L = 120, D = 1280, H = 8 1160 against 2125 ms, W1 0.069 against 0.086 ms), float16
+          (computed in float32 graphs) 2.2x (dtype="float16": W2c 69-70 against 155-161 ms, W3c 288-308
+          against 561-573 ms).
+        * Intel Xeon (family 6, model 207; OpenBLAS's SkylakeX kernels), medians of three rounds, ms,
+          onnx against NumPy: float32 B = 16, L = 120, D = 1280, H = 8 1176 against 1403, W2c 181
+          against 229, B = 256, L = 100, D = 64, H = 2 43.0 against 59.5, W1 0.139 against 0.174
+          (1.19x to 1.38x); float64 the same shapes 2978 against 2420, 516 against 407, 152 against
+          120 (NumPy 1.23x to 1.27x the faster) and W1 0.222 against 0.242. A 2048 x 2048 float64 GEMM
+          ran at 80 GFLOP/s in onnxruntime and 104 in NumPy there (float32: 159 and 191).
+
+        A model whose dtype follows its inputs takes onnx: float32 inputs, the usual embeddings, are the
+        faster there on both machines. Each kind of call's first run builds a session: +60 ms at D =
+        128; at D = 1280, H = 8 +1.0 s for the first, which also folds the weights, and +0.23 s for each
         further kind.
         """
+        if dtype == "float64" and openblas_runs_avx512():
+            return False
         try:
             OnnxBackend()
         except ImportError:

@@ -93,8 +93,9 @@ class TritonBackend(DeviceFusion):
         self._sdpa_params_tail = (False,) if self.torch.__version__ >= "2.5" else ()
 
     @staticmethod
-    def usable_by_auto() -> bool:
-        """``auto`` takes Triton only on a real GPU, never under the (slow) interpreter.
+    def usable_by_auto(dtype: str | None = None) -> bool:
+        """``auto`` takes Triton only on a real GPU, never under the (slow) interpreter, whatever the
+        model's ``dtype``.
 
         Cheap checks first, so that ``auto`` on a machine without an NVIDIA driver never imports torch.
         """

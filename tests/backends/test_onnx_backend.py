@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -69,15 +70,26 @@ def gpu_backend_for_auto():
     return next((b.name for b in (TritonBackend, CupyBackend) if b.usable_by_auto()), None)
 
 
-def test_auto_takes_onnx_for_every_dtype_and_says_so(caplog):
+@pytest.mark.parametrize("kernels", ["Haswell", "SkylakeX", None])
+def test_auto_takes_onnx_but_for_float64_beside_avx512_openblas_and_says_so(caplog, monkeypatch, kernels):
+    """onnx for every dtype, but NumPy for float64 models where NumPy's OpenBLAS runs AVX-512 kernels (its
+    float64 GEMMs the faster there: ``OnnxBackend.usable_by_auto``); nothing known (no threadpoolctl,
+    None) keeps onnx. A model whose dtype follows its inputs takes onnx everywhere."""
+    from crossattn_gpu import _blas
+
+    libraries = [] if kernels is None else [{"internal_api": "openblas", "architecture": kernels}]
+    monkeypatch.setattr(_blas, "openblas_libraries", lambda: libraries)
     gpu = gpu_backend_for_auto()
     for dtype in (None, "float32", "float64", "float16", "bfloat16"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="crossattn_gpu"):
             model = CrossAttention(4, 1, dtype=dtype)
-        assert model.backend == (gpu or "onnx")
+        numpy_for_float64 = dtype == "float64" and kernels == "SkylakeX"
+        assert model.backend == (gpu or ("numpy" if numpy_for_float64 else "onnx"))
         assert f"backend='auto' picked {model.backend!r}" in caplog.text
         assert f"Backend: {model.backend}" in model.generate_report()["summary"]
+        assert (f"for dtype {dtype}" in caplog.text) == (dtype is not None)
+        assert pickle.loads(pickle.dumps(model)).backend == model.backend  # the name travels, not the rule
 
 
 @pytest.mark.parametrize("dtype", [None, "float16"])
@@ -113,9 +125,12 @@ def test_auto_without_onnxruntime_takes_numpy_and_a_named_onnx_raises(monkeypatc
 
 
 @pytest.mark.parametrize("dtype,limit", [("float32", 1e-5), ("float64", 1e-13)])
-def test_auto_with_onnx_computes_what_numpy_computes(dtype, limit):
+def test_auto_with_onnx_computes_what_numpy_computes(dtype, limit, monkeypatch):
     if gpu_backend_for_auto():
         pytest.skip("auto takes the GPU backend here")
+    from crossattn_gpu import _blas
+
+    monkeypatch.setattr(_blas, "openblas_libraries", lambda: [])  # kernels unknown: onnx for float64 too
     ref = CrossAttention(16, 2, seed=4, backend="numpy", dtype=dtype)
     auto = CrossAttention.from_weights(**ref.get_attention_weights(), dtype=dtype)
     assert auto.backend == "onnx"
