@@ -10,9 +10,15 @@ from __future__ import annotations
 
 #: OpenBLAS's kernels that use AVX-512 (its ``openblas_get_corename``, lower-cased).
 AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
-#: Its kernels for older instruction sets, which it also runs on AVX-512 CPUs it does not recognise
-#: (this project's AMD EPYC VMs: Haswell).
-PRE_AVX512_KERNELS = frozenset({"haswell", "zen", "sandybridge"})
+#: OPENBLAS_CORETYPE values for a CPU's best instructions, best first: the CPU flags each needs, and
+#: the kernels that already use them. OpenBLAS falls back to older kernels on CPUs it does not
+#: recognise: AVX2 ones (Haswell) on this project's AMD EPYC VMs, SSE3 ones (Prescott) with NumPy
+#: 1.24's OpenBLAS on its Intel Xeon VM, whose float32 GEMM ran at 37 GFLOP/s there and 201 with
+#: OPENBLAS_CORETYPE=SKYLAKEX.
+CORETYPES = (
+    ("SKYLAKEX", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}), AVX512_KERNELS),
+    ("HASWELL", frozenset({"avx2", "fma"}), AVX512_KERNELS | {"haswell", "zen"}),
+)
 
 
 def openblas_libraries() -> list[dict]:
@@ -34,3 +40,29 @@ def openblas_runs_avx512() -> bool:
     when nothing is known (no threadpoolctl, or a NumPy on another BLAS)."""
     kernels = openblas_kernels()
     return bool(kernels) and kernels <= AVX512_KERNELS
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of this CPU's first processor (Linux); empty elsewhere."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def faster_coretype() -> tuple[str, str] | None:
+    """(the kernels OpenBLAS runs, the OPENBLAS_CORETYPE that would use this CPU's best instructions)
+    when the OpenBLAS loaded here runs older kernels than the CPU allows; None when it uses them, or
+    when its kernels or the CPU's flags are unknown."""
+    names = {str(lib["architecture"]) for lib in openblas_libraries() if lib.get("architecture")}
+    if not names:
+        return None
+    flags = cpu_flags()
+    for coretype, needs, using in CORETYPES:
+        if needs <= flags:
+            return None if {name.lower() for name in names} <= using else (", ".join(sorted(names)), coretype)
+    return None
