@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from crossattn_gpu import CrossAttention, __version__
+from crossattn_gpu._blas import blas_libraries, cpu_fields
 from crossattn_gpu._optional import version_of
 
 from . import report as reporting
@@ -50,16 +51,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     2-vCPU VMs have been AMD EPYC and Intel Xeon machines, on which the peers' GEMM libraries rank
     differently (onnxruntime's float32 GEMM: 478 GFLOP/s on the AMD, 161-176 on the Intel, where NumPy's
     OpenBLAS took 189-212): a run's figures are comparable only with runs on the same model."""
-    fields = {}
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if not line.strip():  # the first processor's block is enough
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    fields = cpu_fields(cpuinfo)
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     # A VM's model name can be as vague as "Intel(R) Xeon(R) Processor"; family and model number say which.
@@ -70,12 +62,8 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 def numpy_blas() -> str | None:
     """NumPy's BLAS and the kernels it chose for this CPU, as threadpoolctl reports them (None without
     threadpoolctl): OpenBLAS picks its kernels when it loads, per CPU and per OPENBLAS_CORETYPE."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
     found = [f"{lib['internal_api']} {lib.get('version') or ''} ({lib.get('architecture') or 'kernels unknown'})"
-             for lib in threadpool_info() if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", "")]
+             for lib in blas_libraries() if "numpy" in lib.get("filepath", "")]
     return "; ".join(found) or None
 
 

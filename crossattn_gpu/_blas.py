@@ -21,13 +21,18 @@ CORETYPES = (
 )
 
 
-def openblas_libraries() -> list[dict]:
-    """threadpoolctl's records of the OpenBLAS libraries loaded in this process (none without it)."""
+def blas_libraries() -> list[dict]:
+    """threadpoolctl's records of the BLAS libraries loaded in this process (none without it)."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return []
-    return [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+    return [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+
+
+def openblas_libraries() -> list[dict]:
+    """threadpoolctl's records of the OpenBLAS libraries loaded in this process (none without it)."""
+    return [lib for lib in blas_libraries() if lib.get("internal_api") == "openblas"]
 
 
 def openblas_kernels() -> set[str]:
@@ -42,16 +47,25 @@ def openblas_runs_avx512() -> bool:
     return bool(kernels) and kernels <= AVX512_KERNELS
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The instruction-set flags of this CPU's first processor (Linux); empty elsewhere."""
+def cpu_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The fields of this CPU's first processor as Linux reports them ("model name", "flags", ...);
+    empty elsewhere."""
+    fields = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if not line.strip():  # the first processor's block is enough
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of this CPU's first processor (Linux); empty elsewhere."""
+    return set(cpu_fields(cpuinfo).get("flags", "").split())
 
 
 def faster_coretype() -> tuple[str, str] | None:
