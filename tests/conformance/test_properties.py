@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import reference  # noqa: E402
@@ -60,6 +60,16 @@ def fusion_cases(draw):
     return {"width": width, "heads": heads, "seed": seed, "xs": xs, "xt": xt, "mask": mask, "s_len": s_len, "t_len": t_len}
 
 
+#: Cases that drawing from other seeds found at or past a limit, run first on every backend whatever the
+#: seed: seed 20261215's float16 structural output 107 times smaller than its terms (tolerances.py, the
+#: 16-bit rule), which failed the Triton backend by 3.5x before the rule allowed for the terms' rounding.
+KNOWN_CASES = [
+    {"width": 1, "heads": 2, "seed": 50, "xs": np.array([[[0.4863814], [-0.47739198]]]),
+     "xt": np.array([[[0.66933962], [-1.38729454], [1.66588843]]]),
+     "mask": np.array([[[False, False, False], [False, False, True]]]), "s_len": np.array([2]), "t_len": np.array([2])},
+]
+
+
 def head_values(model, x):
     """Every head's values times its block of the output projection, x Wv[h] Wo_h, in float64: what the
     head's probabilities weigh into the fused output."""
@@ -94,7 +104,9 @@ def check_case(case: dict, dtype: str, ref: CrossAttention, received: tuple, wan
 
 
 def drawn(property_holds, examples: int = EXAMPLES):
-    """``property_holds`` run on ``examples`` drawn cases, with this module's settings."""
+    """``property_holds`` run on ``KNOWN_CASES``, then on ``examples`` drawn cases, with this module's settings."""
+    for case in KNOWN_CASES:
+        property_holds = example(case)(property_holds)
     run = settings(max_examples=examples, deadline=None, derandomize=SEED is None, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
         given(fusion_cases())(property_holds))

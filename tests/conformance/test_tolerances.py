@@ -56,6 +56,26 @@ def test_fixed_limits_of_cancelling_sums_are_relative_to_their_terms():
     assert allowed("float64", None, 1e-7, terms) == pytest.approx(1e-10 * 1.0001e-3 / 1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_limits_of_cancelling_sums_allow_half_a_unit_of_their_terms(dtype):
+    """A weighted mean 100 times smaller than its terms: an error of a third of a unit of the terms (the
+    values rounded to the dtype) passes with an exact plain computation, two units fail, the output
+    alone would not allow it, and an output as large as its terms keeps 4 units of itself."""
+    unit = EPS[dtype]
+    probs = [np.full((1, 2), 0.5)]
+    values = [np.array([[1e-2], [-0.98e-2]])]
+    want = probs[0] @ values[0]  # 1e-4
+    terms = term_scale(probs, values)
+    assert terms == pytest.approx(0.99e-2)
+    check(want + unit * terms / 3, want, dtype, plain_error=0.0, terms=terms)
+    with pytest.raises(AssertionError, match="relative error"):
+        check(want + unit * terms / 3, want, dtype, plain_error=0.0)
+    with pytest.raises(AssertionError, match="relative error"):
+        check(want + 2 * unit * terms, want, dtype, plain_error=0.0, terms=terms)
+    assert allowed(dtype, 0.0, 1.0, 1.0) == allowed(dtype, 0.0, 1.0) == 4 * unit
+    assert allowed(dtype, 1e-3, 1e-4, terms) == pytest.approx(2e-3 + 0.5 * unit * terms / 1e-4)
+
+
 def test_fixed_limits_of_probabilities_grow_with_their_scores_sums_of_magnitudes():
     """A probability inherits its score's absolute error: with scores whose sums of magnitudes reach 157
     (seed 20261204's case), an error of a unit of that sum passes in float32, ten units fail, and small
