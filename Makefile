@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-oldest test-slow bench clean
+.PHONY: demo test test-oldest test-newest test-slow bench clean
 
 # The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
 # interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
@@ -27,6 +27,16 @@ $(OLDEST_STAMP): pyproject.toml
 	$(OLDEST)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(OLDEST_STAMP)
 
+# The newest releases on PyPI of everything a user of the CPU extras installs (numpy 2.4 and on, which the
+# dev set-up cannot take), and no torch or triton; upgraded on every run. Not part of `make test`.
+NEWEST := .venv-newest
+test-newest:
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[cpu,onnx,dev]'
+	$(NEWEST)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|onnx|onnxruntime|ml.dtypes|hypothesis|pytest)=='
+	$(NEWEST)/bin/python -m pytest -q -p no:cacheprovider -W error::DeprecationWarning
+
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
 
@@ -44,4 +54,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(NEWEST) build *.egg-info
