@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-oldest test-newest test-slow bench clean
+.PHONY: demo test test-oldest test-newest test-device-versions test-slow bench clean
 
 # The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
 # interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
@@ -37,6 +37,26 @@ test-newest:
 	$(NEWEST)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|onnx|onnxruntime|ml.dtypes|hypothesis|pytest)=='
 	$(NEWEST)/bin/python -m pytest -q -p no:cacheprovider -W error::DeprecationWarning
 
+# The GPU machine's versions, which bench/gpu_session.sh meets there (Python 3.12, torch 2.11, triton 3.6,
+# onnxruntime 1.30), on this CPU: torch 2.11 is PyPI's CUDA build (~4.7 GB, a minute to install; it runs
+# without a GPU), the package goes in from its wheel into a folder of its own and the tests run from a
+# scratch folder holding a link to bench/, as that script installs and runs them, here under Triton's
+# interpreter. Not part of `make test`: a check before a GPU session, whose minutes are few.
+# pyenv's shim of python3.12 refuses to run it where another version is the global one: its own path first.
+PYTHON_DEVICE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+DEVICE_VENV := .venv-device
+test-device-versions: $(STAMP)
+	test -x $(DEVICE_VENV)/bin/python || $(PYTHON_DEVICE) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install --quiet torch==2.11.0 triton==3.6.0 'numpy<2.4' onnxruntime==1.30.0 \
+		onnx pytest hypothesis safetensors threadpoolctl matplotlib
+	rm -rf build  # setuptools' build/lib would keep files since removed from the tree
+	$(PY) -m pip wheel --quiet --no-deps -w build/device-wheel .
+	$(DEVICE_VENV)/bin/python -m pip install --quiet --no-deps --no-index --target build/device-site build/device-wheel/*.whl
+	mkdir -p build/device-scratch && ln -s $(CURDIR)/bench build/device-scratch/bench
+	cd build/device-scratch && PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests \
+		--ignore=$(CURDIR)/tests/conformance --ignore=$(CURDIR)/tests/kernels/test_triton_compile.py
+
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
 
@@ -54,4 +74,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(NEWEST) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(NEWEST) $(DEVICE_VENV) build *.egg-info

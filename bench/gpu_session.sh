@@ -14,7 +14,8 @@
 # failing step is logged and the others still run. The limits add up to 620 s, past the 600 s a call
 # may take, so a session that runs them all may lose the last; the steps usually end well before theirs.
 #
-#   here (no GPU):  .venv/bin/python -m pip wheel --no-deps -w dist .
+#   here (no GPU):  rm -rf build dist && .venv/bin/python -m pip wheel --no-deps -w dist .
+#                   (setuptools' build/lib would keep files since removed from the tree)
 #   device tool:    run(command="bash bench/gpu_session.sh", carry=["dist"], timeout_s=600)
 #   some steps:     run(command="STEPS='tests bench sweep' bash bench/gpu_session.sh", ...)
 #                   (names as in the log lines; the sanitizer steps are sanitizer-TOOL-KERNEL)
