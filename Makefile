@@ -40,8 +40,9 @@ test-newest:
 # The GPU machine's versions, which bench/gpu_session.sh meets there (Python 3.12, torch 2.11, triton 3.6,
 # onnxruntime 1.30), on this CPU: torch 2.11 is PyPI's CUDA build (~4.7 GB, a minute to install; it runs
 # without a GPU), the package goes in from its wheel into a folder of its own and the tests run from a
-# scratch folder holding a link to bench/, as that script installs and runs them, here under Triton's
-# interpreter. Not part of `make test`: a check before a GPU session, whose minutes are few.
+# scratch folder holding a link to bench/, as that script installs and runs them (the conformance suite
+# with 15 drawn cases a backend and its summary), here under Triton's interpreter. Not part of
+# `make test`: a check before a GPU session, whose minutes are few.
 # pyenv's shim of python3.12 refuses to run it where another version is the global one: its own path first.
 PYTHON_DEVICE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 DEVICE_VENV := .venv-device
@@ -56,6 +57,9 @@ test-device-versions: $(STAMP)
 	cd build/device-scratch && PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests \
 		--ignore=$(CURDIR)/tests/conformance --ignore=$(CURDIR)/tests/kernels/test_triton_compile.py
+	cd build/device-scratch && PYTHONPATH=$(CURDIR)/build/device-site CROSSATTN_HYPOTHESIS_EXAMPLES=15 \
+		CROSSATTN_CONFORMANCE_SUMMARY=$(CURDIR)/build/device-conformance $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests/conformance
 
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
