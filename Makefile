@@ -46,6 +46,8 @@ test-newest:
 # pyenv's shim of python3.12 refuses to run it where another version is the global one: its own path first.
 PYTHON_DEVICE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 DEVICE_VENV := .venv-device
+DEVICE_PYTEST := PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
+	-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR)
 test-device-versions: $(STAMP)
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON_DEVICE) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install --quiet torch==2.11.0 triton==3.6.0 'numpy<2.4' onnxruntime==1.30.0 \
@@ -54,12 +56,10 @@ test-device-versions: $(STAMP)
 	$(PY) -m pip wheel --quiet --no-deps -w build/device-wheel .
 	$(DEVICE_VENV)/bin/python -m pip install --quiet --no-deps --no-index --target build/device-site build/device-wheel/*.whl
 	mkdir -p build/device-scratch && ln -s $(CURDIR)/bench build/device-scratch/bench
-	cd build/device-scratch && PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
-		-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests \
-		--ignore=$(CURDIR)/tests/conformance --ignore=$(CURDIR)/tests/kernels/test_triton_compile.py
-	cd build/device-scratch && PYTHONPATH=$(CURDIR)/build/device-site CROSSATTN_HYPOTHESIS_EXAMPLES=15 \
-		CROSSATTN_CONFORMANCE_SUMMARY=$(CURDIR)/build/device-conformance $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
-		-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests/conformance
+	cd build/device-scratch && $(DEVICE_PYTEST) $(CURDIR)/tests --ignore=$(CURDIR)/tests/conformance \
+		--ignore=$(CURDIR)/tests/kernels/test_triton_compile.py
+	cd build/device-scratch && CROSSATTN_HYPOTHESIS_EXAMPLES=15 CROSSATTN_CONFORMANCE_SUMMARY=$(CURDIR)/build/device-conformance \
+		$(DEVICE_PYTEST) $(CURDIR)/tests/conformance
 
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
