@@ -16,24 +16,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton,onnx]'
 	touch $(STAMP)
 
-# The oldest releases pyproject.toml allows, and no torch or triton: the floors are tested, not only
-# declared, and so is an install without the GPU extras (whose absence once broke the conformance suite).
+# The oldest releases pyproject.toml allows, on the oldest Python it allows (3.10, where found; else
+# $(PYTHON)), and no torch or triton: the floors are tested, not only declared, and so is an install
+# without the GPU extras (whose absence once broke the conformance suite).
+# pyenv's shims refuse to run a version that is not the global one: their own paths first.
+PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10) $(PYTHON))
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 $(OLDEST_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(OLDEST)
+	$(PYTHON_OLDEST) -m venv --clear $(OLDEST)
 	$(OLDEST)/bin/python -m pip install --quiet 'numpy==1.24.4' 'onnx==1.16.2' 'onnxruntime==1.18.1' \
 		'pytest==8.0.0' 'hypothesis==6.100.0' 'safetensors==0.4.0' 'threadpoolctl==3.0.0'
 	$(OLDEST)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(OLDEST_STAMP)
 
 # The newest releases on PyPI of everything a user of the CPU extras installs (numpy 2.4 and on, which the
-# dev set-up cannot take), and no torch or triton; upgraded on every run. Not part of `make test`.
+# dev set-up cannot take; numpy 2.5 and on need Python 3.12), on the newest Python found in pyenv (else
+# $(PYTHON)), and no torch or triton; installed afresh on every run. Not part of `make test`.
+PYTHON_NEWEST ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.1[0-9].*/bin/python3.1[0-9]))),$(PYTHON))
 NEWEST := .venv-newest
 test-newest:
-	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(PYTHON_NEWEST) -m venv --clear $(NEWEST)
 	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
 	$(NEWEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[cpu,onnx,dev]'
+	$(NEWEST)/bin/python --version
 	$(NEWEST)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|onnx|onnxruntime|ml.dtypes|hypothesis|pytest)=='
 	$(NEWEST)/bin/python -m pytest -q -p no:cacheprovider -W error::DeprecationWarning
 
@@ -43,7 +49,7 @@ test-newest:
 # scratch folder holding a link to bench/, as that script installs and runs them (the conformance suite
 # with 15 drawn cases a backend and its summary), here under Triton's interpreter. Not part of
 # `make test`: a check before a GPU session, whose minutes are few.
-# pyenv's shim of python3.12 refuses to run it where another version is the global one: its own path first.
+# pyenv's path first, as for PYTHON_OLDEST.
 PYTHON_DEVICE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 DEVICE_VENV := .venv-device
 DEVICE_PYTEST := PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \

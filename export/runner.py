@@ -310,13 +310,17 @@ class OnnxSession:
                                                    disabled_optimizers=[_TRANSPOSE_MATMUL_FUSION], enable_fallback=0)
                 except Exception:
                     pass
-            hint = ""
+            said, hint = str(exc), ""
             if isinstance(exc, UnicodeDecodeError):  # onnxruntime's message quotes a damaged name
                 hint = " (onnxruntime's message held bytes that are not UTF-8: a damaged file?)"
-            if "tensor(double)" in str(exc) and attention_float64_mask_fails():
+            elif not said:  # the same on Python 3.10 (onnxruntime 1.18): an empty message, by type alone
+                said = type(exc).__name__
+                hint = (" with no message (onnxruntime gives none on Python 3.10 when its message held bytes "
+                        "that are not UTF-8: a damaged file?)")
+            if "tensor(double)" in said and attention_float64_mask_fails():
                 hint = ("; onnxruntime 1.23 cannot run the Attention operator (opset 23 and later) on float64 "
                         "with a mask: export with an opset below 23, or use onnxruntime 1.24 or later")
-            raise ValueError(f"onnxruntime cannot load the model: {exc}{hint}") from exc
+            raise ValueError(f"onnxruntime cannot load the model: {said}{hint}") from exc
 
     def run(self, feeds: dict, *, shape: tuple[int, int, int] | None = None, checked: bool = False) -> dict[str, np.ndarray]:
         """Run the model on checked ``feeds``; the outputs by name.

@@ -230,9 +230,9 @@ _NOT_UTF8 = "the model's input or output names, axis names or metadata are not v
 ])
 def test_bytes_that_are_not_utf8_are_named(tmp_path, exported, damaged, message, capfd):
     """In a model that no longer says it comes from crossattn_gpu (so no digest is asked for),
-    onnxruntime's UnicodeDecodeError becomes an error that says what is wrong, and onnxruntime does not
-    take it for a provider's failure: no banner on stdout, no second load on the CPU (1.18 to 1.22
-    printed one, ignoring ``enable_fallback=0``)."""
+    onnxruntime's UnicodeDecodeError (on Python 3.10 with onnxruntime 1.18, an error with an empty message)
+    becomes an error that says what is wrong, and onnxruntime does not take it for a provider's failure: no
+    banner on stdout, no second load on the CPU (1.18 to 1.22 printed one, ignoring ``enable_fallback=0``)."""
     model = onnx.load(exported)
     model.producer_name = ""
     kept = [prop for prop in model.metadata_props if prop.key not in ("crossattn_gpu_version", "model_sha256")]
