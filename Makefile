@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-oldest test-newest test-device-versions test-slow bench clean
+.PHONY: demo test test-oldest test-newest test-device-versions test-triton-versions test-slow bench clean
 
 # The dev set-up pins torch==2.13.0 (a CPU wheel) and triton==3.6.0 (the GPU machines' version, whose
 # interpreter runs the kernel tests here); users choose their own. Triton 3.6's interpreter breaks on
@@ -67,6 +67,23 @@ test-device-versions: $(STAMP)
 	cd build/device-scratch && CROSSATTN_HYPOTHESIS_EXAMPLES=15 CROSSATTN_CONFORMANCE_SUMMARY=$(CURDIR)/build/device-conformance \
 		$(DEVICE_PYTEST) $(CURDIR)/tests/conformance
 
+# The whole suite with the oldest torch and triton that the `triton` extra allows (torch 2.9.1, triton 3.5.1;
+# numpy<2.4 for that interpreter) and with the newest triton (3.9.0, beside the dev set-up's torch 2.13.0, and
+# the newest numpy), each in a venv of its own: the kernels under each one's interpreter and through each
+# one's compiler (tests/kernels/test_triton_compile.py). Not part of `make test`: torch 2.9.1 comes from PyPI
+# as its CUDA build (~3 GB, a minute or two to install; it runs without a GPU).
+define triton_suite
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet torch==$(2) triton==$(3) '$(4)' -e '.[dev,onnx]'
+	$(1)/bin/python -c 'import numpy, torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)'
+	$(1)/bin/python -m pytest -q -p no:cacheprovider
+endef
+TRITON_FLOOR := .venv-triton-floor
+TRITON_NEWEST := .venv-triton-newest
+test-triton-versions:
+	$(call triton_suite,$(TRITON_FLOOR),2.9.1,3.5.1,numpy<2.4)
+	$(call triton_suite,$(TRITON_NEWEST),2.13.0,3.9.0,numpy)
+
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
 
@@ -84,4 +101,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(NEWEST) $(DEVICE_VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(NEWEST) $(DEVICE_VENV) $(TRITON_FLOOR) $(TRITON_NEWEST) build *.egg-info

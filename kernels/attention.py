@@ -47,7 +47,7 @@ Boolean constexpr flags remove bounds checks on full tiles (EVEN_M, EVEN_N, EVEN
 lengths and the scale are runtime arguments: a new shape compiles a new variant only when it changes a
 block size (short sequences take smaller blocks) or an EVEN_* flag.
 
-TMA loads (``_attention_fwd_tma``, sm_90 and newer, triton >= 3.4): the whole-tile case (one Dk and one
+TMA loads (``_attention_fwd_tma``, sm_90 and newer): the whole-tile case (one Dk and one
 Dv chunk, Lq and Lk multiples of the blocks, no mask, no lengths: W2's and W4's fusions) with the tiles
 loaded by the Tensor Memory Accelerator from host-built descriptors, and optionally warp-specialised (a
 producer warp group issues the loads, the others compute). Compiled as launched for sm_90 at W2 in
@@ -59,16 +59,10 @@ it, until an H200 has measured it against the pointer kernel.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
-
-try:  # host-side TMA descriptors (triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import contract
 from .attention_common import (
@@ -383,11 +377,6 @@ def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int,
             "TMA": False, "WARP_SPECIALIZE": False}
 
 
-#: Whether this Triton can build ``_attention_fwd_tma`` (host descriptors, warp-specialised ranges): asked
-#: once, not per launch (``inspect.signature`` takes microseconds).
-_TRITON_HAS_TMA = "warp_specialize" in inspect.signature(tl.range).parameters
-
-
 def _tma_layout(t) -> tuple[list, list] | None:
     """(shape, strides) of a TMA descriptor over t (B, H, L, D), or None where TMA cannot address it: the
     unit reads a 16-byte-aligned base, rows of unit stride, and other strides that are multiples of 16
@@ -411,8 +400,6 @@ def _tma_refusal(q, masked, k_lengths, q_lengths, dims, cfg, warp_specialize: bo
     """Why the launch ``cfg`` asks for cannot load by TMA (None: it can): the whole-tile case only.
     ``layouts``: name -> ``_tma_layout`` of q, k and v."""
     _, _, len_q, len_k, dim_k, dim_v = dims
-    if TensorDescriptor is None or not _TRITON_HAS_TMA:
-        return f"TMA loads need triton >= 3.4 (this is {triton.__version__})"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return "TMA loads need an sm_90 or newer GPU"
     if warp_specialize and q.dtype == torch.float32 and cfg["INPUT_PRECISION"] != "ieee":

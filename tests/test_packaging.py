@@ -1,6 +1,10 @@
 """Package layout and optional dependencies."""
 
 import importlib
+import importlib.metadata
+import re
+import sys
+import types
 
 import pytest
 
@@ -23,9 +27,37 @@ def test_missing_extra_names_the_extra():
             del _optional.EXTRA_FOR_MODULE["crossattn_gpu_no_such_module"]
 
 
+def test_minimum_versions_are_the_extras_floors():
+    floors = {}
+    for requirement in importlib.metadata.requires("crossattn_gpu"):
+        name, floor = re.match(r"([\w.-]+)\s*(?:>=\s*([\d.]+))?", requirement).groups()
+        module = name.split("-cuda")[0]  # cupy-cuda12x and cupy-cuda13x install the module cupy
+        if floor:
+            floors[module] = min(floors.get(module, floor), floor, key=_optional.release)
+    assert {module: floors.get(module) for module in _optional.MINIMUM_VERSIONS} == _optional.MINIMUM_VERSIONS
+
+
+@pytest.mark.parametrize("version,too_old", [
+    ("3.4.0", True), ("2.9.1+cu128", True), ("3.5", False), ("3.5.0", False), ("3.10.0", False),
+    ("3.6.0.dev20261201", False), ("unknown", False),
+])
+def test_a_release_older_than_the_floor_names_the_floor(monkeypatch, version, too_old):
+    module = types.ModuleType("crossattn_gpu_old_module")
+    module.__version__ = version
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(_optional.EXTRA_FOR_MODULE, module.__name__, "triton")
+    monkeypatch.setitem(_optional.MINIMUM_VERSIONS, module.__name__, "3.5")
+    if too_old:
+        message = (f"crossattn_gpu_old_module >= 3.5 is needed for backend 'triton', and this is "
+                   f"crossattn_gpu_old_module {version}: pip install --upgrade 'crossattn_gpu[triton]'")
+        with pytest.raises(ImportError, match=re.escape(message)):
+            _optional.require(module.__name__, "backend 'triton'")
+    else:
+        assert _optional.require(module.__name__, "backend 'triton'") is module
+
+
 def test_importing_the_package_needs_only_numpy():
     import subprocess
-    import sys
 
     code = (
         "import sys\n"

@@ -86,11 +86,6 @@ class TritonBackend(DeviceFusion):
         self.unit_rows, self.probabilities = unit_rows, probabilities
         self.small_fusion, self.small_attention = small_fusion, small_attention
         self.two_pass = attention_two_pass
-        # 16-bit GEMMs with float32 results (torch.bmm's out_dtype) arrived in torch 2.8, on CUDA only;
-        # under the interpreter the CPU takes the inputs in float32 instead.
-        self.float32_scores = self.device.type == "cpu" or self.torch.__version__ >= "2.8"
-        # torch.backends.cuda.SDPAParams took enable_gqa from torch 2.5 on.
-        self._sdpa_params_tail = (False,) if self.torch.__version__ >= "2.5" else ()
 
     @staticmethod
     def usable_by_auto(dtype: str | None = None) -> bool:
@@ -359,7 +354,7 @@ class TritonBackend(DeviceFusion):
         return 128 < width <= self.two_pass.FUSED_ONE_CHUNK[2] and min(len_q, len_k) >= self.sdpa_16bit_min_length
 
     def _sdpa_params(self, q, k, v, bias):
-        return self.torch.backends.cuda.SDPAParams(q, k, v, bias, 0.0, False, *self._sdpa_params_tail)
+        return self.torch.backends.cuda.SDPAParams(q, k, v, bias, 0.0, False, False)  # no dropout, causal, GQA
 
     def _efficient_sdpa(self, q, k, v, bias) -> bool:
         """Whether torch's SDPA runs these arguments in its memory-efficient kernel (as torch decides)."""
@@ -375,10 +370,9 @@ class TritonBackend(DeviceFusion):
 
     def _wide_heads(self, dtype, width: int) -> bool:
         """Heads wider than 256 (the widest the fused kernel holds in 16 bits) in a dtype the GEMM route
-        takes: float32, or 16 bits where torch's GEMMs give float32 results."""
-        if width <= self.two_pass.FUSED_ONE_CHUNK[2]:
-            return False
-        return dtype == self.float32 or (dtype in (self.torch.float16, self.torch.bfloat16) and self.float32_scores)
+        takes: float32, or 16 bits, whose GEMMs give float32 results (torch.bmm's out_dtype)."""
+        return width > self.two_pass.FUSED_ONE_CHUNK[2] and dtype in (self.float32, self.torch.float16,
+                                                                      self.torch.bfloat16)
 
     def _gemm_route(self, q, k, v) -> bool:
         """Wide heads (``_wide_heads``) where the two-pass operator would run (keys no more than the head

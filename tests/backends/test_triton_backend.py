@@ -345,8 +345,7 @@ def test_sdpa_kernel_questions_take_the_backends_arguments():
     """The route tests stand in for ``_flash_sdpa`` and ``_efficient_sdpa``, which ask torch only on a GPU.
     The question itself is asked here, on the CPU, in this torch, of the arguments the backend gives SDPA
     (keys and values shared by the heads, expanded; key lengths as an additive bias broadcast over heads
-    and queries): torch must build its ``SDPAParams`` from them (its signature changed in torch 2.5) and
-    answer, with a no on the CPU."""
+    and queries): torch must build its ``SDPAParams`` from them and answer, with a no on the CPU."""
     _, tri = models(130, 2)
     backend = tri._backend
     q = torch.randn(2, 2, 17, 130, dtype=torch.float16)

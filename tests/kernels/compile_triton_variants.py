@@ -30,6 +30,7 @@ SHARDS-th variant from the SHARD-th; default all). Prints one line per variant a
 """
 
 import contextlib
+import inspect
 import itertools
 import re
 import subprocess
@@ -120,8 +121,9 @@ def compile_as_launched(fn: JITFunction, args: tuple, kwargs: dict, arch: int):
     ``JITFunction.run`` up to its compile, with the target given instead of read from a device."""
     target = GPUTarget("cuda", arch, 32)
     backend = CUDABackend(target)
-    kwargs = {**kwargs, "debug": kwargs.get("debug", fn.debug) or knobs.runtime.debug,
-              "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    kwargs = {**kwargs, "debug": kwargs.get("debug", fn.debug) or knobs.runtime.debug}
+    if hasattr(knobs.compilation, "instrumentation_mode"):  # an option from Triton 3.6 on
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
@@ -133,7 +135,8 @@ def registers_and_spills(ptx: str, arch: int) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
-        done = subprocess.run([get_ptxas(arch).path, "-v", f"-arch=sm_{arch}a", source.name, "-o", "/dev/null"],
+        ptxas = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()  # Triton 3.5: no arch
+        done = subprocess.run([ptxas.path, "-v", f"-arch=sm_{arch}a", source.name, "-o", "/dev/null"],
                               capture_output=True, text=True, check=True)
     registers = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
     return registers, int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1))

@@ -243,15 +243,6 @@ def test_tma_loads_refuse_what_they_cannot_load(make, message):
         attention(q, q[:, :1, :64], q[:, :, :64], scale=0.5, config=config, **args)
 
 
-def test_tma_loads_need_a_triton_with_host_descriptors(monkeypatch):
-    from crossattn_gpu.kernels import attention as fused_module
-
-    monkeypatch.setattr(fused_module, "TensorDescriptor", None)
-    q = torch.randn(1, 1, 16, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"TMA loads need triton >= 3.4"):
-        tma_fused(False)(q, q, q, scale=1.0)
-
-
 def test_float32_precisions():
     check_float32_precisions(fused)
 
