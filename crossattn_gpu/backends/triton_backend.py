@@ -354,7 +354,7 @@ class TritonBackend(DeviceFusion):
         return 128 < width <= self.two_pass.FUSED_ONE_CHUNK[2] and min(len_q, len_k) >= self.sdpa_16bit_min_length
 
     def _sdpa_params(self, q, k, v, bias):
-        return self.torch.backends.cuda.SDPAParams(q, k, v, bias, 0.0, False, False)  # no dropout, causal, GQA
+        return self.torch.backends.cuda.SDPAParams(q, k, v, bias, 0.0, False, False)  # no dropout, not causal, no GQA
 
     def _efficient_sdpa(self, q, k, v, bias) -> bool:
         """Whether torch's SDPA runs these arguments in its memory-efficient kernel (as torch decides)."""
