@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 # The oldest releases pyproject.toml allows, on the oldest Python it allows (3.10, where found; else
 # $(PYTHON)), and no torch or triton: the floors are tested, not only declared, and so is an install
 # without the GPU extras (whose absence once broke the conformance suite).
-# pyenv's shims refuse to run a version that is not the global one: their own paths first.
-PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10) $(PYTHON))
+# $(call pyenv_python,3.X): pyenv's Python 3.X by its own path (pyenv's shims refuse to run a version that
+# is not the global one), or nothing.
+pyenv_python = $(firstword $(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)))
+PYTHON_OLDEST ?= $(firstword $(call pyenv_python,3.10) $(wildcard /usr/bin/python3.10) $(PYTHON))
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 $(OLDEST_STAMP): pyproject.toml
@@ -38,7 +40,7 @@ NEWEST := .venv-newest
 test-newest:
 	$(PYTHON_NEWEST) -m venv --clear $(NEWEST)
 	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
-	$(NEWEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[cpu,onnx,dev]'
+	$(NEWEST)/bin/python -m pip install --quiet -e '.[cpu,onnx,dev]'  # a fresh venv: the newest of each
 	$(NEWEST)/bin/python --version
 	$(NEWEST)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|onnx|onnxruntime|ml.dtypes|hypothesis|pytest)=='
 	$(NEWEST)/bin/python -m pytest -q -p no:cacheprovider -W error::DeprecationWarning
@@ -49,8 +51,7 @@ test-newest:
 # scratch folder holding a link to bench/, as that script installs and runs them (the conformance suite
 # with 15 drawn cases a backend and its summary), here under Triton's interpreter. Not part of
 # `make test`: a check before a GPU session, whose minutes are few.
-# pyenv's path first, as for PYTHON_OLDEST.
-PYTHON_DEVICE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+PYTHON_DEVICE ?= $(firstword $(call pyenv_python,3.12) python3.12)
 DEVICE_VENV := .venv-device
 DEVICE_PYTEST := PYTHONPATH=$(CURDIR)/build/device-site $(CURDIR)/$(DEVICE_VENV)/bin/python -m pytest -q \
 	-p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR)
