@@ -48,7 +48,7 @@ import triton.language as tl
 from . import contract
 from .attention_common import (
     block_at_least_16, block_offsets, cdiv, checked_mask_and_lengths, checked_shapes, chosen_config, chunked_scores,
-    mask_strides, needs_wide_offsets, program_heads, scaled_masked,
+    mask_strides, needs_wide_offsets, program_heads, scaled_masked, shared_memory_per_block,
 )
 
 
@@ -217,27 +217,41 @@ def preferred(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int) -> 
     return widest > FUSED_ONE_CHUNK[min(itemsize, 4)] and len_k <= dim_v
 
 
-def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee") -> dict:
-    """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch).
+#: Shared memory that pass 2 needs in float32 tf32x3 with two stages (W3's tiles, compiled as launched with
+#: mask and lengths): 64 KiB on sm_80 with triton 3.6, but 128 KiB with triton 3.8 (the triton torch 2.14
+#: pins; sm_90: 128 and 160 KiB). A100's 163 KiB and H100's 227 KiB hold it; GPUs with less (99 KiB per
+#: block on sm_86, sm_89 and sm_120: A10, L4, L40S, RTX 30x0 to 50x0) take one stage: 64 KiB with either.
+TF32X3_TWO_STAGES_SHARED_MEMORY = 163 * 1024
+
+
+def launch_config(len_q: int, len_k: int, dim_k: int, dim_v: int, itemsize: int, precision: str = "ieee",
+                  shared_memory: int | None = None) -> dict:
+    """Blocks, warps and stages for both passes (they share BLOCK_M and BLOCK_N, which pad the scratch), on
+    a GPU whose blocks may take ``shared_memory`` bytes of shared memory (None: an A100's or more).
 
     Timed on an H200 on W3's attention (B = 64, H = 8, L = 256, D = 1280, heads summed; two sweeps of
     2026-11-29): 128 x 64 blocks with Dv chunks of 128 at 8 warps were the fastest of the tiles tried,
     though pass 2 then spills registers in float32 (sm_90, compiled as launched: up to 116 bytes with
     mask and lengths; 16-bit none). 16-bit, Dk chunks of 64, 3 stages: 0.75 ms (2 stages 1.01; 128 x 32 blocks,
     which spill nothing, 1.48). float32, Dk chunks of 32, 2 stages: IEEE 8.6 ms, tf32x3 4.6 (64 x 32
-    blocks with Dv chunks of 64, which spill nothing: 15.3 and 9.9). tl.dot needs every block dimension
-    >= 16.
+    blocks with Dv chunks of 64, which spill nothing: 15.3 and 9.9). On GPUs with less than
+    ``TF32X3_TWO_STAGES_SHARED_MEMORY``, tf32x3 takes one stage (not timed). tl.dot needs every block
+    dimension >= 16.
     """
     contract.check_precision(precision)
     half = itemsize <= 2
     block_m, block_n, block_dk, block_dv = (128, 64, 64, 128) if half else (128, 64, 32, 128)
+    num_stages = 3 if half else 2
+    small_shared_memory = shared_memory is not None and shared_memory < TF32X3_TWO_STAGES_SHARED_MEMORY
+    if precision == "tf32x3" and not half and small_shared_memory:
+        num_stages = 1
     return {
         "BLOCK_M": min(block_m, block_at_least_16(len_q)),
         "BLOCK_N": min(block_n, block_at_least_16(len_k)),
         "BLOCK_DK": min(block_dk, block_at_least_16(dim_k)),
         "BLOCK_DV": min(block_dv, block_at_least_16(dim_v)),
         "num_warps": 8,
-        "num_stages": 3 if half else 2,
+        "num_stages": num_stages,
         "INPUT_PRECISION": "ieee" if half else precision,
     }
 
@@ -311,7 +325,8 @@ def attention_two_pass(q, k, v, *, scale: float, masked=None, k_lengths=None, q_
     """
     dims = batch, heads, len_q, len_k, dim_k, dim_v = checked_shapes(q, k, v)
     masked, k_lengths, q_lengths = checked_mask_and_lengths(q, masked, k_lengths, q_lengths, dims, lengths_checked)
-    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision), config)
+    cfg = chosen_config(launch_config(len_q, len_k, dim_k, dim_v, q.element_size(), precision,
+                                      shared_memory_per_block(q)), config)
     block_m, block_n, block_dv = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     contract.check_query_blocks(len_q, block_m)  # pass 1's grid
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

@@ -18,10 +18,11 @@ loads pipelined (num_stages), and missed spills of the magnitude's and unit rows
 Every variant must fit the chip's shared memory: on sm_90 H100's 227 KiB; on sm_80 the 99 KiB of sm_86,
 sm_89 and sm_120 (A10, L4, L40S, RTX 30x0 to 50x0), whose compiles sm_80's stand for (sm_89's took the
 same shared memory in every variant on 2026-11-30, sm_86's and sm_120's the same or less in those
-checked), except the fused kernel's configuration of 16-bit heads 129 to 256 wide for GPUs with A100's
-163 KiB or more, held to that (its smaller one for the others is compiled too). For sm_90, the chip this
-project runs on, Triton's own ptxas also reports registers and spills: the launch configurations of every
-kernel but the attention operators' were chosen to spill nothing there, and a spill of theirs fails. The
+checked), except the configurations for GPUs with A100's 163 KiB or more (the fused kernel's for 16-bit
+heads 129 to 256 wide, the two-pass operator's for tf32x3), held to that (their smaller ones for the others
+are compiled too). For sm_90, the chip this project runs on, Triton's own ptxas also reports registers and
+spills: the launch configurations of every kernel but the attention operators' were chosen to spill
+nothing there, and a spill of theirs fails. The
 attention operators' configurations (the fused kernel, both passes of the two-pass one) spill in some
 variants and were still the fastest measured on an H200, so their spills are only reported.
 
@@ -58,7 +59,8 @@ from crossattn_gpu.kernels import unit_rows as unit_rows_module
 ARCHS = (80, 90)
 #: Shared memory a block may take: on sm_80 the 99 KiB of sm_86, sm_89 and sm_120, whose compiles sm_80's
 #: stand for; H100/H200 (sm_90) 227 KiB. Launch configurations for GPUs with A100's 163 KiB or more
-#: (``attention.HEADS_256_SHARED_MEMORY``) are held to that on sm_80.
+#: (``attention.HEADS_256_SHARED_MEMORY``, ``attention_two_pass.TF32X3_TWO_STAGES_SHARED_MEMORY``) are held
+#: to that on sm_80.
 SMALL_SHARED_MEMORY = 99 * 1024
 SHARED_LIMIT = {80: SMALL_SHARED_MEMORY, 90: 227 * 1024}
 LARGE_SHARED_LIMIT = {**SHARED_LIMIT, 80: fused_module.HEADS_256_SHARED_MEMORY}
@@ -163,9 +165,10 @@ def queries_keys_values(shape: tuple, dtype: str) -> tuple:
             empty(BATCH, HEADS, len_k, dim_v, dtype=dtype))
 
 
-def needs_large_shared_memory(config: dict, shape: tuple, dtype: str, precision: str) -> bool:
-    """Whether the fused kernel's ``config`` is the one for GPUs with A100's shared memory or more."""
-    smaller = fused_module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision, SMALL_SHARED_MEMORY)
+def needs_large_shared_memory(module, config: dict, shape: tuple, dtype: str, precision: str) -> bool:
+    """Whether ``config``, from the attention ``module``'s launch_config, is its one for GPUs with A100's
+    shared memory or more."""
+    smaller = module.launch_config(*shape, TORCH_DTYPES[dtype].itemsize, precision, SMALL_SHARED_MEMORY)
     return config != smaller
 
 
@@ -182,8 +185,8 @@ def attention_plans() -> list:
                       fused_module.attention(*queries_keys_values(shape, dtype), scale=0.1, precision=precision,
                                              config=config, sum_heads=extras, need_lse=not extras,
                                              **(mask_and_lengths(*shape[:2]) if extras else {})),
-                      ARCHS, LARGE_SHARED_LIMIT if needs_large_shared_memory(config, shape, dtype, precision)
-                      else SHARED_LIMIT))
+                      ARCHS, LARGE_SHARED_LIMIT
+                      if needs_large_shared_memory(fused_module, config, shape, dtype, precision) else SHARED_LIMIT))
     for dtype, extras in itertools.product(("fp16", "bf16"), (False, True)):
         shape = SHAPES["D256"]
         config = fused_module.launch_config(*shape, 2, shared_memory=SMALL_SHARED_MEMORY)
@@ -195,11 +198,19 @@ def attention_plans() -> list:
                       (80,), SHARED_LIMIT))
     for (name, shape), (dtype, precision), extras in itertools.product(TWO_PASS_SHAPES.items(), DTYPES,
                                                                       (False, True)):
-        plans.append((f"{dtype}/{precision} {name} mask+lengths={extras}",
-                      lambda shape=shape, dtype=dtype, precision=precision, extras=extras:
-                      two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1,
-                                                         precision=precision, sum_heads=extras, need_lse=not extras,
-                                                         **(mask_and_lengths(*shape[:2]) if extras else {}))))
+        itemsize = TORCH_DTYPES[dtype].itemsize
+        configs = [(two_pass_module.launch_config(*shape, itemsize, precision), "")]
+        if needs_large_shared_memory(two_pass_module, configs[0][0], shape, dtype, precision):
+            configs.append((two_pass_module.launch_config(*shape, itemsize, precision, SMALL_SHARED_MEMORY),
+                            " for 99 KiB of shared memory"))
+        for config, suffix in configs:
+            large = suffix == "" and len(configs) == 2
+            plans.append((f"{dtype}/{precision} {name} mask+lengths={extras}{suffix}",
+                          lambda shape=shape, dtype=dtype, extras=extras, config=config:
+                          two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1,
+                                                             config=config, sum_heads=extras, need_lse=not extras,
+                                                             **(mask_and_lengths(*shape[:2]) if extras else {})),
+                          ARCHS if suffix == "" else (80,), LARGE_SHARED_LIMIT if large else SHARED_LIMIT))
     return plans
 
 

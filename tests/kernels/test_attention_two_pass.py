@@ -7,7 +7,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from crossattn_gpu.backends.triton_backend import interpreter_mode  # noqa: E402
-from crossattn_gpu.kernels.attention_two_pass import attention_two_pass, launch_config, preferred  # noqa: E402
+from crossattn_gpu.kernels.attention_two_pass import (  # noqa: E402
+    TF32X3_TWO_STAGES_SHARED_MEMORY, attention_two_pass, launch_config, preferred,
+)
 
 if not interpreter_mode() and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -65,6 +67,36 @@ def test_config_override_and_bad_config():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="config must have exactly the keys"):
         attention_two_pass(q, q, q, scale=0.1, config={"BLOCK_M": 16})
+
+
+def test_launch_config_fits_the_gpus_shared_memory():
+    w3 = (256, 256, 1280, 1280)
+    large = launch_config(*w3, 4, "tf32x3")
+    assert large["num_stages"] == 2
+    for shared_memory in (TF32X3_TWO_STAGES_SHARED_MEMORY, 227 * 1024):  # A100, H100 / H200
+        assert launch_config(*w3, 4, "tf32x3", shared_memory=shared_memory) == large
+    small = launch_config(*w3, 4, "tf32x3", shared_memory=99 * 1024)  # sm_86, sm_89, sm_120
+    assert small == {**large, "num_stages": 1}
+    for itemsize, precision in ((4, "ieee"), (4, "tf32"), (2, "ieee")):  # these fit 99 KiB with the large stages
+        same = launch_config(*w3, itemsize, precision)
+        assert launch_config(*w3, itemsize, precision, shared_memory=99 * 1024) == same
+
+
+@pytest.mark.parametrize("sum_heads", [False, True])
+def test_tf32x3_on_gpus_with_less_shared_memory(sum_heads):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, 17, 100, generator=gen).to(DEVICE)
+    k = torch.randn(2, 1, 33, 100, generator=gen).to(DEVICE)
+    v = torch.randn(2, 2, 33, 100, generator=gen).to(DEVICE)
+    masked = torch.rand(2, 17, 33, generator=gen).to(DEVICE) < 0.3
+    kwargs = dict(scale=0.1, masked=masked, k_lengths=torch.tensor([33, 5], device=DEVICE), sum_heads=sum_heads,
+                  precision="tf32x3")
+    config = launch_config(17, 33, 100, 100, 4, "tf32x3", shared_memory=99 * 1024)
+    assert config["num_stages"] == 1
+    got, got_lse = attention_two_pass(q, k, v, config=config, **kwargs)
+    want, want_lse = attention_two_pass(q, k, v, **{**kwargs, "precision": "ieee"})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize(
