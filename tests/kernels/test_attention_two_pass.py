@@ -82,21 +82,19 @@ def test_launch_config_fits_the_gpus_shared_memory():
         assert launch_config(*w3, itemsize, precision, shared_memory=99 * 1024) == same
 
 
-@pytest.mark.parametrize("sum_heads", [False, True])
-def test_tf32x3_on_gpus_with_less_shared_memory(sum_heads):
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(2, 2, 17, 100, generator=gen).to(DEVICE)
-    k = torch.randn(2, 1, 33, 100, generator=gen).to(DEVICE)
-    v = torch.randn(2, 2, 33, 100, generator=gen).to(DEVICE)
-    masked = torch.rand(2, 17, 33, generator=gen).to(DEVICE) < 0.3
-    kwargs = dict(scale=0.1, masked=masked, k_lengths=torch.tensor([33, 5], device=DEVICE), sum_heads=sum_heads,
-                  precision="tf32x3")
-    config = launch_config(17, 33, 100, 100, 4, "tf32x3", shared_memory=99 * 1024)
-    assert config["num_stages"] == 1
-    got, got_lse = attention_two_pass(q, k, v, config=config, **kwargs)
-    want, want_lse = attention_two_pass(q, k, v, **{**kwargs, "precision": "ieee"})
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-5)
+def small_shared_memory_tf32x3(q, k, v, **kwargs):
+    """The two-pass operator in tf32x3, in the launch configuration of a GPU with 99 KiB of shared memory a
+    block (one stage)."""
+    len_q, dim_k = q.shape[2:]
+    len_k, dim_v = k.shape[2], v.shape[3]
+    config = launch_config(len_q, len_k, dim_k, dim_v, 4, "tf32x3", shared_memory=99 * 1024)
+    return attention_two_pass(q, k, v, config=config, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1, 2, 17, 113, 100, 100), (1, 2, 1, 2, 33, 70, 130, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_tf32x3_on_gpus_with_less_shared_memory(shape):
+    check(small_shared_memory_tf32x3, *shape, dtype=torch.float32, mask=True, ragged=True)
 
 
 @pytest.mark.parametrize(
