@@ -199,18 +199,19 @@ def attention_plans() -> list:
     for (name, shape), (dtype, precision), extras in itertools.product(TWO_PASS_SHAPES.items(), DTYPES,
                                                                       (False, True)):
         itemsize = TORCH_DTYPES[dtype].itemsize
-        configs = [(two_pass_module.launch_config(*shape, itemsize, precision), "")]
-        if needs_large_shared_memory(two_pass_module, configs[0][0], shape, dtype, precision):
-            configs.append((two_pass_module.launch_config(*shape, itemsize, precision, SMALL_SHARED_MEMORY),
-                            " for 99 KiB of shared memory"))
-        for config, suffix in configs:
-            large = suffix == "" and len(configs) == 2
+        config = two_pass_module.launch_config(*shape, itemsize, precision)
+        configs = [(config, "", ARCHS, SHARED_LIMIT)]
+        if needs_large_shared_memory(two_pass_module, config, shape, dtype, precision):
+            small = two_pass_module.launch_config(*shape, itemsize, precision, SMALL_SHARED_MEMORY)
+            configs = [(config, "", ARCHS, LARGE_SHARED_LIMIT),
+                       (small, " for 99 KiB of shared memory", (80,), SHARED_LIMIT)]
+        for config, suffix, archs, limits in configs:
             plans.append((f"{dtype}/{precision} {name} mask+lengths={extras}{suffix}",
                           lambda shape=shape, dtype=dtype, extras=extras, config=config:
                           two_pass_module.attention_two_pass(*queries_keys_values(shape, dtype), scale=0.1,
                                                              config=config, sum_heads=extras, need_lse=not extras,
                                                              **(mask_and_lengths(*shape[:2]) if extras else {})),
-                          ARCHS if suffix == "" else (80,), LARGE_SHARED_LIMIT if large else SHARED_LIMIT))
+                          archs, limits))
     return plans
 
 
