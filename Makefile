@@ -69,25 +69,27 @@ test-device-versions: $(STAMP)
 		$(DEVICE_PYTEST) $(CURDIR)/tests/conformance
 
 # The whole suite with the oldest torch and triton that the `triton` extra allows (torch 2.9.1, triton 3.5.1;
-# numpy<2.4 for that interpreter), with the newest triton (3.9.0, beside the dev set-up's torch 2.13.0, and
-# the newest numpy), and with the newest torch that pip takes here (2.14.1) and the triton it pins (3.8.0),
-# what `pip install 'crossattn_gpu[triton]'` resolves to, each in a venv of its own: the kernels under each
-# one's interpreter and through each one's compiler (tests/kernels/test_triton_compile.py). Not part of
-# `make test`: torch 2.9.1 and 2.14.1 come as their CUDA builds (~3 GB each, a minute or two to install;
-# they run without a GPU).
+# numpy<2.4 for that interpreter), with PyPI's newest torch (2.15.0) and the triton it pins (3.9.0, the newest),
+# what `pip install 'crossattn_gpu[triton]'` resolves to from PyPI, and with torch 2.14.1 and its triton 3.8.0,
+# what it resolves to where pip is capped at 2.14.1 (as on the project's machines), each in a venv of its own
+# (the newest numpy but for the floor): the kernels under each one's interpreter and through each one's
+# compiler (tests/kernels/test_triton_compile.py). The installs pin exact releases, so a machine's pip
+# constraints (PIP_CONSTRAINT, its pip.conf's `constraint`) could only refuse them: they are set aside.
+# Not part of `make test`: each torch comes as its CUDA build (~3-5 GB, a minute or two to install; they
+# run without a GPU).
 define triton_suite
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install --quiet torch==$(2) triton==$(3) '$(4)' -e '.[dev,onnx]'
+	PIP_CONSTRAINT=/dev/null $(1)/bin/python -m pip install --quiet torch==$(2) triton==$(3) '$(4)' -e '.[dev,onnx]'
 	$(1)/bin/python -c 'import numpy, torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)'
 	$(1)/bin/python -m pytest -q -p no:cacheprovider
 endef
 TRITON_FLOOR := .venv-triton-floor
-TRITON_NEWEST := .venv-triton-newest
 TORCH_NEWEST := .venv-torch-newest
+TORCH_CAPPED := .venv-torch-capped
 test-triton-versions:
 	$(call triton_suite,$(TRITON_FLOOR),2.9.1,3.5.1,numpy<2.4)
-	$(call triton_suite,$(TRITON_NEWEST),2.13.0,3.9.0,numpy)
-	$(call triton_suite,$(TORCH_NEWEST),2.14.1,3.8.0,numpy)
+	$(call triton_suite,$(TORCH_NEWEST),2.15.0,3.9.0,numpy)
+	$(call triton_suite,$(TORCH_CAPPED),2.14.1,3.8.0,numpy)
 
 demo: $(STAMP)
 	$(VENV)/bin/crossattn-gpu demo
@@ -106,4 +108,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(NEWEST) $(DEVICE_VENV) $(TRITON_FLOOR) $(TRITON_NEWEST) $(TORCH_NEWEST) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(NEWEST) $(DEVICE_VENV) $(TRITON_FLOOR) $(TORCH_NEWEST) $(TORCH_CAPPED) build *.egg-info
