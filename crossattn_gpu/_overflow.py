@@ -42,12 +42,17 @@ LARGEST = {
 }
 
 #: The magnitude from which a value rounds to Inf in each dtype: its largest value plus half a unit in
-#: the last place there (round to nearest even; the largest value's last bit is odd, so the tie goes up).
+#: the last place there (round to nearest even; the largest value's last bit is odd, so the tie goes up),
+#: less half a unit of float32's there for the 16-bit dtypes. torch converts float64 to float16 and
+#: bfloat16 through float32, rounding twice (c10's Half and BFloat16 are built from a float, on a GPU
+#: too): float64 values from 65520 - 2**-9 round up to float32's 65520 and then to Inf (torch 2.13 on the
+#: CPU: 65519.999 became Inf, where NumPy's single rounding gives 65504). No float32 or 16-bit value lies
+#: in the half unit taken off, so inputs of those dtypes are judged as one rounding would judge them.
 _ROUNDS_TO_INF = {
     "float64": math.inf,
     "float32": 2.0**128 - 2.0**103,
-    "bfloat16": 2.0**128 - 2.0**119,
-    "float16": 65520.0,
+    "bfloat16": 2.0**128 - 2.0**119 - 2.0**103,
+    "float16": 65520.0 - 2.0**-9,
 }
 
 

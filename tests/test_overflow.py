@@ -149,6 +149,7 @@ def test_weights_that_overflow_the_scores_of_small_inputs_are_named_too(backend)
     with pytest.raises(OverflowError, match="reaching 1 in magnitude: .* scale the inputs or the weights down$"):
         model.fuse_representations(np.ones((3, 8)), np.ones((3, 8)))
 
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_an_input_past_the_compute_dtype_is_named_before_the_cast_hides_it():
     model = CrossAttention(8, 2, seed=0, backend="numpy", dtype="float32")
@@ -157,3 +158,57 @@ def test_an_input_past_the_compute_dtype_is_named_before_the_cast_hides_it():
     xt[2, 3] = -1e39  # float32 stops at 3.4e38: the cast would make it -Inf
     with pytest.raises(ValueError, match=r"structural_repr reaches 1e\+39 in magnitude, past float32"):
         model.fuse_representations(xs, xt)
+
+
+#: Magnitudes at the edge of each dtype: its largest value, then values about where float64 rounds to Inf
+#: in one rounding or in two (through float32, as torch converts to 16 bits).
+EDGES = {
+    "float32": [float(np.finfo(np.float32).max), float(np.nextafter(2.0**128 - 2.0**103, 0)), 2.0**128 - 2.0**103],
+    "float16": [65504.0, 65519.99609375, float(np.nextafter(65520.0 - 2.0**-9, 0)), 65520.0 - 2.0**-9,
+                float(np.nextafter(65520.0, 0)), 65520.0],
+    "bfloat16": [3.3895313892515355e38, 2.0**128 - 2.0**119 - 2.0**104, float(np.nextafter(2.0**128 - 2.0**119 - 2.0**103, 0)),
+                 2.0**128 - 2.0**119 - 2.0**103, 2.0**128 - 2.0**119],
+}
+
+
+def casts_to_inf(dtype: str) -> list:
+    """The conversions of a float64 value to ``dtype`` that backends make (NumPy's, in one rounding;
+    through float32, as torch does; torch's own where installed), each as value -> whether it gives Inf."""
+    def numpy_cast(*steps):
+        def cast(value):
+            x = np.array([value])
+            with np.errstate(over="ignore"):
+                for step in steps:
+                    x = x.astype(step)
+            return bool(np.isinf(x[0]))
+        return cast
+
+    casts = [] if dtype == "bfloat16" else [numpy_cast(dtype), numpy_cast(np.float32, dtype)]
+    try:
+        import torch
+    except ImportError:
+        return casts
+    return casts + [lambda value: bool(torch.isinf(torch.tensor(value, dtype=torch.float64).to(getattr(torch, dtype))))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_cast_check_refuses_exactly_the_values_that_a_cast_takes_to_inf(dtype):
+    """The check of the inputs, and that of the folded weights, refuse a magnitude exactly when a cast
+    that a backend makes to the dtype gives Inf, and pass the dtype's largest value."""
+    casts = casts_to_inf(dtype)
+    if not casts:
+        pytest.skip("bfloat16 casts need torch")
+    backend = NumpyBackend()
+    refused = []
+    for value in EDGES[dtype]:
+        arrays = {"sequential_repr": np.array([[-value]])}
+        if any(cast(value) for cast in casts):
+            refused.append(value)
+            with pytest.raises(ValueError, match=f"sequential_repr reaches .* past {dtype}'s largest value"):
+                _overflow.check_cast(arrays, value, dtype, backend)
+            with pytest.raises(ValueError, match=f"the folded weights .* past {dtype}'s largest value"):
+                _overflow.check_weights(FoldMagnitudes(1.0, 1.0, value), dtype)
+        else:
+            _overflow.check_cast(arrays, value, dtype, backend)
+            _overflow.check_weights(FoldMagnitudes(1.0, 1.0, value), dtype)
+    assert 0 < len(refused) < len(EDGES[dtype]) and EDGES[dtype][0] not in refused
