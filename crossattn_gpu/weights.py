@@ -185,8 +185,10 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     if len(blob) < 8:
         raise corrupt("shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > min(_MAX_HEADER_BYTES, len(blob) - 8):
+    if header_len > len(blob) - 8:
         raise corrupt(f"header length {header_len} exceeds the file")
+    if header_len > _MAX_HEADER_BYTES:
+        raise corrupt(f"header length {header_len} exceeds the {_MAX_HEADER_BYTES} bytes a weights header may take")
     try:
         header = json.loads(blob[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

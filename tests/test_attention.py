@@ -6,6 +6,7 @@ import pytest
 import reference
 from plans import whole_paths
 from crossattn_gpu import CrossAttention
+from crossattn_gpu.attention import _PLANS_KEPT
 
 RTOL64 = 1e-10
 
@@ -217,6 +218,29 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     assert_close(got["fused_sequential"], exact["fused_sequential"], rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+@pytest.mark.parametrize("dtypes,computed", [(("float32", "float64"), "float64"), (("float16", "float64"), "float64"),
+                                             (("float16", "float32"), "float32"), (("float64", "float16"), "float64")])
+def test_inputs_of_mixed_dtypes_are_computed_in_the_one_that_holds_both(backend, dtypes, computed):
+    """With the model's dtype following the inputs, a call computes in (and returns) the dtype that holds
+    every input's: the results those inputs converted to it give, never a narrower dtype's."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(9)
+    model = CrossAttention(16, 2, seed=0, backend=backend)
+    seq, struct = rand(rng, 2, 7, 16).astype(dtypes[0]), rand(rng, 2, 7, 16).astype(dtypes[1])
+    want = model.fuse_representations(seq.astype(computed), struct.astype(computed))
+    got = model.fuse_representations(seq, struct)
+    for key in ("fused_sequential", "fused_structural", "bidirectional_fusion", "seq_similarity"):
+        assert got[key].dtype == computed and np.array_equal(got[key], want[key]), key
+    values = struct.astype(dtypes[0])
+    out, probs = model.multi_head_attention(seq, struct, values, need_weights=True)
+    want_out, want_probs = model.multi_head_attention(seq.astype(computed), struct.astype(computed),
+                                                      values.astype(computed), need_weights=True)
+    assert out.dtype == computed and np.array_equal(out, want_out)
+    assert all(np.array_equal(p, w) for p, w in zip(probs, want_probs))
+
+
 def test_dtype_argument_casts_inputs_and_outputs():
     rng = np.random.default_rng(8)
     model = CrossAttention(8, 1, seed=0, dtype="float32", backend="numpy")
@@ -388,6 +412,19 @@ def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch
     for _ in range(2):
         model.fuse_representations(xs.tolist(), xt)
     assert len(whole) == count + 8
+
+    # A model keeps a bounded number of plans (each length below is a layout of its own: more of them
+    # than it keeps), and each call's results are its own.
+    kept = []
+    seq, struct = rand(rng, 2, _PLANS_KEPT + 3, 16), rand(rng, 2, _PLANS_KEPT + 3, 16)
+    for length in range(1, seq.shape[1] + 1):
+        xs, xt = np.ascontiguousarray(seq[:, :length]), np.ascontiguousarray(struct[:, :length])
+        got = model.fuse_representations(xs, xt, need_similarity=False)
+        kept.append(len(model._plans))
+        want = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend).fuse_representations(
+            xs, xt, need_similarity=False)
+        assert np.array_equal(got["bidirectional_fusion"], want["bidirectional_fusion"]), length
+    assert max(kept) == _PLANS_KEPT and kept[-1] < _PLANS_KEPT
 
 
 @pytest.mark.parametrize("method", ["multi_head_attention", "scaled_dot_product_attention"])

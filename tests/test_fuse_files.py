@@ -33,6 +33,8 @@ def test_batch_size_does_not_change_results():
     assert one.keys() == many.keys()
     for key in one:
         np.testing.assert_allclose(one[key], many[key], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        dict(fuse_collections(model, seq, struct, batch_size=0))
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])

@@ -171,6 +171,8 @@ FOUR = [np.ones((2, 4))] * 2
     (FOUR[:1], FOUR, {}, ValueError, "sequential holds 1 antibody and structural 2; each antibody needs an entry in both"),
     ({"a": FOUR[0], "b": FOUR[0]}, {"b": FOUR[0], "c": FOUR[0]}, {}, ValueError,
      "both sides must hold the same antibody ids: 1 only in sequential ('a'); 1 only in structural ('c')"),
+    ({f"id{i}": FOUR[0] for i in range(8)}, {"id0": FOUR[0]}, {}, ValueError,
+     "both sides must hold the same antibody ids: 7 only in sequential ('id1', 'id2', 'id3', 'id4', 'id5' and 2 more)"),
     ([np.ones(4)], FOUR[:1], {}, ValueError, "sequential[0] has shape (4,); each embedding must be an (L, D) array"),
     (FOUR, [FOUR[0], np.ones((0, 4))], {"bidirectional": False}, ValueError,
      "structural[1] is empty (shape (0, 4)); each embedding needs L >= 1"),

@@ -214,6 +214,27 @@ def test_files_saved_without_a_crc_still_load(tmp_path, model):
     assert all(np.array_equal(getattr(loaded, name), array) for name, array in weights.items())
 
 
+def test_a_header_longer_than_the_cap_is_refused_before_it_is_parsed(tmp_path, model, monkeypatch):
+    from crossattn_gpu import weights
+
+    path = tmp_path / "w.safetensors"
+    model.save(path)
+    (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+    monkeypatch.setattr(weights, "_MAX_HEADER_BYTES", header_len - 1)
+    with pytest.raises(ValueError, match=f"header length {header_len} exceeds the {header_len - 1} bytes a weights header"):
+        CrossAttention.load(path)
+
+
+def test_saved_safetensors_data_is_8_byte_aligned(tmp_path):
+    """The header is padded with spaces so that the data starts 8-byte aligned (float64 arrays read in
+    place), whatever the metadata's length."""
+    for width in (1, 2, 3, 5, 8):
+        path = tmp_path / f"w{width}.safetensors"
+        CrossAttention(width, 1, seed=0).save(path)
+        (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+        assert (8 + header_len) % 8 == 0, width
+
+
 def test_header_with_wrong_dtype_or_offsets(tmp_path):
     write_safetensors(tmp_path / "a.safetensors", {"query_weights": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
     with pytest.raises(ValueError, match="dtype I32"):
@@ -239,6 +260,7 @@ def test_header_with_wrong_dtype_or_offsets(tmp_path):
     ([2], [0, "1e999"], "as integers"),  # json reads 1e999 as infinity, which int() cannot convert
     ([2], [0, 8, 16], "as integers"),
     ([2**32, 2**32], [0, 0], r"inconsistent shape \[4294967296, 4294967296\]"),  # 2**64 elements, 0 in int64
+    ([-2, -4], [0, 32], r"inconsistent shape \[-2, -4\]"),  # a count that matches the data, from negative sizes
 ])
 def test_shapes_and_offsets_must_be_exact_integers(tmp_path, shape, offsets, message):
     path = tmp_path / "w.safetensors"

@@ -68,6 +68,20 @@ def test_a_fully_masked_row_is_uniform(setup):
         check_same(head[2], np.full(6, 1 / 6), dtype, "fully masked row")
 
 
+def test_only_a_masks_zeros_mask(setup):
+    """The seed's ``mask == 0``: any other value, negative, fractional or large, keeps its position, as
+    True does in a boolean mask (integer masks likewise)."""
+    model, dtype = setup
+    s, t = to_backend(inputs(2, 5, D), dtype), to_backend(inputs(2, 6, D, seed=1), dtype)
+    values = np.random.default_rng(7).choice([0.0, -1.0, 0.5, -0.25, 3.0, 1.0], size=(2, 5, 6))
+    values[0, 1] = 0.0  # a fully masked row too
+    want = model.fuse_representations(s, t, mask=values != 0, bidirectional=False)
+    for mask in (values, (4 * values).astype(np.int8)):
+        got = model.fuse_representations(s, t, mask=mask, bidirectional=False)
+        for key in ("fused_sequential", "fused_structural"):
+            check_same(to_numpy(got[key]), to_numpy(want[key]), dtype, f"{mask.dtype} mask: {key}")
+
+
 def test_a_ragged_batch_equals_its_examples_unpadded(setup):
     model, dtype = setup
     s, t = inputs(3, 9, D), inputs(3, 7, D, seed=1)

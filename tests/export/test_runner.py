@@ -38,6 +38,8 @@ def fusion(exported):
         ((np.ones((1, 3, 8), dtype=int), np.ones((1, 3, 8))), {}, TypeError, "sequential_repr must be floating point"),
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [4]}, ValueError, "must lie in 1..3"),
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"sequential_lengths": [1.5]}, TypeError, "integer array"),
+        ((np.ones((2, 3, 8)), np.ones((2, 3, 8))), {"sequential_lengths": [3, 2], "structural_lengths": [3, 3]}, ValueError,
+         "needs equal sequential and structural lengths per example; example 1 has 2 and 3"),
         ((np.ones((1, 3, 8)), np.ones((1, 3, 8))), {"mask": np.ones((3, 3))}, TypeError, "unknown input"),
         ((np.ones((1, 0, 8)), np.ones((1, 3, 8))), {}, ValueError, "sequential_repr has an empty axis L"),
         ((np.ones((1, 3, 8)), np.full((1, 3, 8), np.nan)), {}, ValueError, "structural_repr contains NaN"),
@@ -363,16 +365,17 @@ def test_masks_broadcast_as_the_front_end_takes_them(tmp_path):
     rng = np.random.default_rng(0)
     xs, xt = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
     for mask in (np.tri(5, dtype=bool), np.tri(5), (rng.random((2, 1, 5)) > 0.3).astype(np.int8),
-                 rng.random((1, 5, 1)) > 0.3, np.ones(5, dtype=np.float32)):
+                 rng.random((1, 5, 1)) > 0.3, np.ones(5, dtype=np.float32), None):  # None: nothing masked
         want = model.fuse_representations(xs, xt, mask=mask, need_similarity=False)
         got = fusion(xs, xt, mask=mask)
         for key in ("fused_sequential", "fused_structural"):
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{mask.shape} {key}")
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{np.shape(mask)} {key}")
     for mask, message in ((np.ones((3, 5, 5), bool), r"mask of shape \(3, 5, 5\) does not broadcast to \(2, 5, 5\)"),
                           (np.ones((1, 2, 5, 5), bool), "mask has rank 4"),
                           (np.full((5, 5), np.nan), "mask contains NaN")):
         with pytest.raises(ValueError, match=message):
             fusion(xs, xt, mask=mask)
+
 
 def test_sliced_runs_equal_one_run(tmp_path, monkeypatch):
     from crossattn_gpu.export import runner

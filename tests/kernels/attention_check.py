@@ -32,7 +32,8 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
     outputs, the heads' sum and the lse (where the launcher returns one); float32 within 1e-5, 16-bit
     within twice plain torch.
     ``ragged``: key lengths (one example's 1) and query lengths (another's 1), whose padded rows must
-    come out zero."""
+    come out zero; the launcher's keys and values hold NaN past the key lengths, which it must never
+    read (the reference and the yardstick take finite ones)."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, heads, len_q, dim_k))
     k = rng.standard_normal((batch, heads_k, len_k, dim_k))
@@ -65,13 +66,17 @@ def check(attention, batch, heads, heads_k, heads_v, len_q, len_k, dim_k, dim_v,
         t_lengths = dict(k_lengths=t_lengths, q_lengths=torch.tensor(q_lengths, device=DEVICE))
     else:
         t_lengths = dict(k_lengths=t_lengths)
-    out, lse = attention(tq, tk, tv, scale=scale, masked=t_masked, **t_lengths)
+    kernel_k, kernel_v = tk, tv
+    if ragged:
+        past = torch.tensor(np.arange(len_k)[None, :] >= lengths[:, None], device=DEVICE)[:, None, :, None]
+        kernel_k, kernel_v = tk.masked_fill(past, float("nan")), tv.masked_fill(past, float("nan"))
+    out, lse = attention(tq, kernel_k, kernel_v, scale=scale, masked=t_masked, **t_lengths)
     assert out.dtype == dtype and out.shape == (batch, heads, len_q, dim_v)
     got = out.double().cpu().numpy()
     assert np.isfinite(got).all()
     err = np.abs(got - want).max() / np.abs(want).max()
     # The heads' sum, as the fusion asks for it (in registers when Dv fits one chunk).
-    summed, summed_lse = attention(tq, tk, tv, scale=scale, masked=t_masked, sum_heads=True, **t_lengths)
+    summed, summed_lse = attention(tq, kernel_k, kernel_v, scale=scale, masked=t_masked, sum_heads=True, **t_lengths)
     assert summed.dtype == dtype and summed.shape == (batch, len_q, dim_v)
     live_lse = np.repeat(live[:, None, :], heads, axis=1)  # the lse of padded queries is undefined
     if lse is not None:

@@ -18,8 +18,10 @@ if not interpreter_mode() and not torch.cuda.is_available():
 
 DEVICE = "cpu" if interpreter_mode() else "cuda"
 
-#: (M, K, N): one element, odd sizes that fill no tile, K past one block, full tiles (the EVEN paths).
-SHAPES = [(1, 1, 1), (3, 17, 5), (113, 130, 17), (257, 40, 300), (128, 64, 128), (130, 1280, 36)]
+#: (M, K, N): one element, odd sizes that fill no tile, K past one block, full tiles (the EVEN paths), and
+#: full tiles on two of the three axes (each EVEN flag alone decides a load or the store).
+SHAPES = [(1, 1, 1), (3, 17, 5), (113, 130, 17), (257, 40, 300), (128, 64, 128), (130, 1280, 36), (128, 40, 64),
+          (128, 64, 36), (100, 64, 64)]
 
 
 def relative_error(got, want) -> float:
