@@ -41,11 +41,15 @@ def _cgroup_room() -> int | None:
     return None
 
 
+#: The kernel's memory figures (Linux).
+MEMINFO = "/proc/meminfo"
+
+
 def available_bytes() -> int | None:
     """Memory this process can still take: ``MemAvailable`` plus free swap from /proc/meminfo, and no
     more than the room under a cgroup limit. None where there is no /proc/meminfo (not Linux)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         kib = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
     except (OSError, KeyError, ValueError):

@@ -51,6 +51,19 @@ def test_info_lists_backends_and_versions(capsys):
         assert f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}\n" in out
 
 
+def test_fuse_without_weights_draws_them_from_seed_and_heads(tmp_path, capsys):
+    seq = write_collection(tmp_path / "seq.npz", [5, 3], 8, seed=1)
+    struct = write_collection(tmp_path / "struct.npz", [5, 3], 8, seed=2)
+    assert main(["fuse", "--seq", str(tmp_path / "seq.npz"), "--struct", str(tmp_path / "struct.npz"), "--out",
+                 str(tmp_path / "out.npz"), "--seed", "7", "--heads", "3", "--backend", "numpy", "--quiet"]) == 0
+    assert "using random weights (seed 7, D=8, H=3)" in capsys.readouterr().err
+    model = CrossAttention(8, 3, seed=7, backend="numpy")
+    with np.load(tmp_path / "out.npz") as out:
+        for key in seq:
+            want = model.fuse_representations(seq[key], struct[key], need_weights=False, need_similarity=False)
+            np.testing.assert_allclose(out[f"{key}/bidirectional_fusion"], want["bidirectional_fusion"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3"), ("auto", "ieee")])
 def test_fuse_matches_single_example_results(tmp_path, capsys, backend, precision):
     choice = [] if backend == "auto" else ["--backend", backend]

@@ -23,6 +23,12 @@ def test_outputs_past_the_memory_available_are_refused_with_their_sizes(monkeypa
                                           r"more than the 3.00 GiB of memory available; pass less"):
         _memory.check_outputs_fit(elements, "float32", "pass less")
     _memory.check_outputs_fit(elements, "float16", "pass less")  # 2 GiB: fits
+    total = 2 * (1000 + (1 << 30))
+    monkeypatch.setattr(_memory, "available_bytes", lambda: total)  # just fits
+    _memory.check_outputs_fit(elements, "float16", "pass less")
+    monkeypatch.setattr(_memory, "available_bytes", lambda: total - 1)
+    with pytest.raises(MemoryError, match="float16"):
+        _memory.check_outputs_fit(elements, "float16", "pass less")
     monkeypatch.setattr(_memory, "available_bytes", lambda: None)  # unknown (not Linux): not refused
     _memory.check_outputs_fit(elements, "float64", "pass less")
 
@@ -37,6 +43,25 @@ def test_available_memory_is_read_and_capped_by_a_cgroup_limit(tmp_path, monkeyp
     monkeypatch.setattr(_memory, "CGROUP_FILES", ((str(tmp_path / "unlimited"), str(tmp_path / "current")),
                                                   (str(tmp_path / "max"), str(tmp_path / "current"))))
     assert _memory.available_bytes() == min(available, 3 << 28)  # 1 GiB limit, 256 MiB used
+    (tmp_path / "over").write_text("1073741825\n")  # usage past the limit (reclaim pending): no room, not less
+    monkeypatch.setattr(_memory, "CGROUP_FILES", ((str(tmp_path / "max"), str(tmp_path / "over")),))
+    assert _memory.available_bytes() == 0
+
+
+def test_available_memory_counts_free_swap_and_no_cgroup_limit(tmp_path, monkeypatch):
+    (tmp_path / "meminfo").write_text("MemTotal:       2048000 kB\nMemAvailable:    1000 kB\nSwapFree:         500 kB\n")
+    monkeypatch.setattr(_memory, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(_memory, "CGROUP_FILES", ())
+    assert _memory.available_bytes() == 1500 * 1024
+    (tmp_path / "v1-none").write_text("9223372036854771712\n")  # cgroup v1's "no limit": ~2**63
+    (tmp_path / "current").write_text("268435456\n")
+    monkeypatch.setattr(_memory, "CGROUP_FILES", ((str(tmp_path / "v1-none"), str(tmp_path / "current")),))
+    assert _memory.available_bytes() == 1500 * 1024
+    monkeypatch.setattr(_memory, "CGROUP_FILES", ())
+    (tmp_path / "meminfo").write_text("MemAvailable:    1000 kB\n")  # no swap line: none
+    assert _memory.available_bytes() == 1000 * 1024
+    monkeypatch.setattr(_memory, "MEMINFO", str(tmp_path / "absent"))  # not Linux: unknown
+    assert _memory.available_bytes() is None
 
 
 @pytest.fixture

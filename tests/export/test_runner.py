@@ -196,11 +196,18 @@ def _rename_metadata_key(model, key, new_key):
     next(prop for prop in model.metadata_props if prop.key == key).key = new_key
 
 
+def _reverse_a_weights_dims(model):
+    """The same bytes read as another shape: (D, 2*H*D) as (2*H*D, D)."""
+    tensor = next(t for t in model.graph.initializer if t.name == "folded_query_weights")
+    tensor.dims[:] = list(reversed(tensor.dims))
+
+
 @pytest.mark.parametrize("edit", [
     _flip_a_weight_bit,
     lambda model: _set_metadata(model, "attention_heads", "3"),
     lambda model: _rename_metadata_key(model, "crossattn_gpu_version", "crossattn_gpu_versioN"),
     lambda model: setattr(model, "producer_name", "crossattn_gpU"),
+    _reverse_a_weights_dims,
 ])
 def test_a_model_that_differs_from_its_digest_is_named_damaged(tmp_path, exported, edit):
     model = onnx.load(exported)
@@ -209,6 +216,20 @@ def test_a_model_that_differs_from_its_digest_is_named_damaged(tmp_path, exporte
     with pytest.raises(ValueError, match="edited.onnx is damaged: what it holds does not match the model_sha256 "
                                          "digest stored when it was exported; export it again"):
         OnnxFusion(tmp_path / "edited.onnx")
+
+
+def test_the_digest_frames_each_value_so_that_a_split_elsewhere_differs():
+    """Two serialised messages of one type, back to back, are one message's bytes ({key} then {value}
+    read as {key, value}); the digest takes each repeated value's length too, so such models differ."""
+    from crossattn_gpu.export.integrity import model_digest
+
+    split, whole = onnx.ModelProto(), onnx.ModelProto()
+    split.metadata_props.add().key = "a"
+    split.metadata_props.add().value = "b"
+    entry = whole.metadata_props.add()
+    entry.key, entry.value = "a", "b"
+    assert b"".join(p.SerializeToString() for p in split.metadata_props) == entry.SerializeToString()
+    assert model_digest(split) != model_digest(whole)
 
 
 def test_models_without_a_digest_still_load(tmp_path, exported):
@@ -273,7 +294,7 @@ def with_external_weight(tmp_path, location: str):
 
 
 @pytest.mark.parametrize("location,message", [("../outside.bin", "leaves the model's folder"), ("/etc/passwd", "must be a relative path"),
-                                              ("sub/../../x.bin", "leaves the model's folder")])
+                                              ("sub/../../x.bin", "leaves the model's folder"), ("", "must be a relative path")])
 def test_external_data_outside_the_folder_is_refused(tmp_path, location, message):
     with pytest.raises(ValueError, match=message):
         OnnxFusion(with_external_weight(tmp_path, location))
