@@ -41,6 +41,17 @@ def test_backend_name_and_auto_choice():
     assert CrossAttention(8, 1).backend != "triton" or ON_GPU  # auto never picks the interpreter
 
 
+@pytest.mark.skipif(ON_GPU, reason="a GPU computes bfloat16")
+def test_a_dtype_the_backend_lacks_is_named_before_any_work():
+    """Triton's interpreter does no bfloat16 arithmetic, so the backend there offers no bfloat16."""
+    _, tri = models(8, 1)
+    x = torch.ones((2, 3, 8), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="backend 'triton' supports dtypes float64, float32, float16; got bfloat16"):
+        tri.fuse_representations(x, x)
+    with pytest.raises(ValueError, match="backend 'triton' supports dtypes float64, float32, float16; got 'bfloat16'"):
+        models(8, 1, dtype="bfloat16")
+
+
 @pytest.mark.parametrize("length_s,length_t,width,heads", [(10, 10, 64, 2), (1, 1, 1, 1), (3, 17, 8, 3), (113, 5, 24, 1), (17, 17, 100, 2)])
 def test_fuse_2d_numpy_in_numpy_out(length_s, length_t, width, heads):
     rng = np.random.default_rng(0)
