@@ -61,7 +61,8 @@ def test_fuse_without_weights_draws_them_from_seed_and_heads(tmp_path, capsys):
     with np.load(tmp_path / "out.npz") as out:
         for key in seq:
             want = model.fuse_representations(seq[key], struct[key], need_weights=False, need_similarity=False)
-            np.testing.assert_allclose(out[f"{key}/bidirectional_fusion"], want["bidirectional_fusion"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out[f"{key}/bidirectional_fusion"], want["bidirectional_fusion"],
+                                       rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,precision", [("numpy", "ieee"), ("triton", "tf32x3"), ("auto", "ieee")])

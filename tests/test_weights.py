@@ -221,7 +221,8 @@ def test_a_header_longer_than_the_cap_is_refused_before_it_is_parsed(tmp_path, m
     model.save(path)
     (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
     monkeypatch.setattr(weights, "_MAX_HEADER_BYTES", header_len - 1)
-    with pytest.raises(ValueError, match=f"header length {header_len} exceeds the {header_len - 1} bytes a weights header"):
+    message = f"header length {header_len} exceeds the {header_len - 1} bytes a weights header may take"
+    with pytest.raises(ValueError, match=message):
         CrossAttention.load(path)
 
 

@@ -689,7 +689,8 @@ def test_repeated_fusions_keep_what_their_first_call_settled(monkeypatch):
     # A model keeps a bounded number of plans (each length below is a layout of its own: more of them
     # than it keeps), and each call's results are its own.
     kept = []
-    seq, struct = rng.standard_normal((2, front_end._PLANS_KEPT + 3, 16)), rng.standard_normal((2, front_end._PLANS_KEPT + 3, 16))
+    longest = front_end._PLANS_KEPT + 3
+    seq, struct = rng.standard_normal((2, longest, 16)), rng.standard_normal((2, longest, 16))
     for length in range(1, seq.shape[1] + 1):
         xs, xt = device(seq[:, :length], struct[:, :length])
         got = tri.fuse_representations(xs, xt, need_similarity=False)

@@ -293,8 +293,10 @@ def with_external_weight(tmp_path, location: str):
     return path
 
 
-@pytest.mark.parametrize("location,message", [("../outside.bin", "leaves the model's folder"), ("/etc/passwd", "must be a relative path"),
-                                              ("sub/../../x.bin", "leaves the model's folder"), ("", "must be a relative path")])
+@pytest.mark.parametrize("location,message", [("../outside.bin", "leaves the model's folder"),
+                                              ("/etc/passwd", "must be a relative path"),
+                                              ("sub/../../x.bin", "leaves the model's folder"),
+                                              ("", "must be a relative path")])
 def test_external_data_outside_the_folder_is_refused(tmp_path, location, message):
     with pytest.raises(ValueError, match=message):
         OnnxFusion(with_external_weight(tmp_path, location))
