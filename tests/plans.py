@@ -7,3 +7,19 @@ def whole_paths(monkeypatch, model) -> list:
     batch = model._batch
     monkeypatch.setattr(model, "_batch", lambda *a, **k: whole.append(1) or batch(*a, **k))
     return whole
+
+
+def fuse_more_layouts_than_kept(model, seq, struct, inputs, check) -> None:
+    """Fuse (B, L, D) ``seq`` and ``struct`` (NumPy, longer than the plans a model keeps) cut to every
+    length 1..L, each a layout of its own, as ``inputs(seq_cut, struct_cut)`` gives them to ``model``; each
+    result goes to ``check(result, seq_cut, struct_cut)``. The model keeps at most ``_PLANS_KEPT`` plans,
+    and starts the set anew past them."""
+    from crossattn_gpu.attention import _PLANS_KEPT
+
+    assert seq.shape[1] > _PLANS_KEPT
+    kept = []
+    for length in range(1, seq.shape[1] + 1):
+        cut = seq[:, :length], struct[:, :length]
+        check(model.fuse_representations(*inputs(*cut), need_similarity=False), *cut)
+        kept.append(len(model._plans))
+    assert max(kept) == _PLANS_KEPT and kept[-1] < _PLANS_KEPT

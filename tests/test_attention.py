@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import reference
-from plans import whole_paths
+from plans import fuse_more_layouts_than_kept, whole_paths
 from crossattn_gpu import CrossAttention
 from crossattn_gpu.attention import _PLANS_KEPT
 
@@ -413,18 +413,17 @@ def test_repeated_fusions_of_a_layout_skip_its_checks_not_the_values(monkeypatch
         model.fuse_representations(xs.tolist(), xt)
     assert len(whole) == count + 8
 
-    # A model keeps a bounded number of plans (each length below is a layout of its own: more of them
-    # than it keeps), and each call's results are its own.
-    kept = []
-    seq, struct = rand(rng, 2, _PLANS_KEPT + 3, 16), rand(rng, 2, _PLANS_KEPT + 3, 16)
-    for length in range(1, seq.shape[1] + 1):
-        xs, xt = np.ascontiguousarray(seq[:, :length]), np.ascontiguousarray(struct[:, :length])
-        got = model.fuse_representations(xs, xt, need_similarity=False)
-        kept.append(len(model._plans))
+    # A model keeps a bounded number of plans, and each call's results are its own.
+    def contiguous(xs, xt):
+        return np.ascontiguousarray(xs), np.ascontiguousarray(xt)
+
+    def same_as_a_fresh_model(got, xs, xt):
         want = CrossAttention.from_weights(**model.get_attention_weights(), backend=backend).fuse_representations(
-            xs, xt, need_similarity=False)
-        assert np.array_equal(got["bidirectional_fusion"], want["bidirectional_fusion"]), length
-    assert max(kept) == _PLANS_KEPT and kept[-1] < _PLANS_KEPT
+            *contiguous(xs, xt), need_similarity=False)
+        assert np.array_equal(got["bidirectional_fusion"], want["bidirectional_fusion"]), xs.shape
+
+    fuse_more_layouts_than_kept(model, rand(rng, 2, _PLANS_KEPT + 3, 16), rand(rng, 2, _PLANS_KEPT + 3, 16),
+                                contiguous, same_as_a_fresh_model)
 
 
 @pytest.mark.parametrize("method", ["multi_head_attention", "scaled_dot_product_attention"])
