@@ -26,10 +26,25 @@ def test_parallel_and_serial_results_are_identical(monkeypatch):
         np.testing.assert_array_equal(parallel[key], serial[key])
 
 
-def test_worker_errors_propagate_and_blas_threads_are_restored(monkeypatch):
+def _blas_threads(threadpoolctl) -> list[int]:
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+@pytest.fixture
+def two_blas_threads():
+    """BLAS on 2 threads during the test, whatever an earlier test left (a limit of 1 left by a bug would
+    otherwise be what a test finds before its call and again after it)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads(threadpoolctl)
+        assert before and set(before) == {2}
+        yield before
+
+
+def test_worker_errors_propagate_and_blas_threads_are_restored(monkeypatch, two_blas_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
-    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    before = two_blas_threads
 
     def work(chunk):
         if chunk == 3:
@@ -37,8 +52,7 @@ def test_worker_errors_propagate_and_blas_threads_are_restored(monkeypatch):
 
     with pytest.raises(ValueError, match="chunk 3 failed"):
         _threads.run_in_parallel(work, list(range(5)))
-    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    assert before == after
+    assert _blas_threads(threadpoolctl) == before
 
 
 @pytest.mark.parametrize("setting,raised", [("raise", FloatingPointError), ("ignore", None)])
@@ -67,6 +81,16 @@ def test_every_chunk_runs_once():
     assert sorted(done) == list(range(20))
 
 
+@pytest.mark.parametrize("cores,chunks", [(1, 3), (2, 1)])
+def test_one_core_or_one_chunk_runs_in_the_calling_thread(monkeypatch, cores, chunks):
+    """No hand-off to a worker where nothing would run beside it."""
+    monkeypatch.setattr(_threads, "cpu_count", lambda: cores)
+    assert _threads.parallel_available() is (cores > 1 and _threads._blas_controller() is not None)
+    callers = set()
+    _threads.run_in_parallel(lambda chunk: callers.add(threading.get_ident()), list(range(chunks)))
+    assert callers == {threading.get_ident()}
+
+
 def test_nested_calls_run_inside_the_worker(monkeypatch):
     """A chunk that runs chunks of its own runs them in its own thread: no worker waits on the pool."""
     pytest.importorskip("threadpoolctl")
@@ -82,16 +106,12 @@ def test_nested_calls_run_inside_the_worker(monkeypatch):
     assert sorted(seen) == [(c, i, True) for c in range(6) for i in range(3)]
 
 
-def _blas_threads(threadpoolctl) -> list[int]:
-    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-
-
-def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch):
+def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch, two_blas_threads):
     """threadpoolctl 3.8 ignored limits set from any thread but the first to set one: calls from a
     second thread ran their workers on a BLAS with every core's threads."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
-    before = _blas_threads(threadpoolctl)
+    before = two_blas_threads
     seen = {}
 
     def call(caller):
@@ -108,7 +128,7 @@ def test_workers_run_a_single_threaded_blas_whichever_thread_calls(monkeypatch):
     assert _blas_threads(threadpoolctl) == before
 
 
-def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_blas(monkeypatch):
+def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_blas(monkeypatch, two_blas_threads):
     """Each call once took a limit of its own: the first to finish lifted it under the others' workers,
     and the last restored the limit it had found (1 thread) for good."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -117,7 +137,8 @@ def test_overlapping_calls_from_threads_give_a_lone_calls_results_and_restore_bl
     model = CrossAttention(64, 4, seed=0, backend="numpy")
     seq, struct = rng.standard_normal((32, 96, 64), np.float32), rng.standard_normal((32, 96, 64), np.float32)
     alone = model.fuse_representations(seq, struct)["bidirectional_fusion"]
-    before = _blas_threads(threadpoolctl)
+    before = two_blas_threads
+    assert _blas_threads(threadpoolctl) == before
     for result in overlapping_results(lambda: model.fuse_representations(seq, struct)["bidirectional_fusion"]):
         np.testing.assert_array_equal(result, alone)
     assert _blas_threads(threadpoolctl) == before
@@ -168,6 +189,8 @@ def test_after_a_chunk_fails_no_other_chunk_starts_or_is_still_running(monkeypat
     ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota
     ({"cfs_quota_us": "50000\n", "cfs_period_us": "100000\n"}, 1),  # v1
     ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),  # v1 without a quota
+    ({"cfs_quota_us": "50000\n", "cfs_period_us": "0\n"}, None),  # a period of 0: no quota, not a division by 0
+    ({"cpu.max": "0 100000\n", "cfs_quota_us": "250000\n", "cfs_period_us": "100000\n"}, 3),  # v2's 0: v1's
     ({}, None),  # no cgroup files
 ])
 def test_a_cgroup_cpu_quota_caps_the_workers(tmp_path, monkeypatch, files, quota):

@@ -172,6 +172,21 @@ def test_metadata_records_the_model(tmp_path, model):
             np.testing.assert_array_equal(stored[name][0, h], block.astype(np.float32))
 
 
+@pytest.mark.parametrize("opset", [graph.ATTENTION_OPSET - 1, graph.ATTENTION_OPSET])
+def test_metadata_names_the_flavour_and_the_options(opset):
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"this onnx release predates opset {opset}")
+    built = build_fusion_model(CrossAttention(8, 2, seed=0).get_attention_weights(), opset=opset, mask=True,
+                               bidirectional=False)
+    meta = {entry.key: entry.value for entry in built.metadata_props}
+    flavour = "Attention operator" if opset >= graph.ATTENTION_OPSET else "MatMul/Softmax decomposition"
+    assert meta["flavour"] == flavour and built.opset_import[0].version == opset
+    options = ("graph", "lengths", "mask", "similarity", "attention_weights", "bidirectional")
+    assert {key: meta[key] for key in options} == {"graph": "fusion", "lengths": "true", "mask": "true",
+                                                   "similarity": "false", "attention_weights": "false",
+                                                   "bidirectional": "false"}
+
+
 @pytest.mark.parametrize("width", [graph.BATCHED_HEADS_MAX_WIDTH, graph.BATCHED_HEADS_MAX_WIDTH + 1])
 def test_both_projection_layouts_compute_the_fusion(width):
     """Heads up to BATCHED_HEADS_MAX_WIDTH wide take (1, H, D, D) weights, wider ones (D, H*D): both
@@ -205,8 +220,10 @@ def test_bidirectional_output_refuses_unequal_lengths(tmp_path, model):
 def test_bad_options(tmp_path, model):
     with pytest.raises(ValueError, match="dtype must be 'float64', 'float32' or 'float16'"):
         to_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")
-    with pytest.raises(ValueError, match="opset must be an integer from 14"):
-        to_onnx(model, tmp_path / "m.onnx", opset=12)
+    newest = onnx.defs.onnx_opset_version()
+    for opset in (12, newest + 1, 17.0, "17"):
+        with pytest.raises(ValueError, match=f"opset must be an integer from 14 to {newest}; got {opset!r}"):
+            to_onnx(model, tmp_path / "m.onnx", opset=opset)
     for flag in ("lengths", "mask", "similarity", "attention_weights", "bidirectional"):  # bool("no") would be True
         with pytest.raises(TypeError, match=f"^{flag} must be True or False; got 'no'"):
             to_onnx(model, tmp_path / "m.onnx", **{flag: "no"})
@@ -276,6 +293,20 @@ def test_large_weights_go_to_an_external_data_file(tmp_path, model, monkeypatch)
     got = OnnxFusion(path)(xs, xt)
     want = model.fuse_representations(xs, xt)
     assert rel_err(got["bidirectional_fusion"], want["bidirectional_fusion"]) < 1e-5
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_weights_of_exactly_external_data_bytes_stay_inside(tmp_path, model, monkeypatch, over):
+    from crossattn_gpu.export import onnx_export
+
+    built = build_fusion_model(model.get_attention_weights())
+    weights = sum(len(t.raw_data) for t in built.graph.initializer)  # the folded blocks and the constants
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", weights - over)
+    path = to_onnx(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").exists() is over
+    stored = onnx.load(str(path), load_external_data=False)
+    outside = {t.name for t in stored.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert outside == ({"folded_query_weights", "folded_value_weights"} if over else set())
 
 
 def _flip_first_bit(path):

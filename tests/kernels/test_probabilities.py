@@ -111,3 +111,24 @@ def test_bad_arguments_raise():
         probabilities(q, k, scale=1.0, masked=torch.zeros(1, 3, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError):
         probabilities(q, k, scale=1.0, k_lengths=torch.tensor([6], device=DEVICE))
+
+
+def test_batch_chunks_bound_the_scratch_and_change_nothing(monkeypatch):
+    """A batch whose scores pass ``attention_two_pass.SCRATCH_BYTES`` is computed a chunk of examples at a
+    time, each chunk with its own examples' mask and lengths."""
+    from crossattn_gpu.kernels import attention_two_pass as two_pass
+
+    rng = np.random.default_rng(4)
+    q, k = drawn((5, 2, 17, 24), torch.float32, rng), drawn((5, 1, 33, 24), torch.float32, rng)
+    masked = torch.tensor(rng.random((5, 17, 33)) < 0.3, device=DEVICE)
+    kwargs = dict(scale=0.2, masked=masked, k_lengths=torch.tensor([33, 1, 20, 7, 33], device=DEVICE),
+                  q_lengths=torch.tensor([17, 3, 1, 17, 9], device=DEVICE))
+    whole = probabilities(q, k, **kwargs)
+    cfg = two_pass.launch_config(17, 33, 24, 24, 4, "ieee")
+    rows, cols = -(-17 // cfg["BLOCK_M"]) * cfg["BLOCK_M"], -(-33 // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    monkeypatch.setattr(two_pass, "SCRATCH_BYTES", 2 * 2 * rows * cols * 4)  # chunks of 2, 2 and 1 examples
+    assert torch.equal(probabilities(q, k, **kwargs), whole)
+    for b in range(5):  # and each example is its own, as computed alone
+        alone = probabilities(q[b : b + 1], k[b : b + 1], scale=0.2, masked=masked[b : b + 1],
+                              k_lengths=kwargs["k_lengths"][b : b + 1], q_lengths=kwargs["q_lengths"][b : b + 1])
+        assert torch.equal(whole[b : b + 1], alone), b

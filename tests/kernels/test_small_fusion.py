@@ -332,8 +332,9 @@ def test_bad_arguments_name_the_problem():
         small_fusion(xs[:1], xt, w, heads=2)
     with pytest.raises(ValueError, match=r"weights must be \(D, 2 x heads x D\) = \(4, 24\) for 3 heads"):
         small_fusion(xs, xt, w, heads=3)
-    with pytest.raises(ValueError, match=r"weights must be"):
-        small_fusion(xs, xt, w, heads=0)
+    for weights in (w, w[:, :0]):  # no heads, even with weights of that shape
+        with pytest.raises(ValueError, match=r"weights must be"):
+            small_fusion(xs, xt, weights, heads=0)
     with pytest.raises(ValueError, match=r"Lt = 17, D = 4 pass what one program holds in float32 \(L <= 16"):
         small_fusion(xs, torch.zeros(2, 17, 4, device=DEVICE), w, heads=2)
     with pytest.raises(ValueError, match=r"Ls = 33, Lt = 5, D = 4 pass what one program holds in float16 with the "

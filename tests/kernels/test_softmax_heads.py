@@ -40,7 +40,8 @@ def check(scores: torch.Tensor, scale: float, out_dtype) -> None:
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch,len_q,heads,len_k", [(1, 1, 1, 1), (2, 3, 3, 17), (1, 2, 8, 256), (2, 1, 5, 113),
-                                                      (1, 2, 16, 257), (3, 2, 2, 3), (1, 1, 1, 1024)])
+                                                      (1, 2, 16, 257), (3, 2, 2, 3), (1, 1, 1, 1024),
+                                                      (2, 3, 3, 16), (1, 2, 5, 64)])  # whole keys, padded heads
 def test_matches_float64(batch, len_q, heads, len_k, out_dtype):
     gen = torch.Generator().manual_seed(batch * 1000 + len_k)
     scores = (torch.randn(batch, len_q, heads, len_k, generator=gen) * 4).to(DEVICE)
@@ -104,8 +105,9 @@ def test_bad_arguments_name_the_problem():
         softmax_heads(good[0])
     with pytest.raises(TypeError, match="out_dtype must be"):
         softmax_heads(good, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="at least one head and one key"):
-        softmax_heads(torch.zeros(1, 2, 3, 0, device=DEVICE))
+    for shape in [(1, 2, 3, 0), (1, 2, 0, 4)]:
+        with pytest.raises(ValueError, match="at least one head and one key"):
+            softmax_heads(torch.zeros(shape, device=DEVICE))
     with pytest.raises(ValueError, match="17 heads x 1024 keys pass"):
         softmax_heads(torch.zeros(1, 1, 17, 1024, device=DEVICE))
     with pytest.raises(ValueError, match=r"k_lengths must lie in 1..4"):

@@ -111,7 +111,10 @@ def test_bad_arguments_raise():
         unit_rows(x[0])
     with pytest.raises(ValueError, match="empty"):
         unit_rows(x[:, :0])
-    with pytest.raises(TypeError, match="integer"):
-        unit_rows(x, torch.tensor([1.0, 2.0], device=DEVICE))
+    for lengths in [torch.tensor([1.0, 2.0], device=DEVICE), torch.tensor([True, True], device=DEVICE)]:
+        with pytest.raises(TypeError, match="integer"):
+            unit_rows(x, lengths)
+    with pytest.raises(ValueError, match=r"lengths must be \(2,\) on .*; got \(2,\) on meta"):
+        unit_rows(x, torch.empty(2, dtype=torch.int64, device="meta"))
     with pytest.raises(ValueError, match=r"\(2,\)"):
         unit_rows(x, torch.tensor([1, 2, 3], device=DEVICE))
